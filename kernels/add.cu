@@ -1,0 +1,7 @@
+// add: the gradient accumulator (dst += src), used by the tape when a tensor feeds several ops.
+// Design: one thread per element, grid-stride loop; memory-bound, nothing to tile.
+#include "common.cuh"
+
+PTX_KERNEL void add_assign_f32(float* __restrict__ dst, const float* __restrict__ src, unsigned long long n) {
+    FOR_EACH_INDEX(i, n) dst[i] += src[i];
+}

@@ -1,0 +1,25 @@
+// Shared by every kernel file: index helpers and reductions. Kept small on purpose; an op's
+// own helpers live in its own .cu so that kernels do not drift apart through shared edits.
+#pragma once
+
+// Kernels are looked up by name from Rust: no C++ name mangling.
+#define PTX_KERNEL extern "C" __global__
+
+__device__ __forceinline__ unsigned ceil_div(unsigned a, unsigned b) { return (a + b - 1) / b; }
+
+// Grid-stride loop over [0, n): correct for any grid size, so the host may cap the grid.
+#define FOR_EACH_INDEX(i, n) \
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < (n); \
+         i += (unsigned long long)gridDim.x * blockDim.x)
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}

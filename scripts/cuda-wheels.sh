@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs NVIDIA's PyPI wheels that compile and check kernels without a CUDA toolkit:
+#   nvidia-cuda-nvrtc-cu12    libnvrtc (kernels/*.cu -> PTX, used by build.rs)
+#   nvidia-cuda-runtime-cu12  headers such as cuda_fp16.h
+#   nvidia-cuda-nvcc-cu12     ptxas (tests/ptx.rs assembles every PTX for sm_80 and sm_90)
+# into .cuda/ (git-ignored), then prints the environment to use:
+#   eval "$(scripts/cuda-wheels.sh)"
+# build.rs also finds .cuda/ on its own, so the exports are only needed for ptxas and for
+# tools outside cargo. Re-running is cheap: installed wheels are kept.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+dest="$root/.cuda"
+# Pinned: NVRTC 12.9 PTX (ISA 8.8) loads on drivers >= 575; newer NVRTC needs newer drivers.
+pkgs=(nvidia-cuda-nvrtc-cu12==12.9.86 nvidia-cuda-runtime-cu12==12.9.79 nvidia-cuda-nvcc-cu12==12.9.86)
+if [ ! -f "$dest/.installed" ] || [ "$(cat "$dest/.installed")" != "${pkgs[*]}" ]; then
+  python3 -m pip install --quiet --disable-pip-version-check --no-deps --upgrade --target "$dest" "${pkgs[@]}" >&2
+  echo "${pkgs[*]}" > "$dest/.installed"
+fi
+echo "export PTXGRAD_CUDA_WHEELS=\"$dest/nvidia\""
+echo "export LD_LIBRARY_PATH=\"$dest/nvidia/cuda_nvrtc/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}\""
+echo "export PTXAS=\"$dest/nvidia/cuda_nvcc/bin/ptxas\""

@@ -1,0 +1,317 @@
+//! The CUDA runtime: one context and one stream per device, kernel modules loaded once and
+//! cached, checked launches, and errors that say what happened.
+//!
+//! All work goes to a single stream per device, so kernels run in launch order and a tensor
+//! is never read before the kernel writing it has finished. cudarc's per-buffer event tracking
+//! (for multi-stream use) is therefore switched off: it would add two events per launch.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{
+    result::DriverError, sys::cudaError_enum as CuErr, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream,
+    DeviceRepr, ValidAsZeroBits,
+};
+
+use crate::error::{Error, Result};
+use crate::ptx::{self, Module};
+
+/// Where a tensor lives and where its ops run.
+#[derive(Clone)]
+pub enum Device {
+    Cpu,
+    Cuda(Arc<Gpu>),
+}
+
+impl Device {
+    /// `cpu`, `cuda`, `cuda:N`, or `auto` (cuda:0 when a GPU can be used, else cpu).
+    pub fn parse(spec: &str) -> Result<Device> {
+        match spec {
+            "cpu" => Ok(Device::Cpu),
+            "auto" => Ok(Gpu::get(0).map(Device::Cuda).unwrap_or(Device::Cpu)),
+            "cuda" => Ok(Device::Cuda(Gpu::get(0)?)),
+            s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(Device::Cuda(Gpu::get(n)?)),
+                _ => Err(Error::Data(format!("unknown device `{s}`: expected cpu, cuda, cuda:N or auto"))),
+            },
+        }
+    }
+
+    /// `cpu` or `cuda:N`.
+    pub fn label(&self) -> String {
+        match self {
+            Device::Cpu => "cpu".into(),
+            Device::Cuda(g) => format!("cuda:{}", g.ordinal),
+        }
+    }
+
+    /// The hardware's name: the GPU's, or "CPU".
+    pub fn hardware_name(&self) -> String {
+        match self {
+            Device::Cpu => "CPU".into(),
+            Device::Cuda(g) => g.name.clone(),
+        }
+    }
+
+    pub fn is_cuda(&self) -> bool {
+        matches!(self, Device::Cuda(_))
+    }
+
+    /// Same device (for CUDA: same ordinal).
+    pub fn same(&self, other: &Device) -> bool {
+        match (self, other) {
+            (Device::Cpu, Device::Cpu) => true,
+            (Device::Cuda(a), Device::Cuda(b)) => a.ordinal == b.ordinal,
+            _ => false,
+        }
+    }
+
+    /// Waits for all queued work (a no-op on the CPU).
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            Device::Cuda(g) => g.synchronize(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.label())
+    }
+}
+
+/// One CUDA device: its context, its stream, and the kernels loaded on it.
+pub struct Gpu {
+    pub ordinal: usize,
+    pub name: String,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    functions: Mutex<HashMap<(Module, &'static str), CudaFunction>>,
+    modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
+    /// PTXGRAD_SYNC_LAUNCHES=1: synchronise after every launch, so that a faulting kernel is
+    /// named in the error instead of surfacing at some later copy.
+    sync_launches: bool,
+}
+
+/// Element types that live in device buffers.
+pub trait Elem: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + std::fmt::Debug + 'static {}
+impl Elem for f32 {}
+impl Elem for u32 {}
+impl Elem for u8 {}
+
+/// Whether libcuda can be loaded at all, checked before any cudarc call (cudarc panics when
+/// the library is missing).
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen libcuda.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Whether `Device::parse("cuda")` would succeed (a driver, a device, and compiled kernels).
+pub fn cuda_available() -> bool {
+    Gpu::get(0).is_ok()
+}
+
+impl Gpu {
+    /// The shared handle for device `ordinal`, created on first use.
+    pub fn get(ordinal: usize) -> Result<Arc<Gpu>> {
+        static GPUS: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
+        let mut gpus = GPUS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(g) = gpus.get(&ordinal) {
+            return Ok(g.clone());
+        }
+        let gpu = Arc::new(Gpu::open(ordinal)?);
+        gpus.insert(ordinal, gpu.clone());
+        Ok(gpu)
+    }
+
+    fn open(ordinal: usize) -> Result<Gpu> {
+        if ptx::ARCH.is_none() {
+            return Err(Error::NoCuda(
+                "this build has no CUDA kernels (no nvcc or NVRTC was found when it was built; \
+                 run `eval \"$(scripts/cuda-wheels.sh)\"` and rebuild)"
+                    .into(),
+            ));
+        }
+        if !driver_present() {
+            return Err(Error::NoCuda("the NVIDIA driver library (libcuda.so) was not found".into()));
+        }
+        let count =
+            CudaContext::device_count().map_err(|e| Error::NoCuda(format!("the driver failed to start: {e}")))?;
+        if ordinal >= count as usize {
+            return Err(Error::NoCuda(format!("asked for cuda:{ordinal}, but the driver sees {count} device(s)")));
+        }
+        let ctx =
+            CudaContext::new(ordinal).map_err(|e| Error::cuda(format!("creating a context on cuda:{ordinal}"), e))?;
+        // SAFETY: every buffer is used on this one stream only (see the module comment).
+        unsafe { ctx.disable_event_tracking() };
+        let name = ctx.name().unwrap_or_else(|_| format!("cuda:{ordinal}"));
+        let stream = ctx.default_stream();
+        Ok(Gpu {
+            ordinal,
+            name,
+            ctx,
+            stream,
+            functions: Mutex::default(),
+            modules: Mutex::default(),
+            sync_launches: std::env::var("PTXGRAD_SYNC_LAUNCHES").is_ok_and(|v| v == "1"),
+        })
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// A kernel function, loading its module on first use.
+    pub fn function(&self, module: Module, name: &'static str) -> Result<CudaFunction> {
+        let mut fns = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = fns.get(&(module, name)) {
+            return Ok(f.clone());
+        }
+        let m = self.module(module)?;
+        let f = m
+            .load_function(name)
+            .map_err(|e| Error::cuda(format!("finding kernel `{name}` in module `{}`", module.stem()), e))?;
+        fns.insert((module, name), f.clone());
+        Ok(f)
+    }
+
+    fn module(&self, module: Module) -> Result<Arc<CudaModule>> {
+        let mut mods = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = mods.get(&module) {
+            return Ok(m.clone());
+        }
+        let src = module.ptx().ok_or_else(|| {
+            Error::NoCuda(format!("kernel module `{}` was not compiled into this build", module.stem()))
+        })?;
+        let m = self.ctx.load_module(cudarc::nvrtc::Ptx::from_src(src)).map_err(|e| {
+            if e.0 == CuErr::CUDA_ERROR_UNSUPPORTED_PTX_VERSION {
+                Error::PtxTooNew {
+                    module: module.stem().into(),
+                    compiler: ptx::COMPILER.into(),
+                    arch: ptx::ARCH.unwrap_or("?").into(),
+                    driver_version: driver_version(),
+                }
+            } else {
+                Error::cuda(format!("loading kernel module `{}`", module.stem()), e)
+            }
+        })?;
+        mods.insert(module, m.clone());
+        Ok(m)
+    }
+
+    /// Checks a launch's result; with PTXGRAD_SYNC_LAUNCHES=1 also waits for the kernel, so
+    /// that a fault is reported against the kernel that caused it.
+    pub fn check_launch(&self, kernel: &str, launched: std::result::Result<(), DriverError>) -> Result<()> {
+        launched.map_err(|e| Error::cuda(format!("launching `{kernel}`"), e))?;
+        if self.sync_launches {
+            self.stream.synchronize().map_err(|e| Error::cuda(format!("running `{kernel}`"), e))?;
+        }
+        Ok(())
+    }
+
+    /// Waits for all queued work on this device.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| {
+            Error::cuda(
+                "waiting for the GPU (a kernel may have faulted; rerun with PTXGRAD_SYNC_LAUNCHES=1 to name it)",
+                e,
+            )
+        })
+    }
+
+    fn oom_or(&self, bytes: usize, e: DriverError, what: &str) -> Error {
+        if e.0 == CuErr::CUDA_ERROR_OUT_OF_MEMORY {
+            let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
+            Error::OutOfMemory { bytes, free, total }
+        } else {
+            Error::cuda(what.to_string(), e)
+        }
+    }
+
+    /// A zero-filled buffer of `len` elements.
+    pub fn zeros<T: Elem>(&self, len: usize) -> Result<CudaSlice<T>> {
+        let bytes = len * std::mem::size_of::<T>();
+        self.stream.alloc_zeros::<T>(len).map_err(|e| self.oom_or(bytes, e, "allocating device memory"))
+    }
+
+    /// A buffer of `len` elements whose contents are unspecified: only for outputs that the
+    /// next kernel writes in full.
+    pub fn uninit<T: Elem>(&self, len: usize) -> Result<CudaSlice<T>> {
+        let bytes = len * std::mem::size_of::<T>();
+        // SAFETY: T is plain data (Elem); callers overwrite every element before reading.
+        unsafe { self.stream.alloc::<T>(len) }.map_err(|e| self.oom_or(bytes, e, "allocating device memory"))
+    }
+
+    /// Host -> device copy.
+    pub fn upload<T: Elem>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        let bytes = std::mem::size_of_val(host);
+        self.stream.clone_htod(host).map_err(|e| self.oom_or(bytes, e, "copying to the GPU"))
+    }
+
+    /// Host -> device copy into an existing buffer of the same length.
+    pub fn upload_into<T: Elem>(&self, host: &[T], dst: &mut CudaSlice<T>) -> Result<()> {
+        self.stream.memcpy_htod(host, dst).map_err(|e| Error::cuda("copying to the GPU", e))
+    }
+
+    /// Device -> host copy (waits for the stream).
+    pub fn download<T: Elem>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
+        self.stream.clone_dtoh(dev).map_err(|e| {
+            Error::cuda(
+                "copying from the GPU (a kernel may have faulted; rerun with PTXGRAD_SYNC_LAUNCHES=1 to name it)",
+                e,
+            )
+        })
+    }
+
+    /// Device -> device copy into a new buffer.
+    pub fn duplicate<T: Elem>(&self, src: &CudaSlice<T>) -> Result<CudaSlice<T>> {
+        let bytes = src.len() * std::mem::size_of::<T>();
+        self.stream.clone_dtod(src).map_err(|e| self.oom_or(bytes, e, "copying on the GPU"))
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(|e| Error::cuda("querying device memory", e))
+    }
+}
+
+fn driver_version() -> String {
+    let mut v = 0i32;
+    // SAFETY: writes one int; only called after the driver was loaded.
+    let ok = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+    if ok == CuErr::CUDA_SUCCESS {
+        format!("{}.{}", v / 1000, (v % 1000) / 10)
+    } else {
+        "unknown".into()
+    }
+}
+
+/// Launches a kernel on a device's stream and checks the launch.
+///
+/// `launch!(gpu, Module::Relu, "relu_fwd_f32", cfg, &x, &mut y, &n)`: the arguments must
+/// mirror the kernel's parameter list in `kernels/<module>.cu`, in order and type.
+#[macro_export]
+macro_rules! launch {
+    ($gpu:expr, $module:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        use cudarc::driver::PushKernelArg as _;
+        let gpu: &$crate::device::Gpu = $gpu;
+        let func = gpu.function($module, $name)?;
+        let mut builder = gpu.stream().launch_builder(&func);
+        $( builder.arg($arg); )+
+        let cfg: cudarc::driver::LaunchConfig = $cfg;
+        // SAFETY: the argument list mirrors the kernel signature (see the kernel's .cu file).
+        let launched = unsafe { builder.launch(cfg) };
+        gpu.check_launch($name, launched.map(|_| ()))
+    }};
+}
+
+/// A 1-D launch of `threads`-wide blocks covering `n` items.
+pub fn grid_1d(n: usize, threads: u32) -> cudarc::driver::LaunchConfig {
+    let blocks = n.div_ceil(threads as usize).max(1) as u32;
+    cudarc::driver::LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}

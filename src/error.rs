@@ -1,0 +1,53 @@
+//! One error type for the engine. Every variant says what was expected and what was found, so
+//! a user can act on the message without reading the code.
+
+use cudarc::driver::DriverError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An op got tensors whose shapes do not fit together.
+    #[error("{op}: expected {expected}, found {found}")]
+    Shape { op: &'static str, expected: String, found: String },
+
+    /// Operands of one op live on different devices.
+    #[error("{op}: all operands must be on one device, found {found}")]
+    DeviceMismatch { op: &'static str, found: String },
+
+    /// CUDA was asked for but cannot be used here (no driver, no device, a CPU-only build).
+    #[error("CUDA is not available: {0}")]
+    NoCuda(String),
+
+    /// The driver rejected our PTX as too new: the compiler that built it is newer than the driver.
+    #[error(
+        "the GPU driver cannot load kernel module `{module}`: its PTX (built by {compiler} for {arch}) \
+         is newer than this driver supports (driver API {driver_version}). Update the NVIDIA driver, \
+         or rebuild with an older nvcc/NVRTC (see README, 'Kernels')"
+    )]
+    PtxTooNew { module: String, compiler: String, arch: String, driver_version: String },
+
+    #[error("CUDA out of memory: asked for {bytes} bytes ({free} bytes free of {total})")]
+    OutOfMemory { bytes: usize, free: usize, total: usize },
+
+    /// A kernel launch failed or a kernel faulted (faults surface at the next synchronisation).
+    #[error("CUDA error in {context}: {source}")]
+    Cuda { context: String, source: DriverError },
+
+    /// Bad input data (dataset files, checkpoints, labels out of range...).
+    #[error("{0}")]
+    Data(String),
+
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}
+
+impl Error {
+    pub fn shape(op: &'static str, expected: impl Into<String>, found: impl Into<String>) -> Self {
+        Error::Shape { op, expected: expected.into(), found: found.into() }
+    }
+
+    pub fn cuda(context: impl Into<String>, source: DriverError) -> Self {
+        Error::Cuda { context: context.into(), source }
+    }
+}

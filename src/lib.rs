@@ -1,0 +1,16 @@
+//! ptxgrad: a from-scratch CUDA tensor engine that trains AlexNet on Fashion-MNIST.
+//!
+//! Data flows one way: `data` -> `ops` (each a hand-written CUDA kernel plus a CPU reference)
+//! -> `tape` (autograd) -> `nn` (AlexNet, SGD) -> the `ptxgrad` binary.
+
+pub mod device;
+pub mod error;
+pub mod ops;
+pub mod ptx;
+pub mod tape;
+pub mod tensor;
+
+pub use device::{Device, Gpu};
+pub use error::{Error, Result};
+pub use tape::{Gradients, Tape};
+pub use tensor::{Images, Labels, Tensor};

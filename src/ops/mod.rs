@@ -1,0 +1,7 @@
+//! One file per op. Each holds: a `#[repr(C)]` parameter struct mirrored field for field in
+//! `kernels/<op>.cu` (where the op has parameters), the shape checks, the CPU reference
+//! (`cpu` functions, the oracle the kernels are tested against), the CUDA launch, and the
+//! backward closure it records on the tape.
+
+pub mod add;
+pub mod relu;

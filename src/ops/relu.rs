@@ -1,0 +1,56 @@
+//! ReLU, y = max(x, 0). The backward uses the saved output (see kernels/relu.cu).
+
+use crate::device::grid_1d;
+use crate::error::Result;
+use crate::ptx::Module;
+use crate::tape::Tape;
+use crate::tensor::{common_device, Storage, Tensor};
+
+/// CPU reference, forward.
+pub fn relu_fwd_cpu(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| v.max(0.0)).collect()
+}
+
+/// CPU reference, backward: gx = gy where y > 0.
+pub fn relu_bwd_cpu(y: &[f32], gy: &[f32]) -> Vec<f32> {
+    y.iter().zip(gy).map(|(&y, &g)| if y > 0.0 { g } else { 0.0 }).collect()
+}
+
+/// y = relu(x), any shape.
+pub fn relu_fwd(x: &Tensor) -> Result<Tensor> {
+    let n = x.len() as u64;
+    let storage = match x.storage() {
+        Storage::Cpu(v) => Storage::Cpu(relu_fwd_cpu(v)),
+        Storage::Cuda { gpu, buf } => {
+            let mut y = gpu.uninit::<f32>(x.len())?;
+            crate::launch!(gpu, Module::Relu, "relu_fwd_f32", grid_1d(x.len(), 256), buf, &mut y, &n)?;
+            Storage::Cuda { gpu: gpu.clone(), buf: y }
+        }
+    };
+    Ok(Tensor::from_storage(x.shape().to_vec(), storage))
+}
+
+/// gx from the forward output `y` and the output gradient `gy`.
+pub fn relu_bwd(y: &Tensor, gy: &Tensor) -> Result<Tensor> {
+    gy.expect_shape("relu_bwd", "gy", y.shape())?;
+    common_device("relu_bwd", &[y.device(), gy.device()])?;
+    let n = y.len() as u64;
+    let storage = match (y.storage(), gy.storage()) {
+        (Storage::Cpu(y), Storage::Cpu(g)) => Storage::Cpu(relu_bwd_cpu(y, g)),
+        (Storage::Cuda { gpu, buf: yb }, Storage::Cuda { buf: gb, .. }) => {
+            let mut gx = gpu.uninit::<f32>(y.len())?;
+            crate::launch!(gpu, Module::Relu, "relu_bwd_f32", grid_1d(y.len(), 256), yb, gb, &mut gx, &n)?;
+            Storage::Cuda { gpu: gpu.clone(), buf: gx }
+        }
+        _ => unreachable!("checked by common_device"),
+    };
+    Ok(Tensor::from_storage(y.shape().to_vec(), storage))
+}
+
+/// Recorded ReLU.
+pub fn relu(tape: &mut Tape, x: &Tensor) -> Result<Tensor> {
+    let y = relu_fwd(x)?;
+    let (x_id, y_saved) = (x.id(), y.clone());
+    tape.record(&y, &[x], move |gy, grads| grads.accumulate(x_id, relu_bwd(&y_saved, gy)?));
+    Ok(y)
+}

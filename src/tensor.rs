@@ -1,0 +1,208 @@
+//! Tensors: a shape, a device, and contiguous row-major storage (NCHW for images).
+//!
+//! Storage sits behind an `Arc`, so cloning a tensor is cheap and shares the data: the tape
+//! keeps clones of the inputs that a backward pass needs. Each tensor made by an op gets a
+//! fresh id; a clone keeps the id (it *is* the same tensor). Copies between host and device
+//! happen only in `from_vec`/`to_vec`/`to_device`, never behind an op's back.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use cudarc::driver::CudaSlice;
+
+use crate::device::{Device, Elem, Gpu};
+use crate::error::{Error, Result};
+
+/// Identifies a tensor on the tape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TensorId(u64);
+
+impl TensorId {
+    pub fn fresh() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        TensorId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// The data of a tensor.
+pub enum Storage<T: Elem> {
+    Cpu(Vec<T>),
+    Cuda { gpu: Arc<Gpu>, buf: CudaSlice<T> },
+}
+
+pub struct Tensor<T: Elem = f32> {
+    id: TensorId,
+    shape: Vec<usize>,
+    data: Arc<Storage<T>>,
+}
+
+impl<T: Elem> Clone for Tensor<T> {
+    fn clone(&self) -> Self {
+        Tensor { id: self.id, shape: self.shape.clone(), data: self.data.clone() }
+    }
+}
+
+impl<T: Elem> std::fmt::Debug for Tensor<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({:?}, {:?}, {})", self.id, self.shape, self.device().label())
+    }
+}
+
+/// Class labels, one per example.
+pub type Labels = Tensor<u32>;
+/// Raw 8-bit images, (N, 1, H, W).
+pub type Images = Tensor<u8>;
+
+impl<T: Elem> Tensor<T> {
+    /// Wraps storage that an op produced. `storage` must hold `shape.iter().product()` elements.
+    pub fn from_storage(shape: Vec<usize>, storage: Storage<T>) -> Self {
+        debug_assert_eq!(storage_len(&storage), shape.iter().product::<usize>());
+        Tensor { id: TensorId::fresh(), shape, data: Arc::new(storage) }
+    }
+
+    /// A tensor holding `data` on `device` (copied there if it is a GPU).
+    pub fn from_vec(shape: &[usize], data: Vec<T>, device: &Device) -> Result<Self> {
+        let want: usize = shape.iter().product();
+        if data.len() != want {
+            return Err(Error::shape(
+                "Tensor::from_vec",
+                format!("{want} elements for shape {shape:?}"),
+                format!("{}", data.len()),
+            ));
+        }
+        let storage = match device {
+            Device::Cpu => Storage::Cpu(data),
+            Device::Cuda(gpu) => Storage::Cuda { gpu: gpu.clone(), buf: gpu.upload(&data)? },
+        };
+        Ok(Self::from_storage(shape.to_vec(), storage))
+    }
+
+    pub fn zeros(shape: &[usize], device: &Device) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        let storage = match device {
+            Device::Cpu => Storage::Cpu(vec![T::default(); n]),
+            Device::Cuda(gpu) => Storage::Cuda { gpu: gpu.clone(), buf: gpu.zeros(n)? },
+        };
+        Ok(Self::from_storage(shape.to_vec(), storage))
+    }
+
+    pub fn id(&self) -> TensorId {
+        self.id
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn device(&self) -> Device {
+        match &*self.data {
+            Storage::Cpu(_) => Device::Cpu,
+            Storage::Cuda { gpu, .. } => Device::Cuda(gpu.clone()),
+        }
+    }
+
+    pub fn storage(&self) -> &Storage<T> {
+        &self.data
+    }
+
+    /// Mutable access to the data, for in-place updates (SGD). Fails while a clone of this
+    /// tensor is alive elsewhere (for example on a tape that was not dropped).
+    pub fn storage_mut(&mut self) -> Result<&mut Storage<T>> {
+        let id = self.id;
+        Arc::get_mut(&mut self.data).ok_or_else(|| {
+            Error::Data(format!("tensor {id:?} is shared (a tape still holds it) and cannot be updated in place"))
+        })
+    }
+
+    /// The host data, when the tensor is on the CPU.
+    pub fn cpu(&self) -> Option<&[T]> {
+        match &*self.data {
+            Storage::Cpu(v) => Some(v),
+            Storage::Cuda { .. } => None,
+        }
+    }
+
+    /// The device buffer and its GPU, when the tensor is on a GPU.
+    pub fn cuda(&self) -> Option<(&Arc<Gpu>, &CudaSlice<T>)> {
+        match &*self.data {
+            Storage::Cpu(_) => None,
+            Storage::Cuda { gpu, buf } => Some((gpu, buf)),
+        }
+    }
+
+    /// A copy of the data on the host (waits for the GPU).
+    pub fn to_vec(&self) -> Result<Vec<T>> {
+        match &*self.data {
+            Storage::Cpu(v) => Ok(v.clone()),
+            Storage::Cuda { gpu, buf } => gpu.download(buf),
+        }
+    }
+
+    /// A copy on `device` (a fresh id: it is a new tensor).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        match (&*self.data, device) {
+            (Storage::Cpu(v), d) => Self::from_vec(&self.shape, v.clone(), d),
+            (Storage::Cuda { gpu, buf }, Device::Cuda(g)) if g.ordinal == gpu.ordinal => {
+                Ok(Self::from_storage(self.shape.clone(), Storage::Cuda { gpu: gpu.clone(), buf: gpu.duplicate(buf)? }))
+            }
+            (Storage::Cuda { gpu, buf }, d) => Self::from_vec(&self.shape, gpu.download(buf)?, d),
+        }
+    }
+
+    /// The same data under another shape with as many elements (shares storage, keeps the id:
+    /// use `ops::reshape` inside a recorded graph).
+    pub fn view(&self, shape: &[usize]) -> Result<Self> {
+        if shape.iter().product::<usize>() != self.len() {
+            return Err(Error::shape("view", format!("a shape of {} elements", self.len()), format!("{shape:?}")));
+        }
+        Ok(Tensor { id: self.id, shape: shape.to_vec(), data: self.data.clone() })
+    }
+
+    /// The dims of a rank-4 tensor, or a shape error naming `op`.
+    pub fn dims4(&self, op: &'static str) -> Result<[usize; 4]> {
+        <[usize; 4]>::try_from(self.shape.as_slice())
+            .map_err(|_| Error::shape(op, "a 4-D (N, C, H, W) tensor", format!("shape {:?}", self.shape)))
+    }
+
+    /// The dims of a rank-2 tensor, or a shape error naming `op`.
+    pub fn dims2(&self, op: &'static str) -> Result<[usize; 2]> {
+        <[usize; 2]>::try_from(self.shape.as_slice())
+            .map_err(|_| Error::shape(op, "a 2-D (rows, cols) tensor", format!("shape {:?}", self.shape)))
+    }
+
+    /// A shape error naming `op` unless this tensor has exactly `shape`.
+    pub fn expect_shape(&self, op: &'static str, what: &str, shape: &[usize]) -> Result<()> {
+        if self.shape == shape {
+            Ok(())
+        } else {
+            Err(Error::shape(op, format!("{what} of shape {shape:?}"), format!("{:?}", self.shape)))
+        }
+    }
+}
+
+fn storage_len<T: Elem>(s: &Storage<T>) -> usize {
+    match s {
+        Storage::Cpu(v) => v.len(),
+        Storage::Cuda { buf, .. } => buf.len(),
+    }
+}
+
+/// The device shared by all `tensors`, or a DeviceMismatch error naming `op`.
+pub fn common_device(op: &'static str, devices: &[Device]) -> Result<Device> {
+    let first = devices[0].clone();
+    if devices.iter().all(|d| d.same(&first)) {
+        Ok(first)
+    } else {
+        let found: Vec<String> = devices.iter().map(Device::label).collect();
+        Err(Error::DeviceMismatch { op, found: found.join(", ") })
+    }
+}

@@ -1,0 +1,92 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use ptxgrad::{Device, Tensor};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+/// The CUDA device, or None with a printed reason when no GPU can be used here.
+/// Under PTXGRAD_REQUIRE_GPU=1 a missing GPU is a failure, not a skip.
+pub fn gpu_or_skip(test: &str) -> Option<Device> {
+    match Device::parse("cuda") {
+        Ok(d) => Some(d),
+        Err(e) if std::env::var("PTXGRAD_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("{test}: PTXGRAD_REQUIRE_GPU=1 but no GPU can be used: {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED {test}: no GPU ({e})");
+            None
+        }
+    }
+}
+
+/// Runs a test body once per available device: always on the CPU, and on cuda:0 when a GPU
+/// is present (see `gpu_or_skip`). The body gets `dev: Device`.
+#[macro_export]
+macro_rules! test_device {
+    ($name:ident, |$dev:ident| $body:block) => {
+        mod $name {
+            use super::*;
+            fn body($dev: ptxgrad::Device) $body
+            #[test]
+            fn cpu() {
+                body(ptxgrad::Device::Cpu)
+            }
+            #[test]
+            fn cuda() {
+                if let Some(d) = $crate::common::gpu_or_skip(concat!(stringify!($name), "::cuda")) {
+                    body(d)
+                }
+            }
+        }
+    };
+}
+
+/// Seeded uniform values in [lo, hi).
+pub fn uniform(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(lo..hi)).collect()
+}
+
+/// A seeded tensor with values in [-1, 1).
+pub fn rand_tensor(shape: &[usize], seed: u64, dev: &Device) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_vec(shape, uniform(n, -1.0, 1.0, seed), dev).expect("tensor")
+}
+
+/// Asserts |reference - got| <= atol + rtol * |reference| elementwise, naming the worst element.
+pub fn assert_close(what: &str, reference: &[f32], got: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(reference.len(), got.len(), "{what}: lengths differ");
+    let mut worst = (0usize, 0.0f32);
+    for (i, (&r, &g)) in reference.iter().zip(got).enumerate() {
+        let err = (r - g).abs();
+        let excess = err - (atol + rtol * r.abs());
+        if !(excess <= 0.0) && (excess > worst.1 || g.is_nan()) {
+            worst = (i, if g.is_nan() { f32::INFINITY } else { excess });
+        }
+    }
+    if worst.1 > 0.0 {
+        let i = worst.0;
+        panic!(
+            "{what}: element {i}: reference {} vs got {} (|diff| {} > atol {atol} + rtol {rtol} * |ref|)",
+            reference[i],
+            got[i],
+            (reference[i] - got[i]).abs()
+        );
+    }
+}
+
+/// Central finite differences of a scalar function, in f64.
+pub fn numeric_grad(x: &[f64], eps: f64, f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
+    let mut x = x.to_vec();
+    (0..x.len())
+        .map(|i| {
+            let orig = x[i];
+            x[i] = orig + eps;
+            let up = f(&x);
+            x[i] = orig - eps;
+            let down = f(&x);
+            x[i] = orig;
+            (up - down) / (2.0 * eps)
+        })
+        .collect()
+}

@@ -1,0 +1,54 @@
+//! ReLU: CPU reference against finite differences, CUDA against the CPU reference.
+mod common;
+use common::*;
+use ptxgrad::ops::relu::{relu_bwd, relu_bwd_cpu, relu_fwd, relu_fwd_cpu};
+use ptxgrad::{Device, Tensor};
+
+const SHAPES: &[&[usize]] = &[
+    &[128, 96, 54, 54], // after conv1 (AlexNet, batch 128)
+    &[128, 256, 26, 26],
+    &[128, 384, 12, 12],
+    &[128, 4096],
+    &[1, 1],
+    &[3, 5, 7, 9],
+    &[1, 96, 54, 54],
+    &[3, 4096],
+    &[2, 1000003],
+    &[7],
+];
+
+#[test]
+fn relu_cpu_backward_matches_finite_differences() {
+    // Values kept away from the kink at 0, where the derivative is undefined.
+    let x: Vec<f32> = uniform(257, -1.0, 1.0, 1).into_iter().map(|v| if v.abs() < 0.05 { 0.5 } else { v }).collect();
+    let w = uniform(x.len(), -1.0, 1.0, 2);
+    let y = relu_fwd_cpu(&x);
+    let analytic = relu_bwd_cpu(&y, &w);
+    let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    let numeric = numeric_grad(&x64, 1e-3, |x| x.iter().zip(&w).map(|(&v, &w)| v.max(0.0) * w as f64).sum());
+    let numeric: Vec<f32> = numeric.iter().map(|&v| v as f32).collect();
+    // Piecewise linear: central differences are exact up to f64 rounding.
+    assert_close("relu grad", &numeric, &analytic, 1e-6, 1e-6);
+}
+
+test_device!(relu_matches_cpu_reference, |dev| {
+    for (k, shape) in SHAPES.iter().enumerate() {
+        let x = rand_tensor(shape, k as u64, &dev);
+        let gy = rand_tensor(shape, 100 + k as u64, &dev);
+        let y = relu_fwd(&x).unwrap();
+        let gx = relu_bwd(&y, &gy).unwrap();
+        let xh = x.to_vec().unwrap();
+        let yr = relu_fwd_cpu(&xh);
+        // max and select are exact in fp32: no tolerance.
+        assert_close("relu fwd", &yr, &y.to_vec().unwrap(), 0.0, 0.0);
+        assert_close("relu bwd", &relu_bwd_cpu(&yr, &gy.to_vec().unwrap()), &gx.to_vec().unwrap(), 0.0, 0.0);
+    }
+});
+
+#[test]
+fn relu_bwd_rejects_mismatched_shapes() {
+    let y = Tensor::from_vec(&[2, 3], vec![0.0; 6], &Device::Cpu).unwrap();
+    let gy = Tensor::from_vec(&[3, 2], vec![0.0; 6], &Device::Cpu).unwrap();
+    let err = relu_bwd(&y, &gy).unwrap_err().to_string();
+    assert!(err.contains("[2, 3]") && err.contains("[3, 2]"), "{err}");
+}
