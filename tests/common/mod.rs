@@ -60,7 +60,9 @@ pub fn assert_close(what: &str, reference: &[f32], got: &[f32], atol: f32, rtol:
     for (i, (&r, &g)) in reference.iter().zip(got).enumerate() {
         let err = (r - g).abs();
         let excess = err - (atol + rtol * r.abs());
-        if !(excess <= 0.0) && (excess > worst.1 || g.is_nan()) {
+        // NaN in either value fails (comparisons with NaN are false).
+        let ok = excess <= 0.0;
+        if !ok && (excess > worst.1 || excess.is_nan()) {
             worst = (i, if g.is_nan() { f32::INFINITY } else { excess });
         }
     }
