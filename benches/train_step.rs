@@ -1,1 +1,50 @@
-fn main() {}
+//! Criterion benches of training throughput (examples/sec).
+//!
+//! - `train_step/cuda`: the full AlexNet step (forward, backward, SGD) at batch 128, 224x224,
+//!   synthetic input already on the GPU, as the PyTorch peer measures it. Skips with a printed
+//!   reason when no GPU is present (fails under PTXGRAD_REQUIRE_GPU=1).
+//! - `train_step/cpu`: the same step on the CPU reference at 67x67, batch 4, so that
+//!   `cargo bench` measures something on machines without a GPU.
+//!
+//! Each iteration ends with a device synchronisation inside the timed region: kernels are
+//! asynchronous, and timing only their launch would overstate the speed.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use ptxgrad::nn::alexnet::AlexNet;
+use ptxgrad::train::train_step;
+use ptxgrad::{Device, Labels, Tensor};
+
+fn bench_step(c: &mut Criterion, name: &str, device: Device, batch: usize, res: usize) {
+    let mut model = AlexNet::new(res, 0, &device).expect("model");
+    let pixels: Vec<f32> = (0..batch * res * res).map(|i| (i % 255) as f32 / 255.0).collect();
+    let x = Tensor::from_vec(&[batch, 1, res, res], pixels, &device).expect("input");
+    let y = Labels::from_vec(&[batch], (0..batch as u32).map(|i| i % 10).collect(), &device).expect("labels");
+    let mut group = c.benchmark_group("train_step");
+    group.throughput(Throughput::Elements(batch as u64));
+    if !device.is_cuda() {
+        group.sample_size(10);
+    }
+    let mut step = 0u64;
+    group.bench_function(name, |b| {
+        b.iter(|| {
+            step += 1;
+            train_step(&mut model, &x, &y, step, 0.01, None).expect("train step");
+            device.synchronize().expect("synchronize");
+        })
+    });
+    group.finish();
+}
+
+fn benches(c: &mut Criterion) {
+    bench_step(c, "cpu_b4_67px", Device::Cpu, 4, 67);
+    match Device::parse("cuda") {
+        Ok(gpu) => bench_step(c, "cuda_b128_224px", gpu, 128, 224),
+        Err(e) if std::env::var("PTXGRAD_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
+            panic!("PTXGRAD_REQUIRE_GPU=1 but no GPU: {e}")
+        }
+        Err(e) => eprintln!("SKIPPED train_step/cuda_b128_224px: no GPU ({e})"),
+    }
+}
+
+criterion_group!(train, benches);
+criterion_main!(train);

@@ -274,6 +274,18 @@ impl Gpu {
         self.stream.clone_dtod(src).map_err(|e| self.oom_or(bytes, e, "copying on the GPU"))
     }
 
+    /// Runs `work` (which queues kernels on this device) and returns the GPU time it took, in
+    /// milliseconds, measured with CUDA events around it (waits for the work to finish).
+    pub fn time_ms(&self, work: impl FnOnce() -> Result<()>) -> Result<f32> {
+        let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let event = || self.ctx.new_event(timing).map_err(|e| Error::cuda("creating a CUDA event", e));
+        let (start, end) = (event()?, event()?);
+        start.record(&self.stream).map_err(|e| Error::cuda("recording a CUDA event", e))?;
+        work()?;
+        end.record(&self.stream).map_err(|e| Error::cuda("recording a CUDA event", e))?;
+        start.elapsed_ms(&end).map_err(|e| Error::cuda("timing with CUDA events (a kernel may have faulted)", e))
+    }
+
     /// (free, total) device memory in bytes.
     pub fn memory(&self) -> Result<(usize, usize)> {
         self.ctx.mem_get_info().map_err(|e| Error::cuda("querying device memory", e))

@@ -3,12 +3,15 @@
 //! Data flows one way: `data` -> `ops` (each a hand-written CUDA kernel plus a CPU reference)
 //! -> `tape` (autograd) -> `nn` (AlexNet, SGD) -> the `ptxgrad` binary.
 
+pub mod bench;
 pub mod device;
 pub mod error;
+pub mod nn;
 pub mod ops;
 pub mod ptx;
 pub mod tape;
 pub mod tensor;
+pub mod train;
 
 pub use device::{Device, Gpu};
 pub use error::{Error, Result};

@@ -167,6 +167,14 @@ impl<T: Elem> Tensor<T> {
         Ok(Tensor { id: self.id, shape: shape.to_vec(), data: self.data.clone() })
     }
 
+    /// A new tensor (fresh id) sharing this one's data under another shape with as many
+    /// elements: what a recorded reshape/flatten returns, without copying.
+    pub fn reshaped(&self, shape: &[usize]) -> Result<Self> {
+        let mut t = self.view(shape)?;
+        t.id = TensorId::fresh();
+        Ok(t)
+    }
+
     /// The dims of a rank-4 tensor, or a shape error naming `op`.
     pub fn dims4(&self, op: &'static str) -> Result<[usize; 4]> {
         <[usize; 4]>::try_from(self.shape.as_slice())

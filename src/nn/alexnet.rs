@@ -1,0 +1,246 @@
+//! AlexNet as in the d2l book (§8.1), for 1-channel input and 10 classes.
+//!
+//! The layer table `LAYERS` is the single description of the network: the forward pass, the
+//! `summary` printout and the parameter names all derive from it. Parameter names follow the
+//! indices of PyTorch's `nn.Sequential` for the same model (`0.weight`, `0.bias`, `3.weight`,
+//! ...), so a checkpoint loads into PyTorch as is. A ReLU that directly follows a conv or dense
+//! layer is fused into that layer's kernel (its output is the same tensor).
+
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::nn::Param;
+use crate::ops::{conv2d::conv2d, dense::dense, dropout::dropout, maxpool2d::maxpool2d, reshape::reshape};
+use crate::tape::Tape;
+use crate::tensor::Tensor;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Layer {
+    Conv2d { out: usize, kernel: usize, stride: usize, pad: usize },
+    Relu,
+    MaxPool2d { kernel: usize, stride: usize },
+    Flatten,
+    Linear { out: usize },
+    Dropout { p: f32 },
+}
+
+impl Layer {
+    /// PyTorch's class name, as `summary` prints it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Layer::Conv2d { .. } => "Conv2d",
+            Layer::Relu => "ReLU",
+            Layer::MaxPool2d { .. } => "MaxPool2d",
+            Layer::Flatten => "Flatten",
+            Layer::Linear { .. } => "Linear",
+            Layer::Dropout { .. } => "Dropout",
+        }
+    }
+
+    /// Output shape for `input` (N, C, H, W) or (N, F), or an error when the input is too small.
+    pub fn output_shape(&self, input: &[usize]) -> Result<Vec<usize>> {
+        let spatial = |k: usize, s: usize, p: usize| -> Result<Vec<usize>> {
+            let [n, c, h, w] = <[usize; 4]>::try_from(input)
+                .map_err(|_| Error::shape("AlexNet", "a 4-D input", format!("{input:?}")))?;
+            let out = |x: usize| (x + 2 * p).checked_sub(k).map(|v| v / s + 1);
+            match (out(h), out(w)) {
+                (Some(oh), Some(ow)) => Ok(vec![n, c, oh, ow]),
+                _ => Err(Error::shape(
+                    "AlexNet",
+                    format!("an input large enough for a {k}x{k} window (at least 67x67 pixels at the network's input)"),
+                    format!("{h}x{w} at this layer"),
+                )),
+            }
+        };
+        match *self {
+            Layer::Conv2d { out, kernel, stride, pad } => {
+                let mut s = spatial(kernel, stride, pad)?;
+                s[1] = out;
+                Ok(s)
+            }
+            Layer::MaxPool2d { kernel, stride } => spatial(kernel, stride, 0),
+            Layer::Flatten => Ok(vec![input[0], input[1..].iter().product()]),
+            Layer::Linear { out } => Ok(vec![input[0], out]),
+            Layer::Relu | Layer::Dropout { .. } => Ok(input.to_vec()),
+        }
+    }
+}
+
+/// The d2l AlexNet; index i is `nn.Sequential` index i.
+pub const LAYERS: [Layer; 21] = [
+    Layer::Conv2d { out: 96, kernel: 11, stride: 4, pad: 1 },
+    Layer::Relu,
+    Layer::MaxPool2d { kernel: 3, stride: 2 },
+    Layer::Conv2d { out: 256, kernel: 5, stride: 1, pad: 2 },
+    Layer::Relu,
+    Layer::MaxPool2d { kernel: 3, stride: 2 },
+    Layer::Conv2d { out: 384, kernel: 3, stride: 1, pad: 1 },
+    Layer::Relu,
+    Layer::Conv2d { out: 384, kernel: 3, stride: 1, pad: 1 },
+    Layer::Relu,
+    Layer::Conv2d { out: 256, kernel: 3, stride: 1, pad: 1 },
+    Layer::Relu,
+    Layer::MaxPool2d { kernel: 3, stride: 2 },
+    Layer::Flatten,
+    Layer::Linear { out: 4096 },
+    Layer::Relu,
+    Layer::Dropout { p: 0.5 },
+    Layer::Linear { out: 4096 },
+    Layer::Relu,
+    Layer::Dropout { p: 0.5 },
+    Layer::Linear { out: 10 },
+];
+
+/// Input channels and classes.
+pub const IN_CHANNELS: usize = 1;
+pub const CLASSES: usize = 10;
+
+/// Output shape of every layer for an input of `input` (N, 1, H, W).
+pub fn layer_shapes(input: &[usize]) -> Result<Vec<Vec<usize>>> {
+    let mut shapes = Vec::with_capacity(LAYERS.len());
+    let mut cur = input.to_vec();
+    for layer in &LAYERS {
+        cur = layer.output_shape(&cur)?;
+        shapes.push(cur.clone());
+    }
+    Ok(shapes)
+}
+
+/// Parameter shapes `(name, shape)` for inputs of `resolution`² pixels, in state_dict order.
+pub fn param_shapes(resolution: usize) -> Result<Vec<(String, Vec<usize>)>> {
+    let shapes = layer_shapes(&[1, IN_CHANNELS, resolution, resolution])?;
+    let mut out = Vec::new();
+    for (i, layer) in LAYERS.iter().enumerate() {
+        let input = if i == 0 { vec![1, IN_CHANNELS, resolution, resolution] } else { shapes[i - 1].clone() };
+        match *layer {
+            Layer::Conv2d { out: o, kernel: k, .. } => {
+                out.push((format!("{i}.weight"), vec![o, input[1], k, k]));
+                out.push((format!("{i}.bias"), vec![o]));
+            }
+            Layer::Linear { out: o } => {
+                out.push((format!("{i}.weight"), vec![o, input[1]]));
+                out.push((format!("{i}.bias"), vec![o]));
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+pub struct AlexNet {
+    /// Input height and width (224 in the book; the graph works from 67 up).
+    pub resolution: usize,
+    /// In state_dict order: 0.weight, 0.bias, 3.weight, ...
+    pub params: Vec<Param>,
+}
+
+impl AlexNet {
+    /// Xavier-uniform weights (bound sqrt(6 / (fan_in + fan_out)), as torch's
+    /// `xavier_uniform_`), zero biases, drawn from a generator seeded with `seed`.
+    pub fn new(resolution: usize, seed: u64, device: &Device) -> Result<Self> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut params = Vec::new();
+        for (name, shape) in param_shapes(resolution)? {
+            let n: usize = shape.iter().product();
+            let data = if shape.len() == 1 {
+                vec![0.0; n]
+            } else {
+                // fan_in = in * receptive field, fan_out = out * receptive field.
+                let receptive: usize = shape[2..].iter().product();
+                let (fan_in, fan_out) = (shape[1] * receptive, shape[0] * receptive);
+                let bound = (6.0 / (fan_in + fan_out) as f64).sqrt() as f32;
+                (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+            };
+            params.push(Param { name, value: Tensor::from_vec(&shape, data, device)? });
+        }
+        Ok(AlexNet { resolution, params })
+    }
+
+    /// Builds the model from named tensors (a checkpoint), checking every name and shape.
+    pub fn from_named(resolution: usize, named: Vec<(String, Vec<usize>, Vec<f32>)>, device: &Device) -> Result<Self> {
+        let mut by_name: std::collections::HashMap<String, (Vec<usize>, Vec<f32>)> =
+            named.into_iter().map(|(n, s, d)| (n, (s, d))).collect();
+        let mut params = Vec::new();
+        for (name, shape) in param_shapes(resolution)? {
+            let (found_shape, data) = by_name.remove(&name).ok_or_else(|| {
+                Error::Data(format!("checkpoint has no tensor `{name}` (expected AlexNet at {resolution}x{resolution})"))
+            })?;
+            if found_shape != shape {
+                return Err(Error::Data(format!(
+                    "checkpoint tensor `{name}`: expected shape {shape:?} (AlexNet at {resolution}x{resolution}), found {found_shape:?}"
+                )));
+            }
+            params.push(Param { name, value: Tensor::from_vec(&shape, data, device)? });
+        }
+        if let Some(extra) = by_name.keys().next() {
+            return Err(Error::Data(format!("checkpoint has an unexpected tensor `{extra}` (not part of AlexNet)")));
+        }
+        Ok(AlexNet { resolution, params })
+    }
+
+    pub fn device(&self) -> Device {
+        self.params[0].value.device()
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.params.iter().map(|p| p.value.len()).sum()
+    }
+
+    /// x: (N, 1, R, R) -> logits (N, 10). In training mode dropout draws its masks from
+    /// `dropout_seed` (a fresh value per step); in eval mode dropout is the identity.
+    pub fn forward(&self, tape: &mut Tape, x: &Tensor, dropout_seed: u64) -> Result<Tensor> {
+        let [_, c, h, w] = x.dims4("AlexNet")?;
+        if c != IN_CHANNELS || h != self.resolution || w != self.resolution {
+            return Err(Error::shape(
+                "AlexNet",
+                format!("input (N, {IN_CHANNELS}, {r}, {r})", r = self.resolution),
+                format!("{:?}", x.shape()),
+            ));
+        }
+        for p in &self.params {
+            tape.watch(&p.value);
+        }
+        let mut params = self.params.iter().map(|p| &p.value);
+        let mut next = || params.next().expect("param_shapes gives two tensors per conv/linear layer");
+        let mut h = x.clone();
+        let mut i = 0;
+        while i < LAYERS.len() {
+            // A ReLU right after a conv/linear layer runs inside that layer's kernel.
+            let fuse_relu = LAYERS.get(i + 1) == Some(&Layer::Relu);
+            h = match LAYERS[i] {
+                Layer::Conv2d { stride, pad, .. } => conv2d(tape, &h, next(), next(), stride, pad, fuse_relu)?,
+                Layer::Linear { .. } => dense(tape, &h, next(), next(), fuse_relu)?,
+                Layer::Relu => crate::ops::relu::relu(tape, &h)?,
+                Layer::MaxPool2d { kernel, stride } => maxpool2d(tape, &h, kernel, stride)?,
+                Layer::Flatten => {
+                    let n = h.shape()[0];
+                    let f = h.len() / n.max(1);
+                    reshape(tape, &h, &[n, f])?
+                }
+                Layer::Dropout { p } => dropout(tape, &h, p, dropout_seed.wrapping_add(i as u64))?,
+            };
+            let fused = matches!(LAYERS[i], Layer::Conv2d { .. } | Layer::Linear { .. }) && fuse_relu;
+            i += if fused { 2 } else { 1 };
+        }
+        Ok(h)
+    }
+
+    /// The parameters as (name, shape, host data), for checkpoints.
+    pub fn to_named(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+        self.params.iter().map(|p| Ok((p.name.clone(), p.value.shape().to_vec(), p.value.to_vec()?))).collect()
+    }
+}
+
+/// The book's `summary`: each layer's output shape for one (1, 1, R, R) input.
+pub fn summary(resolution: usize) -> Result<String> {
+    let shapes = layer_shapes(&[1, IN_CHANNELS, resolution, resolution])?;
+    let mut s = String::new();
+    for (layer, shape) in LAYERS.iter().zip(&shapes) {
+        let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+        s.push_str(&format!("{:<10} output shape:\t torch.Size([{}])\n", layer.name(), dims.join(", ")));
+    }
+    let params: usize = param_shapes(resolution)?.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    s.push_str(&format!("parameters: {params}\n"));
+    Ok(s)
+}

@@ -1,0 +1,26 @@
+//! Models built from the ops: parameters, AlexNet, and the SGD step.
+
+pub mod alexnet;
+
+use crate::error::{Error, Result};
+use crate::ops::sgd::sgd_update;
+use crate::tape::Gradients;
+use crate::tensor::Tensor;
+
+/// A trainable tensor and its name in PyTorch's `state_dict` (e.g. `0.weight`).
+pub struct Param {
+    pub name: String,
+    pub value: Tensor,
+}
+
+/// Plain minibatch SGD: θ ← θ − lr·∂L/∂θ for every parameter (no momentum, no weight decay,
+/// as in the d2l book's `train_ch6`).
+pub fn sgd_step(params: &mut [Param], grads: &Gradients, lr: f32) -> Result<()> {
+    for p in params {
+        let g = grads
+            .get(&p.value)
+            .ok_or_else(|| Error::Data(format!("no gradient was computed for parameter `{}`", p.name)))?;
+        sgd_update(&mut p.value, g, lr)?;
+    }
+    Ok(())
+}

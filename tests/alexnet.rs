@@ -1,0 +1,75 @@
+//! The AlexNet graph: layer shapes as the book prints them, parameter count and names, init.
+use ptxgrad::nn::alexnet::{layer_shapes, param_shapes, summary, AlexNet};
+use ptxgrad::Device;
+
+#[test]
+fn summary_matches_the_book() {
+    let s = summary(224).unwrap();
+    let lines: Vec<&str> = s.lines().collect();
+    // d2l §8.1.2, for X = torch.randn(1, 1, 224, 224).
+    let want = [
+        ("Conv2d", "[1, 96, 54, 54]"),
+        ("ReLU", "[1, 96, 54, 54]"),
+        ("MaxPool2d", "[1, 96, 26, 26]"),
+        ("Conv2d", "[1, 256, 26, 26]"),
+        ("ReLU", "[1, 256, 26, 26]"),
+        ("MaxPool2d", "[1, 256, 12, 12]"),
+        ("Conv2d", "[1, 384, 12, 12]"),
+        ("ReLU", "[1, 384, 12, 12]"),
+        ("Conv2d", "[1, 384, 12, 12]"),
+        ("ReLU", "[1, 384, 12, 12]"),
+        ("Conv2d", "[1, 256, 12, 12]"),
+        ("ReLU", "[1, 256, 12, 12]"),
+        ("MaxPool2d", "[1, 256, 5, 5]"),
+        ("Flatten", "[1, 6400]"),
+        ("Linear", "[1, 4096]"),
+        ("ReLU", "[1, 4096]"),
+        ("Dropout", "[1, 4096]"),
+        ("Linear", "[1, 4096]"),
+        ("ReLU", "[1, 4096]"),
+        ("Dropout", "[1, 4096]"),
+        ("Linear", "[1, 10]"),
+    ];
+    for (line, (name, shape)) in lines.iter().zip(want) {
+        assert!(line.starts_with(name) && line.ends_with(&format!("torch.Size({shape})")), "{line}");
+    }
+    assert_eq!(lines[21], "parameters: 46764746");
+}
+
+#[test]
+fn parameter_names_follow_torch_sequential() {
+    let names: Vec<String> = param_shapes(224).unwrap().into_iter().map(|(n, _)| n).collect();
+    let want: Vec<String> =
+        [0, 3, 6, 8, 10, 14, 17, 20].iter().flat_map(|i| [format!("{i}.weight"), format!("{i}.bias")]).collect();
+    assert_eq!(names, want);
+    let shapes = param_shapes(224).unwrap();
+    assert_eq!(shapes[0].1, vec![96, 1, 11, 11]); // conv weights OIHW
+    assert_eq!(shapes[10].1, vec![4096, 6400]); // dense weights [out, in]
+}
+
+#[test]
+fn the_graph_works_from_67_pixels_and_says_why_below() {
+    assert_eq!(layer_shapes(&[1, 1, 67, 67]).unwrap()[13], vec![1, 256]);
+    let err = layer_shapes(&[1, 1, 66, 66]).unwrap_err().to_string();
+    assert!(err.contains("67x67"), "{err}");
+}
+
+#[test]
+fn xavier_uniform_init_and_zero_biases() {
+    let m = AlexNet::new(67, 3, &Device::Cpu).unwrap();
+    for p in &m.params {
+        let v = p.value.to_vec().unwrap();
+        if p.name.ends_with("bias") {
+            assert!(v.iter().all(|&x| x == 0.0), "{} not zero", p.name);
+        } else {
+            let s = p.value.shape();
+            let rf: usize = s[2..].iter().product();
+            let bound = (6.0 / ((s[0] + s[1]) * rf) as f64).sqrt() as f32;
+            let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+            // Uniform on (-bound, bound): the largest |w| of thousands of draws is close to bound.
+            assert!(max <= bound && max > 0.9 * bound, "{}: max {max}, bound {bound}", p.name);
+        }
+    }
+    let again = AlexNet::new(67, 3, &Device::Cpu).unwrap();
+    assert_eq!(m.params[0].value.to_vec().unwrap(), again.params[0].value.to_vec().unwrap(), "seeded");
+}

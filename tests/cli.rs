@@ -1,0 +1,47 @@
+//! The `ptxgrad` command: bad flags and bad paths give a clear error and exit status 1, never a panic.
+use std::process::Command;
+
+fn ptxgrad(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ptxgrad")).args(args).output().expect("run ptxgrad");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn fails_with(args: &[&str], needle: &str) {
+    let (code, _, err) = ptxgrad(args);
+    assert_ne!(code, 0, "{args:?} should fail");
+    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    assert!(err.contains(needle), "{args:?}: expected `{needle}` in: {err}");
+}
+
+#[test]
+fn summary_prints_the_parameter_count() {
+    let (code, out, _) = ptxgrad(&["summary"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("Linear     output shape:\t torch.Size([1, 10])"), "{out}");
+    assert!(out.contains("parameters: 46764746"), "{out}");
+}
+
+#[test]
+fn bad_flags_are_clear_errors() {
+    fails_with(&["train", "--epochs", "zero"], "invalid value 'zero'");
+    fails_with(&["train", "--epochs", "0"], "--epochs and --batch-size must be at least 1");
+    fails_with(&["train", "--lr", "-1"], "--lr must be a positive number");
+    fails_with(&["train", "--resize", "50"], "67x67");
+    fails_with(&["train", "--device", "tpu"], "unknown device `tpu`");
+    fails_with(&["train", "--bogus"], "unexpected argument '--bogus'");
+    fails_with(&["summary", "--resize", "10"], "67x67");
+}
+
+#[test]
+fn missing_data_and_checkpoints_are_named() {
+    fails_with(&["train", "--device", "cpu", "--data-dir", "/nonexistent/fm"], "/nonexistent/fm");
+    fails_with(&["eval", "--device", "cpu", "--checkpoint", "/nonexistent/x.safetensors"], "/nonexistent/x.safetensors");
+    fails_with(
+        &["train", "--device", "cpu", "--resume", "--checkpoint", "/nonexistent/y.safetensors"],
+        "/nonexistent/y.safetensors",
+    );
+}

@@ -1,0 +1,139 @@
+//! The tape: gradients of a small multi-layer net (conv, ReLU, max-pool, flatten, dense,
+//! dropout, softmax-cross-entropy) against finite differences on the CPU, CUDA against CPU,
+//! and the tape's own rules (eval records nothing, accumulation, unused branches).
+mod common;
+use common::*;
+
+use ptxgrad::ops::{conv2d::conv2d, dense::dense, dropout::dropout, maxpool2d::maxpool2d, reshape::reshape};
+use ptxgrad::ops::{relu::relu, softmax_xent::softmax_xent};
+use ptxgrad::{Device, Labels, Tape, Tensor};
+
+/// Parameters of the small net, as host vectors: conv w (4,2,3,3), conv b (4), dense1 w (6, 16),
+/// dense1 b (6), dense2 w (3, 6), dense2 b (3).
+const SHAPES: [&[usize]; 6] = [&[4, 2, 3, 3], &[4], &[6, 16], &[6], &[3, 6], &[3]];
+
+fn net_loss(tape: &mut Tape, x: &Tensor, y: &Labels, params: &[Tensor]) -> Tensor {
+    for p in params {
+        tape.watch(p);
+    }
+    // x: (2, 2, 9, 9) -> conv 3x3 s2 p1 + ReLU -> (2, 4, 5, 5) -> maxpool 3 s2 -> (2, 4, 2, 2)
+    let h = conv2d(tape, x, &params[0], &params[1], 2, 1, true).unwrap();
+    let h = maxpool2d(tape, &h, 3, 2).unwrap();
+    let h = reshape(tape, &h, &[2, 16]).unwrap();
+    let h = dense(tape, &h, &params[2], &params[3], false).unwrap();
+    let h = relu(tape, &h).unwrap();
+    // A fixed seed: the same mask on every evaluation, so the loss is a smooth function.
+    let h = dropout(tape, &h, 0.25, 1234).unwrap();
+    let h = dense(tape, &h, &params[4], &params[5], false).unwrap();
+    softmax_xent(tape, &h, y).unwrap()
+}
+
+fn setup(dev: &Device) -> (Tensor, Labels, Vec<Tensor>) {
+    let x = Tensor::from_vec(&[2, 2, 9, 9], uniform(324, -1.0, 1.0, 7), dev).unwrap();
+    let y = Labels::from_vec(&[2], vec![2, 0], dev).unwrap();
+    let params = SHAPES
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Tensor::from_vec(s, uniform(s.iter().product(), -0.6, 0.6, 10 + i as u64), dev).unwrap())
+        .collect();
+    (x, y, params)
+}
+
+fn loss_value(x: &Tensor, y: &Labels, params: &[Tensor]) -> f64 {
+    net_loss(&mut Tape::train(), x, y, params).to_vec().unwrap()[0] as f64
+}
+
+#[test]
+fn tape_gradients_match_finite_differences_on_cpu() {
+    let dev = Device::Cpu;
+    let (x, y, params) = setup(&dev);
+    let mut tape = Tape::train();
+    let loss = net_loss(&mut tape, &x, &y, &params);
+    let grads = tape.backward(&loss).unwrap();
+    for (pi, p) in params.iter().enumerate() {
+        let analytic = grads.get(p).expect("every parameter gets a gradient").to_vec().unwrap();
+        let base = p.to_vec().unwrap();
+        // Every element of the small tensors, a stride of the larger ones.
+        for j in (0..base.len()).step_by(if base.len() > 20 { 7 } else { 1 }) {
+            let eps = 1e-2f32;
+            let at = |v: f32| {
+                let mut q = base.clone();
+                q[j] = v;
+                let mut ps = params.clone();
+                ps[pi] = Tensor::from_vec(p.shape(), q, &dev).unwrap();
+                loss_value(&x, &y, &ps)
+            };
+            let numeric = (at(base[j] + eps) - at(base[j] - eps)) / (2.0 * eps as f64);
+            // The forward runs in f32 (loss ~1, rounding ~1e-7 -> ~1e-5 after dividing by 2 eps);
+            // the O(eps^2) truncation error and a ReLU/max kink crossed within +-eps bound the
+            // rest: 2e-3 absolute + 5% relative.
+            let a = analytic[j] as f64;
+            assert!(
+                (a - numeric).abs() <= 2e-3 + 0.05 * numeric.abs(),
+                "param {pi} element {j}: tape {a} vs finite difference {numeric}"
+            );
+        }
+    }
+}
+
+#[test]
+fn tape_cuda_matches_cpu() {
+    let Some(gpu) = gpu_or_skip("tape_cuda_matches_cpu") else { return };
+    let results: Vec<(f32, Vec<Vec<f32>>)> = [Device::Cpu, gpu]
+        .iter()
+        .map(|dev| {
+            let (x, y, params) = setup(dev);
+            let mut tape = Tape::train();
+            let loss = net_loss(&mut tape, &x, &y, &params);
+            let l = loss.to_vec().unwrap()[0];
+            let grads = tape.backward(&loss).unwrap();
+            (l, params.iter().map(|p| grads.get(p).unwrap().to_vec().unwrap()).collect())
+        })
+        .collect();
+    // Same math in fp32 with sums of at most 18 terms in another order: 1e-5 absolute and relative.
+    assert_close("loss", &[results[0].0], &[results[1].0], 1e-5, 1e-5);
+    for (i, (c, g)) in results[0].1.iter().zip(&results[1].1).enumerate() {
+        assert_close(&format!("grad of param {i}"), c, g, 1e-5, 1e-4);
+    }
+}
+
+test_device!(eval_tape_records_nothing_and_disables_dropout, |dev| {
+    let x = rand_tensor(&[4, 8], 1, &dev);
+    let mut tape = Tape::eval();
+    tape.watch(&x);
+    let y = dropout(&mut tape, &x, 0.5, 99).unwrap();
+    assert!(tape.is_empty(), "an eval tape records nothing");
+    assert_eq!(y.to_vec().unwrap(), x.to_vec().unwrap(), "dropout is the identity in eval mode");
+});
+
+test_device!(gradients_accumulate_when_a_tensor_is_used_twice, |dev| {
+    // x: (1, 3) is both the input and the weight of one dense layer: y = x·xᵀ + b = |x|² + b,
+    // so dL/dx = 2x·dL/dy, which only comes out right if the two contributions are added.
+    let x = Tensor::from_vec(&[1, 3], vec![0.5, -1.0, 2.0], &dev).unwrap();
+    let b = Tensor::from_vec(&[1], vec![0.0], &dev).unwrap();
+    let w2 = Tensor::from_vec(&[2, 1], vec![1.0, -1.0], &dev).unwrap();
+    let b2 = Tensor::from_vec(&[2], vec![0.0, 0.0], &dev).unwrap();
+    let labels = Labels::from_vec(&[1], vec![0], &dev).unwrap();
+    let mut tape = Tape::train();
+    tape.watch(&x);
+    let y = dense(&mut tape, &x, &x, &b, false).unwrap(); // (1, 1): 5.25
+    let logits = dense(&mut tape, &y, &w2, &b2, false).unwrap(); // (1, 2): [s, -s]
+    let loss = softmax_xent(&mut tape, &logits, &labels).unwrap();
+    let g = tape.backward(&loss).unwrap().get(&x).unwrap().to_vec().unwrap();
+    // L = log(1 + e^{-2s}), dL/ds = -2 / (1 + e^{2s}), s = |x|² = 5.25.
+    let s = 5.25f64;
+    let dl_ds = -2.0 / (1.0 + (2.0 * s).exp());
+    let want: Vec<f32> = [0.5f64, -1.0, 2.0].iter().map(|&v| (2.0 * v * dl_ds) as f32).collect();
+    // Closed form vs fp32 kernels: a few ulps of a ~1e-4 value.
+    assert_close("dL/dx with x used twice", &want, &g, 1e-8, 1e-4);
+});
+
+#[test]
+fn backward_needs_a_scalar() {
+    let x = Tensor::from_vec(&[2], vec![1.0, 2.0], &Device::Cpu).unwrap();
+    let mut tape = Tape::train();
+    tape.watch(&x);
+    let y = relu(&mut tape, &x).unwrap();
+    let err = tape.backward(&y).err().unwrap().to_string();
+    assert!(err.contains("scalar") && err.contains("[2]"), "{err}");
+}
