@@ -3,6 +3,8 @@
 //! Data flows one way: `data` -> `ops` (each a hand-written CUDA kernel plus a CPU reference)
 //! -> `tape` (autograd) -> `nn` (AlexNet, SGD) -> the `ptxgrad` binary.
 
+pub mod checkpoint;
+pub mod data;
 pub mod device;
 pub mod error;
 pub mod ops;
