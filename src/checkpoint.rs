@@ -75,10 +75,7 @@ pub fn load(path: &Path) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>)>
     for key in header.offset_keys() {
         let view = file.tensor(&key).map_err(invalid)?;
         if view.dtype() != Dtype::F32 {
-            return Err(Error::Data(format!(
-                "{name}: tensor `{key}` has dtype {:?}: expected F32",
-                view.dtype()
-            )));
+            return Err(Error::Data(format!("{name}: tensor `{key}` has dtype {:?}: expected F32", view.dtype())));
         }
         let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         tensors.push(NamedTensor { name: key, shape: view.shape().to_vec(), data });

@@ -17,12 +17,34 @@ use ptxgrad::Error;
 // ---------------------------------------------------------------------------------------------
 // Helpers: synthetic IDX files in a fresh temp dir per test.
 
-/// A fresh, empty directory under the system temp dir, unique to this process and test.
-fn temp_dir(test: &str) -> PathBuf {
+/// A fresh, empty directory under the system temp dir, unique to this process and test; removed
+/// when dropped (also when the test fails).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn join(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp_dir(test: &str) -> TempDir {
     let dir = std::env::temp_dir().join(format!("ptxgrad-test-data-{}-{test}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    TempDir(dir)
 }
 
 /// Raw (uncompressed) IDX images: magic 2051, dims (n, h, w), then pixel k = (k * 7 + seed) % 256.
@@ -126,10 +148,16 @@ fn truncated_files_say_what_the_header_promised() {
 fn trailing_bytes_are_an_error() {
     let mut imgs = idx_images(2, 3, 3, 0);
     imgs.extend([0, 0, 0]);
-    assert_mentions(&err_msg(parse_images(&imgs, "i.gz")), &["i.gz", "3 unexpected trailing bytes", "18 bytes"]);
+    assert_mentions(
+        &err_msg(parse_images(&imgs, "i.gz")),
+        &["i.gz", "trailing data", "18 bytes", "21 bytes of pixels", "3 bytes too many"],
+    );
     let mut labels = idx_labels(&[1, 2]);
     labels.push(7);
-    assert_mentions(&err_msg(parse_labels(&labels, "l.gz")), &["l.gz", "1 unexpected trailing bytes", "2 labels"]);
+    assert_mentions(
+        &err_msg(parse_labels(&labels, "l.gz")),
+        &["l.gz", "trailing data", "2 labels", "has 3 labels", "1 byte too many"],
+    );
 }
 
 #[test]

@@ -150,16 +150,14 @@ fn describe_magic(magic: u32) -> &'static str {
 /// file, longer means the file is not what its header says.
 fn check_len(name: &str, found: usize, expected: usize, declared: impl Fn() -> String, unit: &str) -> Result<()> {
     if found < expected {
-        return Err(Error::Data(format!(
-            "{name}: truncated: header says {}, file has {found} {unit}",
-            declared()
-        )));
+        return Err(Error::Data(format!("{name}: truncated: header says {}, file has {found} {unit}", declared())));
     }
     if found > expected {
+        let extra = found - expected;
         return Err(Error::Data(format!(
-            "{name}: {} unexpected trailing bytes: header says {}, file has {found} {unit}",
-            found - expected,
-            declared()
+            "{name}: trailing data: header says {}, file has {found} {unit} ({extra} byte{} too many)",
+            declared(),
+            if extra == 1 { "" } else { "s" }
         )));
     }
     Ok(())
