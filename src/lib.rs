@@ -4,6 +4,8 @@
 //! -> `tape` (autograd) -> `nn` (AlexNet, SGD) -> the `ptxgrad` binary.
 
 pub mod bench;
+pub mod checkpoint;
+pub mod data;
 pub mod device;
 pub mod error;
 pub mod nn;

@@ -175,6 +175,25 @@ impl<T: Elem> Tensor<T> {
         Ok(t)
     }
 
+    /// Copies all of `src` into this tensor's elements `offset..offset + src.len()`, on the
+    /// device that holds both (no host round trip).
+    pub fn write_at(&mut self, offset: usize, src: &Tensor<T>) -> Result<()> {
+        let end = offset + src.len();
+        if end > self.len() {
+            return Err(Error::shape("write_at", format!("at most {} elements from offset {offset}", self.len() - offset.min(self.len())), format!("{}", src.len())));
+        }
+        common_device("write_at", &[self.device(), src.device()])?;
+        match (self.storage_mut()?, src.storage()) {
+            (Storage::Cpu(d), Storage::Cpu(s)) => d[offset..end].copy_from_slice(s),
+            (Storage::Cuda { gpu, buf }, Storage::Cuda { buf: s, .. }) => {
+                let mut dst = buf.slice_mut(offset..end);
+                gpu.stream().memcpy_dtod(s, &mut dst).map_err(|e| Error::cuda("copying on the GPU", e))?;
+            }
+            _ => unreachable!("checked by common_device"),
+        }
+        Ok(())
+    }
+
     /// The dims of a rank-4 tensor, or a shape error naming `op`.
     pub fn dims4(&self, op: &'static str) -> Result<[usize; 4]> {
         <[usize; 4]>::try_from(self.shape.as_slice())

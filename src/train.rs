@@ -121,6 +121,9 @@ pub fn train(
         let bar = progress_bar(cfg.progress, batches.len(), epoch, cfg.epochs);
         // [sum of per-example losses, correct predictions], kept on the device.
         let mut stats = Tensor::zeros(&[2], &device)?;
+        // Every step's loss, copied on the device, so that a divergence is pinned to its step.
+        let mut losses = Tensor::zeros(&[batches.len()], &device)?;
+        let mut checked = 0;
         let mut seen = 0;
         // Timed as the book times it: the training steps (the batch gather on the host is a
         // few microseconds and is included), not evaluation or checkpointing.
@@ -128,21 +131,25 @@ pub fn train(
         for (step, idx) in batches.iter().enumerate() {
             let (pixels, labels) = train.gather(idx);
             let (x, y) = prepare_batch(pixels, labels, hw, cfg.resolution, &device)?;
-            train_step(model, &x, &y, step_seed(cfg.seed, epoch, step), cfg.lr, Some(&mut stats))?;
+            let loss = train_step(model, &x, &y, step_seed(cfg.seed, epoch, step), cfg.lr, Some(&mut stats))?;
+            losses.write_at(step, &loss)?;
             seen += idx.len();
             if (step + 1) % PROGRESS_EVERY == 0 || step + 1 == batches.len() {
                 let s = stats.to_vec()?; // waits for the queued steps
-                if !s[0].is_finite() {
+                let recent = &losses.to_vec()?[checked..=step];
+                if let Some(bad) = recent.iter().position(|l| !l.is_finite()) {
                     bar.abandon();
                     return Err(Error::Data(format!(
-                        "training diverged: non-finite loss in epoch {epoch} by step {} of {} (lr {}); \
+                        "training diverged: non-finite loss ({}) in epoch {epoch} at step {} of {} (lr {}); \
                          the last checkpoint written (after epoch {}) is intact",
-                        step + 1,
+                        recent[bad],
+                        checked + bad + 1,
                         batches.len(),
                         cfg.lr,
                         epoch - 1
                     )));
                 }
+                checked = step + 1;
                 bar.set_position(step as u64 + 1);
                 bar.set_message(format!("loss {:.3}, train acc {:.3}", s[0] / seen as f32, s[1] / seen as f32));
             }

@@ -1,0 +1,126 @@
+//! Checkpoints as safetensors files: f32 tensors (little-endian, row-major) plus string metadata
+//! (epoch, seed, step, format version...) in the header's `__metadata__`. PyTorch reads them with
+//! `safetensors.torch.load_file(path)`.
+//!
+//! Saving is atomic: the file is written to `<path>.tmp` in the same directory, fsynced, then
+//! renamed over `path`. A crash mid-save leaves the previous checkpoint intact (and at worst a
+//! stale `.tmp`, which the next save overwrites).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::error::{Error, Result};
+
+/// One named f32 tensor (a parameter or an optimiser buffer).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// Writes `tensors` and `metadata` to `path` atomically (see the module docs), creating the
+/// parent directory. Names must be unique and each tensor's data must fill its shape.
+pub fn save(path: &Path, tensors: &[NamedTensor], metadata: &BTreeMap<String, String>) -> Result<()> {
+    let name = path.display().to_string();
+    let mut seen = HashSet::new();
+    let mut bytes = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        if !seen.insert(t.name.as_str()) {
+            return Err(Error::Data(format!("{name}: tensor `{}` appears twice: names must be unique", t.name)));
+        }
+        let elems = t.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        if elems != Some(t.data.len()) {
+            return Err(Error::Data(format!(
+                "{name}: tensor `{}`: shape {:?} needs {} values, found {}",
+                t.name,
+                t.shape,
+                elems.map_or("too many".to_string(), |e| e.to_string()),
+                t.data.len()
+            )));
+        }
+        bytes.push(t.data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+    }
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|(t, b)| {
+            let view = TensorView::new(Dtype::F32, t.shape.clone(), b)
+                .map_err(|e| Error::Data(format!("{name}: tensor `{}`: {e}", t.name)))?;
+            Ok((t.name.as_str(), view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let meta: Option<HashMap<String, String>> =
+        (!metadata.is_empty()).then(|| metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+    let file = safetensors::tensor::serialize(views, meta)
+        .map_err(|e| Error::Data(format!("{name}: cannot serialise checkpoint: {e}")))?;
+    write_atomic(path, &file)
+}
+
+/// Reads a checkpoint written by [`save`] (or any safetensors file of f32 tensors). Tensors come
+/// back in file order (for an all-f32 file: sorted by name).
+pub fn load(path: &Path) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>)> {
+    let name = path.display().to_string();
+    let bytes = fs::read(path).map_err(|source| Error::Io { path: name.clone(), source })?;
+    let invalid = |e: safetensors::SafeTensorError| {
+        Error::Data(format!("{name}: not a valid safetensors checkpoint ({} bytes): {e}", bytes.len()))
+    };
+    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(invalid)?;
+    let file = SafeTensors::deserialize(&bytes).map_err(invalid)?;
+    let mut tensors = Vec::with_capacity(file.len());
+    for key in header.offset_keys() {
+        let view = file.tensor(&key).map_err(invalid)?;
+        if view.dtype() != Dtype::F32 {
+            return Err(Error::Data(format!("{name}: tensor `{key}` has dtype {:?}: expected F32", view.dtype())));
+        }
+        let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        tensors.push(NamedTensor { name: key, shape: view.shape().to_vec(), data });
+    }
+    let metadata = header.metadata().iter().flatten().map(|(k, v)| (k.clone(), v.clone())).collect();
+    Ok((tensors, metadata))
+}
+
+/// `<path>.tmp`: same directory, so the final rename never crosses filesystems.
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    PathBuf::from(tmp)
+}
+
+/// Write to `<path>.tmp`, fsync, rename over `path`, then fsync the directory so the rename
+/// itself is durable.
+fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
+    let io = |p: &Path| {
+        let p = p.display().to_string();
+        move |source| Error::Io { path: p, source }
+    };
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(dir) = parent {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+    }
+    let tmp = tmp_path(path);
+    let written = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(contents)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written.map_err(io(&tmp)) {
+        let _ = fs::remove_file(&tmp); // best effort: the error above is the one to report
+        return Err(e);
+    }
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(io(path)(e));
+    }
+    // Directory fsync makes the rename survive a power cut; only Unix can open a directory for it.
+    #[cfg(unix)]
+    {
+        let dir = parent.unwrap_or(Path::new("."));
+        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! safetensors checkpoints: round trip, atomic writes, and clear errors for bad files.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use ptxgrad::checkpoint::{load, save, NamedTensor};
+use ptxgrad::Error;
+use safetensors::tensor::{Dtype, TensorView};
+
+/// A fresh, empty directory under the system temp dir, unique to this process and test; removed
+/// when dropped (also when the test fails).
+struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp_dir(test: &str) -> TempDir {
+    let dir = std::env::temp_dir().join(format!("ptxgrad-test-checkpoint-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    TempDir(dir)
+}
+
+fn tensor(name: &str, shape: &[usize], offset: f32) -> NamedTensor {
+    let n: usize = shape.iter().product();
+    NamedTensor { name: name.into(), shape: shape.into(), data: (0..n).map(|i| offset + i as f32 * 0.25).collect() }
+}
+
+fn meta(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn err_msg<T: std::fmt::Debug>(r: Result<T, Error>) -> String {
+    match r {
+        Ok(v) => panic!("expected an error, got Ok({v:?})"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn assert_mentions(msg: &str, pieces: &[&str]) {
+    for p in pieces {
+        assert!(msg.contains(p), "error message {msg:?} should mention {p:?}");
+    }
+}
+
+/// Files in `dir` (names only), sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn round_trip_keeps_names_shapes_values_and_metadata() {
+    let dir = temp_dir("round_trip");
+    // Parent directory does not exist yet: save creates it.
+    let path = dir.join("run1/ckpt.safetensors");
+    let mut tensors = vec![
+        tensor("net.conv1.weight", &[96, 1, 11, 11], -3.0),
+        tensor("net.conv1.bias", &[96], 1.5),
+        tensor("fc.weight", &[10, 4096], 0.0),
+        tensor("scalar", &[], 42.0),
+        tensor("empty", &[0, 3], 0.0),
+    ];
+    // Values that must survive bit for bit.
+    tensors[1].data[0] = f32::MIN_POSITIVE / 2.0; // subnormal
+    tensors[1].data[1] = -0.0;
+    tensors[1].data[2] = f32::MAX;
+    tensors[1].data[3] = f32::NAN;
+    let metadata = meta(&[("epoch", "3"), ("seed", "42"), ("step", "1407"), ("format", "ptxgrad-1")]);
+    save(&path, &tensors, &metadata).unwrap();
+
+    let (loaded, loaded_meta) = load(&path).unwrap();
+    assert_eq!(loaded_meta, metadata);
+    // Loaded in file order: sorted by name (all tensors are f32).
+    let mut expected = tensors.clone();
+    expected.sort_by(|a, b| a.name.cmp(&b.name));
+    assert_eq!(loaded.len(), expected.len());
+    for (got, want) in loaded.iter().zip(&expected) {
+        assert_eq!((&got.name, &got.shape), (&want.name, &want.shape));
+        let bits = |d: &[f32]| d.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got.data), bits(&want.data), "tensor {}", want.name);
+    }
+}
+
+#[test]
+fn empty_metadata_and_no_tensors() {
+    let dir = temp_dir("empty");
+    let path = dir.join("c.safetensors");
+    save(&path, &[], &BTreeMap::new()).unwrap();
+    let (tensors, metadata) = load(&path).unwrap();
+    assert!(tensors.is_empty() && metadata.is_empty());
+}
+
+#[test]
+fn file_layout_is_standard_safetensors() {
+    // What PyTorch's safetensors.torch.load_file reads: u64 LE header length, a JSON header with
+    // dtype "F32", shape and data_offsets per tensor and string-to-string __metadata__, then LE data.
+    let dir = temp_dir("layout");
+    let path = dir.join("c.safetensors");
+    let t = NamedTensor { name: "w".into(), shape: vec![2], data: vec![1.0, -2.0] };
+    save(&path, &[t], &meta(&[("epoch", "1")])).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert_eq!(header["w"]["dtype"], "F32");
+    assert_eq!(header["w"]["shape"], serde_json::json!([2]));
+    assert_eq!(header["w"]["data_offsets"], serde_json::json!([0, 8]));
+    assert_eq!(header["__metadata__"]["epoch"], "1");
+    assert_eq!(&bytes[8 + n..], [1.0f32.to_le_bytes(), (-2.0f32).to_le_bytes()].concat());
+}
+
+#[test]
+fn save_is_atomic_and_overwrites() {
+    let dir = temp_dir("atomic");
+    let path = dir.join("ckpt.safetensors");
+    save(&path, &[tensor("a", &[4], 0.0)], &meta(&[("epoch", "1")])).unwrap();
+    assert_eq!(listing(&dir), ["ckpt.safetensors"], "no .tmp left behind");
+
+    // A stale .tmp from an earlier crash is simply overwritten.
+    std::fs::write(dir.join("ckpt.safetensors.tmp"), b"half a checkpoint").unwrap();
+    save(&path, &[tensor("a", &[4], 10.0), tensor("b", &[2], 0.0)], &meta(&[("epoch", "2")])).unwrap();
+    assert_eq!(listing(&dir), ["ckpt.safetensors"]);
+    let (tensors, metadata) = load(&path).unwrap();
+    assert_eq!(metadata["epoch"], "2");
+    assert_eq!(tensors[0], tensor("a", &[4], 10.0));
+    assert_eq!(tensors.len(), 2);
+}
+
+#[test]
+fn failed_save_keeps_the_previous_checkpoint() {
+    let dir = temp_dir("failed_save");
+    let path = dir.join("ckpt.safetensors");
+    save(&path, &[tensor("a", &[3], 1.0)], &meta(&[("epoch", "1")])).unwrap();
+    // Bad input is rejected before anything is written.
+    let bad = NamedTensor { name: "a".into(), shape: vec![2, 3], data: vec![0.0; 5] };
+    assert_mentions(&err_msg(save(&path, &[bad], &BTreeMap::new())), &["`a`", "[2, 3]", "needs 6 values, found 5"]);
+    let dup = [tensor("a", &[1], 0.0), tensor("a", &[1], 0.0)];
+    assert_mentions(&err_msg(save(&path, &dup, &BTreeMap::new())), &["`a`", "twice"]);
+    // The tmp path is occupied by a directory, so the write itself fails.
+    std::fs::create_dir(dir.join("ckpt.safetensors.tmp")).unwrap();
+    let msg = err_msg(save(&path, &[tensor("a", &[3], 9.0)], &BTreeMap::new()));
+    assert_mentions(&msg, &["ckpt.safetensors.tmp"]);
+    let (tensors, metadata) = load(&path).unwrap();
+    assert_eq!((tensors, metadata["epoch"].as_str()), (vec![tensor("a", &[3], 1.0)], "1"));
+}
+
+#[test]
+fn corrupt_files_give_clear_errors() {
+    let dir = temp_dir("corrupt");
+    let path = dir.join("good.safetensors");
+    save(&path, &[tensor("w", &[16], 0.0)], &meta(&[("epoch", "1")])).unwrap();
+    let good = std::fs::read(&path).unwrap();
+
+    // Cut short (e.g. a copy interrupted), garbage, empty, and a header length that lies.
+    let mut lying = good.clone();
+    lying[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+    let cases: [(&str, Vec<u8>); 4] = [
+        ("cut.safetensors", good[..good.len() - 10].to_vec()),
+        ("garbage.safetensors", b"this is not a checkpoint at all".to_vec()),
+        ("empty.safetensors", vec![]),
+        ("lying.safetensors", lying),
+    ];
+    for (file, bytes) in cases {
+        let p = dir.join(file);
+        std::fs::write(&p, bytes).unwrap();
+        assert_mentions(&err_msg(load(&p)), &[file, "not a valid safetensors checkpoint"]);
+    }
+    assert_mentions(&err_msg(load(&dir.join("missing.safetensors"))), &["missing.safetensors"]);
+}
+
+#[test]
+fn non_f32_tensor_is_rejected_by_name_and_dtype() {
+    let dir = temp_dir("dtype");
+    let path = dir.join("mixed.safetensors");
+    let f32_bytes: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let i64_bytes: Vec<u8> = [7i64].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let views = vec![
+        ("weight", TensorView::new(Dtype::F32, vec![2], &f32_bytes).unwrap()),
+        ("step", TensorView::new(Dtype::I64, vec![1], &i64_bytes).unwrap()),
+    ];
+    safetensors::tensor::serialize_to_file(views, None::<HashMap<String, String>>, &path).unwrap();
+    assert_mentions(&err_msg(load(&path)), &["mixed.safetensors", "`step`", "I64", "expected F32"]);
+}
