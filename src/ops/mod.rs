@@ -4,4 +4,10 @@
 //! backward closure it records on the tape.
 
 pub mod add;
+pub mod dropout;
+pub mod maxpool2d;
 pub mod relu;
+pub mod reshape;
+pub mod resize;
+pub mod sgd;
+pub mod softmax_xent;

@@ -1,0 +1,168 @@
+//! 2-D max pooling, k x k windows, stride s, no padding: x (N, C, H, W) -> y (N, C, OH, OW) with
+//! OH = (H - k) / s + 1. The forward also returns the argmax of each window (a flat `h * W + w`
+//! index inside its (n, c) plane); the backward sends each output gradient to that one input and
+//! sums where windows overlap (see kernels/maxpool2d.cu).
+
+use crate::device::grid_1d;
+use crate::error::{Error, Result};
+use crate::ptx::Module;
+use crate::tape::Tape;
+use crate::tensor::{common_device, Storage, Tensor};
+
+/// Mirrors `Maxpool2dParams` in kernels/maxpool2d.cu, field for field.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Maxpool2dParams {
+    pub n: u32,
+    pub c: u32,
+    pub h: u32,
+    pub w: u32,
+    pub oh: u32,
+    pub ow: u32,
+    pub k: u32,
+    pub stride: u32,
+}
+
+// SAFETY: #[repr(C)] plain data, mirrored field for field by the kernel's struct.
+unsafe impl cudarc::driver::DeviceRepr for Maxpool2dParams {}
+
+impl Maxpool2dParams {
+    /// Checks a (N, C, H, W) input shape against the window and derives the output size.
+    pub fn new(x_shape: &[usize], k: usize, stride: usize) -> Result<Self> {
+        let [n, c, h, w] = <[usize; 4]>::try_from(x_shape)
+            .map_err(|_| Error::shape("maxpool2d", "a 4-D (N, C, H, W) input", format!("shape {x_shape:?}")))?;
+        if k == 0 || stride == 0 {
+            return Err(Error::Data(format!(
+                "maxpool2d: window and stride must be at least 1, found k = {k}, stride = {stride}"
+            )));
+        }
+        if h < k || w < k {
+            return Err(Error::shape(
+                "maxpool2d",
+                format!("an input at least {k}x{k} (the window; no padding)"),
+                format!("{h}x{w} (shape {x_shape:?})"),
+            ));
+        }
+        let fits = |v: usize| u32::try_from(v).ok();
+        let too_big = || Error::shape("maxpool2d", "dims and a plane size below 2^32", format!("shape {x_shape:?}"));
+        let (oh, ow) = ((h - k) / stride + 1, (w - k) / stride + 1);
+        fits(h * w).ok_or_else(too_big)?;
+        Ok(Maxpool2dParams {
+            n: fits(n).ok_or_else(too_big)?,
+            c: fits(c).ok_or_else(too_big)?,
+            h: h as u32,
+            w: w as u32,
+            oh: oh as u32,
+            ow: ow as u32,
+            k: k as u32,
+            stride: stride as u32,
+        })
+    }
+
+    pub fn out_shape(&self) -> Vec<usize> {
+        [self.n, self.c, self.oh, self.ow].iter().map(|&v| v as usize).collect()
+    }
+
+    fn planes(&self) -> usize {
+        self.n as usize * self.c as usize
+    }
+}
+
+/// CPU reference, forward: (y, argmax). The same scan as the kernel: row-major over the window,
+/// `v > best || v.is_nan()` (the first maximum wins a tie; NaN counts as the maximum).
+pub fn maxpool2d_fwd_cpu(x: &[f32], p: &Maxpool2dParams) -> (Vec<f32>, Vec<u32>) {
+    let (h, w, oh, ow, k, s) =
+        (p.h as usize, p.w as usize, p.oh as usize, p.ow as usize, p.k as usize, p.stride as usize);
+    let mut y = Vec::with_capacity(p.planes() * oh * ow);
+    let mut arg = Vec::with_capacity(y.capacity());
+    for xp in x.chunks_exact(h * w) {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let (y0, x0) = (oy * s, ox * s);
+                let (mut best, mut best_i) = (f32::NEG_INFINITY, y0 * w + x0);
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let idx = (y0 + ky) * w + x0 + kx;
+                        let v = xp[idx];
+                        if v > best || v.is_nan() {
+                            (best, best_i) = (v, idx);
+                        }
+                    }
+                }
+                y.push(best);
+                arg.push(best_i as u32);
+            }
+        }
+    }
+    (y, arg)
+}
+
+/// CPU reference, backward: scatters each gy to its argmax, in ascending output order (the
+/// order in which the kernel's gather adds them, so the sums are bit-identical). Errors on an
+/// argmax outside the plane.
+pub fn maxpool2d_bwd_cpu(argmax: &[u32], gy: &[f32], p: &Maxpool2dParams) -> Result<Vec<f32>> {
+    let (plane_in, plane_out) = (p.h as usize * p.w as usize, p.oh as usize * p.ow as usize);
+    let mut gx = vec![0.0f32; p.planes() * plane_in];
+    for ((gxp, ap), gp) in
+        gx.chunks_exact_mut(plane_in).zip(argmax.chunks_exact(plane_out)).zip(gy.chunks_exact(plane_out))
+    {
+        for (&a, &g) in ap.iter().zip(gp) {
+            let slot = gxp
+                .get_mut(a as usize)
+                .ok_or_else(|| Error::Data(format!("maxpool2d_bwd: argmax {a} outside a {}x{} plane", p.h, p.w)))?;
+            *slot += g;
+        }
+    }
+    Ok(gx)
+}
+
+/// y = maxpool(x) and the argmax of each window, both (N, C, OH, OW).
+pub fn maxpool2d_fwd(x: &Tensor, k: usize, stride: usize) -> Result<(Tensor, Tensor<u32>)> {
+    let p = Maxpool2dParams::new(x.shape(), k, stride)?;
+    let out_shape = p.out_shape();
+    let n_out: usize = out_shape.iter().product();
+    let (y, arg) = match x.storage() {
+        Storage::Cpu(v) => {
+            let (y, a) = maxpool2d_fwd_cpu(v, &p);
+            (Storage::Cpu(y), Storage::Cpu(a))
+        }
+        Storage::Cuda { gpu, buf } => {
+            let mut y = gpu.uninit::<f32>(n_out)?;
+            let mut a = gpu.uninit::<u32>(n_out)?;
+            crate::launch!(gpu, Module::Maxpool2d, "maxpool2d_fwd_f32", grid_1d(n_out, 256), buf, &mut y, &mut a, &p)?;
+            (Storage::Cuda { gpu: gpu.clone(), buf: y }, Storage::Cuda { gpu: gpu.clone(), buf: a })
+        }
+    };
+    Ok((Tensor::from_storage(out_shape.clone(), y), Tensor::from_storage(out_shape, arg)))
+}
+
+/// gx (shape `x_shape`) from the forward's argmax and the output gradient gy.
+///
+/// Takes the window and stride as well as `x_shape`: the kernel gathers, for each input, from
+/// the windows that contain it, which it cannot find from the argmax alone.
+pub fn maxpool2d_bwd(argmax: &Tensor<u32>, gy: &Tensor, x_shape: &[usize], k: usize, stride: usize) -> Result<Tensor> {
+    let p = Maxpool2dParams::new(x_shape, k, stride)?;
+    let out_shape = p.out_shape();
+    gy.expect_shape("maxpool2d_bwd", "gy", &out_shape)?;
+    argmax.expect_shape("maxpool2d_bwd", "argmax", &out_shape)?;
+    common_device("maxpool2d_bwd", &[argmax.device(), gy.device()])?;
+    let n_in: usize = x_shape.iter().product();
+    let storage = match (argmax.storage(), gy.storage()) {
+        (Storage::Cpu(a), Storage::Cpu(g)) => Storage::Cpu(maxpool2d_bwd_cpu(a, g, &p)?),
+        (Storage::Cuda { gpu, buf: a }, Storage::Cuda { buf: g, .. }) => {
+            let mut gx = gpu.uninit::<f32>(n_in)?;
+            crate::launch!(gpu, Module::Maxpool2d, "maxpool2d_bwd_f32", grid_1d(n_in, 256), a, g, &mut gx, &p)?;
+            Storage::Cuda { gpu: gpu.clone(), buf: gx }
+        }
+        _ => unreachable!("checked by common_device"),
+    };
+    Ok(Tensor::from_storage(x_shape.to_vec(), storage))
+}
+
+/// Recorded max pooling. The tape keeps only the argmax (u32, the size of y), not x.
+pub fn maxpool2d(tape: &mut Tape, x: &Tensor, k: usize, stride: usize) -> Result<Tensor> {
+    let (y, argmax) = maxpool2d_fwd(x, k, stride)?;
+    let (x_id, x_shape) = (x.id(), x.shape().to_vec());
+    tape.record(&y, &[x], move |gy, grads| grads.accumulate(x_id, maxpool2d_bwd(&argmax, gy, &x_shape, k, stride)?));
+    Ok(y)
+}

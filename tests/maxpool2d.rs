@@ -1,0 +1,186 @@
+//! Max pooling: CPU backward vs finite differences, CUDA vs the CPU reference (bit-exact), ties,
+//! NaN, overlapping windows, and argument errors.
+mod common;
+use common::*;
+use ptxgrad::ops::maxpool2d::{
+    maxpool2d, maxpool2d_bwd, maxpool2d_bwd_cpu, maxpool2d_fwd, maxpool2d_fwd_cpu, Maxpool2dParams,
+};
+use ptxgrad::ops::reshape::reshape;
+use ptxgrad::{Device, Tape, Tensor};
+use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+
+/// (x shape, k, stride)
+const CASES: &[(&[usize], usize, usize)] = &[
+    (&[128, 96, 54, 54], 3, 2),  // AlexNet pool 1
+    (&[128, 256, 26, 26], 3, 2), // AlexNet pool 2
+    (&[128, 256, 12, 12], 3, 2), // AlexNet pool 3
+    (&[1, 1, 3, 3], 3, 2),       // a single window
+    (&[3, 5, 7, 9], 3, 2),       // odd sizes, batch 3
+    (&[1, 96, 54, 54], 3, 2),    // batch 1
+    (&[3, 2, 8, 8], 2, 2),       // non-overlapping; every input in exactly one window
+    (&[2, 3, 11, 13], 3, 1),     // stride 1: up to 9 windows per input
+    (&[2, 4, 17, 17], 4, 3),     // 17 = 4 + 3*4 + 1: the last row/column is in no window
+    (&[1, 3, 10, 7], 3, 3),      // k == s, trailing inputs in no window
+    (&[1, 1, 1, 1], 1, 1),       // identity
+    (&[2, 2, 5, 6], 5, 1),       // window as tall as the input
+];
+
+/// Distinct values (a shuffled ramp with spacing 1/len), so that no window has a tie.
+fn distinct(n: usize, seed: u64) -> Vec<f32> {
+    let mut v: Vec<f32> = (0..n).map(|i| i as f32 / n as f32 - 0.5).collect();
+    v.shuffle(&mut StdRng::seed_from_u64(seed));
+    v
+}
+
+fn maxpool_f64(x: &[f64], p: &Maxpool2dParams) -> Vec<f64> {
+    let (h, w, k, s) = (p.h as usize, p.w as usize, p.k as usize, p.stride as usize);
+    let mut y = Vec::new();
+    for xp in x.chunks_exact(h * w) {
+        for oy in 0..p.oh as usize {
+            for ox in 0..p.ow as usize {
+                let mut m = f64::NEG_INFINITY;
+                for ky in 0..k {
+                    for kx in 0..k {
+                        m = m.max(xp[(oy * s + ky) * w + ox * s + kx]);
+                    }
+                }
+                y.push(m);
+            }
+        }
+    }
+    y
+}
+
+#[test]
+fn maxpool2d_cpu_backward_matches_finite_differences() {
+    for (shape, k, s) in [([2usize, 3, 7, 7], 3usize, 2usize), ([1, 2, 6, 5], 2, 2), ([1, 1, 5, 6], 3, 1)] {
+        let p = Maxpool2dParams::new(&shape, k, s).unwrap();
+        let n: usize = shape.iter().product();
+        let x = distinct(n, 7);
+        let (y, arg) = maxpool2d_fwd_cpu(&x, &p);
+        let w = uniform(y.len(), -1.0, 1.0, 3);
+        let analytic = maxpool2d_bwd_cpu(&arg, &w, &p).unwrap();
+        let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        // eps = 0.1 / n is below half the spacing (1/n) between distinct values: no window's
+        // argmax changes under the perturbation, so the max is locally linear.
+        let numeric = numeric_grad(&x64, 0.1 / n as f64, |x| {
+            maxpool_f64(x, &p).iter().zip(&w).map(|(&y, &w)| y * w as f64).sum()
+        });
+        let numeric: Vec<f32> = numeric.iter().map(|&v| v as f32).collect();
+        // Locally linear: central differences are exact up to f64 rounding of the sums of w
+        // (|w| < 1, at most 9 terms per input), far below 1e-5.
+        assert_close("maxpool grad", &numeric, &analytic, 1e-5, 1e-5);
+    }
+}
+
+#[test]
+fn maxpool2d_cuda_matches_cpu_reference() {
+    let Some(dev) = gpu_or_skip("maxpool2d_cuda_matches_cpu_reference") else { return };
+    for (i, &(shape, k, s)) in CASES.iter().enumerate() {
+        let x = rand_tensor(shape, i as u64, &dev);
+        let (y, arg) = maxpool2d_fwd(&x, k, s).unwrap();
+        let gy = rand_tensor(y.shape(), 50 + i as u64, &dev);
+        let gx = maxpool2d_bwd(&arg, &gy, shape, k, s).unwrap();
+        let p = Maxpool2dParams::new(shape, k, s).unwrap();
+        let (yr, ar) = maxpool2d_fwd_cpu(&x.to_vec().unwrap(), &p);
+        // Max and selection are exact; the backward adds the same values in the same order as
+        // the CPU scatter (see kernels/maxpool2d.cu): all three must be bit-identical.
+        assert_close("maxpool fwd", &yr, &y.to_vec().unwrap(), 0.0, 0.0);
+        assert_eq!(ar, arg.to_vec().unwrap(), "maxpool argmax, case {shape:?}");
+        let gr = maxpool2d_bwd_cpu(&ar, &gy.to_vec().unwrap(), &p).unwrap();
+        assert_close("maxpool bwd", &gr, &gx.to_vec().unwrap(), 0.0, 0.0);
+    }
+}
+
+test_device!(maxpool2d_ties_go_to_the_first_maximum, |dev| {
+    // One 5x5 plane, 3x3 windows, stride 2 -> 2x2 outputs at window corners (0,0) (0,2) (2,0) (2,2).
+    #[rustfmt::skip]
+    let x = vec![
+        0.0, 5.0, 1.0, 0.0, 0.0,
+        5.0, 0.0, 0.0, 0.0, 0.0,
+        1.0, 0.0, 0.0, 0.0, 0.0,
+        0.0, 0.0, 0.0, 0.0, 0.0,
+        0.0, 0.0, 0.0, 0.0, 0.0,
+    ];
+    let x = Tensor::from_vec(&[1, 1, 5, 5], x, &dev).unwrap();
+    let (y, arg) = maxpool2d_fwd(&x, 3, 2).unwrap();
+    assert_eq!(y.to_vec().unwrap(), vec![5.0, 1.0, 1.0, 0.0]);
+    // Window (0,0): 5.0 at (0,1) and (1,0): row-major first is (0,1) = 1. Window (0,2): 1.0 at
+    // (0,2) = 2. Window (2,0): 1.0 at (2,0) = 10. Window (2,2): all zero: its first, (2,2) = 12.
+    assert_eq!(arg.to_vec().unwrap(), vec![1, 2, 10, 12]);
+    let gy = Tensor::from_vec(&[1, 1, 2, 2], vec![1.0, 2.0, 4.0, 8.0], &dev).unwrap();
+    let gx = maxpool2d_bwd(&arg, &gy, &[1, 1, 5, 5], 3, 2).unwrap().to_vec().unwrap();
+    let mut want = vec![0.0; 25];
+    (want[1], want[2], want[10], want[12]) = (1.0, 2.0, 4.0, 8.0);
+    assert_eq!(gx, want);
+});
+
+test_device!(maxpool2d_overlapping_windows_accumulate, |dev| {
+    // The centre (2,2) of a 5x5 plane lies in all four 3x3/stride-2 windows; make it the max.
+    let mut x = vec![0.0f32; 2 * 25];
+    x[12] = 9.0;
+    x[25 + 12] = -1.0; // second plane: the centre is the one value below 0, never chosen
+    let x = Tensor::from_vec(&[1, 2, 5, 5], x, &dev).unwrap();
+    let (y, arg) = maxpool2d_fwd(&x, 3, 2).unwrap();
+    assert_eq!(y.to_vec().unwrap()[..4], [9.0; 4]);
+    assert_eq!(arg.to_vec().unwrap(), vec![12, 12, 12, 12, 0, 2, 10, 13]);
+    let gy = Tensor::from_vec(&[1, 2, 2, 2], vec![1.0, 2.0, 4.0, 8.0, 1.0, 1.0, 1.0, 1.0], &dev).unwrap();
+    let gx = maxpool2d_bwd(&arg, &gy, &[1, 2, 5, 5], 3, 2).unwrap().to_vec().unwrap();
+    let mut want = vec![0.0; 50];
+    want[12] = 15.0; // 1 + 2 + 4 + 8: the sum over all four windows
+                     // Second plane: the windows' first maxima (0,0) (0,2) (2,0), and (2,3) past the -1 centre.
+    (want[25], want[27], want[35], want[38]) = (1.0, 1.0, 1.0, 1.0);
+    assert_eq!(gx, want);
+});
+
+test_device!(maxpool2d_propagates_nan, |dev| {
+    let mut x = vec![0.0f32; 9];
+    x[4] = f32::NAN;
+    x[7] = 3.0;
+    let x = Tensor::from_vec(&[1, 1, 3, 3], x, &dev).unwrap();
+    let (y, arg) = maxpool2d_fwd(&x, 3, 2).unwrap();
+    assert!(y.to_vec().unwrap()[0].is_nan());
+    assert_eq!(arg.to_vec().unwrap(), vec![4]); // the NaN, not the later 3.0
+});
+
+test_device!(maxpool2d_records_its_backward, |dev| {
+    let x = rand_tensor(&[2, 2, 6, 6], 11, &dev);
+    let mut tape = Tape::train();
+    tape.watch(&x);
+    let y = maxpool2d(&mut tape, &x, 3, 2).unwrap();
+    assert_eq!(y.shape(), &[2, 2, 2, 2]);
+    // Pool the 16 values of y once more, as one 4x4 plane: the loss is the global max of x.
+    let y = reshape(&mut tape, &y, &[1, 1, 4, 4]).unwrap();
+    let loss = maxpool2d(&mut tape, &y, 4, 1).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let gx = grads.get(&x).expect("x has a gradient").to_vec().unwrap();
+    // Exactly one input, the global max of x, receives the gradient 1.
+    let xs = x.to_vec().unwrap();
+    let imax = (0..xs.len()).fold(0, |b, i| if xs[i] > xs[b] { i } else { b });
+    assert_eq!(gx.iter().filter(|&&g| g != 0.0).count(), 1);
+    assert_eq!(gx[imax], 1.0);
+});
+
+#[test]
+fn maxpool2d_rejects_bad_arguments() {
+    let dev = Device::Cpu;
+    let x = rand_tensor(&[1, 1, 2, 5], 0, &dev);
+    let err = maxpool2d_fwd(&x, 3, 2).unwrap_err().to_string();
+    assert!(err.contains("3x3") && err.contains("2x5"), "{err}");
+    let err = maxpool2d_fwd(&rand_tensor(&[4, 4, 4], 0, &dev), 2, 2).unwrap_err().to_string();
+    assert!(err.contains("4-D") && err.contains("[4, 4, 4]"), "{err}");
+    let err = maxpool2d_fwd(&rand_tensor(&[1, 1, 4, 4], 0, &dev), 2, 0).unwrap_err().to_string();
+    assert!(err.contains("stride = 0"), "{err}");
+    let err = maxpool2d_fwd(&rand_tensor(&[1, 1, 4, 4], 0, &dev), 0, 1).unwrap_err().to_string();
+    assert!(err.contains("k = 0"), "{err}");
+    // Backward: gy must have the pooled shape.
+    let (_, arg) = maxpool2d_fwd(&rand_tensor(&[1, 1, 5, 5], 0, &dev), 3, 2).unwrap();
+    let gy = rand_tensor(&[1, 1, 3, 3], 0, &dev);
+    let err = maxpool2d_bwd(&arg, &gy, &[1, 1, 5, 5], 3, 2).unwrap_err().to_string();
+    assert!(err.contains("[1, 1, 2, 2]") && err.contains("[1, 1, 3, 3]"), "{err}");
+    // A corrupt argmax is an error on the CPU, not a panic.
+    let bad = Tensor::from_vec(&[1, 1, 2, 2], vec![0u32, 1, 2, 99], &dev).unwrap();
+    let gy = rand_tensor(&[1, 1, 2, 2], 0, &dev);
+    let err = maxpool2d_bwd(&bad, &gy, &[1, 1, 5, 5], 3, 2).unwrap_err().to_string();
+    assert!(err.contains("99"), "{err}");
+}

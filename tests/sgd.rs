@@ -1,0 +1,63 @@
+//! SGD update: CUDA vs the CPU reference on every AlexNet parameter shape and awkward ones, and
+//! errors. (No finite-difference test: the update is not differentiated.)
+mod common;
+use common::*;
+use ptxgrad::ops::sgd::{sgd_update, sgd_update_cpu};
+use ptxgrad::{Device, Tensor};
+
+const SHAPES: &[&[usize]] = &[
+    &[96, 1, 11, 11], // AlexNet (d2l, 1 input channel) conv1 .. conv5, dense 1..3
+    &[96],
+    &[256, 96, 5, 5],
+    &[384, 256, 3, 3],
+    &[384, 384, 3, 3],
+    &[256, 384, 3, 3],
+    &[4096, 6400],
+    &[4096, 4096],
+    &[10, 4096],
+    &[10],
+    &[1],
+    &[3, 5, 7],
+    &[1000003],
+];
+
+test_device!(sgd_matches_cpu_reference, |dev| {
+    for (k, shape) in SHAPES.iter().enumerate() {
+        let lr = 0.01f32;
+        let mut p = rand_tensor(shape, k as u64, &dev);
+        let g = rand_tensor(shape, 100 + k as u64, &dev);
+        let mut want = p.to_vec().unwrap();
+        sgd_update_cpu(&mut want, &g.to_vec().unwrap(), lr);
+        sgd_update(&mut p, &g, lr).unwrap();
+        // The kernel may fuse p - lr * g into one FMA (one rounding instead of two): results may
+        // differ by one rounding of a value of magnitude <= 1.01, i.e. 6e-8 absolute.
+        assert_close("sgd", &want, &p.to_vec().unwrap(), 1.2e-7, 0.0);
+    }
+});
+
+test_device!(sgd_updates_in_place, |dev| {
+    let mut p = Tensor::from_vec(&[3], vec![1.0, 2.0, 3.0], &dev).unwrap();
+    let id = p.id();
+    let g = Tensor::from_vec(&[3], vec![0.5, -1.0, 0.0], &dev).unwrap();
+    sgd_update(&mut p, &g, 2.0).unwrap();
+    assert_eq!(p.id(), id);
+    assert_eq!(p.to_vec().unwrap(), vec![0.0, 4.0, 3.0]); // exact: small integers and halves
+});
+
+#[test]
+fn sgd_rejects_bad_arguments() {
+    let dev = Device::Cpu;
+    let mut p = rand_tensor(&[2, 3], 0, &dev);
+    let err = sgd_update(&mut p, &rand_tensor(&[3, 2], 0, &dev), 0.1).unwrap_err().to_string();
+    assert!(err.contains("[2, 3]") && err.contains("[3, 2]"), "{err}");
+    let g = rand_tensor(&[2, 3], 1, &dev);
+    let err = sgd_update(&mut p, &g, f32::NAN).unwrap_err().to_string();
+    assert!(err.contains("learning rate"), "{err}");
+    // A parameter whose storage is shared (as when a live tape's closure holds a clone) cannot be
+    // updated in place.
+    let held = p.clone();
+    let err = sgd_update(&mut p, &g, 0.1).unwrap_err().to_string();
+    assert!(err.contains("shared"), "{err}");
+    drop(held);
+    sgd_update(&mut p, &g, 0.1).unwrap();
+}

@@ -1,0 +1,187 @@
+//! Softmax cross-entropy: CPU backward vs finite differences of an f64 loss, CUDA vs the CPU
+//! reference (loss, probabilities, gradient, statistics, argmax), stability, bad labels, errors.
+mod common;
+use common::*;
+use ptxgrad::ops::softmax_xent::{
+    accumulate_stats, argmax_rows, argmax_rows_cpu, softmax_xent, softmax_xent_bwd, softmax_xent_bwd_cpu,
+    softmax_xent_fwd, softmax_xent_fwd_cpu,
+};
+use ptxgrad::{Device, Tape, Tensor};
+
+/// (N, C, logit scale)
+const CASES: &[(usize, usize, f32)] = &[
+    (128, 10, 3.0),   // AlexNet's head, batch 128
+    (1, 10, 3.0),     // batch 1
+    (3, 10, 3.0),     // batch 3
+    (128, 1000, 3.0), // ImageNet-sized rows: 32 columns per lane
+    (1, 1, 3.0),      // one class: loss 0, probability 1
+    (3, 1, 3.0),
+    (7, 33, 3.0),    // C just above a warp
+    (5, 31, 3.0),    // C just below a warp
+    (1000, 10, 3.0), // more rows than one reduction block's 256 threads
+    (2, 1000, 1e4),  // huge logits: exp would overflow without the max subtraction
+    (128, 10, 1e4),
+    (300, 7, 0.0), // all-equal logits: uniform probabilities, argmax 0 everywhere
+];
+
+fn labels_for(n: usize, c: usize, seed: u64) -> Vec<u32> {
+    uniform(n, 0.0, c as f32, seed).iter().map(|&v| (v as u32).min(c as u32 - 1)).collect()
+}
+
+fn loss_f64(x: &[f64], labels: &[u32], c: usize) -> f64 {
+    let n = labels.len();
+    x.chunks_exact(c)
+        .zip(labels)
+        .map(|(r, &l)| {
+            let m = r.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            m + r.iter().map(|v| (v - m).exp()).sum::<f64>().ln() - r[l as usize]
+        })
+        .sum::<f64>()
+        / n as f64
+}
+
+#[test]
+fn softmax_xent_cpu_backward_matches_finite_differences() {
+    for (n, c) in [(3usize, 5usize), (1, 1), (4, 10), (2, 40)] {
+        let x = uniform(n * c, -3.0, 3.0, 1);
+        let labels = labels_for(n, c, 2);
+        let (_, probs) = softmax_xent_fwd_cpu(&x, &labels, c).unwrap();
+        let gloss = 0.75f32;
+        let analytic = softmax_xent_bwd_cpu(&probs, &labels, c, gloss).unwrap();
+        let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let numeric = numeric_grad(&x64, 1e-4, |x| gloss as f64 * loss_f64(x, &labels, c));
+        let numeric: Vec<f32> = numeric.iter().map(|&v| v as f32).collect();
+        // Smooth loss: central differences err by ~eps^2 * f''' ~ 1e-8, f64 cancellation by
+        // ~1e-16 / 1e-4 = 1e-12; the analytic side rounds probs to f32 (6e-8 relative). 1e-6 covers all.
+        assert_close("softmax_xent grad", &numeric, &analytic, 1e-6, 1e-5);
+    }
+}
+
+#[test]
+fn softmax_xent_is_stable_for_huge_logits() {
+    let x = [1e4f32, 0.0, -1e4, 0.0, 1e4, 1e4];
+    let (losses, probs) = softmax_xent_fwd_cpu(&x, &[0, 0], 3).unwrap();
+    // Row 0: the label holds all the mass: loss log(1 + e^-1e4 + e^-2e4) = 0.
+    // Row 1: loss = 1e4 + log 2 - 0.
+    assert_eq!(losses[0], 0.0);
+    assert_close("huge loss", &[1e4 + std::f32::consts::LN_2], &losses[1..], 0.0, 1e-7);
+    assert_eq!(probs, vec![1.0, 0.0, 0.0, 0.0, 0.5, 0.5]);
+}
+
+test_device!(softmax_xent_matches_cpu_reference, |dev| {
+    for (k, &(n, c, scale)) in CASES.iter().enumerate() {
+        let xh: Vec<f32> = uniform(n * c, -1.0, 1.0, k as u64).iter().map(|v| v * scale).collect();
+        let lh = labels_for(n, c, 100 + k as u64);
+        let x = Tensor::from_vec(&[n, c], xh.clone(), &dev).unwrap();
+        let labels = Tensor::from_vec(&[n], lh.clone(), &dev).unwrap();
+        let (loss, probs) = softmax_xent_fwd(&x, &labels).unwrap();
+        let (rl, rp) = softmax_xent_fwd_cpu(&xh, &lh, c).unwrap();
+        let rmean = (rl.iter().map(|&v| v as f64).sum::<f64>() / n as f64) as f32;
+        // The kernel's exp/log (<= 2 ulp each) and its f32 sums against the f64 oracle: each row
+        // loss is off by ~1e-6 * (1 + |logits|): rtol 1e-5 on the mean (whose magnitude is about
+        // the logits' for the 1e4 cases) plus an atol for the near-zero losses.
+        assert_close("softmax_xent loss", &[rmean], &loss.to_vec().unwrap(), 1e-5, 1e-5);
+        // Probabilities: a few ulp of relative error from exp and the division; atol for the
+        // tiny ones (and the underflowed ones of the 1e4 cases).
+        assert_close("softmax_xent probs", &rp, &probs.to_vec().unwrap(), 1e-7, 1e-5);
+        let g = 0.7f32;
+        let gloss = Tensor::from_vec(&[1], vec![g], &dev).unwrap();
+        let gx = softmax_xent_bwd(&probs, &labels, &gloss).unwrap().to_vec().unwrap();
+        let rg = softmax_xent_bwd_cpu(&rp, &lh, c, g).unwrap();
+        // The gradient is (probs - onehot) * g / N: the probability tolerance scaled by g / N <= 1.
+        assert_close("softmax_xent grad", &rg, &gx, 1e-7, 1e-5);
+
+        let arg = argmax_rows(&x).unwrap().to_vec().unwrap();
+        // Argmax is exact; ties (the all-equal case) go to the first column.
+        assert_eq!(arg, argmax_rows_cpu(&xh, c), "argmax, case {k}");
+        let mut stats = Tensor::from_vec(&[2], vec![1.5, 2.0], &dev).unwrap();
+        accumulate_stats(&x, &labels, &mut stats).unwrap();
+        accumulate_stats(&x, &labels, &mut stats).unwrap();
+        let correct = arg.iter().zip(&lh).filter(|(a, b)| a == b).count() as f32;
+        let sum = rl.iter().map(|&v| v as f64).sum::<f64>() as f32;
+        let got = stats.to_vec().unwrap();
+        // Loss sum: the per-row tolerance above times N (<= 1000). Count: exact.
+        assert_close("stats loss", &[1.5 + 2.0 * sum], &got[..1], 1e-3, 1e-5);
+        assert_eq!(got[1], 2.0 + 2.0 * correct, "stats correct count, case {k}");
+    }
+});
+
+test_device!(argmax_rows_takes_the_first_of_ties_and_nan_as_largest, |dev| {
+    #[rustfmt::skip]
+    let x = vec![
+        1.0, 3.0, 3.0, 2.0,
+        f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY,
+        0.0, f32::NAN, 5.0, f32::NAN,
+        -1.0, -1.0, -1.0, 0.5,
+    ];
+    let x = Tensor::from_vec(&[4, 4], x, &dev).unwrap();
+    assert_eq!(argmax_rows(&x).unwrap().to_vec().unwrap(), vec![1, 0, 1, 3]);
+    // 40 columns: ties across different lanes of the warp (columns 3 and 35 share lane 3, 8 is lane 8).
+    let mut row = vec![0.0f32; 40];
+    (row[8], row[35], row[3]) = (2.0, 2.0, 2.0);
+    let x = Tensor::from_vec(&[1, 40], row, &dev).unwrap();
+    assert_eq!(argmax_rows(&x).unwrap().to_vec().unwrap(), vec![3]);
+});
+
+test_device!(softmax_xent_records_its_backward, |dev| {
+    let x = rand_tensor(&[3, 10], 4, &dev);
+    let labels = Tensor::from_vec(&[3], vec![1u32, 9, 0], &dev).unwrap();
+    let mut tape = Tape::train();
+    tape.watch(&x);
+    let loss = softmax_xent(&mut tape, &x, &labels).unwrap();
+    assert_eq!(loss.shape(), &[1]);
+    let gx = tape.backward(&loss).unwrap().get(&x).expect("x has a gradient").to_vec().unwrap();
+    let (_, probs) = softmax_xent_fwd(&x, &labels).unwrap();
+    let one = Tensor::from_vec(&[1], vec![1.0], &dev).unwrap();
+    let want = softmax_xent_bwd(&probs, &labels, &one).unwrap().to_vec().unwrap();
+    assert_close("recorded grad", &want, &gx, 0.0, 0.0); // the same kernels on the same values
+                                                         // Each row's gradient sums to 0 (probabilities sum to 1).
+    for r in gx.chunks(10) {
+        assert!(r.iter().sum::<f32>().abs() < 1e-6);
+    }
+});
+
+#[test]
+fn softmax_xent_rejects_out_of_range_labels_on_cpu() {
+    let x = rand_tensor(&[3, 10], 4, &Device::Cpu);
+    let labels = Tensor::from_vec(&[3], vec![1u32, 10, 0], &Device::Cpu).unwrap();
+    let err = softmax_xent_fwd(&x, &labels).unwrap_err().to_string();
+    assert!(err.contains("row 1") && err.contains("label 10") && err.contains("10 classes"), "{err}");
+    let mut stats = Tensor::zeros(&[2], &Device::Cpu).unwrap();
+    assert!(accumulate_stats(&x, &labels, &mut stats).is_err());
+}
+
+#[test]
+fn softmax_xent_guards_out_of_range_labels_on_cuda() {
+    let Some(dev) = gpu_or_skip("softmax_xent_guards_out_of_range_labels_on_cuda") else { return };
+    let x = rand_tensor(&[3, 10], 4, &dev);
+    let labels = Tensor::from_vec(&[3], vec![1u32, 4_000_000_000, 0], &dev).unwrap();
+    let (loss, probs) = softmax_xent_fwd(&x, &labels).unwrap();
+    assert!(loss.to_vec().unwrap()[0].is_nan(), "a bad label makes the loss NaN");
+    let one = Tensor::from_vec(&[1], vec![1.0], &dev).unwrap();
+    let gx = softmax_xent_bwd(&probs, &labels, &one).unwrap().to_vec().unwrap();
+    assert!(gx.iter().all(|g| g.is_finite()), "the backward never indexes by the bad label");
+    let mut stats = Tensor::zeros(&[2], &dev).unwrap();
+    accumulate_stats(&x, &labels, &mut stats).unwrap();
+    let s = stats.to_vec().unwrap();
+    assert!(s[0].is_nan() && s[1] <= 2.0, "{s:?}");
+}
+
+#[test]
+fn softmax_xent_rejects_bad_shapes() {
+    let dev = Device::Cpu;
+    let labels = Tensor::from_vec(&[3], vec![0u32; 3], &dev).unwrap();
+    let err = softmax_xent_fwd(&rand_tensor(&[30], 0, &dev), &labels).unwrap_err().to_string();
+    assert!(err.contains("2-D") && err.contains("[30]"), "{err}");
+    let err = softmax_xent_fwd(&rand_tensor(&[4, 10], 0, &dev), &labels).unwrap_err().to_string();
+    assert!(err.contains("labels of shape [4]") && err.contains("[3]"), "{err}");
+    let err = softmax_xent_fwd(&rand_tensor(&[3, 0], 0, &dev), &labels).unwrap_err().to_string();
+    assert!(err.contains("C >= 1"), "{err}");
+    let x = rand_tensor(&[3, 10], 0, &dev);
+    let err = softmax_xent_bwd(&x, &labels, &rand_tensor(&[2], 0, &dev)).unwrap_err().to_string();
+    assert!(err.contains("gloss of shape [1]"), "{err}");
+    let mut stats = Tensor::zeros(&[3], &dev).unwrap();
+    let err = accumulate_stats(&x, &labels, &mut stats).unwrap_err().to_string();
+    assert!(err.contains("stats of shape [2]"), "{err}");
+    assert!(argmax_rows(&rand_tensor(&[2, 3, 4], 0, &dev)).is_err());
+}
