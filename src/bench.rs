@@ -160,7 +160,7 @@ fn layer_table(gpu: &Gpu, device: &Device, b: usize, r: usize) -> Result<()> {
             Layer::MaxPool2d { kernel, stride } => {
                 let (_, argmax) = maxpool2d::maxpool2d_fwd(&x, kernel, stride)?;
                 let f = time_avg(gpu, REPS, || maxpool2d::maxpool2d_fwd(&x, kernel, stride).map(drop))?;
-                let bw = time_avg(gpu, REPS, || maxpool2d::maxpool2d_bwd(&argmax, &gy, &input).map(drop))?;
+                let bw = time_avg(gpu, REPS, || maxpool2d::maxpool2d_bwd(&argmax, &gy, &input, kernel, stride).map(drop))?;
                 (f, bw)
             }
             Layer::Dropout { p } => {
