@@ -4,4 +4,6 @@
 //! backward closure it records on the tape.
 
 pub mod add;
+pub mod conv2d;
+pub mod dense;
 pub mod relu;
