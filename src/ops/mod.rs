@@ -4,6 +4,8 @@
 //! backward closure it records on the tape.
 
 pub mod add;
+pub mod conv2d;
+pub mod dense;
 pub mod dropout;
 pub mod maxpool2d;
 pub mod relu;

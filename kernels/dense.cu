@@ -1,0 +1,100 @@
+// Fully connected layer y = x . W^T + b (PyTorch nn.Linear layout), forward and backward, on the
+// shared SGEMM core in gemm.cuh. Shapes: x (B, IN), w (OUT, IN), b (OUT), y (B, OUT).
+//
+// - forward (dense_fwd_f32_*):        M = B, N = OUT, K = IN; A(i, k) = x[i][k], B(k, o) = w[o][k]
+//       (both read along k), epilogue y[i][o] = A.B + b[o], optionally max(., 0).
+// - input grad (dense_bwd_input_f32_*): gx = gy . W: M = B, N = IN, K = OUT;
+//       A(i, o) = gy[i][o] (along k), B(o, j) = w[o][j] (along n).
+// - weight grad (dense_bwd_weight_f32_*): gw = gy^T . x: M = OUT, N = IN, K = B;
+//       A(o, i) = gy[i][o] (along m), B(i, j) = x[i][j] (along n).
+// - bias grad (dense_bwd_bias_f32): gb[o] = sum_i gy[i][o], one thread per o (reads coalesce
+//       across threads), summed in batch order.
+// Each GEMM kernel comes in a 128 x 128-tile and a 64 x 64-tile variant (suffix _t128 / _t64).
+#include "gemm.cuh"
+
+// Mirrors ops::dense::DenseParams field for field.
+struct DenseParams {
+    unsigned batch, in_f, out_f;
+    unsigned relu;  // forward: 1 = fuse max(., 0)
+};
+
+template <bool KF>
+struct RowMajor {  // element (r, c) of a row-major matrix with `ld` columns; K_FAST says which index is k
+    const float* __restrict__ p;
+    int ld;
+    static constexpr bool K_FAST = KF;
+    __device__ __forceinline__ float operator()(int r, int c) const { return __ldg(p + r * ld + c); }
+};
+template <bool KF>
+struct ColMajor {  // element (r, c) = p[c][r]
+    const float* __restrict__ p;
+    int ld;
+    static constexpr bool K_FAST = KF;
+    __device__ __forceinline__ float operator()(int r, int c) const { return __ldg(p + c * ld + r); }
+};
+
+struct FwdEpi {
+    float* __restrict__ y;
+    const float* __restrict__ b;
+    int out_f;
+    bool relu;
+    __device__ __forceinline__ void operator()(int i, int o, float v) const {
+        v += __ldg(b + o);
+        y[i * out_f + o] = relu ? fmaxf(v, 0.0f) : v;
+    }
+};
+struct StoreEpi {
+    float* __restrict__ c;
+    int ld;
+    __device__ __forceinline__ void operator()(int m, int n, float v) const { c[m * ld + n] = v; }
+};
+
+template <class T>
+__device__ __forceinline__ void dense_fwd(const float* x, const float* w, const float* b, float* y,
+                                          const DenseParams& p) {
+    // A(i, k) = x[i][k]: row-major, k fast.  B(k, o) = w[o][k]: column-major view, k fast.
+    gemm_block<T>(RowMajor<true>{x, (int)p.in_f}, ColMajor<true>{w, (int)p.in_f},
+                  FwdEpi{y, b, (int)p.out_f, p.relu != 0}, p.batch, p.out_f, 0, p.in_f, blockIdx.y * T::BM,
+                  blockIdx.x * T::BN);
+}
+
+template <class T>
+__device__ __forceinline__ void dense_bwd_input(const float* w, const float* gy, float* gx, const DenseParams& p) {
+    // A(i, o) = gy[i][o]: k fast.  B(o, j) = w[o][j]: row-major, n fast.
+    gemm_block<T>(RowMajor<true>{gy, (int)p.out_f}, RowMajor<false>{w, (int)p.in_f}, StoreEpi{gx, (int)p.in_f},
+                  p.batch, p.in_f, 0, p.out_f, blockIdx.y * T::BM, blockIdx.x * T::BN);
+}
+
+template <class T>
+__device__ __forceinline__ void dense_bwd_weight(const float* x, const float* gy, float* gw, const DenseParams& p) {
+    // A(o, i) = gy[i][o]: column-major view, m fast.  B(i, j) = x[i][j]: row-major, n fast.
+    gemm_block<T>(ColMajor<false>{gy, (int)p.out_f}, RowMajor<false>{x, (int)p.in_f}, StoreEpi{gw, (int)p.in_f},
+                  p.out_f, p.in_f, 0, p.batch, blockIdx.y * T::BM, blockIdx.x * T::BN);
+}
+
+#define DENSE_KERNELS(TILE, SUFFIX)                                                                         \
+    PTX_KERNEL void __launch_bounds__(256)                                                                  \
+        dense_fwd_f32_##SUFFIX(const float* __restrict__ x, const float* __restrict__ w,                     \
+                               const float* __restrict__ b, float* __restrict__ y, DenseParams p) {         \
+        dense_fwd<TILE>(x, w, b, y, p);                                                                     \
+    }                                                                                                       \
+    PTX_KERNEL void __launch_bounds__(256) dense_bwd_input_f32_##SUFFIX(                                    \
+        const float* __restrict__ w, const float* __restrict__ gy, float* __restrict__ gx, DenseParams p) { \
+        dense_bwd_input<TILE>(w, gy, gx, p);                                                                \
+    }                                                                                                       \
+    PTX_KERNEL void __launch_bounds__(256) dense_bwd_weight_f32_##SUFFIX(                                   \
+        const float* __restrict__ x, const float* __restrict__ gy, float* __restrict__ gw, DenseParams p) { \
+        dense_bwd_weight<TILE>(x, gy, gw, p);                                                               \
+    }
+
+DENSE_KERNELS(Tile128, t128)
+DENSE_KERNELS(Tile64, t64)
+
+// gb[o] = sum_i gy[i][o].
+PTX_KERNEL void dense_bwd_bias_f32(const float* __restrict__ gy, float* __restrict__ gb, DenseParams p) {
+    FOR_EACH_INDEX(o, p.out_f) {
+        float s = 0.0f;
+        for (unsigned i = 0; i < p.batch; ++i) s += gy[(unsigned long long)i * p.out_f + o];
+        gb[o] = s;
+    }
+}

@@ -1,0 +1,173 @@
+// The one SGEMM core behind conv2d and dense (forward and backward):
+//
+//     C[m][n] = sum_{k in [k_begin, k_end)} A(m, k) * B(k, n),     then epilogue(m, n, C[m][n])
+//
+// A and B are never materialised: they are *loader functors* `a(m, k)` and `b(k, n)` that read
+// the operand straight from the tensor (conv: the im2col matrix is computed on the fly, so no
+// (Cin*KH*KW) x (N*OH*OW) buffer exists). The epilogue functor stores C (adding the bias, applying
+// ReLU, or writing a split-K partial). The core bounds-checks every row, column and k, so M, N
+// and K may be anything (1, 5, 6400, ...): out-of-range operand elements load as 0 and
+// out-of-range outputs are not stored.
+//
+// Design (classic register-blocked SGEMM):
+// - 256 threads per block, viewed as a 16 x 16 grid (tx = t % 16, ty = t / 16).
+// - Block tile BM x BN (128 x 128, or 64 x 64 for grids too small to fill the GPU), k-tile BK = 8.
+// - Each thread owns a TM x TN register micro-tile (8 x 8, or 4 x 4): rows ty*4 + {0..3} (+ 64),
+//   columns tx*4 + {0..3} (+ 64), so that its operands are float4 reads from shared memory and
+//   the 16 threads of a half-warp that share ty read the same A float4 (a broadcast).
+// - Shared memory holds A transposed (As[k][m]) and B as Bs[k][n]: the inner loop reads a column
+//   of A and a row of B per k. Rows are padded by 4 floats: stores from k-fast loaders then hit
+//   32 distinct banks, and float4 alignment is kept (row pitch 4*(BM+4) bytes is a multiple of 16).
+// - Double buffering: while the block computes on k-tile i (from shared buffer i&1), each thread
+//   holds its share of tile i+1 in registers (fetched before the math, so the global loads are
+//   in flight during it) and writes it to the other buffer afterwards; one __syncthreads per tile.
+// - Each loader says which index is contiguous in memory (K_FAST): the tile load maps consecutive
+//   threads to consecutive k (K_FAST) or to consecutive m / n, so global reads coalesce.
+// - fp32 accumulation, fmaf.
+// Indices are 32-bit: the host refuses tensors of 2^31 elements or more.
+#pragma once
+#include "common.cuh"
+
+template <int BM_, int BN_, int TM_, int TN_>
+struct GemmTile {
+    static constexpr int BM = BM_, BN = BN_, TM = TM_, TN = TN_, BK = 8, THREADS = 256;
+    // The 16 x 16 thread grid covers the tile with TM x TN micro-tiles made of float4 chunks 64 apart.
+    static_assert(BM == 16 * TM && BN == 16 * TN, "tile = 16 threads x micro-tile");
+    static_assert(TM % 4 == 0 && TN % 4 == 0, "micro-tile made of float4 chunks");
+};
+using Tile128 = GemmTile<128, 128, 8, 8>;
+using Tile64 = GemmTile<64, 64, 4, 4>;
+
+// Computes one BM x BN block of C, rows [m0, m0+BM), columns [n0, n0+BN), over k in [k_begin, k_end).
+// la(m, k) / lb(k, n) are only called with m < M, n < N, k_begin <= k < k_end.
+template <class T, class LA, class LB, class EP>
+__device__ __forceinline__ void gemm_block(const LA& la, const LB& lb, const EP& ep, int M, int N, int k_begin,
+                                           int k_end, int m0, int n0) {
+    constexpr int BM = T::BM, BN = T::BN, BK = T::BK, TM = T::TM, TN = T::TN;
+    constexpr int A_PER = BM * BK / T::THREADS;  // A elements each thread loads per k-tile
+    constexpr int B_PER = BN * BK / T::THREADS;
+    static_assert(A_PER * T::THREADS == BM * BK && B_PER * T::THREADS == BN * BK, "even tile load");
+    __shared__ __align__(16) float As[2][BK][BM + 4];
+    __shared__ __align__(16) float Bs[2][BK][BN + 4];
+
+    const int t = threadIdx.x;
+    const int tx = t % 16, ty = t / 16;
+    float ra[A_PER], rb[B_PER];
+    float acc[TM][TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+
+    // Element e of a tile: which (row, k) it is, for each loader's contiguity.
+    auto a_pos = [&](int i, int& mm, int& kk) {
+        const int e = t + i * T::THREADS;
+        if (LA::K_FAST) {
+            kk = e % BK;
+            mm = e / BK;
+        } else {
+            mm = e % BM;
+            kk = e / BM;
+        }
+    };
+    auto b_pos = [&](int i, int& nn, int& kk) {
+        const int e = t + i * T::THREADS;
+        if (LB::K_FAST) {
+            kk = e % BK;
+            nn = e / BK;
+        } else {
+            nn = e % BN;
+            kk = e / BN;
+        }
+    };
+    auto fetch = [&](int k0) {
+#pragma unroll
+        for (int i = 0; i < A_PER; ++i) {
+            int mm, kk;
+            a_pos(i, mm, kk);
+            const int m = m0 + mm, k = k0 + kk;
+            ra[i] = (m < M && k < k_end) ? la(m, k) : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < B_PER; ++i) {
+            int nn, kk;
+            b_pos(i, nn, kk);
+            const int n = n0 + nn, k = k0 + kk;
+            rb[i] = (n < N && k < k_end) ? lb(k, n) : 0.0f;
+        }
+    };
+    auto stash = [&](int buf) {
+#pragma unroll
+        for (int i = 0; i < A_PER; ++i) {
+            int mm, kk;
+            a_pos(i, mm, kk);
+            As[buf][kk][mm] = ra[i];
+        }
+#pragma unroll
+        for (int i = 0; i < B_PER; ++i) {
+            int nn, kk;
+            b_pos(i, nn, kk);
+            Bs[buf][kk][nn] = rb[i];
+        }
+    };
+
+    const int n_tiles = k_end > k_begin ? (k_end - k_begin + BK - 1) / BK : 0;
+    if (n_tiles > 0) {
+        fetch(k_begin);
+        stash(0);
+        __syncthreads();
+    }
+    for (int it = 0; it < n_tiles; ++it) {
+        const int buf = it & 1;
+        const bool more = it + 1 < n_tiles;
+        if (more) fetch(k_begin + (it + 1) * BK);  // global loads in flight during the math below
+#pragma unroll
+        for (int kk = 0; kk < BK; ++kk) {
+            float a[TM], b[TN];
+#pragma unroll
+            for (int c = 0; c < TM / 4; ++c) {
+                const float4 v = *reinterpret_cast<const float4*>(&As[buf][kk][c * 64 + ty * 4]);
+                a[c * 4 + 0] = v.x;
+                a[c * 4 + 1] = v.y;
+                a[c * 4 + 2] = v.z;
+                a[c * 4 + 3] = v.w;
+            }
+#pragma unroll
+            for (int c = 0; c < TN / 4; ++c) {
+                const float4 v = *reinterpret_cast<const float4*>(&Bs[buf][kk][c * 64 + tx * 4]);
+                b[c * 4 + 0] = v.x;
+                b[c * 4 + 1] = v.y;
+                b[c * 4 + 2] = v.z;
+                b[c * 4 + 3] = v.w;
+            }
+#pragma unroll
+            for (int i = 0; i < TM; ++i)
+#pragma unroll
+                for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        }
+        // The other buffer was last read in iteration it-1, which ended with a barrier: safe to overwrite.
+        if (more) stash(buf ^ 1);
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+        const int m = m0 + (i / 4) * 64 + ty * 4 + i % 4;
+        if (m >= M) continue;
+#pragma unroll
+        for (int j = 0; j < TN; ++j) {
+            const int n = n0 + (j / 4) * 64 + tx * 4 + j % 4;
+            if (n < N) ep(m, n, acc[i][j]);
+        }
+    }
+}
+
+// Deterministic split-K reduction: out[i] = sum_z ws[z * len + i].
+__device__ __forceinline__ void splitk_sum(const float* __restrict__ ws, float* __restrict__ out, unsigned len,
+                                           unsigned splits) {
+    FOR_EACH_INDEX(i, len) {
+        float s = 0.0f;
+        for (unsigned z = 0; z < splits; ++z) s += ws[(unsigned long long)z * len + i];
+        out[i] = s;
+    }
+}

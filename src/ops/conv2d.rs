@@ -1,0 +1,486 @@
+//! 2-D convolution (cross-correlation, as in PyTorch's `nn.Conv2d`) with bias and an optional
+//! fused ReLU. x: (N, Cin, H, W), w: (Cout, Cin, KH, KW), b: (Cout) -> y: (N, Cout, OH, OW) with
+//! OH = (H + 2*pad - KH) / stride + 1 (same for OW).
+//!
+//! CPU reference: im2col + a plain matmul per image (see `im2col_cpu`). CUDA: implicit GEMMs on
+//! the shared core in `kernels/gemm.cuh` (see the header of `kernels/conv2d.cu`).
+
+use cudarc::driver::LaunchConfig;
+
+use crate::device::{grid_1d, Gpu};
+use crate::error::{Error, Result};
+use crate::ops::relu::relu_bwd;
+use crate::ptx::Module;
+use crate::tape::Tape;
+use crate::tensor::{common_device, Storage, Tensor};
+
+/// Kernel parameters; mirrored field for field by `struct Conv2dParams` in kernels/conv2d.cu.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dParams {
+    pub n: u32,
+    pub c_in: u32,
+    pub h: u32,
+    pub w: u32,
+    pub c_out: u32,
+    pub kh: u32,
+    pub kw: u32,
+    pub stride: u32,
+    pub pad: u32,
+    pub oh: u32,
+    pub ow: u32,
+    /// Forward only: 1 fuses max(., 0) into the epilogue.
+    pub relu: u32,
+    /// Weight grad only: the length of the reduction (over N*OH*OW) that each split sums.
+    pub k_chunk: u32,
+}
+
+// SAFETY: #[repr(C)] plain u32 fields, mirrored by the kernel's struct.
+unsafe impl cudarc::driver::DeviceRepr for Conv2dParams {}
+
+impl Conv2dParams {
+    /// Dims for x (n, c_in, h, w) and w (c_out, c_in, kh, kw); computes the output size.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        n: usize,
+        c_in: usize,
+        h: usize,
+        w: usize,
+        c_out: usize,
+        kh: usize,
+        kw: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Self> {
+        let oh = conv2d_out_size(h, kh, stride, pad)?;
+        let ow = conv2d_out_size(w, kw, stride, pad)?;
+        let dims = [n, c_in, h, w, c_out, kh, kw];
+        if dims.contains(&0) {
+            return Err(Error::shape("conv2d", "non-zero dims (N, Cin, H, W, Cout, KH, KW)", format!("{dims:?}")));
+        }
+        // The kernels index with 32-bit ints.
+        let biggest = (n * c_in * h * w).max(n * c_out * oh * ow).max(c_out * c_in * kh * kw);
+        if biggest >= 1 << 31 {
+            return Err(Error::Data(format!("conv2d: a tensor of {biggest} elements exceeds the kernels' 2^31 limit")));
+        }
+        let u = |v: usize| v as u32;
+        Ok(Conv2dParams {
+            n: u(n),
+            c_in: u(c_in),
+            h: u(h),
+            w: u(w),
+            c_out: u(c_out),
+            kh: u(kh),
+            kw: u(kw),
+            stride: u(stride),
+            pad: u(pad),
+            oh: u(oh),
+            ow: u(ow),
+            relu: 0,
+            k_chunk: 0,
+        })
+    }
+
+    fn us(v: u32) -> usize {
+        v as usize
+    }
+    pub fn x_len(&self) -> usize {
+        Self::us(self.n * self.c_in * self.h * self.w)
+    }
+    pub fn w_len(&self) -> usize {
+        Self::us(self.c_out * self.c_in * self.kh * self.kw)
+    }
+    pub fn y_len(&self) -> usize {
+        Self::us(self.n * self.c_out * self.oh * self.ow)
+    }
+    /// Rows of the im2col matrix: Cin*KH*KW.
+    pub fn k(&self) -> usize {
+        Self::us(self.c_in * self.kh * self.kw)
+    }
+    /// Output pixels per image: OH*OW.
+    pub fn ohw(&self) -> usize {
+        Self::us(self.oh * self.ow)
+    }
+    /// The same convolution over a batch of `n` images.
+    pub fn with_batch(&self, n: usize) -> Self {
+        Conv2dParams { n: n as u32, ..*self }
+    }
+}
+
+/// Output size of a convolution window sliding over `h` (+ `pad` each side) with `stride`;
+/// an error if the window does not fit or the stride is 0.
+pub fn conv2d_out_size(h: usize, k: usize, stride: usize, pad: usize) -> Result<usize> {
+    if stride == 0 {
+        return Err(Error::Data("conv2d: stride must be at least 1, found 0".into()));
+    }
+    if k == 0 || h + 2 * pad < k {
+        return Err(Error::shape(
+            "conv2d",
+            format!("a kernel of size 1..={} (input {h} + 2 * padding {pad})", h + 2 * pad),
+            format!("kernel size {k}"),
+        ));
+    }
+    Ok((h + 2 * pad - k) / stride + 1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// CPU reference
+// ---------------------------------------------------------------------------------------------
+
+/// Dot product with 8 independent partial sums, so that it vectorises (a single f32 running sum
+/// cannot be reordered by the compiler). Shared with ops::dense.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// The im2col matrix of one image: `cols` (Cin*KH*KW, OH*OW), row (ci, kh, kw), column (oh, ow),
+/// holding x[ci][oh*s-pad+kh][ow*s-pad+kw] (0 in the padding). `x_img`: (Cin, H, W).
+pub fn im2col_cpu(x_img: &[f32], p: &Conv2dParams, cols: &mut [f32]) {
+    let (h, w, oh, ow, s, pad) =
+        (p.h as isize, p.w as isize, p.oh as usize, p.ow as usize, p.stride as isize, p.pad as isize);
+    let ohw = oh * ow;
+    let mut row = 0;
+    for ci in 0..p.c_in as usize {
+        let plane = &x_img[ci * (h * w) as usize..][..(h * w) as usize];
+        for kh in 0..p.kh as isize {
+            for kw in 0..p.kw as isize {
+                let dst = &mut cols[row * ohw..][..ohw];
+                for y in 0..oh {
+                    let ih = y as isize * s - pad + kh;
+                    let out = &mut dst[y * ow..][..ow];
+                    if ih < 0 || ih >= h {
+                        out.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[(ih * w) as usize..][..w as usize];
+                    for (x, o) in out.iter_mut().enumerate() {
+                        let iw = x as isize * s - pad + kw;
+                        *o = if iw >= 0 && iw < w { src[iw as usize] } else { 0.0 };
+                    }
+                }
+                row += 1;
+            }
+        }
+    }
+}
+
+/// The adjoint of `im2col_cpu`: adds each column entry back onto the pixel it came from.
+pub fn col2im_add_cpu(cols: &[f32], p: &Conv2dParams, x_img: &mut [f32]) {
+    let (h, w, oh, ow, s, pad) =
+        (p.h as isize, p.w as isize, p.oh as usize, p.ow as usize, p.stride as isize, p.pad as isize);
+    let ohw = oh * ow;
+    let mut row = 0;
+    for ci in 0..p.c_in as usize {
+        let plane = &mut x_img[ci * (h * w) as usize..][..(h * w) as usize];
+        for kh in 0..p.kh as isize {
+            for kw in 0..p.kw as isize {
+                let src = &cols[row * ohw..][..ohw];
+                for y in 0..oh {
+                    let ih = y as isize * s - pad + kh;
+                    if ih < 0 || ih >= h {
+                        continue;
+                    }
+                    let dst = &mut plane[(ih * w) as usize..][..w as usize];
+                    for (x, &v) in src[y * ow..][..ow].iter().enumerate() {
+                        let iw = x as isize * s - pad + kw;
+                        if iw >= 0 && iw < w {
+                            dst[iw as usize] += v;
+                        }
+                    }
+                }
+                row += 1;
+            }
+        }
+    }
+}
+
+/// CPU reference forward: y = conv(x, w) + b, then max(., 0) if `relu`.
+/// x: (N, Cin, H, W), w: (Cout, Cin*KH*KW), b: (Cout) -> (N, Cout, OH, OW).
+pub fn conv2d_fwd_cpu(x: &[f32], w: &[f32], b: &[f32], p: &Conv2dParams, relu: bool) -> Vec<f32> {
+    let (k, ohw, cout) = (p.k(), p.ohw(), p.c_out as usize);
+    let img_len = p.x_len() / p.n as usize;
+    let mut cols = vec![0.0f32; k * ohw];
+    let mut y = vec![0.0f32; p.y_len()];
+    for (n, y_img) in y.chunks_exact_mut(cout * ohw).enumerate() {
+        im2col_cpu(&x[n * img_len..][..img_len], p, &mut cols);
+        // y_img (Cout, OHW) = w (Cout, K) . cols (K, OHW), in i-k-j order (contiguous inner loop).
+        for (co, out) in y_img.chunks_exact_mut(ohw).enumerate() {
+            out.fill(b[co]);
+            for (kk, &a) in w[co * k..][..k].iter().enumerate() {
+                for (o, &c) in out.iter_mut().zip(&cols[kk * ohw..][..ohw]) {
+                    *o += a * c;
+                }
+            }
+            if relu {
+                out.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+        }
+    }
+    y
+}
+
+/// CPU reference input grad: gx (N, Cin, H, W) from w (Cout, Cin, KH, KW) and gy (N, Cout, OH, OW).
+pub fn conv2d_bwd_input_cpu(w: &[f32], gy: &[f32], p: &Conv2dParams) -> Vec<f32> {
+    let (k, ohw, cout) = (p.k(), p.ohw(), p.c_out as usize);
+    let img_len = p.x_len() / p.n as usize;
+    let mut gx = vec![0.0f32; p.x_len()];
+    let mut gcols = vec![0.0f32; k * ohw];
+    for (n, gx_img) in gx.chunks_exact_mut(img_len).enumerate() {
+        // gcols (K, OHW) = w^T (K, Cout) . gy_img (Cout, OHW)
+        gcols.fill(0.0);
+        let gy_img = &gy[n * cout * ohw..][..cout * ohw];
+        for co in 0..cout {
+            let g = &gy_img[co * ohw..][..ohw];
+            for (kk, &a) in w[co * k..][..k].iter().enumerate() {
+                for (d, &v) in gcols[kk * ohw..][..ohw].iter_mut().zip(g) {
+                    *d += a * v;
+                }
+            }
+        }
+        col2im_add_cpu(&gcols, p, gx_img);
+    }
+    gx
+}
+
+/// CPU reference weight grad: gw (Cout, Cin, KH, KW) = sum over images of gy_img . cols_img^T.
+pub fn conv2d_bwd_weight_cpu(x: &[f32], gy: &[f32], p: &Conv2dParams) -> Vec<f32> {
+    let (k, ohw, cout) = (p.k(), p.ohw(), p.c_out as usize);
+    let img_len = p.x_len() / p.n as usize;
+    let mut gw = vec![0.0f32; p.w_len()];
+    let mut cols = vec![0.0f32; k * ohw];
+    for n in 0..p.n as usize {
+        im2col_cpu(&x[n * img_len..][..img_len], p, &mut cols);
+        let gy_img = &gy[n * cout * ohw..][..cout * ohw];
+        for (co, gw_row) in gw.chunks_exact_mut(k).enumerate() {
+            let g = &gy_img[co * ohw..][..ohw];
+            for (kk, d) in gw_row.iter_mut().enumerate() {
+                *d += dot(g, &cols[kk * ohw..][..ohw]);
+            }
+        }
+    }
+    gw
+}
+
+/// CPU reference bias grad: gb[co] = sum over (n, oh, ow) of gy.
+pub fn conv2d_bwd_bias_cpu(gy: &[f32], p: &Conv2dParams) -> Vec<f32> {
+    let (ohw, cout) = (p.ohw(), p.c_out as usize);
+    let mut gb = vec![0.0f32; cout];
+    for img in gy.chunks_exact(cout * ohw) {
+        for (co, g) in gb.iter_mut().enumerate() {
+            *g += img[co * ohw..][..ohw].iter().sum::<f32>();
+        }
+    }
+    gb
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shape checks and dispatch
+// ---------------------------------------------------------------------------------------------
+
+const OP: &str = "conv2d";
+
+/// Checks x (N, Cin, H, W) against w (Cout, Cin, KH, KW) and returns the dims.
+fn params(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Conv2dParams> {
+    let [n, c, h, wd] = x.dims4(OP)?;
+    let Ok([cout, cin, kh, kw]) = <[usize; 4]>::try_from(w.shape()) else {
+        return Err(Error::shape(OP, format!("w of shape (Cout, {c}, KH, KW)"), format!("{:?}", w.shape())));
+    };
+    if cin != c {
+        return Err(Error::shape(
+            OP,
+            format!("w of shape (Cout, {c}, KH, KW) matching x's {c} channels"),
+            format!("{:?}", w.shape()),
+        ));
+    }
+    Conv2dParams::new(n, c, h, wd, cout, kh, kw, stride, pad)
+}
+
+/// The GEMM grid for an M x N output over `z` slices; the 128 x 128 tile unless that leaves
+/// fewer than ~2 blocks per SM of an H100 (132 SMs), then the 64 x 64 tile. Returns (config, big).
+pub(crate) fn gemm_launch(m: usize, n: usize, z: usize) -> Result<(LaunchConfig, bool)> {
+    let big = m.div_ceil(128) * n.div_ceil(128) * z >= 264;
+    let t = if big { 128 } else { 64 };
+    let (gx, gy) = (n.div_ceil(t), m.div_ceil(t));
+    if gy > 65535 || z > 65535 || gx > u32::MAX as usize {
+        return Err(Error::Data(format!("GEMM of {m} x {n} (x {z}) is too large for one launch")));
+    }
+    Ok((LaunchConfig { grid_dim: (gx as u32, gy as u32, z as u32), block_dim: (256, 1, 1), shared_mem_bytes: 0 }, big))
+}
+
+fn gpu_pair<'a>(
+    a: &'a Tensor,
+    b: &'a Tensor,
+) -> (&'a std::sync::Arc<Gpu>, &'a cudarc::driver::CudaSlice<f32>, &'a cudarc::driver::CudaSlice<f32>) {
+    let (gpu, ab) = a.cuda().expect("checked by common_device");
+    let (_, bb) = b.cuda().expect("checked by common_device");
+    (gpu, ab, bb)
+}
+
+/// Forward: x (N, Cin, H, W), w (Cout, Cin, KH, KW), b (Cout) -> y (N, Cout, OH, OW);
+/// `relu` fuses max(., 0).
+pub fn conv2d_fwd(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, pad: usize, relu: bool) -> Result<Tensor> {
+    let mut p = params(x, w, stride, pad)?;
+    b.expect_shape(OP, "b", &[p.c_out as usize])?;
+    common_device(OP, &[x.device(), w.device(), b.device()])?;
+    p.relu = relu as u32;
+    let shape = vec![p.n as usize, p.c_out as usize, p.oh as usize, p.ow as usize];
+    let storage = match (x.storage(), w.storage(), b.storage()) {
+        (Storage::Cpu(xv), Storage::Cpu(wv), Storage::Cpu(bv)) => Storage::Cpu(conv2d_fwd_cpu(xv, wv, bv, &p, relu)),
+        (Storage::Cuda { gpu, buf: xb }, Storage::Cuda { buf: wb, .. }, Storage::Cuda { buf: bb, .. }) => {
+            let mut y = gpu.uninit::<f32>(p.y_len())?;
+            let (cfg, big) = gemm_launch(p.c_out as usize, p.n as usize * p.ohw(), 1)?;
+            let name = if big { "conv2d_fwd_f32_t128" } else { "conv2d_fwd_f32_t64" };
+            crate::launch!(gpu, Module::Conv2d, name, cfg, xb, wb, bb, &mut y, &p)?;
+            Storage::Cuda { gpu: gpu.clone(), buf: y }
+        }
+        _ => unreachable!("checked by common_device"),
+    };
+    Ok(Tensor::from_storage(shape, storage))
+}
+
+/// Gradients given gy = dL/dy (of the pre-ReLU output: the caller has applied any ReLU mask).
+/// `need_gx = false` skips dL/dx (the first layer's input needs none). Returns (gx, gw, gb).
+pub fn conv2d_bwd(
+    x: &Tensor,
+    w: &Tensor,
+    gy: &Tensor,
+    stride: usize,
+    pad: usize,
+    need_gx: bool,
+) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+    let (gx, gw, gb) = conv2d_grads(x, w, gy, stride, pad, [need_gx, true, true])?;
+    Ok((gx, gw.expect("asked for"), gb.expect("asked for")))
+}
+
+/// The gradients flagged in `need` = [gx, gw, gb].
+fn conv2d_grads(
+    x: &Tensor,
+    w: &Tensor,
+    gy: &Tensor,
+    stride: usize,
+    pad: usize,
+    need: [bool; 3],
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let mut p = params(x, w, stride, pad)?;
+    let y_shape = [p.n as usize, p.c_out as usize, p.oh as usize, p.ow as usize];
+    gy.expect_shape("conv2d_bwd", "gy", &y_shape)?;
+    common_device("conv2d_bwd", &[x.device(), w.device(), gy.device()])?;
+    let [need_gx, need_gw, need_gb] = need;
+    let (m_b, n_gw, ohw) = (p.c_out as usize, p.k(), p.ohw());
+
+    if let (Storage::Cpu(xv), Storage::Cpu(wv), Storage::Cpu(gv)) = (x.storage(), w.storage(), gy.storage()) {
+        let gx = need_gx.then(|| Storage::Cpu(conv2d_bwd_input_cpu(wv, gv, &p)));
+        let gw = need_gw.then(|| Storage::Cpu(conv2d_bwd_weight_cpu(xv, gv, &p)));
+        let gb = need_gb.then(|| Storage::Cpu(conv2d_bwd_bias_cpu(gv, &p)));
+        return Ok((
+            gx.map(|s| Tensor::from_storage(x.shape().to_vec(), s)),
+            gw.map(|s| Tensor::from_storage(w.shape().to_vec(), s)),
+            gb.map(|s| Tensor::from_storage(vec![m_b], s)),
+        ));
+    }
+
+    let (gpu, xb, wb) = gpu_pair(x, w);
+    let (_, gb_buf) = gy.cuda().expect("checked by common_device");
+    let wrap = |buf| Storage::Cuda { gpu: gpu.clone(), buf };
+
+    let gx = if need_gx {
+        let mut gx = gpu.uninit::<f32>(p.x_len())?;
+        let (cfg, big) = gemm_launch(p.c_in as usize, p.n as usize * (p.h * p.w) as usize, 1)?;
+        let name = if big { "conv2d_bwd_input_f32_t128" } else { "conv2d_bwd_input_f32_t64" };
+        crate::launch!(gpu, Module::Conv2d, name, cfg, wb, gb_buf, &mut gx, &p)?;
+        Some(Tensor::from_storage(x.shape().to_vec(), wrap(gx)))
+    } else {
+        None
+    };
+
+    let gw = if need_gw {
+        // Split the reduction over N*OH*OW so that the grid has ~4 blocks per SM (H100: 132 SMs),
+        // each split summing at least 512 terms.
+        let k_total = p.n as usize * ohw;
+        let (_, big) = gemm_launch(m_b, n_gw, 1)?;
+        let t = if big { 128 } else { 64 };
+        let tiles = m_b.div_ceil(t) * n_gw.div_ceil(t);
+        let splits = 528usize.div_ceil(tiles).min(k_total.div_ceil(512)).max(1);
+        let chunk = k_total.div_ceil(splits).div_ceil(8) * 8;
+        let splits = k_total.div_ceil(chunk);
+        p.k_chunk = chunk as u32;
+        let (mut cfg, _) = gemm_launch(m_b, n_gw, 1)?;
+        cfg.grid_dim.2 = splits as u32;
+        let name = if big { "conv2d_bwd_weight_f32_t128" } else { "conv2d_bwd_weight_f32_t64" };
+        let mut gw = gpu.uninit::<f32>(p.w_len())?;
+        if splits == 1 {
+            crate::launch!(gpu, Module::Conv2d, name, cfg, xb, gb_buf, &mut gw, &p)?;
+        } else {
+            let mut ws = gpu.uninit::<f32>(splits * p.w_len())?;
+            crate::launch!(gpu, Module::Conv2d, name, cfg, xb, gb_buf, &mut ws, &p)?;
+            let (len, nsplit) = (p.w_len() as u32, splits as u32);
+            crate::launch!(
+                gpu,
+                Module::Conv2d,
+                "conv2d_splitk_sum_f32",
+                grid_1d(p.w_len(), 256),
+                &ws,
+                &mut gw,
+                &len,
+                &nsplit
+            )?;
+        }
+        Some(Tensor::from_storage(w.shape().to_vec(), wrap(gw)))
+    } else {
+        None
+    };
+
+    let gb = if need_gb {
+        let mut gb = gpu.uninit::<f32>(m_b)?;
+        let cfg = LaunchConfig { grid_dim: (m_b as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        crate::launch!(gpu, Module::Conv2d, "conv2d_bwd_bias_f32", cfg, gb_buf, &mut gb, &p)?;
+        Some(Tensor::from_storage(vec![m_b], wrap(gb)))
+    } else {
+        None
+    };
+    Ok((gx, gw, gb))
+}
+
+/// Recorded conv2d (+ fused ReLU when `relu`). The backward applies the ReLU mask (from the
+/// saved output) and then computes only the gradients the tape needs.
+pub fn conv2d(
+    tape: &mut Tape,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    stride: usize,
+    pad: usize,
+    relu: bool,
+) -> Result<Tensor> {
+    let y = conv2d_fwd(x, w, b, stride, pad, relu)?;
+    let need = [tape.requires_grad(x), tape.requires_grad(w), tape.requires_grad(b)];
+    let ids = [x.id(), w.id(), b.id()];
+    let (xs, ws) = (x.clone(), w.clone());
+    let y_saved = relu.then(|| y.clone());
+    tape.record(&y, &[x, w, b], move |gy, grads| {
+        let masked;
+        let gy = match &y_saved {
+            Some(y) => {
+                masked = relu_bwd(y, gy)?;
+                &masked
+            }
+            None => gy,
+        };
+        let (gx, gw, gb) = conv2d_grads(&xs, &ws, gy, stride, pad, need)?;
+        for (id, g) in ids.into_iter().zip([gx, gw, gb]) {
+            if let Some(g) = g {
+                grads.accumulate(id, g)?;
+            }
+        }
+        Ok(())
+    });
+    Ok(y)
+}

@@ -1,0 +1,216 @@
+//! Fully connected layer y = x . W^T + b (PyTorch `nn.Linear` layout) with an optional fused
+//! ReLU. x: (B, IN), w: (OUT, IN), b: (OUT) -> y: (B, OUT).
+//!
+//! CUDA: three GEMMs on the shared core in `kernels/gemm.cuh` (see the header of kernels/dense.cu).
+
+use crate::device::grid_1d;
+use crate::error::{Error, Result};
+use crate::ops::conv2d::{dot, gemm_launch};
+use crate::ops::relu::relu_bwd;
+use crate::ptx::Module;
+use crate::tape::Tape;
+use crate::tensor::{common_device, Storage, Tensor};
+
+/// Kernel parameters; mirrored field for field by `struct DenseParams` in kernels/dense.cu.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DenseParams {
+    pub batch: u32,
+    pub in_f: u32,
+    pub out_f: u32,
+    /// Forward only: 1 fuses max(., 0) into the epilogue.
+    pub relu: u32,
+}
+
+// SAFETY: #[repr(C)] plain u32 fields, mirrored by the kernel's struct.
+unsafe impl cudarc::driver::DeviceRepr for DenseParams {}
+
+// ---------------------------------------------------------------------------------------------
+// CPU reference (dims: batch, in_f, out_f)
+// ---------------------------------------------------------------------------------------------
+
+/// y (B, OUT) = x (B, IN) . w (OUT, IN)^T + b, then max(., 0) if `relu`.
+pub fn dense_fwd_cpu(x: &[f32], w: &[f32], b: &[f32], in_f: usize, out_f: usize, relu: bool) -> Vec<f32> {
+    let mut y = Vec::with_capacity(x.len() / in_f * out_f);
+    for xr in x.chunks_exact(in_f) {
+        for (o, wr) in w.chunks_exact(in_f).enumerate() {
+            let v = b[o] + dot(xr, wr);
+            y.push(if relu { v.max(0.0) } else { v });
+        }
+    }
+    y
+}
+
+/// gx (B, IN) = gy (B, OUT) . w (OUT, IN), in i-k-j order.
+pub fn dense_bwd_input_cpu(w: &[f32], gy: &[f32], in_f: usize, out_f: usize) -> Vec<f32> {
+    let mut gx = vec![0.0f32; gy.len() / out_f * in_f];
+    for (gxr, gyr) in gx.chunks_exact_mut(in_f).zip(gy.chunks_exact(out_f)) {
+        for (&g, wr) in gyr.iter().zip(w.chunks_exact(in_f)) {
+            gxr.iter_mut().zip(wr).for_each(|(d, &v)| *d += g * v);
+        }
+    }
+    gx
+}
+
+/// gw (OUT, IN) = gy^T (OUT, B) . x (B, IN).
+pub fn dense_bwd_weight_cpu(x: &[f32], gy: &[f32], in_f: usize, out_f: usize) -> Vec<f32> {
+    let mut gw = vec![0.0f32; out_f * in_f];
+    for (xr, gyr) in x.chunks_exact(in_f).zip(gy.chunks_exact(out_f)) {
+        for (gwr, &g) in gw.chunks_exact_mut(in_f).zip(gyr) {
+            gwr.iter_mut().zip(xr).for_each(|(d, &v)| *d += g * v);
+        }
+    }
+    gw
+}
+
+/// gb (OUT) = sum over the batch of gy.
+pub fn dense_bwd_bias_cpu(gy: &[f32], out_f: usize) -> Vec<f32> {
+    let mut gb = vec![0.0f32; out_f];
+    for r in gy.chunks_exact(out_f) {
+        gb.iter_mut().zip(r).for_each(|(d, &v)| *d += v);
+    }
+    gb
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shape checks and dispatch
+// ---------------------------------------------------------------------------------------------
+
+const OP: &str = "dense";
+
+/// Checks x (B, IN) against w (OUT, IN).
+fn params(x: &Tensor, w: &Tensor) -> Result<DenseParams> {
+    let [batch, in_f] = x.dims2(OP)?;
+    let Ok([out_f, w_in]) = <[usize; 2]>::try_from(w.shape()) else {
+        return Err(Error::shape(OP, format!("w of shape (OUT, {in_f})"), format!("{:?}", w.shape())));
+    };
+    if w_in != in_f {
+        return Err(Error::shape(
+            OP,
+            format!("w of shape (OUT, {in_f}) matching x's {in_f} features"),
+            format!("{:?}", w.shape()),
+        ));
+    }
+    if batch == 0 || in_f == 0 || out_f == 0 {
+        return Err(Error::shape(OP, "non-zero dims (B, IN, OUT)", format!("({batch}, {in_f}, {out_f})")));
+    }
+    let biggest = (batch * in_f).max(batch * out_f).max(out_f * in_f);
+    if biggest >= 1 << 31 {
+        return Err(Error::Data(format!("dense: a tensor of {biggest} elements exceeds the kernels' 2^31 limit")));
+    }
+    Ok(DenseParams { batch: batch as u32, in_f: in_f as u32, out_f: out_f as u32, relu: 0 })
+}
+
+/// Forward: x (B, IN), w (OUT, IN), b (OUT) -> (B, OUT); `relu` fuses max(., 0).
+pub fn dense_fwd(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
+    let mut p = params(x, w)?;
+    let (batch, in_f, out_f) = (p.batch as usize, p.in_f as usize, p.out_f as usize);
+    b.expect_shape(OP, "b", &[out_f])?;
+    common_device(OP, &[x.device(), w.device(), b.device()])?;
+    p.relu = relu as u32;
+    let storage = match (x.storage(), w.storage(), b.storage()) {
+        (Storage::Cpu(xv), Storage::Cpu(wv), Storage::Cpu(bv)) => {
+            Storage::Cpu(dense_fwd_cpu(xv, wv, bv, in_f, out_f, relu))
+        }
+        (Storage::Cuda { gpu, buf: xb }, Storage::Cuda { buf: wb, .. }, Storage::Cuda { buf: bb, .. }) => {
+            let mut y = gpu.uninit::<f32>(batch * out_f)?;
+            let (cfg, big) = gemm_launch(batch, out_f, 1)?;
+            let name = if big { "dense_fwd_f32_t128" } else { "dense_fwd_f32_t64" };
+            crate::launch!(gpu, Module::Dense, name, cfg, xb, wb, bb, &mut y, &p)?;
+            Storage::Cuda { gpu: gpu.clone(), buf: y }
+        }
+        _ => unreachable!("checked by common_device"),
+    };
+    Ok(Tensor::from_storage(vec![batch, out_f], storage))
+}
+
+/// Gradients given gy = dL/dy (B, OUT) of the pre-ReLU output. Returns (gx if `need_gx`,
+/// gw (OUT, IN), gb (OUT)).
+pub fn dense_bwd(x: &Tensor, w: &Tensor, gy: &Tensor, need_gx: bool) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+    let (gx, gw, gb) = dense_grads(x, w, gy, [need_gx, true, true])?;
+    Ok((gx, gw.expect("asked for"), gb.expect("asked for")))
+}
+
+/// The gradients flagged in `need` = [gx, gw, gb].
+fn dense_grads(
+    x: &Tensor,
+    w: &Tensor,
+    gy: &Tensor,
+    need: [bool; 3],
+) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let p = params(x, w)?;
+    let (batch, in_f, out_f) = (p.batch as usize, p.in_f as usize, p.out_f as usize);
+    gy.expect_shape("dense_bwd", "gy", &[batch, out_f])?;
+    common_device("dense_bwd", &[x.device(), w.device(), gy.device()])?;
+    let [need_gx, need_gw, need_gb] = need;
+    let (gx, gw, gb) = match (x.storage(), w.storage(), gy.storage()) {
+        (Storage::Cpu(xv), Storage::Cpu(wv), Storage::Cpu(gv)) => (
+            need_gx.then(|| Storage::Cpu(dense_bwd_input_cpu(wv, gv, in_f, out_f))),
+            need_gw.then(|| Storage::Cpu(dense_bwd_weight_cpu(xv, gv, in_f, out_f))),
+            need_gb.then(|| Storage::Cpu(dense_bwd_bias_cpu(gv, out_f))),
+        ),
+        (Storage::Cuda { gpu, buf: xb }, Storage::Cuda { buf: wb, .. }, Storage::Cuda { buf: gb, .. }) => {
+            let wrap = |buf| Storage::Cuda { gpu: gpu.clone(), buf };
+            let gx = if need_gx {
+                let mut gx = gpu.uninit::<f32>(batch * in_f)?;
+                let (cfg, big) = gemm_launch(batch, in_f, 1)?;
+                let name = if big { "dense_bwd_input_f32_t128" } else { "dense_bwd_input_f32_t64" };
+                crate::launch!(gpu, Module::Dense, name, cfg, wb, gb, &mut gx, &p)?;
+                Some(wrap(gx))
+            } else {
+                None
+            };
+            let gw = if need_gw {
+                let mut gw = gpu.uninit::<f32>(out_f * in_f)?;
+                let (cfg, big) = gemm_launch(out_f, in_f, 1)?;
+                let name = if big { "dense_bwd_weight_f32_t128" } else { "dense_bwd_weight_f32_t64" };
+                crate::launch!(gpu, Module::Dense, name, cfg, xb, gb, &mut gw, &p)?;
+                Some(wrap(gw))
+            } else {
+                None
+            };
+            let gbias = if need_gb {
+                let mut g = gpu.uninit::<f32>(out_f)?;
+                crate::launch!(gpu, Module::Dense, "dense_bwd_bias_f32", grid_1d(out_f, 256), gb, &mut g, &p)?;
+                Some(wrap(g))
+            } else {
+                None
+            };
+            (gx, gw, gbias)
+        }
+        _ => unreachable!("checked by common_device"),
+    };
+    Ok((
+        gx.map(|s| Tensor::from_storage(vec![batch, in_f], s)),
+        gw.map(|s| Tensor::from_storage(vec![out_f, in_f], s)),
+        gb.map(|s| Tensor::from_storage(vec![out_f], s)),
+    ))
+}
+
+/// Recorded dense layer (+ fused ReLU when `relu`). The backward applies the ReLU mask (from the
+/// saved output) and then computes only the gradients the tape needs.
+pub fn dense(tape: &mut Tape, x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
+    let y = dense_fwd(x, w, b, relu)?;
+    let need = [tape.requires_grad(x), tape.requires_grad(w), tape.requires_grad(b)];
+    let ids = [x.id(), w.id(), b.id()];
+    let (xs, ws) = (x.clone(), w.clone());
+    let y_saved = relu.then(|| y.clone());
+    tape.record(&y, &[x, w, b], move |gy, grads| {
+        let masked;
+        let gy = match &y_saved {
+            Some(y) => {
+                masked = relu_bwd(y, gy)?;
+                &masked
+            }
+            None => gy,
+        };
+        let (gx, gw, gb) = dense_grads(&xs, &ws, gy, need)?;
+        for (id, g) in ids.into_iter().zip([gx, gw, gb]) {
+            if let Some(g) = g {
+                grads.accumulate(id, g)?;
+            }
+        }
+        Ok(())
+    });
+    Ok(y)
+}

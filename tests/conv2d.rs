@@ -1,0 +1,316 @@
+//! conv2d: the CPU reference against finite differences, CUDA against the CPU reference (the five
+//! AlexNet layers at batch 128 and awkward shapes), the recorded op, and shape errors.
+mod common;
+use common::*;
+use ptxgrad::ops::conv2d::{
+    conv2d, conv2d_bwd, conv2d_bwd_bias_cpu, conv2d_bwd_input_cpu, conv2d_bwd_weight_cpu, conv2d_fwd, conv2d_fwd_cpu,
+    conv2d_out_size, Conv2dParams,
+};
+use ptxgrad::ops::relu::relu_bwd_cpu;
+use ptxgrad::{Device, Tape, Tensor};
+
+/// A convolution to test: x (n, cin, h, w), w (cout, cin, kh, kw).
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    n: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    cout: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    pad: usize,
+    relu: bool,
+    need_gx: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+const fn case(
+    n: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    cout: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    pad: usize,
+) -> Case {
+    Case { n, cin, h, w, cout, kh, kw, stride, pad, relu: true, need_gx: true }
+}
+
+impl Case {
+    fn params(&self) -> Conv2dParams {
+        Conv2dParams::new(self.n, self.cin, self.h, self.w, self.cout, self.kh, self.kw, self.stride, self.pad)
+            .expect("valid case")
+    }
+}
+
+/// AlexNet (d2l, Fashion-MNIST resized to 224) at batch 128.
+const ALEXNET: &[Case] = &[
+    Case { need_gx: false, ..case(128, 1, 224, 224, 96, 11, 11, 4, 1) }, // conv1: no input grad
+    case(128, 96, 26, 26, 256, 5, 5, 1, 2),                              // conv2
+    case(128, 256, 12, 12, 384, 3, 3, 1, 1),                             // conv3
+    case(128, 384, 12, 12, 384, 3, 3, 1, 1),                             // conv4
+    case(128, 384, 12, 12, 256, 3, 3, 1, 1),                             // conv5
+];
+
+/// Shapes that are not multiples of the 128/64/8 tiles, small batches, strides 2 and 3 with padding.
+const AWKWARD: &[Case] = &[
+    Case { relu: false, ..case(1, 1, 7, 7, 5, 3, 3, 1, 0) },
+    case(3, 2, 7, 7, 5, 3, 3, 2, 1),
+    Case { relu: false, ..case(3, 3, 11, 9, 7, 3, 2, 3, 2) }, // non-square kernel and input
+    case(1, 5, 13, 13, 65, 5, 5, 2, 2),
+    case(2, 17, 9, 9, 129, 3, 3, 1, 1), // K = 153, Cout just over 128
+    Case { relu: false, ..case(3, 96, 26, 26, 256, 5, 5, 1, 2) }, // conv2 at batch 3
+    case(1, 1, 224, 224, 96, 11, 11, 4, 1), // conv1 at batch 1
+    case(8, 96, 26, 26, 256, 5, 5, 1, 2), // conv2 at batch 8: a real (all-images) weight grad
+    case(2, 3, 5, 5, 1, 5, 5, 1, 0),    // a single output pixel and channel
+    case(3, 4, 8, 8, 6, 1, 1, 2, 0),    // 1x1 kernel with stride
+];
+
+/// Allowed |cuda - cpu| for a sum of `k` products of values in [-1, 1). Each fp32 addition errs by
+/// up to eps/2 (eps = 1.2e-7) of the running sum, whose size is ~sqrt(k)/3, so the rounding error
+/// of one long sum is a random walk of typical size ~eps*k/6 = 2e-8*k; over ~10^7 outputs the
+/// extreme is ~6 sigma on each side. 5e-7*k leaves a 2x margin over both sides together, and is
+/// still ~1e-3 of the typical output size sqrt(k)/3 for the longest sums, so an indexing error
+/// (an O(1) wrong term) cannot hide behind it.
+fn atol(k: usize) -> f32 {
+    1e-5 + 5e-7 * k as f32
+}
+
+fn slice_images(v: &[f32], per: usize, imgs: &[usize]) -> Vec<f32> {
+    imgs.iter().flat_map(|&i| v[i * per..][..per].iter().copied()).collect()
+}
+
+/// Runs forward and backward of `c` on `dev` and compares with the CPU reference on `imgs`
+/// (forward and input grad are per image). The weight and bias grads sum over the batch: gy is
+/// random on `imgs` and zero on every other image, so that their reference needs only `imgs`
+/// while the device still sums over the whole batch.
+fn check(dev: &Device, c: &Case, imgs: &[usize], seed: u64) {
+    let p = c.params();
+    let (x_img, y_img) = (c.cin * c.h * c.w, c.cout * p.ohw());
+    let xv = uniform(p.x_len(), -1.0, 1.0, seed);
+    let wv = uniform(p.w_len(), -1.0, 1.0, seed + 1);
+    let bv = uniform(c.cout, -1.0, 1.0, seed + 2);
+    let mut gyv = vec![0.0f32; p.y_len()];
+    for &i in imgs {
+        gyv[i * y_img..][..y_img].copy_from_slice(&uniform(y_img, -1.0, 1.0, seed + 3 + i as u64));
+    }
+    let t = |shape: &[usize], v: &[f32]| Tensor::from_vec(shape, v.to_vec(), dev).unwrap();
+    let x = t(&[c.n, c.cin, c.h, c.w], &xv);
+    let w = t(&[c.cout, c.cin, c.kh, c.kw], &wv);
+    let b = t(&[c.cout], &bv);
+    let y = conv2d_fwd(&x, &w, &b, c.stride, c.pad, c.relu).unwrap();
+    assert_eq!(y.shape(), &[c.n, c.cout, p.oh as usize, p.ow as usize]);
+    let gy = t(y.shape(), &gyv);
+    let (gx, gw, gb) = conv2d_bwd(&x, &w, &gy, c.stride, c.pad, c.need_gx).unwrap();
+    assert_eq!(gx.is_some(), c.need_gx);
+
+    let ps = p.with_batch(imgs.len());
+    let xs = slice_images(&xv, x_img, imgs);
+    let gys = slice_images(&gyv, y_img, imgs);
+    let what = |s: &str| format!("{s} {c:?} on {}", dev.label());
+    let k = p.k();
+    let y_ref = conv2d_fwd_cpu(&xs, &wv, &bv, &ps, c.relu);
+    // Forward: a sum of Cin*KH*KW products (+ bias).
+    assert_close(&what("y"), &y_ref, &slice_images(&y.to_vec().unwrap(), y_img, imgs), atol(k), 1e-5);
+    if let Some(gx) = gx {
+        let gx_ref = conv2d_bwd_input_cpu(&wv, &gys, &ps);
+        // Input grad: at most Cout*KH*KW products per element.
+        let kx = c.cout * c.kh * c.kw;
+        assert_close(&what("gx"), &gx_ref, &slice_images(&gx.to_vec().unwrap(), x_img, imgs), atol(kx), 1e-5);
+    }
+    // Weight grad: the device sums all N*OH*OW terms (the zero ones included).
+    let kw = c.n * p.ohw();
+    assert_close(&what("gw"), &conv2d_bwd_weight_cpu(&xs, &gys, &ps), &gw.to_vec().unwrap(), atol(kw), 1e-5);
+    assert_close(&what("gb"), &conv2d_bwd_bias_cpu(&gys, &ps), &gb.to_vec().unwrap(), atol(kw), 1e-5);
+}
+
+/// The images compared against the CPU: all of a small batch, the first and last of a big one.
+fn images(n: usize) -> Vec<usize> {
+    if n <= 8 {
+        (0..n).collect()
+    } else {
+        vec![0, n - 1]
+    }
+}
+
+test_device!(conv2d_awkward_shapes_match_cpu, |dev| {
+    for (i, c) in AWKWARD.iter().enumerate() {
+        let p = c.params();
+        if !dev.is_cuda() && p.y_len() * p.k() > 50_000_000 {
+            continue; // CPU against itself: only worth it where it is cheap
+        }
+        check(&dev, c, &images(c.n), 10 * i as u64);
+        check(&dev, &Case { relu: !c.relu, need_gx: false, ..*c }, &images(c.n), 10 * i as u64 + 5);
+    }
+});
+
+#[test]
+fn conv2d_cuda_alexnet_layers_match_cpu() {
+    let Some(dev) = gpu_or_skip("conv2d_cuda_alexnet_layers_match_cpu") else { return };
+    for (i, c) in ALEXNET.iter().enumerate() {
+        check(&dev, c, &images(c.n), 1000 + 10 * i as u64);
+    }
+}
+
+/// conv1's weight grad with a random gy on every image: the 373,248-term reduction (split over
+/// blocks on the GPU) against the full CPU reference.
+#[test]
+fn conv2d_cuda_conv1_full_batch_weight_grad() {
+    let Some(dev) = gpu_or_skip("conv2d_cuda_conv1_full_batch_weight_grad") else { return };
+    let c = ALEXNET[0];
+    let p = c.params();
+    let xv = uniform(p.x_len(), -1.0, 1.0, 7);
+    let gyv = uniform(p.y_len(), -1.0, 1.0, 8);
+    let x = Tensor::from_vec(&[c.n, c.cin, c.h, c.w], xv.clone(), &dev).unwrap();
+    let w = rand_tensor(&[c.cout, c.cin, c.kh, c.kw], 9, &dev);
+    let gy = Tensor::from_vec(&[c.n, c.cout, p.oh as usize, p.ow as usize], gyv.clone(), &dev).unwrap();
+    let (gx, gw, gb) = conv2d_bwd(&x, &w, &gy, c.stride, c.pad, false).unwrap();
+    assert!(gx.is_none());
+    let k = c.n * p.ohw();
+    // K = 373,248 terms per element: see atol().
+    assert_close("conv1 gw", &conv2d_bwd_weight_cpu(&xv, &gyv, &p), &gw.to_vec().unwrap(), atol(k), 1e-5);
+    assert_close("conv1 gb", &conv2d_bwd_bias_cpu(&gyv, &p), &gb.to_vec().unwrap(), atol(k), 1e-5);
+}
+
+// ---- finite differences ----
+
+/// Direct (no im2col) convolution in f64.
+fn conv_f64(x: &[f64], w: &[f64], b: &[f64], p: &Conv2dParams) -> Vec<f64> {
+    let u = |v: u32| v as usize;
+    let (n, ci, h, wd, co, kh, kw, s, pad, oh, ow) =
+        (u(p.n), u(p.c_in), u(p.h), u(p.w), u(p.c_out), u(p.kh), u(p.kw), u(p.stride), u(p.pad), u(p.oh), u(p.ow));
+    let mut y = vec![0.0; n * co * oh * ow];
+    for img in 0..n {
+        for o in 0..co {
+            for yy in 0..oh {
+                for xx in 0..ow {
+                    let mut acc = b[o];
+                    for c in 0..ci {
+                        for dy in 0..kh {
+                            for dx in 0..kw {
+                                let (ih, iw) =
+                                    ((yy * s + dy) as isize - pad as isize, (xx * s + dx) as isize - pad as isize);
+                                if ih >= 0 && iw >= 0 && (ih as usize) < h && (iw as usize) < wd {
+                                    acc += x[((img * ci + c) * h + ih as usize) * wd + iw as usize]
+                                        * w[((o * ci + c) * kh + dy) * kw + dx];
+                                }
+                            }
+                        }
+                    }
+                    y[((img * co + o) * oh + yy) * ow + xx] = acc;
+                }
+            }
+        }
+    }
+    y
+}
+
+#[test]
+fn conv2d_cpu_backward_matches_finite_differences() {
+    let cases = [
+        case(2, 3, 7, 6, 4, 3, 2, 2, 1), // stride 2 with padding, non-square kernel and input
+        case(1, 2, 5, 5, 3, 3, 3, 1, 0),
+        case(2, 2, 9, 8, 2, 4, 4, 3, 2), // stride 3, padding 2
+    ];
+    for (i, c) in cases.iter().enumerate() {
+        let p = c.params();
+        let seed = 50 + 10 * i as u64;
+        let (x, w, b) = (
+            uniform(p.x_len(), -1.0, 1.0, seed),
+            uniform(p.w_len(), -1.0, 1.0, seed + 1),
+            uniform(c.cout, -1.0, 1.0, seed + 2),
+        );
+        // L = sum(y * r): dL/dy = r.
+        let r = uniform(p.y_len(), -1.0, 1.0, seed + 3);
+        let f64s = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+        let (x64, w64, b64, r64) = (f64s(&x), f64s(&w), f64s(&b), f64s(&r));
+        let loss = |y: Vec<f64>| y.iter().zip(&r64).map(|(a, b)| a * b).sum::<f64>();
+        let to32 = |v: Vec<f64>| v.into_iter().map(|a| a as f32).collect::<Vec<f32>>();
+        let ngx = to32(numeric_grad(&x64, 1e-3, |x| loss(conv_f64(x, &w64, &b64, &p))));
+        let ngw = to32(numeric_grad(&w64, 1e-3, |w| loss(conv_f64(&x64, w, &b64, &p))));
+        let ngb = to32(numeric_grad(&b64, 1e-3, |b| loss(conv_f64(&x64, &w64, b, &p))));
+        // L is linear in each of x, w and b, so central differences are exact up to f64 rounding
+        // (~1e-13 here); the analytic side sums at most a few dozen f32 products of size <= 1,
+        // erring by < 1e-5.
+        assert_close("gx vs finite differences", &ngx, &conv2d_bwd_input_cpu(&w, &r, &p), 1e-4, 1e-5);
+        assert_close("gw vs finite differences", &ngw, &conv2d_bwd_weight_cpu(&x, &r, &p), 1e-4, 1e-5);
+        assert_close("gb vs finite differences", &ngb, &conv2d_bwd_bias_cpu(&r, &p), 1e-4, 1e-5);
+        // And the f32 forward against the f64 one (sums of <= 48 products: 1e-5).
+        let y32 = conv2d_fwd_cpu(&x, &w, &b, &p, false);
+        assert_close("forward vs f64", &to32(conv_f64(&x64, &w64, &b64, &p)), &y32, 1e-5, 1e-5);
+    }
+}
+
+// ---- the recorded op ----
+
+test_device!(conv2d_recorded_op_applies_relu_mask_and_skips_unneeded_grads, |dev| {
+    let c = case(2, 3, 9, 9, 4, 3, 3, 2, 1);
+    let p = c.params();
+    let x = rand_tensor(&[c.n, c.cin, c.h, c.w], 1, &dev);
+    let w = rand_tensor(&[c.cout, c.cin, c.kh, c.kw], 2, &dev);
+    let b = rand_tensor(&[c.cout], 3, &dev);
+    let r = rand_tensor(&[c.n, c.cout, p.oh as usize, p.ow as usize], 4, &dev);
+    let mut tape = Tape::train();
+    tape.watch(&w);
+    tape.watch(&b); // x is not watched: no gx
+    let y = conv2d(&mut tape, &x, &w, &b, c.stride, c.pad, true).unwrap();
+    // A stand-in loss L = sum(y * r), whose backward hands r to y.
+    let loss = Tensor::from_vec(&[1], vec![0.0], &dev).unwrap();
+    let (y_id, r_saved) = (y.id(), r.clone());
+    tape.record(&loss, &[&y], move |_, grads| grads.accumulate(y_id, r_saved));
+    let grads = tape.backward(&loss).unwrap();
+    assert!(grads.get(&x).is_none(), "x was not watched");
+
+    let (xv, wv, bv, rv) = (x.to_vec().unwrap(), w.to_vec().unwrap(), b.to_vec().unwrap(), r.to_vec().unwrap());
+    let yv = conv2d_fwd_cpu(&xv, &wv, &bv, &p, true);
+    // max is exact, the sums are of 27 products: 1e-5.
+    assert_close("y", &yv, &y.to_vec().unwrap(), 1e-5, 1e-5);
+    let masked = relu_bwd_cpu(&yv, &rv);
+    assert_close("gw", &conv2d_bwd_weight_cpu(&xv, &masked, &p), &grads.get(&w).unwrap().to_vec().unwrap(), 1e-5, 1e-5);
+    assert_close("gb", &conv2d_bwd_bias_cpu(&masked, &p), &grads.get(&b).unwrap().to_vec().unwrap(), 1e-5, 1e-5);
+});
+
+// ---- errors ----
+
+fn zeros(shape: &[usize]) -> Tensor {
+    Tensor::zeros(shape, &Device::Cpu).unwrap()
+}
+
+fn fwd_err(x: &[usize], w: &[usize], b: &[usize], stride: usize, pad: usize) -> String {
+    conv2d_fwd(&zeros(x), &zeros(w), &zeros(b), stride, pad, false).unwrap_err().to_string()
+}
+
+#[test]
+fn conv2d_out_size_matches_alexnet() {
+    assert_eq!(conv2d_out_size(224, 11, 4, 1).unwrap(), 54);
+    assert_eq!(conv2d_out_size(26, 5, 1, 2).unwrap(), 26);
+    assert_eq!(conv2d_out_size(12, 3, 1, 1).unwrap(), 12);
+    assert!(conv2d_out_size(4, 7, 1, 1).is_err());
+    assert!(conv2d_out_size(4, 3, 0, 1).is_err());
+}
+
+#[test]
+fn conv2d_rejects_bad_shapes() {
+    let e = fwd_err(&[2, 1, 224, 224], &[96, 3, 11, 11], &[96], 4, 1);
+    assert!(e.contains("(Cout, 1, KH, KW)") && e.contains("1 channels") && e.contains("[96, 3, 11, 11]"), "{e}");
+    let e = fwd_err(&[1, 224, 224], &[96, 1, 11, 11], &[96], 4, 1);
+    assert!(e.contains("4-D") && e.contains("[1, 224, 224]"), "{e}");
+    let e = fwd_err(&[1, 1, 8, 8], &[4, 1, 3], &[4], 1, 0);
+    assert!(e.contains("[4, 1, 3]"), "{e}");
+    let e = fwd_err(&[1, 1, 8, 8], &[4, 1, 3, 3], &[5], 1, 0);
+    assert!(e.contains("b of shape [4]") && e.contains("[5]"), "{e}");
+    let e = fwd_err(&[1, 1, 4, 4], &[4, 1, 7, 7], &[4], 1, 1);
+    assert!(e.contains("kernel size 7"), "{e}");
+    let e = fwd_err(&[1, 1, 8, 8], &[4, 1, 3, 3], &[4], 0, 0);
+    assert!(e.contains("stride"), "{e}");
+    let e = fwd_err(&[0, 1, 8, 8], &[4, 1, 3, 3], &[4], 1, 0);
+    assert!(e.contains("non-zero"), "{e}");
+    let e = conv2d_bwd(&zeros(&[2, 1, 8, 8]), &zeros(&[4, 1, 3, 3]), &zeros(&[2, 4, 5, 5]), 1, 0, true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("gy of shape [2, 4, 6, 6]") && e.contains("[2, 4, 5, 5]"), "{e}");
+}

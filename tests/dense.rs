@@ -1,0 +1,158 @@
+//! dense: the CPU reference against finite differences, CUDA against the CPU reference (AlexNet's
+//! three fully connected layers at batch 128 and awkward shapes), the recorded op, shape errors.
+mod common;
+use common::*;
+use ptxgrad::ops::dense::{
+    dense, dense_bwd, dense_bwd_bias_cpu, dense_bwd_input_cpu, dense_bwd_weight_cpu, dense_fwd, dense_fwd_cpu,
+};
+use ptxgrad::ops::relu::relu_bwd_cpu;
+use ptxgrad::{Device, Tape, Tensor};
+
+/// (batch, in, out, relu)
+const ALEXNET: &[(usize, usize, usize, bool)] = &[
+    (128, 6400, 4096, true), // fc1
+    (128, 4096, 4096, true), // fc2
+    (128, 4096, 10, false),  // fc3
+];
+
+/// Not multiples of the 128/64/8 tiles, batch 1 and 3.
+const AWKWARD: &[(usize, usize, usize, bool)] = &[
+    (1, 5, 3, false),
+    (3, 7, 1, true),
+    (3, 130, 67, true),
+    (1, 6400, 4096, true), // fc1 at batch 1
+    (3, 4096, 10, false),  // fc3 at batch 3
+    (65, 129, 257, false),
+    (2, 1, 1, true),
+    (129, 200, 130, true),
+    (5, 9, 1000, false),
+    (300, 17, 64, true),
+];
+
+/// Allowed |cuda - cpu| for a sum of `k` products of values in [-1, 1): see tests/conv2d.rs
+/// (typical fp32 rounding ~2e-8*k; 5e-7*k covers the extreme over millions of outputs on both sides).
+fn atol(k: usize) -> f32 {
+    1e-5 + 5e-7 * k as f32
+}
+
+fn rows(v: &[f32], width: usize, idx: &[usize]) -> Vec<f32> {
+    idx.iter().flat_map(|&i| v[i * width..][..width].iter().copied()).collect()
+}
+
+/// Forward and backward on `dev` against the CPU reference. Forward and input grad are per row:
+/// for big batches only the first and last rows are compared. The weight grad uses every row.
+fn check(dev: &Device, (batch, in_f, out_f, relu): (usize, usize, usize, bool), seed: u64) {
+    let xv = uniform(batch * in_f, -1.0, 1.0, seed);
+    let wv = uniform(out_f * in_f, -1.0, 1.0, seed + 1);
+    let bv = uniform(out_f, -1.0, 1.0, seed + 2);
+    let gyv = uniform(batch * out_f, -1.0, 1.0, seed + 3);
+    let t = |shape: &[usize], v: &[f32]| Tensor::from_vec(shape, v.to_vec(), dev).unwrap();
+    let (x, w, b, gy) = (t(&[batch, in_f], &xv), t(&[out_f, in_f], &wv), t(&[out_f], &bv), t(&[batch, out_f], &gyv));
+    let y = dense_fwd(&x, &w, &b, relu).unwrap();
+    assert_eq!(y.shape(), &[batch, out_f]);
+    let (gx, gw, gb) = dense_bwd(&x, &w, &gy, true).unwrap();
+    let (_, gw2, _) = dense_bwd(&x, &w, &gy, false).unwrap();
+
+    let idx: Vec<usize> = if batch <= 8 { (0..batch).collect() } else { vec![0, batch - 1] };
+    let what = |s: &str| format!("{s} (batch {batch}, in {in_f}, out {out_f}, relu {relu}) on {}", dev.label());
+    // Forward: sums of IN products; input grad: of OUT; weight and bias grad: of batch.
+    let y_ref = dense_fwd_cpu(&rows(&xv, in_f, &idx), &wv, &bv, in_f, out_f, relu);
+    assert_close(&what("y"), &y_ref, &rows(&y.to_vec().unwrap(), out_f, &idx), atol(in_f), 1e-5);
+    let gx_ref = dense_bwd_input_cpu(&wv, &rows(&gyv, out_f, &idx), in_f, out_f);
+    assert_close(&what("gx"), &gx_ref, &rows(&gx.unwrap().to_vec().unwrap(), in_f, &idx), atol(out_f), 1e-5);
+    let gw_ref = dense_bwd_weight_cpu(&xv, &gyv, in_f, out_f);
+    assert_close(&what("gw"), &gw_ref, &gw.to_vec().unwrap(), atol(batch), 1e-5);
+    // The same kernels with and without the input grad: bitwise equal.
+    assert_close(&what("gw (no gx)"), &gw_ref, &gw2.to_vec().unwrap(), atol(batch), 1e-5);
+    assert_close(&what("gb"), &dense_bwd_bias_cpu(&gyv, out_f), &gb.to_vec().unwrap(), atol(batch), 1e-5);
+}
+
+test_device!(dense_awkward_shapes_match_cpu, |dev| {
+    for (i, &c) in AWKWARD.iter().enumerate() {
+        check(&dev, c, 10 * i as u64);
+    }
+});
+
+#[test]
+fn dense_cuda_alexnet_layers_match_cpu() {
+    let Some(dev) = gpu_or_skip("dense_cuda_alexnet_layers_match_cpu") else { return };
+    for (i, &c) in ALEXNET.iter().enumerate() {
+        check(&dev, c, 1000 + 10 * i as u64);
+    }
+}
+
+#[test]
+fn dense_cpu_backward_matches_finite_differences() {
+    for (i, &(batch, in_f, out_f)) in [(3usize, 7usize, 5usize), (1, 4, 9), (4, 16, 3)].iter().enumerate() {
+        let seed = 40 + 10 * i as u64;
+        let (x, w, b) = (
+            uniform(batch * in_f, -1.0, 1.0, seed),
+            uniform(out_f * in_f, -1.0, 1.0, seed + 1),
+            uniform(out_f, -1.0, 1.0, seed + 2),
+        );
+        let r = uniform(batch * out_f, -1.0, 1.0, seed + 3); // L = sum(y * r)
+        let f64s = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+        let (x64, w64, b64, r64) = (f64s(&x), f64s(&w), f64s(&b), f64s(&r));
+        let fwd = |x: &[f64], w: &[f64], b: &[f64]| {
+            let mut l = 0.0;
+            for i in 0..batch {
+                for o in 0..out_f {
+                    let y = b[o] + (0..in_f).map(|k| x[i * in_f + k] * w[o * in_f + k]).sum::<f64>();
+                    l += y * r64[i * out_f + o];
+                }
+            }
+            l
+        };
+        let to32 = |v: Vec<f64>| v.into_iter().map(|a| a as f32).collect::<Vec<f32>>();
+        let ngx = to32(numeric_grad(&x64, 1e-3, |x| fwd(x, &w64, &b64)));
+        let ngw = to32(numeric_grad(&w64, 1e-3, |w| fwd(&x64, w, &b64)));
+        let ngb = to32(numeric_grad(&b64, 1e-3, |b| fwd(&x64, &w64, b)));
+        // L is linear in each of x, w, b: central differences are exact up to f64 rounding; the
+        // analytic side sums <= 9 f32 products of size <= 1 (error < 1e-6).
+        assert_close("gx vs finite differences", &ngx, &dense_bwd_input_cpu(&w, &r, in_f, out_f), 1e-5, 1e-5);
+        assert_close("gw vs finite differences", &ngw, &dense_bwd_weight_cpu(&x, &r, in_f, out_f), 1e-5, 1e-5);
+        assert_close("gb vs finite differences", &ngb, &dense_bwd_bias_cpu(&r, out_f), 1e-5, 1e-5);
+    }
+}
+
+test_device!(dense_recorded_op_applies_relu_mask, |dev| {
+    let (batch, in_f, out_f) = (3, 20, 7);
+    let x = rand_tensor(&[batch, in_f], 1, &dev);
+    let w = rand_tensor(&[out_f, in_f], 2, &dev);
+    let b = rand_tensor(&[out_f], 3, &dev);
+    let r = rand_tensor(&[batch, out_f], 4, &dev);
+    let mut tape = Tape::train();
+    tape.watch(&x);
+    tape.watch(&w);
+    tape.watch(&b);
+    let y = dense(&mut tape, &x, &w, &b, true).unwrap();
+    let loss = Tensor::from_vec(&[1], vec![0.0], &dev).unwrap();
+    let (y_id, r_saved) = (y.id(), r.clone());
+    tape.record(&loss, &[&y], move |_, grads| grads.accumulate(y_id, r_saved));
+    let grads = tape.backward(&loss).unwrap();
+
+    let (xv, wv, bv, rv) = (x.to_vec().unwrap(), w.to_vec().unwrap(), b.to_vec().unwrap(), r.to_vec().unwrap());
+    let yv = dense_fwd_cpu(&xv, &wv, &bv, in_f, out_f, true);
+    let m = relu_bwd_cpu(&yv, &rv);
+    let got = |t: &Tensor| grads.get(t).unwrap().to_vec().unwrap();
+    // Sums of <= 20 products of size <= 1: 1e-5.
+    assert_close("y", &yv, &y.to_vec().unwrap(), 1e-5, 1e-5);
+    assert_close("gx", &dense_bwd_input_cpu(&wv, &m, in_f, out_f), &got(&x), 1e-5, 1e-5);
+    assert_close("gw", &dense_bwd_weight_cpu(&xv, &m, in_f, out_f), &got(&w), 1e-5, 1e-5);
+    assert_close("gb", &dense_bwd_bias_cpu(&m, out_f), &got(&b), 1e-5, 1e-5);
+});
+
+#[test]
+fn dense_rejects_bad_shapes() {
+    let z = |s: &[usize]| Tensor::zeros(s, &Device::Cpu).unwrap();
+    let e = dense_fwd(&z(&[2, 6400]), &z(&[4096, 6399]), &z(&[4096]), false).unwrap_err().to_string();
+    assert!(e.contains("(OUT, 6400)") && e.contains("[4096, 6399]"), "{e}");
+    let e = dense_fwd(&z(&[2, 3, 4]), &z(&[5, 12]), &z(&[5]), false).unwrap_err().to_string();
+    assert!(e.contains("2-D") && e.contains("[2, 3, 4]"), "{e}");
+    let e = dense_fwd(&z(&[2, 4]), &z(&[5, 4]), &z(&[4]), false).unwrap_err().to_string();
+    assert!(e.contains("b of shape [5]") && e.contains("[4]"), "{e}");
+    let e = dense_fwd(&z(&[2, 4]), &z(&[5, 4, 1]), &z(&[5]), false).unwrap_err().to_string();
+    assert!(e.contains("[5, 4, 1]"), "{e}");
+    let e = dense_bwd(&z(&[2, 4]), &z(&[5, 4]), &z(&[2, 4]), true).unwrap_err().to_string();
+    assert!(e.contains("gy of shape [2, 5]") && e.contains("[2, 4]"), "{e}");
+}
