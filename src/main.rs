@@ -60,7 +60,8 @@ struct TrainArgs {
     epochs: usize,
     #[arg(long, default_value_t = 128)]
     batch_size: usize,
-    #[arg(long, default_value_t = 0.01)]
+    /// Learning rate (plain SGD)
+    #[arg(long, default_value_t = 0.01, allow_negative_numbers = true)]
     lr: f32,
     /// Height and width the 28x28 images are resized to (bilinear); the network works from 67 up
     #[arg(long, default_value_t = 224)]

@@ -1,5 +1,5 @@
 //! The AlexNet graph: layer shapes as the book prints them, parameter count and names, init.
-use ptxgrad::nn::alexnet::{layer_shapes, param_shapes, summary, AlexNet};
+use ptxgrad::nn::alexnet::{layer_shapes, min_resolution, param_shapes, summary, AlexNet};
 use ptxgrad::Device;
 
 #[test]
@@ -48,10 +48,14 @@ fn parameter_names_follow_torch_sequential() {
 }
 
 #[test]
-fn the_graph_works_from_67_pixels_and_says_why_below() {
+fn the_graph_works_from_65_pixels_and_says_why_below() {
+    // conv1 (11x11, s4, p1) must leave 15x15 for the three 3x3/s2 pools to end at 1x1:
+    // floor((r + 2 - 11) / 4) + 1 >= 15  <=>  r - 9 >= 56  <=>  r >= 65.
+    assert_eq!(min_resolution(), 65);
+    assert_eq!(layer_shapes(&[1, 1, 65, 65]).unwrap()[13], vec![1, 256]);
     assert_eq!(layer_shapes(&[1, 1, 67, 67]).unwrap()[13], vec![1, 256]);
-    let err = layer_shapes(&[1, 1, 66, 66]).unwrap_err().to_string();
-    assert!(err.contains("67x67"), "{err}");
+    let err = layer_shapes(&[1, 1, 64, 64]).unwrap_err().to_string();
+    assert!(err.contains("from 65x65 up"), "{err}");
 }
 
 #[test]

@@ -30,10 +30,10 @@ fn bad_flags_are_clear_errors() {
     fails_with(&["train", "--epochs", "zero"], "invalid value 'zero'");
     fails_with(&["train", "--epochs", "0"], "--epochs and --batch-size must be at least 1");
     fails_with(&["train", "--lr", "-1"], "--lr must be a positive number");
-    fails_with(&["train", "--resize", "50"], "67x67");
+    fails_with(&["train", "--resize", "50"], "from 65x65 up");
     fails_with(&["train", "--device", "tpu"], "unknown device `tpu`");
     fails_with(&["train", "--bogus"], "unexpected argument '--bogus'");
-    fails_with(&["summary", "--resize", "10"], "67x67");
+    fails_with(&["summary", "--resize", "10"], "from 65x65 up");
 }
 
 #[test]

@@ -69,7 +69,7 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
     train::train(&mut model, &d.train, &d.test, &config(1, 0.01, Some(ckpt.clone())), 0, |_| Ok(())).unwrap();
     let before = std::fs::read(&ckpt).unwrap();
     // An absurd learning rate blows the weights up within a few steps.
-    let err = train::train(&mut model, &d.train, &d.test, &config(2, 1e12, Some(ckpt.clone())), 1, |_| Ok(()))
+    let err = train::train(&mut model, &d.train, &d.test, &config(2, 1e30, Some(ckpt.clone())), 1, |_| Ok(()))
         .err()
         .expect("training must stop");
     let msg = err.to_string();

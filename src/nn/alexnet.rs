@@ -48,7 +48,11 @@ impl Layer {
                 (Some(oh), Some(ow)) => Ok(vec![n, c, oh, ow]),
                 _ => Err(Error::shape(
                     "AlexNet",
-                    format!("an input large enough for a {k}x{k} window (at least 67x67 pixels at the network's input)"),
+                    format!(
+                        "an input large enough for this layer's {k}x{k} window (the network takes inputs from \
+                         {m}x{m} up)",
+                        m = min_resolution()
+                    ),
                     format!("{h}x{w} at this layer"),
                 )),
             }
@@ -95,6 +99,29 @@ pub const LAYERS: [Layer; 21] = [
 /// Input channels and classes.
 pub const IN_CHANNELS: usize = 1;
 pub const CLASSES: usize = 10;
+
+/// The smallest input height/width the layer table accepts.
+pub fn min_resolution() -> usize {
+    // Each layer only needs its input to be at least as large as its window, so walking
+    // upward from 1 finds the bound in a few hundred shape computations.
+    (1..1024).find(|&r| layer_shapes_unchecked(r)).unwrap_or(1024)
+}
+
+fn layer_shapes_unchecked(r: usize) -> bool {
+    let mut cur = vec![1, IN_CHANNELS, r, r];
+    for layer in &LAYERS {
+        let (k, s, p) = match *layer {
+            Layer::Conv2d { kernel, stride, pad, .. } => (kernel, stride, pad),
+            Layer::MaxPool2d { kernel, stride } => (kernel, stride, 0),
+            _ => continue,
+        };
+        if cur[2] + 2 * p < k {
+            return false;
+        }
+        cur[2] = (cur[2] + 2 * p - k) / s + 1;
+    }
+    true
+}
 
 /// Output shape of every layer for an input of `input` (N, 1, H, W).
 pub fn layer_shapes(input: &[usize]) -> Result<Vec<Vec<usize>>> {
