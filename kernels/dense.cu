@@ -18,62 +18,55 @@ struct DenseParams {
     unsigned relu;  // forward: 1 = fuse max(., 0)
 };
 
-template <bool KF>
-struct RowMajor {  // element (r, c) of a row-major matrix with `ld` columns; K_FAST says which index is k
-    const float* __restrict__ p;
-    int ld;
-    static constexpr bool K_FAST = KF;
-    __device__ __forceinline__ float operator()(int r, int c) const { return __ldg(p + r * ld + c); }
-};
-template <bool KF>
-struct ColMajor {  // element (r, c) = p[c][r]
-    const float* __restrict__ p;
-    int ld;
-    static constexpr bool K_FAST = KF;
-    __device__ __forceinline__ float operator()(int r, int c) const { return __ldg(p + c * ld + r); }
-};
-
 struct FwdEpi {
     float* __restrict__ y;
     const float* __restrict__ b;
     int out_f;
     bool relu;
+    using Col = int;
+    __device__ __forceinline__ int col(int o) const { return o; }
     __device__ __forceinline__ void operator()(int i, int o, float v) const {
         v += __ldg(b + o);
         y[i * out_f + o] = relu ? fmaxf(v, 0.0f) : v;
     }
 };
-struct StoreEpi {
+struct StoreEpi {  // c[m][n], row-major with ld columns
     float* __restrict__ c;
     int ld;
+    using Col = int;
+    __device__ __forceinline__ int col(int n) const { return n; }
     __device__ __forceinline__ void operator()(int m, int n, float v) const { c[m * ld + n] = v; }
 };
 
+// StridedLoader<K_FAST>{p, mn_stride, k_stride}: element (mn, k) = p[mn * mn_stride + k * k_stride].
 template <class T>
 __device__ __forceinline__ void dense_fwd(const float* x, const float* w, const float* b, float* y,
                                           const DenseParams& p) {
-    // A(i, k) = x[i][k]: row-major, k fast.  B(k, o) = w[o][k]: column-major view, k fast.
-    gemm_block<T>(RowMajor<true>{x, (int)p.in_f}, ColMajor<true>{w, (int)p.in_f},
+    // A(i, k) = x[i][k], B(k, o) = w[o][k]: both read along k.
+    const int in_f = p.in_f;
+    gemm_block<T>(StridedLoader<true>{x, in_f, 1}, StridedLoader<true>{w, in_f, 1},
                   FwdEpi{y, b, (int)p.out_f, p.relu != 0}, p.batch, p.out_f, 0, p.in_f, blockIdx.y * T::BM,
                   blockIdx.x * T::BN);
 }
 
 template <class T>
 __device__ __forceinline__ void dense_bwd_input(const float* w, const float* gy, float* gx, const DenseParams& p) {
-    // A(i, o) = gy[i][o]: k fast.  B(o, j) = w[o][j]: row-major, n fast.
-    gemm_block<T>(RowMajor<true>{gy, (int)p.out_f}, RowMajor<false>{w, (int)p.in_f}, StoreEpi{gx, (int)p.in_f},
-                  p.batch, p.in_f, 0, p.out_f, blockIdx.y * T::BM, blockIdx.x * T::BN);
+    // A(i, o) = gy[i][o]: along k.  B(o, j) = w[o][j]: along n.
+    const int in_f = p.in_f, out_f = p.out_f;
+    gemm_block<T>(StridedLoader<true>{gy, out_f, 1}, StridedLoader<false>{w, 1, in_f}, StoreEpi{gx, in_f}, p.batch,
+                  p.in_f, 0, p.out_f, blockIdx.y * T::BM, blockIdx.x * T::BN);
 }
 
 template <class T>
 __device__ __forceinline__ void dense_bwd_weight(const float* x, const float* gy, float* gw, const DenseParams& p) {
-    // A(o, i) = gy[i][o]: column-major view, m fast.  B(i, j) = x[i][j]: row-major, n fast.
-    gemm_block<T>(ColMajor<false>{gy, (int)p.out_f}, RowMajor<false>{x, (int)p.in_f}, StoreEpi{gw, (int)p.in_f},
-                  p.out_f, p.in_f, 0, p.batch, blockIdx.y * T::BM, blockIdx.x * T::BN);
+    // A(o, i) = gy[i][o]: along m.  B(i, j) = x[i][j]: along n.
+    const int in_f = p.in_f, out_f = p.out_f;
+    gemm_block<T>(StridedLoader<false>{gy, 1, out_f}, StridedLoader<false>{x, 1, in_f}, StoreEpi{gw, in_f}, p.out_f,
+                  p.in_f, 0, p.batch, blockIdx.y * T::BM, blockIdx.x * T::BN);
 }
 
 #define DENSE_KERNELS(TILE, SUFFIX)                                                                         \
-    PTX_KERNEL void __launch_bounds__(256)                                                                  \
+    PTX_KERNEL void __launch_bounds__(256)                                                               \
         dense_fwd_f32_##SUFFIX(const float* __restrict__ x, const float* __restrict__ w,                     \
                                const float* __restrict__ b, float* __restrict__ y, DenseParams p) {         \
         dense_fwd<TILE>(x, w, b, y, p);                                                                     \

@@ -324,6 +324,18 @@ fn gpu_pair<'a>(
     (gpu, ab, bb)
 }
 
+/// The k-table of kernels/conv2d.cu (per reduction index: the offsets and (kh, kw) that would
+/// otherwise cost integer divisions in the GEMM's loads): 2K u32 for the forward and weight grad
+/// (K = Cin*KH*KW), 3K for the input grad (K = Cout*KH*KW).
+fn ktable(gpu: &Gpu, p: &Conv2dParams, input_grad: bool) -> Result<cudarc::driver::CudaSlice<u32>> {
+    let khw = (p.kh * p.kw) as usize;
+    let (k, words) = if input_grad { (p.c_out as usize * khw, 3) } else { (p.c_in as usize * khw, 2) };
+    let mut tab = gpu.uninit::<u32>(words * k)?;
+    let mode = input_grad as u32;
+    crate::launch!(gpu, Module::Conv2d, "conv2d_ktable_u32", grid_1d(k, 256), &mut tab, p, &mode)?;
+    Ok(tab)
+}
+
 /// Forward: x (N, Cin, H, W), w (Cout, Cin, KH, KW), b (Cout) -> y (N, Cout, OH, OW);
 /// `relu` fuses max(., 0).
 pub fn conv2d_fwd(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, pad: usize, relu: bool) -> Result<Tensor> {
@@ -336,9 +348,10 @@ pub fn conv2d_fwd(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, pad: usize,
         (Storage::Cpu(xv), Storage::Cpu(wv), Storage::Cpu(bv)) => Storage::Cpu(conv2d_fwd_cpu(xv, wv, bv, &p, relu)),
         (Storage::Cuda { gpu, buf: xb }, Storage::Cuda { buf: wb, .. }, Storage::Cuda { buf: bb, .. }) => {
             let mut y = gpu.uninit::<f32>(p.y_len())?;
+            let tab = ktable(gpu, &p, false)?;
             let (cfg, big) = gemm_launch(p.c_out as usize, p.n as usize * p.ohw(), 1)?;
             let name = if big { "conv2d_fwd_f32_t128" } else { "conv2d_fwd_f32_t64" };
-            crate::launch!(gpu, Module::Conv2d, name, cfg, xb, wb, bb, &mut y, &p)?;
+            crate::launch!(gpu, Module::Conv2d, name, cfg, xb, wb, bb, &mut y, &tab, &p)?;
             Storage::Cuda { gpu: gpu.clone(), buf: y }
         }
         _ => unreachable!("checked by common_device"),
@@ -393,34 +406,46 @@ fn conv2d_grads(
 
     let gx = if need_gx {
         let mut gx = gpu.uninit::<f32>(p.x_len())?;
+        let tab = ktable(gpu, &p, true)?;
         let (cfg, big) = gemm_launch(p.c_in as usize, p.n as usize * (p.h * p.w) as usize, 1)?;
-        let name = if big { "conv2d_bwd_input_f32_t128" } else { "conv2d_bwd_input_f32_t64" };
-        crate::launch!(gpu, Module::Conv2d, name, cfg, wb, gb_buf, &mut gx, &p)?;
+        let (cfg, name) = match (p.stride, big) {
+            (1, true) => (cfg, "conv2d_bwd_input_f32_t128"),
+            (1, false) => (cfg, "conv2d_bwd_input_f32_t64"),
+            // Any stride: the 64-tile kernel, on the 64-tile grid.
+            _ => {
+                let (m, n) = (p.c_in as usize, p.n as usize * (p.h * p.w) as usize);
+                let grid = (n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1);
+                (LaunchConfig { grid_dim: grid, ..cfg }, "conv2d_bwd_input_f32_t64_strided")
+            }
+        };
+        crate::launch!(gpu, Module::Conv2d, name, cfg, wb, gb_buf, &mut gx, &tab, &p)?;
         Some(Tensor::from_storage(x.shape().to_vec(), wrap(gx)))
     } else {
         None
     };
 
     let gw = if need_gw {
-        // Split the reduction over N*OH*OW so that the grid has ~4 blocks per SM (H100: 132 SMs),
-        // each split summing at least 512 terms.
+        // The 128 x 128 tile, with the reduction over N*OH*OW split so that the grid has ~4
+        // blocks per SM (H100: 132 SMs), each split summing at least 512 terms.
         let k_total = p.n as usize * ohw;
-        let (_, big) = gemm_launch(m_b, n_gw, 1)?;
-        let t = if big { 128 } else { 64 };
-        let tiles = m_b.div_ceil(t) * n_gw.div_ceil(t);
+        let tiles = m_b.div_ceil(128) * n_gw.div_ceil(128);
         let splits = 528usize.div_ceil(tiles).min(k_total.div_ceil(512)).max(1);
         let chunk = k_total.div_ceil(splits).div_ceil(8) * 8;
         let splits = k_total.div_ceil(chunk);
         p.k_chunk = chunk as u32;
-        let (mut cfg, _) = gemm_launch(m_b, n_gw, 1)?;
-        cfg.grid_dim.2 = splits as u32;
-        let name = if big { "conv2d_bwd_weight_f32_t128" } else { "conv2d_bwd_weight_f32_t64" };
+        let cfg = LaunchConfig {
+            grid_dim: (n_gw.div_ceil(128) as u32, m_b.div_ceil(128) as u32, splits as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let name = "conv2d_bwd_weight_f32_t128";
+        let tab = ktable(gpu, &p, false)?;
         let mut gw = gpu.uninit::<f32>(p.w_len())?;
         if splits == 1 {
-            crate::launch!(gpu, Module::Conv2d, name, cfg, xb, gb_buf, &mut gw, &p)?;
+            crate::launch!(gpu, Module::Conv2d, name, cfg, xb, gb_buf, &mut gw, &tab, &p)?;
         } else {
             let mut ws = gpu.uninit::<f32>(splits * p.w_len())?;
-            crate::launch!(gpu, Module::Conv2d, name, cfg, xb, gb_buf, &mut ws, &p)?;
+            crate::launch!(gpu, Module::Conv2d, name, cfg, xb, gb_buf, &mut ws, &tab, &p)?;
             let (len, nsplit) = (p.w_len() as u32, splits as u32);
             crate::launch!(
                 gpu,
