@@ -9,25 +9,45 @@
 //       A(o, i) = gy[i][o] (along m), B(i, j) = x[i][j] (along n).
 // - bias grad (dense_bwd_bias_f32): gb[o] = sum_i gy[i][o], one thread per o (reads coalesce
 //       across threads), summed in batch order.
+// - split-K: at batch 128 the forward and input-grad grids are small (fc1: 128 blocks of 64 x 64
+//       for 6400-long sums), so the host may split K over blockIdx.z (k_chunk each); each split
+//       then writes its raw partial to a workspace, and dense_splitk_sum_f32 adds the partials in
+//       a fixed order and applies the bias and ReLU: deterministic, no atomics.
 // Each GEMM kernel comes in a 128 x 128-tile and a 64 x 64-tile variant (suffix _t128 / _t64).
 #include "gemm.cuh"
 
 // Mirrors ops::dense::DenseParams field for field.
 struct DenseParams {
     unsigned batch, in_f, out_f;
-    unsigned relu;  // forward: 1 = fuse max(., 0)
+    unsigned relu;     // forward: 1 = fuse max(., 0)
+    unsigned k_chunk;  // forward / input grad: 0 = one pass over K; else the K range of each split
 };
+
+// The K range of this block's split, and where its output goes (a workspace slice when split).
+struct KRange {
+    int begin, end;
+    float* out;
+};
+__device__ __forceinline__ KRange k_range(const DenseParams& p, int K, float* out, int M, int N) {
+    if (p.k_chunk == 0) return KRange{0, K, out};
+    const int begin = blockIdx.z * p.k_chunk;
+    return KRange{begin, min(K, begin + (int)p.k_chunk), out + (unsigned long long)blockIdx.z * M * N};
+}
 
 struct FwdEpi {
     float* __restrict__ y;
     const float* __restrict__ b;
     int out_f;
     bool relu;
+    bool partial;  // split-K: store the raw partial sum (bias and ReLU come in the reduction)
     using Col = int;
     __device__ __forceinline__ int col(int o) const { return o; }
     __device__ __forceinline__ void operator()(int i, int o, float v) const {
-        v += __ldg(b + o);
-        y[i * out_f + o] = relu ? fmaxf(v, 0.0f) : v;
+        if (!partial) {
+            v += __ldg(b + o);
+            if (relu) v = fmaxf(v, 0.0f);
+        }
+        y[i * out_f + o] = v;
     }
 };
 struct StoreEpi {  // c[m][n], row-major with ld columns
@@ -44,17 +64,19 @@ __device__ __forceinline__ void dense_fwd(const float* x, const float* w, const 
                                           const DenseParams& p) {
     // A(i, k) = x[i][k], B(k, o) = w[o][k]: both read along k.
     const int in_f = p.in_f;
+    const KRange r = k_range(p, in_f, y, p.batch, p.out_f);
     gemm_block<T>(StridedLoader<true>{x, in_f, 1}, StridedLoader<true>{w, in_f, 1},
-                  FwdEpi{y, b, (int)p.out_f, p.relu != 0}, p.batch, p.out_f, 0, p.in_f, blockIdx.y * T::BM,
-                  blockIdx.x * T::BN);
+                  FwdEpi{r.out, b, (int)p.out_f, p.relu != 0, p.k_chunk != 0}, p.batch, p.out_f, r.begin, r.end,
+                  blockIdx.y * T::BM, blockIdx.x * T::BN);
 }
 
 template <class T>
 __device__ __forceinline__ void dense_bwd_input(const float* w, const float* gy, float* gx, const DenseParams& p) {
     // A(i, o) = gy[i][o]: along k.  B(o, j) = w[o][j]: along n.
     const int in_f = p.in_f, out_f = p.out_f;
-    gemm_block<T>(StridedLoader<true>{gy, out_f, 1}, StridedLoader<false>{w, 1, in_f}, StoreEpi{gx, in_f}, p.batch,
-                  p.in_f, 0, p.out_f, blockIdx.y * T::BM, blockIdx.x * T::BN);
+    const KRange r = k_range(p, out_f, gx, p.batch, in_f);
+    gemm_block<T>(StridedLoader<true>{gy, out_f, 1}, StridedLoader<false>{w, 1, in_f}, StoreEpi{r.out, in_f},
+                  p.batch, p.in_f, r.begin, r.end, blockIdx.y * T::BM, blockIdx.x * T::BN);
 }
 
 template <class T>
@@ -82,6 +104,20 @@ __device__ __forceinline__ void dense_bwd_weight(const float* x, const float* gy
 
 DENSE_KERNELS(Tile128, t128)
 DENSE_KERNELS(Tile64, t64)
+
+// out[i][c] = sum_z ws[z][i][c] (+ b[c] if has_bias, then max(., 0) if p.relu); out: rows x cols.
+PTX_KERNEL void dense_splitk_sum_f32(const float* __restrict__ ws, float* __restrict__ out,
+                                     const float* __restrict__ b, unsigned rows, unsigned cols, unsigned splits,
+                                     unsigned has_bias, DenseParams p) {
+    const unsigned long long len = (unsigned long long)rows * cols;
+    FOR_EACH_INDEX(i, len) {
+        float s = 0.0f;
+        for (unsigned z = 0; z < splits; ++z) s += ws[z * len + i];
+        if (has_bias) s += b[i % cols];
+        if (p.relu) s = fmaxf(s, 0.0f);
+        out[i] = s;
+    }
+}
 
 // gb[o] = sum_i gy[i][o].
 PTX_KERNEL void dense_bwd_bias_f32(const float* __restrict__ gy, float* __restrict__ gb, DenseParams p) {
