@@ -17,12 +17,13 @@
 //       forward's B transposed. The reduction is split over blockIdx.z (k_chunk each); every split
 //       writes its partial (M x N) into a workspace and conv2d_splitk_sum_f32 adds them up in a
 //       fixed order: deterministic, no atomics.
-// - bias grad (conv2d_bwd_bias_f32): one block per output channel, a tree reduction over (n, oh, ow).
+// - bias grad (conv2d_bwd_bias_f32): blocks (channel, image split), each a tree reduction over its
+//       images' (oh, ow); the partials are added by conv2d_splitk_sum_f32 (deterministic).
 // Index math: each thread computes its rows' and columns' offsets once (gemm.cuh's loader
 // concept), and the per-k part of the im2col index comes from a small k-table built by
 // conv2d_ktable_u32, so the inner loop has no integer division.
-// Every kernel comes in a 128 x 128-tile and a 64 x 64-tile variant (suffix _t128 / _t64); the host
-// takes the 64 one when the 128 grid would leave the GPU's SMs idle.
+// Every GEMM kernel comes in 128 x 128, 128 x 64 and 64 x 64-tile variants (suffix _t128 / _t128x64
+// / _t64); the host picks by how well each grid fills the GPU's waves (ops::conv2d::gemm_launch).
 #include "gemm.cuh"
 
 // Mirrors ops::conv2d::Conv2dParams field for field.
@@ -254,9 +255,10 @@ __device__ __forceinline__ void conv_bwd_weight(const float* x, const float* gy,
     }
 
 CONV_KERNELS(Tile128, t128)
+CONV_KERNELS(Tile128x64, t128x64)
 CONV_KERNELS(Tile64, t64)
 
-// The input grad for any stride (the _t128 / _t64 ones above require stride 1).
+// The input grad for any stride (the _t128 / _t128x64 / _t64 ones above require stride 1).
 PTX_KERNEL void __launch_bounds__(256, 2)
     conv2d_bwd_input_f32_t64_strided(const float* __restrict__ w, const float* __restrict__ gy, float* __restrict__ gx,
                                      const unsigned* __restrict__ tab, Conv2dParams p) {
@@ -269,22 +271,25 @@ PTX_KERNEL void conv2d_splitk_sum_f32(const float* __restrict__ ws, float* __res
     splitk_sum(ws, gw, len, splits);
 }
 
-// gb[co] = sum over (n, oh, ow) of gy[n][co][oh][ow]. One 256-thread block per channel.
-PTX_KERNEL void __launch_bounds__(256) conv2d_bwd_bias_f32(const float* __restrict__ gy, float* __restrict__ gb,
+// Partial bias grads: block (co, z) sums gy[n][co][:, :] over the images n = z, z + gridDim.y, ...
+// into part[z][co]; conv2d_splitk_sum_f32 then adds the gridDim.y partials (or, with one split,
+// part is gb itself). Splitting over images gives conv1's 96 channels enough blocks to stream
+// its 143 MB gy at full bandwidth.
+PTX_KERNEL void __launch_bounds__(256) conv2d_bwd_bias_f32(const float* __restrict__ gy, float* __restrict__ part,
                                                            Conv2dParams p) {
     const unsigned co = blockIdx.x, ohw = p.oh * p.ow;
     float s = 0.0f;
-    for (unsigned n = 0; n < p.n; ++n) {
-        const float* row = gy + (n * p.c_out + co) * ohw;
+    for (unsigned n = blockIdx.y; n < p.n; n += gridDim.y) {
+        const float* row = gy + (unsigned long long)(n * p.c_out + co) * ohw;
         for (unsigned i = threadIdx.x; i < ohw; i += blockDim.x) s += row[i];
     }
-    __shared__ float part[8];
+    __shared__ float warp_part[8];
     s = warp_sum(s);
-    if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = s;
+    if (threadIdx.x % 32 == 0) warp_part[threadIdx.x / 32] = s;
     __syncthreads();
     if (threadIdx.x < 32) {
-        s = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.0f;
+        s = threadIdx.x < blockDim.x / 32 ? warp_part[threadIdx.x] : 0.0f;
         s = warp_sum(s);
-        if (threadIdx.x == 0) gb[co] = s;
+        if (threadIdx.x == 0) part[blockIdx.y * p.c_out + co] = s;
     }
 }

@@ -13,7 +13,8 @@
 //       for 6400-long sums), so the host may split K over blockIdx.z (k_chunk each); each split
 //       then writes its raw partial to a workspace, and dense_splitk_sum_f32 adds the partials in
 //       a fixed order and applies the bias and ReLU: deterministic, no atomics.
-// Each GEMM kernel comes in a 128 x 128-tile and a 64 x 64-tile variant (suffix _t128 / _t64).
+// Each GEMM kernel comes in 128 x 128, 128 x 64 and 64 x 64-tile variants (suffix _t128 / _t128x64 /
+// _t64), picked by ops::conv2d::gemm_launch.
 #include "gemm.cuh"
 
 // Mirrors ops::dense::DenseParams field for field.
@@ -103,6 +104,7 @@ __device__ __forceinline__ void dense_bwd_weight(const float* x, const float* gy
     }
 
 DENSE_KERNELS(Tile128, t128)
+DENSE_KERNELS(Tile128x64, t128x64)
 DENSE_KERNELS(Tile64, t64)
 
 // out[i][c] = sum_z ws[z][i][c] (+ b[c] if has_bias, then max(., 0) if p.relu); out: rows x cols.

@@ -11,8 +11,9 @@
 //
 // Design (classic register-blocked SGEMM):
 // - 256 threads per block, viewed as a 16 x 16 grid (tx = t % 16, ty = t / 16).
-// - Block tile BM x BN (128 x 128, or 64 x 64 for grids too small to fill the GPU), k-tile BK = 8.
-// - Each thread owns a TM x TN register micro-tile (8 x 8, or 4 x 4): rows ty*4 + {0..3} (+ 64),
+// - Block tile BM x BN (128 x 128; 128 x 64 or 64 x 64 where 128 x 128 blocks fill the GPU's
+//   waves badly: see ops::conv2d::gemm_launch), k-tile BK = 8.
+// - Each thread owns a TM x TN register micro-tile (8 x 8, 8 x 4 or 4 x 4): rows ty*4 + {0..3} (+ 64),
 //   columns tx*4 + {0..3} (+ 64), so that its operands are float4 reads from shared memory and
 //   the 16 threads of a half-warp that share ty read the same A float4 (a broadcast).
 // - Shared memory holds A transposed (As[k][m]) and B as Bs[k][n]: the inner loop reads a column
@@ -36,6 +37,7 @@ struct GemmTile {
     static_assert(TM % 4 == 0 && TN % 4 == 0, "micro-tile made of float4 chunks");
 };
 using Tile128 = GemmTile<128, 128, 8, 8>;
+using Tile128x64 = GemmTile<128, 64, 8, 4>;  // for grids whose last 128 x 128 wave would be nearly empty
 using Tile64 = GemmTile<64, 64, 4, 4>;
 
 // Computes one BM x BN block of C, rows [m0, m0+BM), columns [n0, n0+BN), over k in [k_begin, k_end).

@@ -27,6 +27,7 @@ const AWKWARD: &[(usize, usize, usize, bool)] = &[
     (129, 200, 130, true),
     (5, 9, 1000, false),
     (300, 17, 64, true),
+    (2048, 33, 2176, true), // a forward grid of 272 128-blocks: takes the 128 x 64 tile
 ];
 
 /// Allowed |cuda - cpu| for a sum of `k` products of values in [-1, 1): see tests/conv2d.rs

@@ -106,21 +106,21 @@ fn params(x: &Tensor, w: &Tensor) -> Result<DenseParams> {
     Ok(DenseParams { batch: batch as u32, in_f: in_f as u32, out_f: out_f as u32, relu: 0, k_chunk: 0 })
 }
 
-/// C (m x n) = A . B over k on `gpu`, with the `kernel` pair (_t128, _t64) taking
+/// C (m x n) = A . B over k on `gpu`, with the `kernels` (_t128, _t128x64, _t64) taking
 /// (in0, in1, out, params): split over K when the grid would leave the GPU (132 SMs, 2 blocks
 /// each) under-filled, then reduced (adding `bias` and applying p.relu) by dense_splitk_sum_f32.
 #[allow(clippy::too_many_arguments)]
 fn gemm_split(
     gpu: &Gpu,
-    kernels: [&'static str; 2],
+    kernels: [&'static str; 3],
     in0: &CudaSlice<f32>,
     in1: &CudaSlice<f32>,
     bias: Option<&CudaSlice<f32>>,
     mut p: DenseParams,
     (m, n, k): (usize, usize, usize),
 ) -> Result<CudaSlice<f32>> {
-    let (mut cfg, big) = gemm_launch(m, n, 1)?;
-    let name = kernels[if big { 0 } else { 1 }];
+    let (mut cfg, tile) = gemm_launch(m, n, 1)?;
+    let name = kernels[tile as usize];
     let blocks = (cfg.grid_dim.0 * cfg.grid_dim.1) as usize;
     // ~2 blocks per SM, each split summing at least 256 terms.
     let splits = if blocks >= 264 || k < 1024 { 1 } else { 528usize.div_ceil(blocks).min(k / 256).max(1) };
@@ -177,7 +177,7 @@ pub fn dense_fwd(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Result<Tenso
             Storage::Cpu(dense_fwd_cpu(xv, wv, bv, in_f, out_f, relu))
         }
         (Storage::Cuda { gpu, buf: xb }, Storage::Cuda { buf: wb, .. }, Storage::Cuda { buf: bb, .. }) => {
-            let names = ["dense_fwd_f32_t128", "dense_fwd_f32_t64"];
+            let names = ["dense_fwd_f32_t128", "dense_fwd_f32_t128x64", "dense_fwd_f32_t64"];
             let y = gemm_split(gpu, names, xb, wb, Some(bb), p, (batch, out_f, in_f))?;
             Storage::Cuda { gpu: gpu.clone(), buf: y }
         }
@@ -214,7 +214,7 @@ fn dense_grads(
         (Storage::Cuda { gpu, buf: xb }, Storage::Cuda { buf: wb, .. }, Storage::Cuda { buf: gb, .. }) => {
             let wrap = |buf| Storage::Cuda { gpu: gpu.clone(), buf };
             let gx = if need_gx {
-                let names = ["dense_bwd_input_f32_t128", "dense_bwd_input_f32_t64"];
+                let names = ["dense_bwd_input_f32_t128", "dense_bwd_input_f32_t128x64", "dense_bwd_input_f32_t64"];
                 let p = DenseParams { relu: 0, ..p };
                 Some(wrap(gemm_split(gpu, names, wb, gb, None, p, (batch, in_f, out_f))?))
             } else {
@@ -222,8 +222,9 @@ fn dense_grads(
             };
             let gw = if need_gw {
                 let mut gw = gpu.uninit::<f32>(out_f * in_f)?;
-                let (cfg, big) = gemm_launch(out_f, in_f, 1)?;
-                let name = if big { "dense_bwd_weight_f32_t128" } else { "dense_bwd_weight_f32_t64" };
+                let (cfg, tile) = gemm_launch(out_f, in_f, 1)?;
+                let names = ["dense_bwd_weight_f32_t128", "dense_bwd_weight_f32_t128x64", "dense_bwd_weight_f32_t64"];
+                let name = names[tile as usize];
                 crate::launch!(gpu, Module::Dense, name, cfg, xb, gb, &mut gw, &p)?;
                 Some(wrap(gw))
             } else {
