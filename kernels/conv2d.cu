@@ -17,9 +17,13 @@
 //       forward's B transposed. The reduction is split over blockIdx.z (k_chunk each); every split
 //       writes its partial (M x N) into a workspace and conv2d_splitk_sum_f32 adds them up in a
 //       fixed order: deterministic, no atomics.
-// - bias grad (conv2d_bwd_bias_f32): one block per output channel, a tree reduction over (n, oh, ow).
-// Every kernel comes in a 128 x 128-tile and a 64 x 64-tile variant (suffix _t128 / _t64); the host
-// takes the 64 one when the 128 grid would leave the GPU's SMs idle.
+// - bias grad (conv2d_bwd_bias_f32): blocks (channel, image split), each a tree reduction over its
+//       images' (oh, ow); the partials are added by conv2d_splitk_sum_f32 (deterministic).
+// Index math: each thread computes its rows' and columns' offsets once (gemm.cuh's loader
+// concept), and the per-k part of the im2col index comes from a small k-table built by
+// conv2d_ktable_u32, so the inner loop has no integer division.
+// Every GEMM kernel comes in 128 x 128, 128 x 64 and 64 x 64-tile variants (suffix _t128 / _t128x64
+// / _t64); the host picks by how well each grid fills the GPU's waves (ops::conv2d::gemm_launch).
 #include "gemm.cuh"
 
 // Mirrors ops::conv2d::Conv2dParams field for field.
@@ -29,142 +33,237 @@ struct Conv2dParams {
     unsigned k_chunk;  // weight grad: reduction length per split (a multiple of 8)
 };
 
-// ---- forward ----
-struct FwdA {  // w viewed as (Cout, K), row-major
-    const float* __restrict__ w;
-    int K;
-    static constexpr bool K_FAST = true;
-    __device__ __forceinline__ float operator()(int m, int k) const { return __ldg(w + m * K + k); }
+// The k-tables (built by conv2d_ktable_u32 before each GEMM that needs one) hold, per reduction
+// index k, the index math that would otherwise cost two integer divisions per loaded element.
+// kh and kw are packed as (kh << 16) | kw to keep the entries (and the registers holding them) small.
+//   forward / weight grad, k = (ci, kh, kw): int2 {ci*H*W + kh*W + kw, khkw}          (2K u32)
+//   input grad,            k = (co, kh, kw): int2 {co*OH*OW, khkw}, then K ints
+//                                            co*Cin*KHW + kh*KW + kw (w's offset)      (3K u32)
+// K <= 3456 for AlexNet: the tables stay in L1.
+PTX_KERNEL void conv2d_ktable_u32(unsigned* __restrict__ tab_raw, Conv2dParams p, unsigned input_grad) {
+    int2* tab = reinterpret_cast<int2*>(tab_raw);
+    const int khw = p.kh * p.kw, len = (input_grad ? p.c_out : p.c_in) * khw;
+    FOR_EACH_INDEX(k, (unsigned)len) {
+        const int c = (int)k / khw, r = (int)k - c * khw;
+        const int kh = r / (int)p.kw, kw = r - kh * (int)p.kw;
+        const int khkw = (kh << 16) | kw;
+        if (input_grad) {
+            tab[k] = make_int2(c * p.oh * p.ow, khkw);
+            reinterpret_cast<int*>(tab + len)[k] = c * p.c_in * khw + r;
+        } else {
+            tab[k] = make_int2(c * p.h * p.w + kh * p.w + kw, khkw);
+        }
+    }
+}
+
+// Where an output pixel's receptive field starts: x + base + tab.x is input pixel (ih0 + kh, iw0 + kw).
+// (ih0, iw0) >= -pad are packed as ((ih0 + 2^14) << 16) | (iw0 + 2^14): one register fewer per
+// window, which keeps the 128-tile kernels within 128 registers.
+struct Window {
+    int base, hw0;
 };
+constexpr int kWinBias = 1 << 14;
+// The window of output pixel q = (n, oh, ow): two divisions, done once per thread and column.
+__device__ __forceinline__ Window window_of(int q, const Conv2dParams& p) {
+    const int ohw = p.oh * p.ow;
+    const int n = q / ohw, pix = q - n * ohw;
+    const int oh = pix / (int)p.ow, ow = pix - oh * (int)p.ow;
+    const int ih0 = oh * (int)p.stride - (int)p.pad, iw0 = ow * (int)p.stride - (int)p.pad;
+    return Window{n * (int)(p.c_in * p.h * p.w) + ih0 * (int)p.w + iw0, ((ih0 + kWinBias) << 16) | (iw0 + kWinBias)};
+}
+// x at (window, table entry), 0 in the padding.
+__device__ __forceinline__ float x_at(const float* __restrict__ x, const Window& win, const int2& e,
+                                      const Conv2dParams& p) {
+    // Adding the packed (kh, kw) to the packed (ih0, iw0) adds both halves at once (no carry: each
+    // half stays below 2^16).
+    const int hw = win.hw0 + e.y;
+    const int ih = (hw >> 16) - kWinBias, iw = (hw & 0xffff) - kWinBias;
+    return ((unsigned)ih < p.h && (unsigned)iw < p.w) ? __ldg(x + win.base + e.x) : 0.0f;
+}
+
+// ---- forward ----
 struct FwdB {  // the im2col matrix (K, batch*OH*OW), read from x
     const float* __restrict__ x;
+    const int2* __restrict__ tab;
     Conv2dParams p;
     static constexpr bool K_FAST = false;
-    __device__ __forceinline__ float operator()(int k, int q) const {
-        const int ohw = p.oh * p.ow, khw = p.kh * p.kw;
-        const int n = q / ohw, pix = q - n * ohw;
-        const int oh = pix / (int)p.ow, ow = pix - oh * (int)p.ow;
-        const int ci = k / khw, r = k - ci * khw;
-        const int kh = r / (int)p.kw, kw = r - kh * (int)p.kw;
-        const int ih = oh * (int)p.stride - (int)p.pad + kh, iw = ow * (int)p.stride - (int)p.pad + kw;
-        if ((unsigned)ih >= p.h || (unsigned)iw >= p.w) return 0.0f;
-        return __ldg(x + ((n * (int)p.c_in + ci) * (int)p.h + ih) * (int)p.w + iw);
-    }
+    static constexpr bool CHEAP_AT = false;
+    using Pos = Window;
+    using KPos = int2;
+    __device__ __forceinline__ Window at(int q) const { return window_of(q, p); }
+    __device__ __forceinline__ int2 kat(int k) const { return __ldg(tab + k); }
+    __device__ __forceinline__ float load(const Window& w, const int2& e) const { return x_at(x, w, e, p); }
 };
-struct FwdEpi {
+struct FwdEpi {  // y[n][co][pix] = v + b[co], optionally max(., 0)
     float* __restrict__ y;
     const float* __restrict__ b;
     Conv2dParams p;
-    __device__ __forceinline__ void operator()(int co, int q, float v) const {
+    using Col = int;  // offset of (n, 0, pix) in y
+    __device__ __forceinline__ int col(int q) const {
         const int ohw = p.oh * p.ow;
-        const int n = q / ohw, pix = q - n * ohw;
+        const int n = q / ohw;
+        return q + n * ((int)p.c_out - 1) * ohw;
+    }
+    __device__ __forceinline__ void operator()(int co, int c, float v) const {
         v += __ldg(b + co);
         if (p.relu) v = fmaxf(v, 0.0f);
-        y[(n * (int)p.c_out + co) * ohw + pix] = v;
+        y[c + co * (int)(p.oh * p.ow)] = v;
     }
 };
 
 template <class T>
-__device__ __forceinline__ void conv_fwd(const float* x, const float* w, const float* b, float* y,
+__device__ __forceinline__ void conv_fwd(const float* x, const float* w, const float* b, float* y, const int2* tab,
                                          const Conv2dParams& p) {
     const int M = p.c_out, N = p.n * p.oh * p.ow, K = p.c_in * p.kh * p.kw;
-    gemm_block<T>(FwdA{w, K}, FwdB{x, p}, FwdEpi{y, b, p}, M, N, 0, K, blockIdx.y * T::BM, blockIdx.x * T::BN);
+    // A(co, k) = w[co][k]: row-major, read along k.
+    gemm_block<T>(StridedLoader<true>{w, K, 1}, FwdB{x, tab, p}, FwdEpi{y, b, p}, M, N, 0, K, blockIdx.y * T::BM,
+                  blockIdx.x * T::BN);
 }
 
 // ---- input grad ----
-struct BwdInA {  // A(ci, (co, r)) = w[co][ci][r]
+struct BwdInA {  // A(ci, (co, r)) = w[co][ci][r] = w[tab_w[k] + ci*KHW]
     const float* __restrict__ w;
-    Conv2dParams p;
+    const int* __restrict__ tab_w;
+    int khw;
     static constexpr bool K_FAST = true;
-    __device__ __forceinline__ float operator()(int ci, int k) const {
-        const int khw = p.kh * p.kw;
-        const int co = k / khw, r = k - co * khw;
-        return __ldg(w + (co * (int)p.c_in + ci) * khw + r);
-    }
+    static constexpr bool CHEAP_AT = true;
+    using Pos = int;
+    using KPos = int;
+    __device__ __forceinline__ int at(int ci) const { return ci * khw; }
+    __device__ __forceinline__ int kat(int k) const { return __ldg(tab_w + k); }
+    __device__ __forceinline__ float load(int a, int b) const { return __ldg(w + a + b); }
 };
+struct GxPix {  // input pixel q = (n, ih, iw): gy's image offset and (ih + pad, iw + pad) packed as in Window
+    int base, hw0;
+};
+template <bool UNIT_STRIDE>
 struct BwdInB {  // B((co, kh, kw), (n, ih, iw)) = gy[n][co][oh][ow] with ih = oh*s - pad + kh
     const float* __restrict__ gy;
+    const int2* __restrict__ tab;
     Conv2dParams p;
     static constexpr bool K_FAST = false;
-    __device__ __forceinline__ float operator()(int k, int q) const {
-        const int hw = p.h * p.w, khw = p.kh * p.kw, s = p.stride;
-        const int n = q / hw, pix = q - n * hw;
-        const int ih = pix / (int)p.w, iw = pix - ih * (int)p.w;
-        const int co = k / khw, r = k - co * khw;
-        const int kh = r / (int)p.kw, kw = r - kh * (int)p.kw;
-        const int th = ih + (int)p.pad - kh, tw = iw + (int)p.pad - kw;
-        if (th < 0 || tw < 0) return 0.0f;
-        const int oh = th / s, ow = tw / s;
-        if (oh * s != th || ow * s != tw || oh >= (int)p.oh || ow >= (int)p.ow) return 0.0f;
-        return __ldg(gy + ((n * (int)p.c_out + co) * (int)p.oh + oh) * (int)p.ow + ow);
-    }
-};
-struct BwdInEpi {
-    float* __restrict__ gx;
-    Conv2dParams p;
-    __device__ __forceinline__ void operator()(int ci, int q, float v) const {
+    static constexpr bool CHEAP_AT = false;
+    using Pos = GxPix;
+    using KPos = int2;
+    __device__ __forceinline__ GxPix at(int q) const {
         const int hw = p.h * p.w;
         const int n = q / hw, pix = q - n * hw;
-        gx[(n * (int)p.c_in + ci) * hw + pix] = v;
+        const int ih = pix / (int)p.w, iw = pix - ih * (int)p.w;
+        return GxPix{n * (int)(p.c_out * p.oh * p.ow),
+                     ((ih + (int)p.pad + kWinBias) << 16) | (iw + (int)p.pad + kWinBias)};
+    }
+    __device__ __forceinline__ int2 kat(int k) const { return __ldg(tab + k); }
+    __device__ __forceinline__ float load(const GxPix& g, const int2& e) const {
+        // (oh, ow) * stride, if on the output grid. Both halves stay positive: no borrow.
+        const int hw = g.hw0 - e.y;
+        int oh = (hw >> 16) - kWinBias, ow = (hw & 0xffff) - kWinBias;
+        if (oh < 0 || ow < 0) return 0.0f;
+        if (!UNIT_STRIDE) {  // AlexNet's layers that need gx all have stride 1: a kernel without this
+            const int s = p.stride, th = oh, tw = ow;
+            oh = th / s;
+            ow = tw / s;
+            if (oh * s != th || ow * s != tw) return 0.0f;
+        }
+        if (oh >= (int)p.oh || ow >= (int)p.ow) return 0.0f;
+        return __ldg(gy + g.base + e.x + oh * (int)p.ow + ow);
     }
 };
+struct BwdInEpi {  // gx[n][ci][pix]
+    float* __restrict__ gx;
+    Conv2dParams p;
+    using Col = int;  // offset of (n, 0, pix) in gx
+    __device__ __forceinline__ int col(int q) const {
+        const int hw = p.h * p.w;
+        const int n = q / hw;
+        return q + n * ((int)p.c_in - 1) * hw;
+    }
+    __device__ __forceinline__ void operator()(int ci, int c, float v) const { gx[c + ci * (int)(p.h * p.w)] = v; }
+};
 
-template <class T>
-__device__ __forceinline__ void conv_bwd_input(const float* w, const float* gy, float* gx, const Conv2dParams& p) {
+template <class T, bool UNIT_STRIDE>
+__device__ __forceinline__ void conv_bwd_input(const float* w, const float* gy, float* gx, const int2* tab,
+                                               const Conv2dParams& p) {
     const int M = p.c_in, N = p.n * p.h * p.w, K = p.c_out * p.kh * p.kw;
-    gemm_block<T>(BwdInA{w, p}, BwdInB{gy, p}, BwdInEpi{gx, p}, M, N, 0, K, blockIdx.y * T::BM, blockIdx.x * T::BN);
+    const int* tab_w = reinterpret_cast<const int*>(tab + K);
+    gemm_block<T>(BwdInA{w, tab_w, (int)(p.kh * p.kw)}, BwdInB<UNIT_STRIDE>{gy, tab, p}, BwdInEpi{gx, p}, M, N, 0, K,
+                  blockIdx.y * T::BM, blockIdx.x * T::BN);
 }
 
 // ---- weight grad (split-K) ----
-struct BwdWA {  // A(co, (n, pix)) = gy[n][co][pix]
+struct BwdWA {  // A(co, (n, pix)) = gy[n][co][pix] = gy[co*OHW + (n*Cout*OHW + pix)]
     const float* __restrict__ gy;
     Conv2dParams p;
     static constexpr bool K_FAST = true;
-    __device__ __forceinline__ float operator()(int co, int k) const {
+    static constexpr bool CHEAP_AT = true;
+    using Pos = int;
+    using KPos = int;
+    __device__ __forceinline__ int at(int co) const { return co * (int)(p.oh * p.ow); }
+    __device__ __forceinline__ int kat(int k) const {
         const int ohw = p.oh * p.ow;
-        const int n = k / ohw, pix = k - n * ohw;
-        return __ldg(gy + (n * (int)p.c_out + co) * ohw + pix);
+        const int n = k / ohw;
+        return k + n * ((int)p.c_out - 1) * ohw;
     }
+    __device__ __forceinline__ float load(int a, int b) const { return __ldg(gy + a + b); }
 };
-struct BwdWB {  // B((n, oh, ow), (ci, kh, kw)) = x[n][ci][oh*s-pad+kh][ow*s-pad+kw]
+struct BwdWB {  // B((n, oh, ow), (ci, kh, kw)) = x[n][ci][oh*s-pad+kh][ow*s-pad+kw]: the forward's B, transposed
     const float* __restrict__ x;
+    const int2* __restrict__ tab;
     Conv2dParams p;
     static constexpr bool K_FAST = true;
-    __device__ __forceinline__ float operator()(int k, int j) const { return FwdB{x, p}(j, k); }
+    static constexpr bool CHEAP_AT = false;
+    using Pos = int2;
+    using KPos = Window;
+    __device__ __forceinline__ int2 at(int j) const { return __ldg(tab + j); }
+    __device__ __forceinline__ Window kat(int k) const { return window_of(k, p); }
+    __device__ __forceinline__ float load(const int2& e, const Window& w) const { return x_at(x, w, e, p); }
 };
 struct BwdWEpi {  // partial of split blockIdx.z into ws[z][co][j]
     float* __restrict__ ws;
     int N;
+    using Col = int;
+    __device__ __forceinline__ int col(int j) const { return j; }
     __device__ __forceinline__ void operator()(int co, int j, float v) const { ws[co * N + j] = v; }
 };
 
 template <class T>
-__device__ __forceinline__ void conv_bwd_weight(const float* x, const float* gy, float* ws, const Conv2dParams& p) {
+__device__ __forceinline__ void conv_bwd_weight(const float* x, const float* gy, float* ws, const int2* tab,
+                                                const Conv2dParams& p) {
     const int M = p.c_out, N = p.c_in * p.kh * p.kw, K = p.n * p.oh * p.ow;
     const int k_begin = blockIdx.z * p.k_chunk;
     const int k_end = min(K, k_begin + (int)p.k_chunk);
     float* part = ws + (unsigned long long)blockIdx.z * M * N;
-    gemm_block<T>(BwdWA{gy, p}, BwdWB{x, p}, BwdWEpi{part, N}, M, N, k_begin, k_end, blockIdx.y * T::BM,
+    gemm_block<T>(BwdWA{gy, p}, BwdWB{x, tab, p}, BwdWEpi{part, N}, M, N, k_begin, k_end, blockIdx.y * T::BM,
                   blockIdx.x * T::BN);
 }
 
-#define CONV_KERNELS(TILE, SUFFIX)                                                                         \
-    PTX_KERNEL void __launch_bounds__(256)                                                                 \
-        conv2d_fwd_f32_##SUFFIX(const float* __restrict__ x, const float* __restrict__ w,                   \
-                                const float* __restrict__ b, float* __restrict__ y, Conv2dParams p) {      \
-        conv_fwd<TILE>(x, w, b, y, p);                                                                     \
-    }                                                                                                      \
-    PTX_KERNEL void __launch_bounds__(256) conv2d_bwd_input_f32_##SUFFIX(                                  \
-        const float* __restrict__ w, const float* __restrict__ gy, float* __restrict__ gx, Conv2dParams p) { \
-        conv_bwd_input<TILE>(w, gy, gx, p);                                                                \
-    }                                                                                                      \
-    PTX_KERNEL void __launch_bounds__(256) conv2d_bwd_weight_f32_##SUFFIX(                                 \
-        const float* __restrict__ x, const float* __restrict__ gy, float* __restrict__ ws, Conv2dParams p) { \
-        conv_bwd_weight<TILE>(x, gy, ws, p);                                                               \
+// The tables arrive as unsigned* (the host's u32 buffers) and are read as int2 / int.
+#define CONV_KERNELS(TILE, SUFFIX)                                                                          \
+    PTX_KERNEL void __launch_bounds__(256, 2) conv2d_fwd_f32_##SUFFIX(                                         \
+        const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,              \
+        float* __restrict__ y, const unsigned* __restrict__ tab, Conv2dParams p) {                          \
+        conv_fwd<TILE>(x, w, b, y, reinterpret_cast<const int2*>(tab), p);                                  \
+    }                                                                                                       \
+    PTX_KERNEL void __launch_bounds__(256, 2) conv2d_bwd_input_f32_##SUFFIX(                                   \
+        const float* __restrict__ w, const float* __restrict__ gy, float* __restrict__ gx,                  \
+        const unsigned* __restrict__ tab, Conv2dParams p) {                                                 \
+        conv_bwd_input<TILE, true>(w, gy, gx, reinterpret_cast<const int2*>(tab), p);                       \
+    }                                                                                                       \
+    PTX_KERNEL void __launch_bounds__(256, 2) conv2d_bwd_weight_f32_##SUFFIX(                                  \
+        const float* __restrict__ x, const float* __restrict__ gy, float* __restrict__ ws,                  \
+        const unsigned* __restrict__ tab, Conv2dParams p) {                                                 \
+        conv_bwd_weight<TILE>(x, gy, ws, reinterpret_cast<const int2*>(tab), p);                            \
     }
 
 CONV_KERNELS(Tile128, t128)
+CONV_KERNELS(Tile128x64, t128x64)
 CONV_KERNELS(Tile64, t64)
+
+// The input grad for any stride (the _t128 / _t128x64 / _t64 ones above require stride 1).
+PTX_KERNEL void __launch_bounds__(256, 2)
+    conv2d_bwd_input_f32_t64_strided(const float* __restrict__ w, const float* __restrict__ gy, float* __restrict__ gx,
+                                     const unsigned* __restrict__ tab, Conv2dParams p) {
+    conv_bwd_input<Tile64, false>(w, gy, gx, reinterpret_cast<const int2*>(tab), p);
+}
 
 // gw[i] = sum over splits of ws[z][i]; gw: (Cout, Cin, KH, KW) flattened, len elements.
 PTX_KERNEL void conv2d_splitk_sum_f32(const float* __restrict__ ws, float* __restrict__ gw, unsigned len,
@@ -172,22 +271,25 @@ PTX_KERNEL void conv2d_splitk_sum_f32(const float* __restrict__ ws, float* __res
     splitk_sum(ws, gw, len, splits);
 }
 
-// gb[co] = sum over (n, oh, ow) of gy[n][co][oh][ow]. One 256-thread block per channel.
-PTX_KERNEL void __launch_bounds__(256) conv2d_bwd_bias_f32(const float* __restrict__ gy, float* __restrict__ gb,
+// Partial bias grads: block (co, z) sums gy[n][co][:, :] over the images n = z, z + gridDim.y, ...
+// into part[z][co]; conv2d_splitk_sum_f32 then adds the gridDim.y partials (or, with one split,
+// part is gb itself). Splitting over images gives conv1's 96 channels enough blocks to stream
+// its 143 MB gy at full bandwidth.
+PTX_KERNEL void __launch_bounds__(256) conv2d_bwd_bias_f32(const float* __restrict__ gy, float* __restrict__ part,
                                                            Conv2dParams p) {
     const unsigned co = blockIdx.x, ohw = p.oh * p.ow;
     float s = 0.0f;
-    for (unsigned n = 0; n < p.n; ++n) {
-        const float* row = gy + (n * p.c_out + co) * ohw;
+    for (unsigned n = blockIdx.y; n < p.n; n += gridDim.y) {
+        const float* row = gy + (unsigned long long)(n * p.c_out + co) * ohw;
         for (unsigned i = threadIdx.x; i < ohw; i += blockDim.x) s += row[i];
     }
-    __shared__ float part[8];
+    __shared__ float warp_part[8];
     s = warp_sum(s);
-    if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = s;
+    if (threadIdx.x % 32 == 0) warp_part[threadIdx.x / 32] = s;
     __syncthreads();
     if (threadIdx.x < 32) {
-        s = threadIdx.x < blockDim.x / 32 ? part[threadIdx.x] : 0.0f;
+        s = threadIdx.x < blockDim.x / 32 ? warp_part[threadIdx.x] : 0.0f;
         s = warp_sum(s);
-        if (threadIdx.x == 0) gb[co] = s;
+        if (threadIdx.x == 0) part[blockIdx.y * p.c_out + co] = s;
     }
 }

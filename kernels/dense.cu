@@ -9,71 +9,87 @@
 //       A(o, i) = gy[i][o] (along m), B(i, j) = x[i][j] (along n).
 // - bias grad (dense_bwd_bias_f32): gb[o] = sum_i gy[i][o], one thread per o (reads coalesce
 //       across threads), summed in batch order.
-// Each GEMM kernel comes in a 128 x 128-tile and a 64 x 64-tile variant (suffix _t128 / _t64).
+// - split-K: at batch 128 the forward and input-grad grids are small (fc1: 128 blocks of 64 x 64
+//       for 6400-long sums), so the host may split K over blockIdx.z (k_chunk each); each split
+//       then writes its raw partial to a workspace, and dense_splitk_sum_f32 adds the partials in
+//       a fixed order and applies the bias and ReLU: deterministic, no atomics.
+// Each GEMM kernel comes in 128 x 128, 128 x 64 and 64 x 64-tile variants (suffix _t128 / _t128x64 /
+// _t64), picked by ops::conv2d::gemm_launch.
 #include "gemm.cuh"
 
 // Mirrors ops::dense::DenseParams field for field.
 struct DenseParams {
     unsigned batch, in_f, out_f;
-    unsigned relu;  // forward: 1 = fuse max(., 0)
+    unsigned relu;     // forward: 1 = fuse max(., 0)
+    unsigned k_chunk;  // forward / input grad: 0 = one pass over K; else the K range of each split
 };
 
-template <bool KF>
-struct RowMajor {  // element (r, c) of a row-major matrix with `ld` columns; K_FAST says which index is k
-    const float* __restrict__ p;
-    int ld;
-    static constexpr bool K_FAST = KF;
-    __device__ __forceinline__ float operator()(int r, int c) const { return __ldg(p + r * ld + c); }
+// The K range of this block's split, and where its output goes (a workspace slice when split).
+struct KRange {
+    int begin, end;
+    float* out;
 };
-template <bool KF>
-struct ColMajor {  // element (r, c) = p[c][r]
-    const float* __restrict__ p;
-    int ld;
-    static constexpr bool K_FAST = KF;
-    __device__ __forceinline__ float operator()(int r, int c) const { return __ldg(p + c * ld + r); }
-};
+__device__ __forceinline__ KRange k_range(const DenseParams& p, int K, float* out, int M, int N) {
+    if (p.k_chunk == 0) return KRange{0, K, out};
+    const int begin = blockIdx.z * p.k_chunk;
+    return KRange{begin, min(K, begin + (int)p.k_chunk), out + (unsigned long long)blockIdx.z * M * N};
+}
 
 struct FwdEpi {
     float* __restrict__ y;
     const float* __restrict__ b;
     int out_f;
     bool relu;
+    bool partial;  // split-K: store the raw partial sum (bias and ReLU come in the reduction)
+    using Col = int;
+    __device__ __forceinline__ int col(int o) const { return o; }
     __device__ __forceinline__ void operator()(int i, int o, float v) const {
-        v += __ldg(b + o);
-        y[i * out_f + o] = relu ? fmaxf(v, 0.0f) : v;
+        if (!partial) {
+            v += __ldg(b + o);
+            if (relu) v = fmaxf(v, 0.0f);
+        }
+        y[i * out_f + o] = v;
     }
 };
-struct StoreEpi {
+struct StoreEpi {  // c[m][n], row-major with ld columns
     float* __restrict__ c;
     int ld;
+    using Col = int;
+    __device__ __forceinline__ int col(int n) const { return n; }
     __device__ __forceinline__ void operator()(int m, int n, float v) const { c[m * ld + n] = v; }
 };
 
+// StridedLoader<K_FAST>{p, mn_stride, k_stride}: element (mn, k) = p[mn * mn_stride + k * k_stride].
 template <class T>
 __device__ __forceinline__ void dense_fwd(const float* x, const float* w, const float* b, float* y,
                                           const DenseParams& p) {
-    // A(i, k) = x[i][k]: row-major, k fast.  B(k, o) = w[o][k]: column-major view, k fast.
-    gemm_block<T>(RowMajor<true>{x, (int)p.in_f}, ColMajor<true>{w, (int)p.in_f},
-                  FwdEpi{y, b, (int)p.out_f, p.relu != 0}, p.batch, p.out_f, 0, p.in_f, blockIdx.y * T::BM,
-                  blockIdx.x * T::BN);
+    // A(i, k) = x[i][k], B(k, o) = w[o][k]: both read along k.
+    const int in_f = p.in_f;
+    const KRange r = k_range(p, in_f, y, p.batch, p.out_f);
+    gemm_block<T>(StridedLoader<true>{x, in_f, 1}, StridedLoader<true>{w, in_f, 1},
+                  FwdEpi{r.out, b, (int)p.out_f, p.relu != 0, p.k_chunk != 0}, p.batch, p.out_f, r.begin, r.end,
+                  blockIdx.y * T::BM, blockIdx.x * T::BN);
 }
 
 template <class T>
 __device__ __forceinline__ void dense_bwd_input(const float* w, const float* gy, float* gx, const DenseParams& p) {
-    // A(i, o) = gy[i][o]: k fast.  B(o, j) = w[o][j]: row-major, n fast.
-    gemm_block<T>(RowMajor<true>{gy, (int)p.out_f}, RowMajor<false>{w, (int)p.in_f}, StoreEpi{gx, (int)p.in_f},
-                  p.batch, p.in_f, 0, p.out_f, blockIdx.y * T::BM, blockIdx.x * T::BN);
+    // A(i, o) = gy[i][o]: along k.  B(o, j) = w[o][j]: along n.
+    const int in_f = p.in_f, out_f = p.out_f;
+    const KRange r = k_range(p, out_f, gx, p.batch, in_f);
+    gemm_block<T>(StridedLoader<true>{gy, out_f, 1}, StridedLoader<false>{w, 1, in_f}, StoreEpi{r.out, in_f},
+                  p.batch, p.in_f, r.begin, r.end, blockIdx.y * T::BM, blockIdx.x * T::BN);
 }
 
 template <class T>
 __device__ __forceinline__ void dense_bwd_weight(const float* x, const float* gy, float* gw, const DenseParams& p) {
-    // A(o, i) = gy[i][o]: column-major view, m fast.  B(i, j) = x[i][j]: row-major, n fast.
-    gemm_block<T>(ColMajor<false>{gy, (int)p.out_f}, RowMajor<false>{x, (int)p.in_f}, StoreEpi{gw, (int)p.in_f},
-                  p.out_f, p.in_f, 0, p.batch, blockIdx.y * T::BM, blockIdx.x * T::BN);
+    // A(o, i) = gy[i][o]: along m.  B(i, j) = x[i][j]: along n.
+    const int in_f = p.in_f, out_f = p.out_f;
+    gemm_block<T>(StridedLoader<false>{gy, 1, out_f}, StridedLoader<false>{x, 1, in_f}, StoreEpi{gw, in_f}, p.out_f,
+                  p.in_f, 0, p.batch, blockIdx.y * T::BM, blockIdx.x * T::BN);
 }
 
 #define DENSE_KERNELS(TILE, SUFFIX)                                                                         \
-    PTX_KERNEL void __launch_bounds__(256)                                                                  \
+    PTX_KERNEL void __launch_bounds__(256)                                                               \
         dense_fwd_f32_##SUFFIX(const float* __restrict__ x, const float* __restrict__ w,                     \
                                const float* __restrict__ b, float* __restrict__ y, DenseParams p) {         \
         dense_fwd<TILE>(x, w, b, y, p);                                                                     \
@@ -88,7 +104,22 @@ __device__ __forceinline__ void dense_bwd_weight(const float* x, const float* gy
     }
 
 DENSE_KERNELS(Tile128, t128)
+DENSE_KERNELS(Tile128x64, t128x64)
 DENSE_KERNELS(Tile64, t64)
+
+// out[i][c] = sum_z ws[z][i][c] (+ b[c] if has_bias, then max(., 0) if p.relu); out: rows x cols.
+PTX_KERNEL void dense_splitk_sum_f32(const float* __restrict__ ws, float* __restrict__ out,
+                                     const float* __restrict__ b, unsigned rows, unsigned cols, unsigned splits,
+                                     unsigned has_bias, DenseParams p) {
+    const unsigned long long len = (unsigned long long)rows * cols;
+    FOR_EACH_INDEX(i, len) {
+        float s = 0.0f;
+        for (unsigned z = 0; z < splits; ++z) s += ws[z * len + i];
+        if (has_bias) s += b[i % cols];
+        if (p.relu) s = fmaxf(s, 0.0f);
+        out[i] = s;
+    }
+}
 
 // gb[o] = sum_i gy[i][o].
 PTX_KERNEL void dense_bwd_bias_f32(const float* __restrict__ gy, float* __restrict__ gb, DenseParams p) {

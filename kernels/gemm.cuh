@@ -11,8 +11,9 @@
 //
 // Design (classic register-blocked SGEMM):
 // - 256 threads per block, viewed as a 16 x 16 grid (tx = t % 16, ty = t / 16).
-// - Block tile BM x BN (128 x 128, or 64 x 64 for grids too small to fill the GPU), k-tile BK = 8.
-// - Each thread owns a TM x TN register micro-tile (8 x 8, or 4 x 4): rows ty*4 + {0..3} (+ 64),
+// - Block tile BM x BN (128 x 128; 128 x 64 or 64 x 64 where 128 x 128 blocks fill the GPU's
+//   waves badly: see ops::conv2d::gemm_launch), k-tile BK = 8.
+// - Each thread owns a TM x TN register micro-tile (8 x 8, 8 x 4 or 4 x 4): rows ty*4 + {0..3} (+ 64),
 //   columns tx*4 + {0..3} (+ 64), so that its operands are float4 reads from shared memory and
 //   the 16 threads of a half-warp that share ty read the same A float4 (a broadcast).
 // - Shared memory holds A transposed (As[k][m]) and B as Bs[k][n]: the inner loop reads a column
@@ -36,10 +37,23 @@ struct GemmTile {
     static_assert(TM % 4 == 0 && TN % 4 == 0, "micro-tile made of float4 chunks");
 };
 using Tile128 = GemmTile<128, 128, 8, 8>;
+using Tile128x64 = GemmTile<128, 64, 8, 4>;  // for grids whose last 128 x 128 wave would be nearly empty
 using Tile64 = GemmTile<64, 64, 4, 4>;
 
 // Computes one BM x BN block of C, rows [m0, m0+BM), columns [n0, n0+BN), over k in [k_begin, k_end).
-// la(m, k) / lb(k, n) are only called with m < M, n < N, k_begin <= k < k_end.
+//
+// Loader concept (A: rows m; B: columns n):
+//   static constexpr bool K_FAST;          // is k the contiguous index in memory?
+//   static constexpr bool CHEAP_AT;        // at() is a multiply: recompute it per k-tile instead
+//                                          //   of holding one register per slot (saves registers)
+//   Pos  at(int mn) const;                 // per-row (A) / per-column (B) state, computed once per
+//                                          //   thread before the k loop (called only with mn < M / N)
+//   KPos kat(int k) const;                 // per-k state (called with k_begin <= k < k_end)
+//   float load(const Pos&, const KPos&) const;
+// Epilogue concept: Col col(int n) const; void operator()(int m, const Col&, float v) const.
+// Splitting the index math this way keeps divisions out of the inner loop: a thread's rows and
+// columns never change across k-tiles, and kat() runs once per distinct k (slots that share a k
+// share the result).
 template <class T, class LA, class LB, class EP>
 __device__ __forceinline__ void gemm_block(const LA& la, const LB& lb, const EP& ep, int M, int N, int k_begin,
                                            int k_end, int m0, int n0) {
@@ -52,14 +66,9 @@ __device__ __forceinline__ void gemm_block(const LA& la, const LB& lb, const EP&
 
     const int t = threadIdx.x;
     const int tx = t % 16, ty = t / 16;
-    float ra[A_PER], rb[B_PER];
-    float acc[TM][TN];
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
 
-    // Element e of a tile: which (row, k) it is, for each loader's contiguity.
+    // Element (slot) i of this thread's share of a tile: which (row, k) it is, for each loader's
+    // contiguity. Consecutive threads take consecutive k (K_FAST) or consecutive rows / columns.
     auto a_pos = [&](int i, int& mm, int& kk) {
         const int e = t + i * T::THREADS;
         if (LA::K_FAST) {
@@ -80,20 +89,45 @@ __device__ __forceinline__ void gemm_block(const LA& la, const LB& lb, const EP&
             kk = e / BN;
         }
     };
+
+    typename LA::Pos pa[A_PER];
+    typename LB::Pos pb[B_PER];
+    if (!LA::CHEAP_AT) {
+#pragma unroll
+        for (int i = 0; i < A_PER; ++i) {
+            int mm, kk;
+            a_pos(i, mm, kk);
+            pa[i] = la.at(m0 + mm < M ? m0 + mm : 0);
+        }
+    }
+    if (!LB::CHEAP_AT) {
+#pragma unroll
+        for (int i = 0; i < B_PER; ++i) {
+            int nn, kk;
+            b_pos(i, nn, kk);
+            pb[i] = lb.at(n0 + nn < N ? n0 + nn : 0);
+        }
+    }
+
+    float ra[A_PER], rb[B_PER];
     auto fetch = [&](int k0) {
 #pragma unroll
         for (int i = 0; i < A_PER; ++i) {
             int mm, kk;
             a_pos(i, mm, kk);
-            const int m = m0 + mm, k = k0 + kk;
-            ra[i] = (m < M && k < k_end) ? la(m, k) : 0.0f;
+            const int k = k0 + kk, m = m0 + mm;
+            const auto kp = la.kat(min(k, k_end - 1));
+            const auto pos = LA::CHEAP_AT ? la.at(m) : pa[i];
+            ra[i] = (m < M && k < k_end) ? la.load(pos, kp) : 0.0f;
         }
 #pragma unroll
         for (int i = 0; i < B_PER; ++i) {
             int nn, kk;
             b_pos(i, nn, kk);
-            const int n = n0 + nn, k = k0 + kk;
-            rb[i] = (n < N && k < k_end) ? lb(k, n) : 0.0f;
+            const int k = k0 + kk, n = n0 + nn;
+            const auto kp = lb.kat(min(k, k_end - 1));
+            const auto pos = LB::CHEAP_AT ? lb.at(n) : pb[i];
+            rb[i] = (n < N && k < k_end) ? lb.load(pos, kp) : 0.0f;
         }
     };
     auto stash = [&](int buf) {
@@ -111,6 +145,12 @@ __device__ __forceinline__ void gemm_block(const LA& la, const LB& lb, const EP&
         }
     };
 
+    float acc[TM][TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+
     const int n_tiles = k_end > k_begin ? (k_end - k_begin + BK - 1) / BK : 0;
     if (n_tiles > 0) {
         fetch(k_begin);
@@ -123,15 +163,7 @@ __device__ __forceinline__ void gemm_block(const LA& la, const LB& lb, const EP&
         if (more) fetch(k_begin + (it + 1) * BK);  // global loads in flight during the math below
 #pragma unroll
         for (int kk = 0; kk < BK; ++kk) {
-            float a[TM], b[TN];
-#pragma unroll
-            for (int c = 0; c < TM / 4; ++c) {
-                const float4 v = *reinterpret_cast<const float4*>(&As[buf][kk][c * 64 + ty * 4]);
-                a[c * 4 + 0] = v.x;
-                a[c * 4 + 1] = v.y;
-                a[c * 4 + 2] = v.z;
-                a[c * 4 + 3] = v.w;
-            }
+            float b[TN];
 #pragma unroll
             for (int c = 0; c < TN / 4; ++c) {
                 const float4 v = *reinterpret_cast<const float4*>(&Bs[buf][kk][c * 64 + tx * 4]);
@@ -140,16 +172,28 @@ __device__ __forceinline__ void gemm_block(const LA& la, const LB& lb, const EP&
                 b[c * 4 + 2] = v.z;
                 b[c * 4 + 3] = v.w;
             }
+            // A one float4 (4 rows) at a time: 4 fragment registers instead of TM.
 #pragma unroll
-            for (int i = 0; i < TM; ++i)
+            for (int c = 0; c < TM / 4; ++c) {
+                const float4 v = *reinterpret_cast<const float4*>(&As[buf][kk][c * 64 + ty * 4]);
+                const float a[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-                for (int j = 0; j < TN; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int j = 0; j < TN; ++j) acc[c * 4 + i][j] = fmaf(a[i], b[j], acc[c * 4 + i][j]);
+            }
         }
         // The other buffer was last read in iteration it-1, which ended with a barrier: safe to overwrite.
         if (more) stash(buf ^ 1);
         __syncthreads();
     }
 
+    typename EP::Col cols[TN];
+#pragma unroll
+    for (int j = 0; j < TN; ++j) {
+        const int n = n0 + (j / 4) * 64 + tx * 4 + j % 4;
+        cols[j] = ep.col(n < N ? n : 0);
+    }
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
         const int m = m0 + (i / 4) * 64 + ty * 4 + i % 4;
@@ -157,10 +201,25 @@ __device__ __forceinline__ void gemm_block(const LA& la, const LB& lb, const EP&
 #pragma unroll
         for (int j = 0; j < TN; ++j) {
             const int n = n0 + (j / 4) * 64 + tx * 4 + j % 4;
-            if (n < N) ep(m, n, acc[i][j]);
+            if (n < N) ep(m, cols[j], acc[i][j]);
         }
     }
 }
+
+// The plain-matrix loader: element (mn, k) at p[mn * mn_stride + k * k_stride] (mn is the row m
+// for A, the column n for B), i.e. a row- or column-major matrix viewed either way round.
+template <bool KF>
+struct StridedLoader {
+    const float* __restrict__ p;
+    int mn_stride, k_stride;
+    static constexpr bool K_FAST = KF;
+    static constexpr bool CHEAP_AT = true;
+    using Pos = int;
+    using KPos = int;
+    __device__ __forceinline__ int at(int mn) const { return mn * mn_stride; }
+    __device__ __forceinline__ int kat(int k) const { return k * k_stride; }
+    __device__ __forceinline__ float load(int a, int b) const { return __ldg(p + a + b); }
+};
 
 // Deterministic split-K reduction: out[i] = sum_z ws[z * len + i].
 __device__ __forceinline__ void splitk_sum(const float* __restrict__ ws, float* __restrict__ out, unsigned len,

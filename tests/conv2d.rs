@@ -314,3 +314,45 @@ fn conv2d_rejects_bad_shapes() {
         .to_string();
     assert!(e.contains("gy of shape [2, 4, 6, 6]") && e.contains("[2, 4, 5, 5]"), "{e}");
 }
+
+/// Times the AlexNet layers on the GPU: `cargo test --test conv2d -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn conv2d_cuda_alexnet_timing() {
+    let Some(dev) = gpu_or_skip("conv2d_cuda_alexnet_timing") else { return };
+    let time = |f: &dyn Fn()| {
+        f();
+        dev.synchronize().unwrap();
+        let t = std::time::Instant::now();
+        for _ in 0..10 {
+            f();
+        }
+        dev.synchronize().unwrap();
+        t.elapsed().as_secs_f64() / 10.0
+    };
+    let mut total = 0.0;
+    for (i, c) in ALEXNET.iter().enumerate() {
+        let p = c.params();
+        let x = rand_tensor(&[c.n, c.cin, c.h, c.w], 1, &dev);
+        let w = rand_tensor(&[c.cout, c.cin, c.kh, c.kw], 2, &dev);
+        let b = rand_tensor(&[c.cout], 3, &dev);
+        let gy = rand_tensor(&[c.n, c.cout, p.oh as usize, p.ow as usize], 4, &dev);
+        let gflop = 2.0 * (p.y_len() * p.k()) as f64 / 1e9;
+        let tf = time(&|| drop(conv2d_fwd(&x, &w, &b, c.stride, c.pad, true).unwrap()));
+        let tw = time(&|| drop(conv2d_bwd(&x, &w, &gy, c.stride, c.pad, false).unwrap()));
+        let tx =
+            if c.need_gx { time(&|| drop(conv2d_bwd(&x, &w, &gy, c.stride, c.pad, true).unwrap())) - tw } else { 0.0 };
+        total += tf + tw + tx;
+        println!(
+            "conv{}: fwd {:.3} ms ({:.1} TFLOP/s), gw+gb {:.3} ms ({:.1}), gx {:.3} ms ({:.1})",
+            i + 1,
+            tf * 1e3,
+            gflop / tf / 1e3,
+            tw * 1e3,
+            gflop / tw / 1e3,
+            tx * 1e3,
+            if tx > 0.0 { gflop / tx / 1e3 } else { 0.0 }
+        );
+    }
+    println!("conv total (fwd + bwd, batch 128): {:.3} ms", total * 1e3);
+}

@@ -27,6 +27,7 @@ const AWKWARD: &[(usize, usize, usize, bool)] = &[
     (129, 200, 130, true),
     (5, 9, 1000, false),
     (300, 17, 64, true),
+    (2048, 33, 2176, true), // a forward grid of 272 128-blocks: takes the 128 x 64 tile
 ];
 
 /// Allowed |cuda - cpu| for a sum of `k` products of values in [-1, 1): see tests/conv2d.rs
@@ -155,4 +156,44 @@ fn dense_rejects_bad_shapes() {
     assert!(e.contains("[5, 4, 1]"), "{e}");
     let e = dense_bwd(&z(&[2, 4]), &z(&[5, 4]), &z(&[2, 4]), true).unwrap_err().to_string();
     assert!(e.contains("gy of shape [2, 5]") && e.contains("[2, 4]"), "{e}");
+}
+
+/// Times the AlexNet layers on the GPU: `cargo test --test dense -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn dense_cuda_alexnet_timing() {
+    let Some(dev) = gpu_or_skip("dense_cuda_alexnet_timing") else { return };
+    let time = |f: &dyn Fn()| {
+        f();
+        dev.synchronize().unwrap();
+        let t = std::time::Instant::now();
+        for _ in 0..10 {
+            f();
+        }
+        dev.synchronize().unwrap();
+        t.elapsed().as_secs_f64() / 10.0
+    };
+    let mut total = 0.0;
+    for (i, &(batch, in_f, out_f, relu)) in ALEXNET.iter().enumerate() {
+        let x = rand_tensor(&[batch, in_f], 1, &dev);
+        let w = rand_tensor(&[out_f, in_f], 2, &dev);
+        let b = rand_tensor(&[out_f], 3, &dev);
+        let gy = rand_tensor(&[batch, out_f], 4, &dev);
+        let gflop = 2.0 * (batch * in_f * out_f) as f64 / 1e9;
+        let tf = time(&|| drop(dense_fwd(&x, &w, &b, relu).unwrap()));
+        let tw = time(&|| drop(dense_bwd(&x, &w, &gy, false).unwrap()));
+        let tx = time(&|| drop(dense_bwd(&x, &w, &gy, true).unwrap())) - tw;
+        total += tf + tw + tx;
+        println!(
+            "fc{}: fwd {:.3} ms ({:.1} TFLOP/s), gw+gb {:.3} ms ({:.1}), gx {:.3} ms ({:.1})",
+            i + 1,
+            tf * 1e3,
+            gflop / tf / 1e3,
+            tw * 1e3,
+            gflop / tw / 1e3,
+            tx * 1e3,
+            gflop / tx / 1e3
+        );
+    }
+    println!("dense total (fwd + bwd, batch 128): {:.3} ms", total * 1e3);
 }

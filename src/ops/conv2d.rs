@@ -303,16 +303,41 @@ fn params(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Conv2dPar
     Conv2dParams::new(n, c, h, wd, cout, kh, kw, stride, pad)
 }
 
-/// The GEMM grid for an M x N output over `z` slices; the 128 x 128 tile unless that leaves
-/// fewer than ~2 blocks per SM of an H100 (132 SMs), then the 64 x 64 tile. Returns (config, big).
-pub(crate) fn gemm_launch(m: usize, n: usize, z: usize) -> Result<(LaunchConfig, bool)> {
-    let big = m.div_ceil(128) * n.div_ceil(128) * z >= 264;
-    let t = if big { 128 } else { 64 };
-    let (gx, gy) = (n.div_ceil(t), m.div_ceil(t));
+/// The block tile of a GEMM launch; kernels come in one variant per tile (suffixes _t128,
+/// _t128x64, _t64), listed in this order wherever a kernel is picked by `tile as usize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tile {
+    T128 = 0,
+    T128x64 = 1,
+    T64 = 2,
+}
+
+/// The GEMM grid for an M x N output over `z` slices, and its tile. Model: an H100/H200 runs 132
+/// SMs x 2 blocks of 256 threads = 264 blocks per wave, and the time is (waves) x (time of one
+/// block). 128 x 128 by default; 64 x 64 when the 128 grid would not fill one wave; 128 x 64 when
+/// the 128 grid's last wave is nearly empty (AlexNet's conv5 forward: 288 blocks = 1.09 waves) and
+/// half-size blocks (taken at 90% of the 128 tile's efficiency) would finish sooner.
+pub(crate) fn gemm_launch(m: usize, n: usize, z: usize) -> Result<(LaunchConfig, Tile)> {
+    const WAVE: usize = 264;
+    let b128 = m.div_ceil(128) * n.div_ceil(128) * z;
+    let b_half = m.div_ceil(128) * n.div_ceil(64) * z;
+    let tile = if b128 < WAVE {
+        Tile::T64
+    } else if (b_half.div_ceil(WAVE) as f64) * 0.5 / 0.9 < b128.div_ceil(WAVE) as f64 {
+        Tile::T128x64
+    } else {
+        Tile::T128
+    };
+    let (bm, bn) = match tile {
+        Tile::T128 => (128, 128),
+        Tile::T128x64 => (128, 64),
+        Tile::T64 => (64, 64),
+    };
+    let (gx, gy) = (n.div_ceil(bn), m.div_ceil(bm));
     if gy > 65535 || z > 65535 || gx > u32::MAX as usize {
         return Err(Error::Data(format!("GEMM of {m} x {n} (x {z}) is too large for one launch")));
     }
-    Ok((LaunchConfig { grid_dim: (gx as u32, gy as u32, z as u32), block_dim: (256, 1, 1), shared_mem_bytes: 0 }, big))
+    Ok((LaunchConfig { grid_dim: (gx as u32, gy as u32, z as u32), block_dim: (256, 1, 1), shared_mem_bytes: 0 }, tile))
 }
 
 fn gpu_pair<'a>(
@@ -322,6 +347,18 @@ fn gpu_pair<'a>(
     let (gpu, ab) = a.cuda().expect("checked by common_device");
     let (_, bb) = b.cuda().expect("checked by common_device");
     (gpu, ab, bb)
+}
+
+/// The k-table of kernels/conv2d.cu (per reduction index: the offsets and (kh, kw) that would
+/// otherwise cost integer divisions in the GEMM's loads): 2K u32 for the forward and weight grad
+/// (K = Cin*KH*KW), 3K for the input grad (K = Cout*KH*KW).
+fn ktable(gpu: &Gpu, p: &Conv2dParams, input_grad: bool) -> Result<cudarc::driver::CudaSlice<u32>> {
+    let khw = (p.kh * p.kw) as usize;
+    let (k, words) = if input_grad { (p.c_out as usize * khw, 3) } else { (p.c_in as usize * khw, 2) };
+    let mut tab = gpu.uninit::<u32>(words * k)?;
+    let mode = input_grad as u32;
+    crate::launch!(gpu, Module::Conv2d, "conv2d_ktable_u32", grid_1d(k, 256), &mut tab, p, &mode)?;
+    Ok(tab)
 }
 
 /// Forward: x (N, Cin, H, W), w (Cout, Cin, KH, KW), b (Cout) -> y (N, Cout, OH, OW);
@@ -336,9 +373,10 @@ pub fn conv2d_fwd(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, pad: usize,
         (Storage::Cpu(xv), Storage::Cpu(wv), Storage::Cpu(bv)) => Storage::Cpu(conv2d_fwd_cpu(xv, wv, bv, &p, relu)),
         (Storage::Cuda { gpu, buf: xb }, Storage::Cuda { buf: wb, .. }, Storage::Cuda { buf: bb, .. }) => {
             let mut y = gpu.uninit::<f32>(p.y_len())?;
-            let (cfg, big) = gemm_launch(p.c_out as usize, p.n as usize * p.ohw(), 1)?;
-            let name = if big { "conv2d_fwd_f32_t128" } else { "conv2d_fwd_f32_t64" };
-            crate::launch!(gpu, Module::Conv2d, name, cfg, xb, wb, bb, &mut y, &p)?;
+            let tab = ktable(gpu, &p, false)?;
+            let (cfg, tile) = gemm_launch(p.c_out as usize, p.n as usize * p.ohw(), 1)?;
+            let name = ["conv2d_fwd_f32_t128", "conv2d_fwd_f32_t128x64", "conv2d_fwd_f32_t64"][tile as usize];
+            crate::launch!(gpu, Module::Conv2d, name, cfg, xb, wb, bb, &mut y, &tab, &p)?;
             Storage::Cuda { gpu: gpu.clone(), buf: y }
         }
         _ => unreachable!("checked by common_device"),
@@ -393,34 +431,46 @@ fn conv2d_grads(
 
     let gx = if need_gx {
         let mut gx = gpu.uninit::<f32>(p.x_len())?;
-        let (cfg, big) = gemm_launch(p.c_in as usize, p.n as usize * (p.h * p.w) as usize, 1)?;
-        let name = if big { "conv2d_bwd_input_f32_t128" } else { "conv2d_bwd_input_f32_t64" };
-        crate::launch!(gpu, Module::Conv2d, name, cfg, wb, gb_buf, &mut gx, &p)?;
+        let tab = ktable(gpu, &p, true)?;
+        let (cfg, tile) = gemm_launch(p.c_in as usize, p.n as usize * (p.h * p.w) as usize, 1)?;
+        let names = ["conv2d_bwd_input_f32_t128", "conv2d_bwd_input_f32_t128x64", "conv2d_bwd_input_f32_t64"];
+        let (cfg, name) = match p.stride {
+            1 => (cfg, names[tile as usize]),
+            // Any stride: the 64-tile kernel, on the 64-tile grid.
+            _ => {
+                let (m, n) = (p.c_in as usize, p.n as usize * (p.h * p.w) as usize);
+                let grid = (n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1);
+                (LaunchConfig { grid_dim: grid, ..cfg }, "conv2d_bwd_input_f32_t64_strided")
+            }
+        };
+        crate::launch!(gpu, Module::Conv2d, name, cfg, wb, gb_buf, &mut gx, &tab, &p)?;
         Some(Tensor::from_storage(x.shape().to_vec(), wrap(gx)))
     } else {
         None
     };
 
     let gw = if need_gw {
-        // Split the reduction over N*OH*OW so that the grid has ~4 blocks per SM (H100: 132 SMs),
-        // each split summing at least 512 terms.
+        // The 128 x 128 tile, with the reduction over N*OH*OW split so that the grid has ~4
+        // blocks per SM (H100: 132 SMs), each split summing at least 512 terms.
         let k_total = p.n as usize * ohw;
-        let (_, big) = gemm_launch(m_b, n_gw, 1)?;
-        let t = if big { 128 } else { 64 };
-        let tiles = m_b.div_ceil(t) * n_gw.div_ceil(t);
+        let tiles = m_b.div_ceil(128) * n_gw.div_ceil(128);
         let splits = 528usize.div_ceil(tiles).min(k_total.div_ceil(512)).max(1);
         let chunk = k_total.div_ceil(splits).div_ceil(8) * 8;
         let splits = k_total.div_ceil(chunk);
         p.k_chunk = chunk as u32;
-        let (mut cfg, _) = gemm_launch(m_b, n_gw, 1)?;
-        cfg.grid_dim.2 = splits as u32;
-        let name = if big { "conv2d_bwd_weight_f32_t128" } else { "conv2d_bwd_weight_f32_t64" };
+        let cfg = LaunchConfig {
+            grid_dim: (n_gw.div_ceil(128) as u32, m_b.div_ceil(128) as u32, splits as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let name = "conv2d_bwd_weight_f32_t128";
+        let tab = ktable(gpu, &p, false)?;
         let mut gw = gpu.uninit::<f32>(p.w_len())?;
         if splits == 1 {
-            crate::launch!(gpu, Module::Conv2d, name, cfg, xb, gb_buf, &mut gw, &p)?;
+            crate::launch!(gpu, Module::Conv2d, name, cfg, xb, gb_buf, &mut gw, &tab, &p)?;
         } else {
             let mut ws = gpu.uninit::<f32>(splits * p.w_len())?;
-            crate::launch!(gpu, Module::Conv2d, name, cfg, xb, gb_buf, &mut ws, &p)?;
+            crate::launch!(gpu, Module::Conv2d, name, cfg, xb, gb_buf, &mut ws, &tab, &p)?;
             let (len, nsplit) = (p.w_len() as u32, splits as u32);
             crate::launch!(
                 gpu,
@@ -439,9 +489,20 @@ fn conv2d_grads(
     };
 
     let gb = if need_gb {
+        // Split over images until there are ~8 blocks per SM (conv1: 96 channels x 11 splits).
+        let splits = (p.n as usize).min(1056usize.div_ceil(m_b)).max(1);
+        let cfg =
+            LaunchConfig { grid_dim: (m_b as u32, splits as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let mut gb = gpu.uninit::<f32>(m_b)?;
-        let cfg = LaunchConfig { grid_dim: (m_b as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        crate::launch!(gpu, Module::Conv2d, "conv2d_bwd_bias_f32", cfg, gb_buf, &mut gb, &p)?;
+        if splits == 1 {
+            crate::launch!(gpu, Module::Conv2d, "conv2d_bwd_bias_f32", cfg, gb_buf, &mut gb, &p)?;
+        } else {
+            let mut part = gpu.uninit::<f32>(splits * m_b)?;
+            crate::launch!(gpu, Module::Conv2d, "conv2d_bwd_bias_f32", cfg, gb_buf, &mut part, &p)?;
+            let (len, nsplit) = (m_b as u32, splits as u32);
+            let reduce = grid_1d(m_b, 256);
+            crate::launch!(gpu, Module::Conv2d, "conv2d_splitk_sum_f32", reduce, &part, &mut gb, &len, &nsplit)?;
+        }
         Some(Tensor::from_storage(vec![m_b], wrap(gb)))
     } else {
         None

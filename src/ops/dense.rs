@@ -3,7 +3,9 @@
 //!
 //! CUDA: three GEMMs on the shared core in `kernels/gemm.cuh` (see the header of kernels/dense.cu).
 
-use crate::device::grid_1d;
+use cudarc::driver::CudaSlice;
+
+use crate::device::{grid_1d, Gpu};
 use crate::error::{Error, Result};
 use crate::ops::conv2d::{dot, gemm_launch};
 use crate::ops::relu::relu_bwd;
@@ -20,6 +22,9 @@ pub struct DenseParams {
     pub out_f: u32,
     /// Forward only: 1 fuses max(., 0) into the epilogue.
     pub relu: u32,
+    /// Forward and input grad: 0 = one pass over K, else the K range of each split (see
+    /// kernels/dense.cu).
+    pub k_chunk: u32,
 }
 
 // SAFETY: #[repr(C)] plain u32 fields, mirrored by the kernel's struct.
@@ -98,7 +103,66 @@ fn params(x: &Tensor, w: &Tensor) -> Result<DenseParams> {
     if biggest >= 1 << 31 {
         return Err(Error::Data(format!("dense: a tensor of {biggest} elements exceeds the kernels' 2^31 limit")));
     }
-    Ok(DenseParams { batch: batch as u32, in_f: in_f as u32, out_f: out_f as u32, relu: 0 })
+    Ok(DenseParams { batch: batch as u32, in_f: in_f as u32, out_f: out_f as u32, relu: 0, k_chunk: 0 })
+}
+
+/// C (m x n) = A . B over k on `gpu`, with the `kernels` (_t128, _t128x64, _t64) taking
+/// (in0, in1, out, params): split over K when the grid would leave the GPU (132 SMs, 2 blocks
+/// each) under-filled, then reduced (adding `bias` and applying p.relu) by dense_splitk_sum_f32.
+#[allow(clippy::too_many_arguments)]
+fn gemm_split(
+    gpu: &Gpu,
+    kernels: [&'static str; 3],
+    in0: &CudaSlice<f32>,
+    in1: &CudaSlice<f32>,
+    bias: Option<&CudaSlice<f32>>,
+    mut p: DenseParams,
+    (m, n, k): (usize, usize, usize),
+) -> Result<CudaSlice<f32>> {
+    let (mut cfg, tile) = gemm_launch(m, n, 1)?;
+    let name = kernels[tile as usize];
+    let blocks = (cfg.grid_dim.0 * cfg.grid_dim.1) as usize;
+    // ~2 blocks per SM, each split summing at least 256 terms.
+    let splits = if blocks >= 264 || k < 1024 { 1 } else { 528usize.div_ceil(blocks).min(k / 256).max(1) };
+    let mut out = gpu.uninit::<f32>(m * n)?;
+    if splits == 1 {
+        p.k_chunk = 0;
+        if let Some(b) = bias {
+            crate::launch!(gpu, Module::Dense, name, cfg, in0, in1, b, &mut out, &p)?;
+        } else {
+            crate::launch!(gpu, Module::Dense, name, cfg, in0, in1, &mut out, &p)?;
+        }
+        return Ok(out);
+    }
+    let chunk = k.div_ceil(splits).div_ceil(8) * 8;
+    let splits = k.div_ceil(chunk);
+    p.k_chunk = chunk as u32;
+    cfg.grid_dim.2 = splits as u32;
+    let mut ws = gpu.uninit::<f32>(splits * m * n)?;
+    let has_bias = bias.is_some() as u32;
+    if let Some(b) = bias {
+        crate::launch!(gpu, Module::Dense, name, cfg, in0, in1, b, &mut ws, &p)?;
+    } else {
+        crate::launch!(gpu, Module::Dense, name, cfg, in0, in1, &mut ws, &p)?;
+    }
+    let b = bias.unwrap_or(&ws); // any valid buffer when there is no bias: it is not read
+    let (rows, cols, nsplit) = (m as u32, n as u32, splits as u32);
+    let reduce = grid_1d(m * n, 256);
+    crate::launch!(
+        gpu,
+        Module::Dense,
+        "dense_splitk_sum_f32",
+        reduce,
+        &ws,
+        &mut out,
+        b,
+        &rows,
+        &cols,
+        &nsplit,
+        &has_bias,
+        &p
+    )?;
+    Ok(out)
 }
 
 /// Forward: x (B, IN), w (OUT, IN), b (OUT) -> (B, OUT); `relu` fuses max(., 0).
@@ -113,10 +177,8 @@ pub fn dense_fwd(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Result<Tenso
             Storage::Cpu(dense_fwd_cpu(xv, wv, bv, in_f, out_f, relu))
         }
         (Storage::Cuda { gpu, buf: xb }, Storage::Cuda { buf: wb, .. }, Storage::Cuda { buf: bb, .. }) => {
-            let mut y = gpu.uninit::<f32>(batch * out_f)?;
-            let (cfg, big) = gemm_launch(batch, out_f, 1)?;
-            let name = if big { "dense_fwd_f32_t128" } else { "dense_fwd_f32_t64" };
-            crate::launch!(gpu, Module::Dense, name, cfg, xb, wb, bb, &mut y, &p)?;
+            let names = ["dense_fwd_f32_t128", "dense_fwd_f32_t128x64", "dense_fwd_f32_t64"];
+            let y = gemm_split(gpu, names, xb, wb, Some(bb), p, (batch, out_f, in_f))?;
             Storage::Cuda { gpu: gpu.clone(), buf: y }
         }
         _ => unreachable!("checked by common_device"),
@@ -152,18 +214,17 @@ fn dense_grads(
         (Storage::Cuda { gpu, buf: xb }, Storage::Cuda { buf: wb, .. }, Storage::Cuda { buf: gb, .. }) => {
             let wrap = |buf| Storage::Cuda { gpu: gpu.clone(), buf };
             let gx = if need_gx {
-                let mut gx = gpu.uninit::<f32>(batch * in_f)?;
-                let (cfg, big) = gemm_launch(batch, in_f, 1)?;
-                let name = if big { "dense_bwd_input_f32_t128" } else { "dense_bwd_input_f32_t64" };
-                crate::launch!(gpu, Module::Dense, name, cfg, wb, gb, &mut gx, &p)?;
-                Some(wrap(gx))
+                let names = ["dense_bwd_input_f32_t128", "dense_bwd_input_f32_t128x64", "dense_bwd_input_f32_t64"];
+                let p = DenseParams { relu: 0, ..p };
+                Some(wrap(gemm_split(gpu, names, wb, gb, None, p, (batch, in_f, out_f))?))
             } else {
                 None
             };
             let gw = if need_gw {
                 let mut gw = gpu.uninit::<f32>(out_f * in_f)?;
-                let (cfg, big) = gemm_launch(out_f, in_f, 1)?;
-                let name = if big { "dense_bwd_weight_f32_t128" } else { "dense_bwd_weight_f32_t64" };
+                let (cfg, tile) = gemm_launch(out_f, in_f, 1)?;
+                let names = ["dense_bwd_weight_f32_t128", "dense_bwd_weight_f32_t128x64", "dense_bwd_weight_f32_t64"];
+                let name = names[tile as usize];
                 crate::launch!(gpu, Module::Dense, name, cfg, xb, gb, &mut gw, &p)?;
                 Some(wrap(gw))
             } else {
