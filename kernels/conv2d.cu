@@ -157,14 +157,15 @@ struct BwdInB {  // B((co, kh, kw), (n, ih, iw)) = gy[n][co][oh][ow] with ih = o
         // (oh, ow) * stride, if on the output grid. Both halves stay positive: no borrow.
         const int hw = g.hw0 - e.y;
         int oh = (hw >> 16) - kWinBias, ow = (hw & 0xffff) - kWinBias;
-        if (oh < 0 || ow < 0) return 0.0f;
         if (!UNIT_STRIDE) {  // AlexNet's layers that need gx all have stride 1: a kernel without this
+            if (oh < 0 || ow < 0) return 0.0f;
             const int s = p.stride, th = oh, tw = ow;
             oh = th / s;
             ow = tw / s;
             if (oh * s != th || ow * s != tw) return 0.0f;
         }
-        if (oh >= (int)p.oh || ow >= (int)p.ow) return 0.0f;
+        // One unsigned compare per axis checks both 0 <= oh and oh < OH.
+        if ((unsigned)oh >= p.oh || (unsigned)ow >= p.ow) return 0.0f;
         return __ldg(gy + g.base + e.x + oh * (int)p.ow + ow);
     }
 };
