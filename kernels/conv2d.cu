@@ -71,14 +71,14 @@ __device__ __forceinline__ Window window_of(int q, const Conv2dParams& p) {
     const int ih0 = oh * (int)p.stride - (int)p.pad, iw0 = ow * (int)p.stride - (int)p.pad;
     return Window{n * (int)(p.c_in * p.h * p.w) + ih0 * (int)p.w + iw0, ((ih0 + kWinBias) << 16) | (iw0 + kWinBias)};
 }
-// x at (window, table entry), 0 in the padding.
-__device__ __forceinline__ float x_at(const float* __restrict__ x, const Window& win, const int2& e,
-                                      const Conv2dParams& p) {
+// The address of x at (window, table entry), or nullptr in the padding (loads as 0).
+__device__ __forceinline__ const float* x_at(const float* __restrict__ x, const Window& win, const int2& e,
+                                             const Conv2dParams& p) {
     // Adding the packed (kh, kw) to the packed (ih0, iw0) adds both halves at once (no carry: each
     // half stays below 2^16).
     const int hw = win.hw0 + e.y;
     const int ih = (hw >> 16) - kWinBias, iw = (hw & 0xffff) - kWinBias;
-    return ((unsigned)ih < p.h && (unsigned)iw < p.w) ? __ldg(x + win.base + e.x) : 0.0f;
+    return ((unsigned)ih < p.h && (unsigned)iw < p.w) ? x + win.base + e.x : nullptr;
 }
 
 // ---- forward ----
@@ -92,7 +92,8 @@ struct FwdB {  // the im2col matrix (K, batch*OH*OW), read from x
     using KPos = int2;
     __device__ __forceinline__ Window at(int q) const { return window_of(q, p); }
     __device__ __forceinline__ int2 kat(int k) const { return __ldg(tab + k); }
-    __device__ __forceinline__ float load(const Window& w, const int2& e) const { return x_at(x, w, e, p); }
+    __device__ __forceinline__ const float* ptr(const Window& w, const int2& e) const { return x_at(x, w, e, p); }
+    __device__ __forceinline__ const float* any() const { return x; }
 };
 struct FwdEpi {  // y[n][co][pix] = v + b[co], optionally max(., 0)
     float* __restrict__ y;
@@ -131,7 +132,8 @@ struct BwdInA {  // A(ci, (co, r)) = w[co][ci][r] = w[tab_w[k] + ci*KHW]
     using KPos = int;
     __device__ __forceinline__ int at(int ci) const { return ci * khw; }
     __device__ __forceinline__ int kat(int k) const { return __ldg(tab_w + k); }
-    __device__ __forceinline__ float load(int a, int b) const { return __ldg(w + a + b); }
+    __device__ __forceinline__ const float* ptr(int a, int b) const { return w + a + b; }
+    __device__ __forceinline__ const float* any() const { return w; }
 };
 struct GxPix {  // input pixel q = (n, ih, iw): gy's image offset and (ih + pad, iw + pad) packed as in Window
     int base, hw0;
@@ -153,19 +155,21 @@ struct BwdInB {  // B((co, kh, kw), (n, ih, iw)) = gy[n][co][oh][ow] with ih = o
                      ((ih + (int)p.pad + kWinBias) << 16) | (iw + (int)p.pad + kWinBias)};
     }
     __device__ __forceinline__ int2 kat(int k) const { return __ldg(tab + k); }
-    __device__ __forceinline__ float load(const GxPix& g, const int2& e) const {
+    __device__ __forceinline__ const float* any() const { return gy; }
+    __device__ __forceinline__ const float* ptr(const GxPix& g, const int2& e) const {
         // (oh, ow) * stride, if on the output grid. Both halves stay positive: no borrow.
         const int hw = g.hw0 - e.y;
         int oh = (hw >> 16) - kWinBias, ow = (hw & 0xffff) - kWinBias;
-        if (oh < 0 || ow < 0) return 0.0f;
         if (!UNIT_STRIDE) {  // AlexNet's layers that need gx all have stride 1: a kernel without this
+            if (oh < 0 || ow < 0) return nullptr;
             const int s = p.stride, th = oh, tw = ow;
             oh = th / s;
             ow = tw / s;
-            if (oh * s != th || ow * s != tw) return 0.0f;
+            if (oh * s != th || ow * s != tw) return nullptr;
         }
-        if (oh >= (int)p.oh || ow >= (int)p.ow) return 0.0f;
-        return __ldg(gy + g.base + e.x + oh * (int)p.ow + ow);
+        // One unsigned compare per axis checks both 0 <= oh and oh < OH.
+        if ((unsigned)oh >= p.oh || (unsigned)ow >= p.ow) return nullptr;
+        return gy + g.base + e.x + oh * (int)p.ow + ow;
     }
 };
 struct BwdInEpi {  // gx[n][ci][pix]
@@ -203,7 +207,8 @@ struct BwdWA {  // A(co, (n, pix)) = gy[n][co][pix] = gy[co*OHW + (n*Cout*OHW + 
         const int n = k / ohw;
         return k + n * ((int)p.c_out - 1) * ohw;
     }
-    __device__ __forceinline__ float load(int a, int b) const { return __ldg(gy + a + b); }
+    __device__ __forceinline__ const float* ptr(int a, int b) const { return gy + a + b; }
+    __device__ __forceinline__ const float* any() const { return gy; }
 };
 struct BwdWB {  // B((n, oh, ow), (ci, kh, kw)) = x[n][ci][oh*s-pad+kh][ow*s-pad+kw]: the forward's B, transposed
     const float* __restrict__ x;
@@ -215,7 +220,8 @@ struct BwdWB {  // B((n, oh, ow), (ci, kh, kw)) = x[n][ci][oh*s-pad+kh][ow*s-pad
     using KPos = Window;
     __device__ __forceinline__ int2 at(int j) const { return __ldg(tab + j); }
     __device__ __forceinline__ Window kat(int k) const { return window_of(k, p); }
-    __device__ __forceinline__ float load(const int2& e, const Window& w) const { return x_at(x, w, e, p); }
+    __device__ __forceinline__ const float* ptr(const int2& e, const Window& w) const { return x_at(x, w, e, p); }
+    __device__ __forceinline__ const float* any() const { return x; }
 };
 struct BwdWEpi {  // partial of split blockIdx.z into ws[z][co][j]
     float* __restrict__ ws;

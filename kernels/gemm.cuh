@@ -19,9 +19,9 @@
 // - Shared memory holds A transposed (As[k][m]) and B as Bs[k][n]: the inner loop reads a column
 //   of A and a row of B per k. Rows are padded by 4 floats: stores from k-fast loaders then hit
 //   32 distinct banks, and float4 alignment is kept (row pitch 4*(BM+4) bytes is a multiple of 16).
-// - Double buffering: while the block computes on k-tile i (from shared buffer i&1), each thread
-//   holds its share of tile i+1 in registers (fetched before the math, so the global loads are
-//   in flight during it) and writes it to the other buffer afterwards; one __syncthreads per tile.
+// - A 3-stage cp.async pipeline: while the block computes on k-tile i, tiles i+1 and i+2 are being
+//   copied global -> shared by cp.async (sm_80+), which needs no registers for data in flight;
+//   padding and out-of-range elements are zero-filled copies. One __syncthreads per tile.
 // - Each loader says which index is contiguous in memory (K_FAST): the tile load maps consecutive
 //   threads to consecutive k (K_FAST) or to consecutive m / n, so global reads coalesce.
 // - fp32 accumulation, fmaf.
@@ -40,6 +40,18 @@ using Tile128 = GemmTile<128, 128, 8, 8>;
 using Tile128x64 = GemmTile<128, 64, 8, 4>;  // for grids whose last 128 x 128 wave would be nearly empty
 using Tile64 = GemmTile<64, 64, 4, 4>;
 
+// cp.async (sm_80+): an asynchronous 4-byte global -> shared copy; with `full` false it copies
+// nothing and writes 0 (src-size 0), which is how padding and out-of-range elements load.
+__device__ __forceinline__ void cp_async_f32(float* dst, const float* src, bool full) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(full ? 4 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
 // Computes one BM x BN block of C, rows [m0, m0+BM), columns [n0, n0+BN), over k in [k_begin, k_end).
 //
 // Loader concept (A: rows m; B: columns n):
@@ -49,7 +61,8 @@ using Tile64 = GemmTile<64, 64, 4, 4>;
 //   Pos  at(int mn) const;                 // per-row (A) / per-column (B) state, computed once per
 //                                          //   thread before the k loop (called only with mn < M / N)
 //   KPos kat(int k) const;                 // per-k state (called with k_begin <= k < k_end)
-//   float load(const Pos&, const KPos&) const;
+//   const float* ptr(const Pos&, const KPos&) const;  // the element's address, nullptr = 0 (padding)
+//   const float* any() const;              // some valid address (the source of zero-fill copies)
 // Epilogue concept: Col col(int n) const; void operator()(int m, const Col&, float v) const.
 // Splitting the index math this way keeps divisions out of the inner loop: a thread's rows and
 // columns never change across k-tiles, and kat() runs once per distinct k (slots that share a k
@@ -61,8 +74,9 @@ __device__ __forceinline__ void gemm_block(const LA& la, const LB& lb, const EP&
     constexpr int A_PER = BM * BK / T::THREADS;  // A elements each thread loads per k-tile
     constexpr int B_PER = BN * BK / T::THREADS;
     static_assert(A_PER * T::THREADS == BM * BK && B_PER * T::THREADS == BN * BK, "even tile load");
-    __shared__ __align__(16) float As[2][BK][BM + 4];
-    __shared__ __align__(16) float Bs[2][BK][BN + 4];
+    constexpr int STAGES = 3;
+    __shared__ __align__(16) float As[STAGES][BK][BM + 4];
+    __shared__ __align__(16) float Bs[STAGES][BK][BN + 4];
 
     const int t = threadIdx.x;
     const int tx = t % 16, ty = t / 16;
@@ -109,8 +123,10 @@ __device__ __forceinline__ void gemm_block(const LA& la, const LB& lb, const EP&
         }
     }
 
-    float ra[A_PER], rb[B_PER];
-    auto fetch = [&](int k0) {
+    // Issue the copies of the k-tile starting at k0 into stage `st`: one 4-byte cp.async per
+    // element, zero-filled (src-size 0) outside the matrix and in the padding. The copies run in
+    // the background, using no registers while in flight.
+    auto issue = [&](int k0, int st) {
 #pragma unroll
         for (int i = 0; i < A_PER; ++i) {
             int mm, kk;
@@ -118,7 +134,8 @@ __device__ __forceinline__ void gemm_block(const LA& la, const LB& lb, const EP&
             const int k = k0 + kk, m = m0 + mm;
             const auto kp = la.kat(min(k, k_end - 1));
             const auto pos = LA::CHEAP_AT ? la.at(m) : pa[i];
-            ra[i] = (m < M && k < k_end) ? la.load(pos, kp) : 0.0f;
+            const float* src = (m < M && k < k_end) ? la.ptr(pos, kp) : nullptr;
+            cp_async_f32(&As[st][kk][mm], src ? src : la.any(), src != nullptr);
         }
 #pragma unroll
         for (int i = 0; i < B_PER; ++i) {
@@ -127,21 +144,8 @@ __device__ __forceinline__ void gemm_block(const LA& la, const LB& lb, const EP&
             const int k = k0 + kk, n = n0 + nn;
             const auto kp = lb.kat(min(k, k_end - 1));
             const auto pos = LB::CHEAP_AT ? lb.at(n) : pb[i];
-            rb[i] = (n < N && k < k_end) ? lb.load(pos, kp) : 0.0f;
-        }
-    };
-    auto stash = [&](int buf) {
-#pragma unroll
-        for (int i = 0; i < A_PER; ++i) {
-            int mm, kk;
-            a_pos(i, mm, kk);
-            As[buf][kk][mm] = ra[i];
-        }
-#pragma unroll
-        for (int i = 0; i < B_PER; ++i) {
-            int nn, kk;
-            b_pos(i, nn, kk);
-            Bs[buf][kk][nn] = rb[i];
+            const float* src = (n < N && k < k_end) ? lb.ptr(pos, kp) : nullptr;
+            cp_async_f32(&Bs[st][kk][nn], src ? src : lb.any(), src != nullptr);
         }
     };
 
@@ -151,22 +155,28 @@ __device__ __forceinline__ void gemm_block(const LA& la, const LB& lb, const EP&
 #pragma unroll
         for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
 
+    // STAGES-deep pipeline: tiles it+1 .. it+STAGES-1 are in flight while tile it is computed.
     const int n_tiles = k_end > k_begin ? (k_end - k_begin + BK - 1) / BK : 0;
-    if (n_tiles > 0) {
-        fetch(k_begin);
-        stash(0);
-        __syncthreads();
+#pragma unroll
+    for (int st = 0; st < STAGES - 1; ++st) {
+        if (st < n_tiles) issue(k_begin + st * BK, st);
+        cp_async_commit();  // one group per tile, empty ones too, so that the counting below holds
     }
     for (int it = 0; it < n_tiles; ++it) {
-        const int buf = it & 1;
-        const bool more = it + 1 < n_tiles;
-        if (more) fetch(k_begin + (it + 1) * BK);  // global loads in flight during the math below
+        const int st = it % STAGES;
+        cp_async_wait<STAGES - 2>();  // this thread's copies of tile it have landed
+        // Everyone's copies of tile it are visible, and everyone is done with tile it-1, whose
+        // stage the next issue overwrites.
+        __syncthreads();
+        const int next = it + STAGES - 1;
+        if (next < n_tiles) issue(k_begin + next * BK, next % STAGES);
+        cp_async_commit();
 #pragma unroll
         for (int kk = 0; kk < BK; ++kk) {
             float b[TN];
 #pragma unroll
             for (int c = 0; c < TN / 4; ++c) {
-                const float4 v = *reinterpret_cast<const float4*>(&Bs[buf][kk][c * 64 + tx * 4]);
+                const float4 v = *reinterpret_cast<const float4*>(&Bs[st][kk][c * 64 + tx * 4]);
                 b[c * 4 + 0] = v.x;
                 b[c * 4 + 1] = v.y;
                 b[c * 4 + 2] = v.z;
@@ -175,7 +185,7 @@ __device__ __forceinline__ void gemm_block(const LA& la, const LB& lb, const EP&
             // A one float4 (4 rows) at a time: 4 fragment registers instead of TM.
 #pragma unroll
             for (int c = 0; c < TM / 4; ++c) {
-                const float4 v = *reinterpret_cast<const float4*>(&As[buf][kk][c * 64 + ty * 4]);
+                const float4 v = *reinterpret_cast<const float4*>(&As[st][kk][c * 64 + ty * 4]);
                 const float a[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
                 for (int i = 0; i < 4; ++i)
@@ -183,10 +193,8 @@ __device__ __forceinline__ void gemm_block(const LA& la, const LB& lb, const EP&
                     for (int j = 0; j < TN; ++j) acc[c * 4 + i][j] = fmaf(a[i], b[j], acc[c * 4 + i][j]);
             }
         }
-        // The other buffer was last read in iteration it-1, which ended with a barrier: safe to overwrite.
-        if (more) stash(buf ^ 1);
-        __syncthreads();
     }
+    cp_async_wait<0>();
 
     typename EP::Col cols[TN];
 #pragma unroll
@@ -218,7 +226,8 @@ struct StridedLoader {
     using KPos = int;
     __device__ __forceinline__ int at(int mn) const { return mn * mn_stride; }
     __device__ __forceinline__ int kat(int k) const { return k * k_stride; }
-    __device__ __forceinline__ float load(int a, int b) const { return __ldg(p + a + b); }
+    __device__ __forceinline__ const float* ptr(int a, int b) const { return p + a + b; }
+    __device__ __forceinline__ const float* any() const { return p; }
 };
 
 // Deterministic split-K reduction: out[i] = sum_z ws[z * len + i].
