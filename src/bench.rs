@@ -64,7 +64,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if b == 0 || a.steps == 0 {
         return Err(Error::Data("--batch-size and --steps must be at least 1".into()));
     }
-    println!("{}", json!({"kind": "env", "engine": "ptxgrad", "device": device.label(), "device_name": device.hardware_name(), "kernels": crate::ptx::COMPILER}));
+    println!(
+        "{}",
+        json!({"kind": "env", "engine": "ptxgrad", "device": device.label(), "device_name": device.hardware_name(), "kernels": crate::ptx::COMPILER})
+    );
     let mut model = AlexNet::new(r, 0, &device)?;
     let x = Tensor::from_vec(&[b, 1, r, r], synthetic(b * r * r, 0.0, 1.0, 1), &device)?;
     let labels: Vec<u32> = (0..b as u32).map(|i| (i * 7 + 3) % 10).collect();
@@ -82,11 +85,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         Ok(())
     })?;
     let ms_per_step = ms / a.steps as f64;
-    let mem = match &device {
-        // Memory freed by the ops stays in the driver's stream-ordered pool, so after the run
-        // "used" is the high-water mark of the pool plus the context (not PyTorch's narrower
-        // max_memory_allocated, which excludes its cache and the context).
-        Device::Cuda(g) => g.memory().map(|(free, total)| (total - free) as f64 / (1u64 << 30) as f64).ok(),
+    // The allocation pool's high-water mark: like PyTorch's max_memory_allocated, it counts
+    // tensors and workspaces, not the CUDA context.
+    let peak_gib = match &device {
+        Device::Cuda(g) => g.peak_pool_bytes().map(|b| b as f64 / (1u64 << 30) as f64),
         Device::Cpu => None,
     };
     println!(
@@ -95,7 +97,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             "kind": "bench", "config": "ptxgrad-fp32", "batch": b, "resolution": r,
             "examples_per_sec": (b as f64 * 1e3 / ms_per_step * 10.0).round() / 10.0,
             "ms_per_step": (ms_per_step * 1e3).round() / 1e3, "warmup_s": (warmup_s * 100.0).round() / 100.0,
-            "device_mem_used_gib": mem.map(|m| (m * 100.0).round() / 100.0),
+            "peak_mem_gib": peak_gib.map(|m| (m * 100.0).round() / 100.0),
         })
     );
     if let (Device::Cuda(gpu), false) = (&device, a.no_layers) {
@@ -160,7 +162,8 @@ fn layer_table(gpu: &Gpu, device: &Device, b: usize, r: usize) -> Result<()> {
             Layer::MaxPool2d { kernel, stride } => {
                 let (_, argmax) = maxpool2d::maxpool2d_fwd(&x, kernel, stride)?;
                 let f = time_avg(gpu, REPS, || maxpool2d::maxpool2d_fwd(&x, kernel, stride).map(drop))?;
-                let bw = time_avg(gpu, REPS, || maxpool2d::maxpool2d_bwd(&argmax, &gy, &input, kernel, stride).map(drop))?;
+                let bw =
+                    time_avg(gpu, REPS, || maxpool2d::maxpool2d_bwd(&argmax, &gy, &input, kernel, stride).map(drop))?;
                 (f, bw)
             }
             Layer::Dropout { p } => {

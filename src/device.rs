@@ -145,6 +145,7 @@ impl Gpu {
             CudaContext::new(ordinal).map_err(|e| Error::cuda(format!("creating a context on cuda:{ordinal}"), e))?;
         // SAFETY: every buffer is used on this one stream only (see the module comment).
         unsafe { ctx.disable_event_tracking() };
+        keep_pool_memory(&ctx);
         let name = ctx.name().unwrap_or_else(|_| format!("cuda:{ordinal}"));
         let stream = ctx.default_stream();
         Ok(Gpu {
@@ -286,9 +287,44 @@ impl Gpu {
         start.elapsed_ms(&end).map_err(|e| Error::cuda("timing with CUDA events (a kernel may have faulted)", e))
     }
 
+    /// The most memory the allocation pool has had in use since the context was created, in
+    /// bytes (the analogue of PyTorch's `max_memory_allocated`), if the driver reports it.
+    pub fn peak_pool_bytes(&self) -> Option<u64> {
+        use cudarc::driver::sys;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut high = 0u64;
+        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        // SAFETY: as in keep_pool_memory.
+        let ok = unsafe {
+            self.ctx.bind_to_thread().is_ok()
+                && sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device()) == CuErr::CUDA_SUCCESS
+                && sys::cuMemPoolGetAttribute(pool, attr, &mut high as *mut u64 as *mut _) == CuErr::CUDA_SUCCESS
+        };
+        ok.then_some(high)
+    }
+
     /// (free, total) device memory in bytes.
     pub fn memory(&self) -> Result<(usize, usize)> {
         self.ctx.mem_get_info().map_err(|e| Error::cuda("querying device memory", e))
+    }
+}
+
+/// Buffers come from the device's default stream-ordered pool (cuMemAllocAsync). By default
+/// the pool hands freed memory back to the driver at every synchronisation, so the next step
+/// would map it again; a release threshold of "never" keeps it cached, as PyTorch's allocator
+/// does. Best effort: without it everything still works, only slower.
+fn keep_pool_memory(ctx: &CudaContext) {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: plain driver queries on a live context; the pointers outlive the calls.
+    unsafe {
+        if ctx.bind_to_thread().is_ok()
+            && sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) == CuErr::CUDA_SUCCESS
+        {
+            let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+            sys::cuMemPoolSetAttribute(pool, attr, &mut threshold as *mut u64 as *mut _);
+        }
     }
 }
 

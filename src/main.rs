@@ -12,7 +12,11 @@ use ptxgrad::train::{self, EpochReport, TrainConfig};
 use ptxgrad::Device;
 
 #[derive(Parser)]
-#[command(name = "ptxgrad", version, about = "Trains the d2l book's AlexNet on Fashion-MNIST with hand-written CUDA kernels")]
+#[command(
+    name = "ptxgrad",
+    version,
+    about = "Trains the d2l book's AlexNet on Fashion-MNIST with hand-written CUDA kernels"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -143,7 +147,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     alexnet::layer_shapes(&[1, 1, a.resize, a.resize]).context("--resize")?;
     let device = pick_device(&a.data.device)?;
     let data = load_data(&a.data, a.max_examples)?;
-    if data.train.len() == 0 {
+    if data.train.is_empty() {
         bail!("no training examples (--max-examples 0?)");
     }
     let (mut model, start_epoch) = if a.resume {

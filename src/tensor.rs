@@ -180,7 +180,11 @@ impl<T: Elem> Tensor<T> {
     pub fn write_at(&mut self, offset: usize, src: &Tensor<T>) -> Result<()> {
         let end = offset + src.len();
         if end > self.len() {
-            return Err(Error::shape("write_at", format!("at most {} elements from offset {offset}", self.len() - offset.min(self.len())), format!("{}", src.len())));
+            return Err(Error::shape(
+                "write_at",
+                format!("at most {} elements from offset {offset}", self.len() - offset.min(self.len())),
+                format!("{}", src.len()),
+            ));
         }
         common_device("write_at", &[self.device(), src.device()])?;
         match (self.storage_mut()?, src.storage()) {

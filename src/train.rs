@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::checkpoint::{self, NamedTensor};
+use crate::checkpoint;
 use crate::data::fashion_mnist::{epoch_batches, sequential_batches, Split};
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -225,11 +225,7 @@ pub const META_EPOCH: &str = "epoch";
 pub const META_RESOLUTION: &str = "resolution";
 
 pub fn save_checkpoint(model: &AlexNet, path: &std::path::Path, epoch: usize, cfg: &TrainConfig) -> Result<()> {
-    let tensors: Vec<NamedTensor> = model
-        .to_named()?
-        .into_iter()
-        .map(|(name, shape, data)| NamedTensor { name, shape, data })
-        .collect();
+    let tensors = model.to_named()?;
     let mut meta = std::collections::BTreeMap::new();
     meta.insert("format".to_string(), "ptxgrad alexnet v1 (torch nn.Sequential state_dict names)".to_string());
     meta.insert(META_EPOCH.to_string(), epoch.to_string());
@@ -250,6 +246,5 @@ pub fn load_checkpoint(path: &std::path::Path, device: &Device) -> Result<(AlexN
         v.parse().map_err(|_| Error::Data(format!("{}: metadata `{key}` is `{v}`, not a number", path.display())))
     };
     let (epoch, resolution) = (field(META_EPOCH)?, field(META_RESOLUTION)?);
-    let named = tensors.into_iter().map(|t| (t.name, t.shape, t.data)).collect();
-    Ok((AlexNet::from_named(resolution, named, device)?, epoch))
+    Ok((AlexNet::from_named(resolution, tensors, device)?, epoch))
 }

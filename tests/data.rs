@@ -329,9 +329,11 @@ fn data_dir_resolution_order() {
 
 #[test]
 fn real_fashion_mnist_loads() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fashion-mnist");
+    // Relative to the working directory: the crate root under `cargo test`, the repository
+    // root under .gpu/run.sh (no absolute build paths baked in).
+    let dir = Path::new("data/fashion-mnist");
     let t0 = std::time::Instant::now();
-    let ds = FashionMnist::load(&dir).unwrap();
+    let ds = FashionMnist::load(dir).unwrap();
     eprintln!("loaded Fashion-MNIST in {:.2?}", t0.elapsed());
     assert_eq!((ds.train.len(), ds.test.len()), (60000, 10000));
     for split in [&ds.train, &ds.test] {

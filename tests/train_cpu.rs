@@ -8,8 +8,9 @@ use ptxgrad::train::{self, TrainConfig};
 use ptxgrad::Device;
 
 fn data(train_n: usize, test_n: usize) -> FashionMnist {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/fashion-mnist");
-    let mut d = FashionMnist::load(&dir).expect("the shipped Fashion-MNIST loads");
+    // Relative to the working directory (the crate root under `cargo test`).
+    let mut d =
+        FashionMnist::load(std::path::Path::new("data/fashion-mnist")).expect("the shipped Fashion-MNIST loads");
     d.train.truncate(train_n);
     d.test.truncate(test_n);
     d
@@ -30,7 +31,8 @@ fn cpu_training_lowers_the_loss_and_beats_chance() {
     let d = data(1024, 500);
     let ckpt = tmp("alexnet.safetensors");
     let mut model = AlexNet::new(67, 1, &Device::Cpu).unwrap();
-    let reports = train::train(&mut model, &d.train, &d.test, &config(2, 0.05, Some(ckpt.clone())), 0, |_| Ok(())).unwrap();
+    let reports =
+        train::train(&mut model, &d.train, &d.test, &config(2, 0.05, Some(ckpt.clone())), 0, |_| Ok(())).unwrap();
     for r in &reports {
         eprintln!("epoch {}: loss {:.3}, train acc {:.3}, test acc {:.3}", r.epoch, r.loss, r.train_acc, r.test_acc);
     }
@@ -70,8 +72,7 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
     let before = std::fs::read(&ckpt).unwrap();
     // An absurd learning rate blows the weights up within a few steps.
     let err = train::train(&mut model, &d.train, &d.test, &config(2, 1e30, Some(ckpt.clone())), 1, |_| Ok(()))
-        .err()
-        .expect("training must stop");
+        .expect_err("training must stop");
     let msg = err.to_string();
     assert!(msg.contains("non-finite loss in epoch 2") && msg.contains("step"), "{msg}");
     assert_eq!(std::fs::read(&ckpt).unwrap(), before, "the last good checkpoint is untouched");

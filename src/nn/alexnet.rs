@@ -8,6 +8,7 @@
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+use crate::checkpoint::NamedTensor;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::nn::Param;
@@ -108,7 +109,7 @@ pub fn min_resolution() -> usize {
 }
 
 fn layer_shapes_unchecked(r: usize) -> bool {
-    let mut cur = vec![1, IN_CHANNELS, r, r];
+    let mut cur = [1, IN_CHANNELS, r, r];
     for layer in &LAYERS {
         let (k, s, p) = match *layer {
             Layer::Conv2d { kernel, stride, pad, .. } => (kernel, stride, pad),
@@ -185,13 +186,15 @@ impl AlexNet {
     }
 
     /// Builds the model from named tensors (a checkpoint), checking every name and shape.
-    pub fn from_named(resolution: usize, named: Vec<(String, Vec<usize>, Vec<f32>)>, device: &Device) -> Result<Self> {
+    pub fn from_named(resolution: usize, named: Vec<NamedTensor>, device: &Device) -> Result<Self> {
         let mut by_name: std::collections::HashMap<String, (Vec<usize>, Vec<f32>)> =
-            named.into_iter().map(|(n, s, d)| (n, (s, d))).collect();
+            named.into_iter().map(|t| (t.name, (t.shape, t.data))).collect();
         let mut params = Vec::new();
         for (name, shape) in param_shapes(resolution)? {
             let (found_shape, data) = by_name.remove(&name).ok_or_else(|| {
-                Error::Data(format!("checkpoint has no tensor `{name}` (expected AlexNet at {resolution}x{resolution})"))
+                Error::Data(format!(
+                    "checkpoint has no tensor `{name}` (expected AlexNet at {resolution}x{resolution})"
+                ))
             })?;
             if found_shape != shape {
                 return Err(Error::Data(format!(
@@ -253,9 +256,12 @@ impl AlexNet {
         Ok(h)
     }
 
-    /// The parameters as (name, shape, host data), for checkpoints.
-    pub fn to_named(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
-        self.params.iter().map(|p| Ok((p.name.clone(), p.value.shape().to_vec(), p.value.to_vec()?))).collect()
+    /// The parameters copied to the host under their state_dict names, for checkpoints.
+    pub fn to_named(&self) -> Result<Vec<NamedTensor>> {
+        self.params
+            .iter()
+            .map(|p| Ok(NamedTensor { name: p.name.clone(), shape: p.value.shape().to_vec(), data: p.value.to_vec()? }))
+            .collect()
     }
 }
 

@@ -9,6 +9,7 @@ use cudarc::driver::LaunchConfig;
 
 use crate::device::{grid_1d, Gpu};
 use crate::error::{Error, Result};
+use crate::ops::parallel::{for_each_row, map_ranges};
 use crate::ops::relu::relu_bwd;
 use crate::ptx::Module;
 use crate::tape::Tape;
@@ -203,13 +204,14 @@ pub fn col2im_add_cpu(cols: &[f32], p: &Conv2dParams, x_img: &mut [f32]) {
 }
 
 /// CPU reference forward: y = conv(x, w) + b, then max(., 0) if `relu`.
-/// x: (N, Cin, H, W), w: (Cout, Cin*KH*KW), b: (Cout) -> (N, Cout, OH, OW).
+/// x: (N, Cin, H, W), w: (Cout, Cin*KH*KW), b: (Cout) -> (N, Cout, OH, OW). Images are split
+/// over the cores.
 pub fn conv2d_fwd_cpu(x: &[f32], w: &[f32], b: &[f32], p: &Conv2dParams, relu: bool) -> Vec<f32> {
     let (k, ohw, cout) = (p.k(), p.ohw(), p.c_out as usize);
     let img_len = p.x_len() / p.n as usize;
-    let mut cols = vec![0.0f32; k * ohw];
     let mut y = vec![0.0f32; p.y_len()];
-    for (n, y_img) in y.chunks_exact_mut(cout * ohw).enumerate() {
+    for_each_row(&mut y, cout * ohw, |n, y_img| {
+        let mut cols = vec![0.0f32; k * ohw];
         im2col_cpu(&x[n * img_len..][..img_len], p, &mut cols);
         // y_img (Cout, OHW) = w (Cout, K) . cols (K, OHW), in i-k-j order (contiguous inner loop).
         for (co, out) in y_img.chunks_exact_mut(ohw).enumerate() {
@@ -223,7 +225,7 @@ pub fn conv2d_fwd_cpu(x: &[f32], w: &[f32], b: &[f32], p: &Conv2dParams, relu: b
                 out.iter_mut().for_each(|v| *v = v.max(0.0));
             }
         }
-    }
+    });
     y
 }
 
@@ -232,10 +234,9 @@ pub fn conv2d_bwd_input_cpu(w: &[f32], gy: &[f32], p: &Conv2dParams) -> Vec<f32>
     let (k, ohw, cout) = (p.k(), p.ohw(), p.c_out as usize);
     let img_len = p.x_len() / p.n as usize;
     let mut gx = vec![0.0f32; p.x_len()];
-    let mut gcols = vec![0.0f32; k * ohw];
-    for (n, gx_img) in gx.chunks_exact_mut(img_len).enumerate() {
+    for_each_row(&mut gx, img_len, |n, gx_img| {
         // gcols (K, OHW) = w^T (K, Cout) . gy_img (Cout, OHW)
-        gcols.fill(0.0);
+        let mut gcols = vec![0.0f32; k * ohw];
         let gy_img = &gy[n * cout * ohw..][..cout * ohw];
         for co in 0..cout {
             let g = &gy_img[co * ohw..][..ohw];
@@ -246,25 +247,34 @@ pub fn conv2d_bwd_input_cpu(w: &[f32], gy: &[f32], p: &Conv2dParams) -> Vec<f32>
             }
         }
         col2im_add_cpu(&gcols, p, gx_img);
-    }
+    });
     gx
 }
 
 /// CPU reference weight grad: gw (Cout, Cin, KH, KW) = sum over images of gy_img . cols_img^T.
+/// Each core sums its own run of images; the partial sums are then added in image order.
 pub fn conv2d_bwd_weight_cpu(x: &[f32], gy: &[f32], p: &Conv2dParams) -> Vec<f32> {
     let (k, ohw, cout) = (p.k(), p.ohw(), p.c_out as usize);
     let img_len = p.x_len() / p.n as usize;
-    let mut gw = vec![0.0f32; p.w_len()];
-    let mut cols = vec![0.0f32; k * ohw];
-    for n in 0..p.n as usize {
-        im2col_cpu(&x[n * img_len..][..img_len], p, &mut cols);
-        let gy_img = &gy[n * cout * ohw..][..cout * ohw];
-        for (co, gw_row) in gw.chunks_exact_mut(k).enumerate() {
-            let g = &gy_img[co * ohw..][..ohw];
-            for (kk, d) in gw_row.iter_mut().enumerate() {
-                *d += dot(g, &cols[kk * ohw..][..ohw]);
+    let partials = map_ranges(p.n as usize, |images| {
+        let mut gw = vec![0.0f32; p.w_len()];
+        let mut cols = vec![0.0f32; k * ohw];
+        for n in images {
+            im2col_cpu(&x[n * img_len..][..img_len], p, &mut cols);
+            let gy_img = &gy[n * cout * ohw..][..cout * ohw];
+            for (co, gw_row) in gw.chunks_exact_mut(k).enumerate() {
+                let g = &gy_img[co * ohw..][..ohw];
+                for (kk, d) in gw_row.iter_mut().enumerate() {
+                    *d += dot(g, &cols[kk * ohw..][..ohw]);
+                }
             }
         }
+        gw
+    });
+    let mut parts = partials.into_iter();
+    let mut gw = parts.next().unwrap_or_else(|| vec![0.0f32; p.w_len()]);
+    for part in parts {
+        gw.iter_mut().zip(part).for_each(|(d, v)| *d += v);
     }
     gw
 }

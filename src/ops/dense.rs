@@ -8,6 +8,7 @@ use cudarc::driver::CudaSlice;
 use crate::device::{grid_1d, Gpu};
 use crate::error::{Error, Result};
 use crate::ops::conv2d::{dot, gemm_launch};
+use crate::ops::parallel::{for_each_row, map_ranges};
 use crate::ops::relu::relu_bwd;
 use crate::ptx::Module;
 use crate::tape::Tape;
@@ -34,37 +35,70 @@ unsafe impl cudarc::driver::DeviceRepr for DenseParams {}
 // CPU reference (dims: batch, in_f, out_f)
 // ---------------------------------------------------------------------------------------------
 
-/// y (B, OUT) = x (B, IN) . w (OUT, IN)^T + b, then max(., 0) if `relu`.
+/// y (B, OUT) = x (B, IN) . w^T + b, then max(., 0) if `relu`.
+///
+/// Loops run over weight rows outermost, so each row of w is read once per batch rather than
+/// once per example (fc2's w is 64 MB); per output element the sums run in the same order as
+/// the textbook loop. Rows of w are split over the cores.
 pub fn dense_fwd_cpu(x: &[f32], w: &[f32], b: &[f32], in_f: usize, out_f: usize, relu: bool) -> Vec<f32> {
-    let mut y = Vec::with_capacity(x.len() / in_f * out_f);
-    for xr in x.chunks_exact(in_f) {
-        for (o, wr) in w.chunks_exact(in_f).enumerate() {
-            let v = b[o] + dot(xr, wr);
-            y.push(if relu { v.max(0.0) } else { v });
+    let batch = x.len() / in_f;
+    // Each part holds y transposed, (o, batch), for its range of o.
+    let parts = map_ranges(out_f, |os| {
+        let mut t = Vec::with_capacity(os.len() * batch);
+        for o in os {
+            let wr = &w[o * in_f..][..in_f];
+            for xr in x.chunks_exact(in_f) {
+                let v = b[o] + dot(xr, wr);
+                t.push(if relu { v.max(0.0) } else { v });
+            }
         }
+        t
+    });
+    let mut y = vec![0.0f32; batch * out_f];
+    let mut o0 = 0;
+    for part in parts {
+        for (k, &v) in part.iter().enumerate() {
+            y[(k % batch) * out_f + o0 + k / batch] = v;
+        }
+        o0 += part.len() / batch.max(1);
     }
     y
 }
 
-/// gx (B, IN) = gy (B, OUT) . w (OUT, IN), in i-k-j order.
+/// gx (B, IN) = gy (B, OUT) . w (OUT, IN): columns of gx split over the cores, rows of w
+/// outermost (read once per batch), sums over o in order.
 pub fn dense_bwd_input_cpu(w: &[f32], gy: &[f32], in_f: usize, out_f: usize) -> Vec<f32> {
-    let mut gx = vec![0.0f32; gy.len() / out_f * in_f];
-    for (gxr, gyr) in gx.chunks_exact_mut(in_f).zip(gy.chunks_exact(out_f)) {
-        for (&g, wr) in gyr.iter().zip(w.chunks_exact(in_f)) {
-            gxr.iter_mut().zip(wr).for_each(|(d, &v)| *d += g * v);
+    let batch = gy.len() / out_f;
+    let parts = map_ranges(in_f, |cs| {
+        let len = cs.len();
+        let mut t = vec![0.0f32; batch * len];
+        for o in 0..out_f {
+            let wr = &w[o * in_f + cs.start..][..len];
+            for (bb, tr) in t.chunks_exact_mut(len.max(1)).enumerate() {
+                let g = gy[bb * out_f + o];
+                tr.iter_mut().zip(wr).for_each(|(d, &v)| *d += g * v);
+            }
+        }
+        (cs, t)
+    });
+    let mut gx = vec![0.0f32; batch * in_f];
+    for (cs, t) in parts {
+        for (bb, tr) in t.chunks_exact(cs.len().max(1)).enumerate() {
+            gx[bb * in_f + cs.start..][..cs.len()].copy_from_slice(tr);
         }
     }
     gx
 }
 
-/// gw (OUT, IN) = gy^T (OUT, B) . x (B, IN).
+/// gw (OUT, IN) = gy^T (OUT, B) . x (B, IN): rows of gw split over the cores.
 pub fn dense_bwd_weight_cpu(x: &[f32], gy: &[f32], in_f: usize, out_f: usize) -> Vec<f32> {
     let mut gw = vec![0.0f32; out_f * in_f];
-    for (xr, gyr) in x.chunks_exact(in_f).zip(gy.chunks_exact(out_f)) {
-        for (gwr, &g) in gw.chunks_exact_mut(in_f).zip(gyr) {
+    for_each_row(&mut gw, in_f, |o, gwr| {
+        for (bb, xr) in x.chunks_exact(in_f).enumerate() {
+            let g = gy[bb * out_f + o];
             gwr.iter_mut().zip(xr).for_each(|(d, &v)| *d += g * v);
         }
-    }
+    });
     gw
 }
 

@@ -8,6 +8,7 @@ pub mod conv2d;
 pub mod dense;
 pub mod dropout;
 pub mod maxpool2d;
+pub mod parallel;
 pub mod relu;
 pub mod reshape;
 pub mod resize;
