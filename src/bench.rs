@@ -143,7 +143,7 @@ fn layer_table(gpu: &Gpu, device: &Device, b: usize, r: usize) -> Result<()> {
                 let y = conv2d::conv2d_fwd(&x, &w, &bias, stride, pad, fused)?;
                 let f = time_avg(gpu, REPS, || conv2d::conv2d_fwd(&x, &w, &bias, stride, pad, fused).map(drop))?;
                 let bw = time_avg(gpu, REPS, || {
-                    let g = if fused { relu::relu_bwd(&y, &gy)? } else { gy.clone() };
+                    let g = relu::through_fused_relu(fused.then_some(&y), &gy)?;
                     conv2d::conv2d_bwd(&x, &w, &g, stride, pad, i > 0).map(drop)
                 })?;
                 (f, bw)
@@ -154,7 +154,7 @@ fn layer_table(gpu: &Gpu, device: &Device, b: usize, r: usize) -> Result<()> {
                 let y = dense::dense_fwd(&x, &w, &bias, fused)?;
                 let f = time_avg(gpu, REPS, || dense::dense_fwd(&x, &w, &bias, fused).map(drop))?;
                 let bw = time_avg(gpu, REPS, || {
-                    let g = if fused { relu::relu_bwd(&y, &gy)? } else { gy.clone() };
+                    let g = relu::through_fused_relu(fused.then_some(&y), &gy)?;
                     dense::dense_bwd(&x, &w, &g, true).map(drop)
                 })?;
                 (f, bw)

@@ -1,34 +1,16 @@
 //! safetensors checkpoints: round trip, atomic writes, and clear errors for bad files.
+mod common;
+use common::TempDir;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ptxgrad::checkpoint::{load, save, NamedTensor};
 use ptxgrad::Error;
 use safetensors::tensor::{Dtype, TensorView};
 
-/// A fresh, empty directory under the system temp dir, unique to this process and test; removed
-/// when dropped (also when the test fails).
-struct TempDir(PathBuf);
-
-impl std::ops::Deref for TempDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn temp_dir(test: &str) -> TempDir {
-    let dir = std::env::temp_dir().join(format!("ptxgrad-test-checkpoint-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    TempDir(dir)
+    TempDir::new(&format!("checkpoint-{test}"))
 }
 
 fn tensor(name: &str, shape: &[usize], offset: f32) -> NamedTensor {

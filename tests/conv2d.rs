@@ -320,16 +320,7 @@ fn conv2d_rejects_bad_shapes() {
 #[ignore]
 fn conv2d_cuda_alexnet_timing() {
     let Some(dev) = gpu_or_skip("conv2d_cuda_alexnet_timing") else { return };
-    let time = |f: &dyn Fn()| {
-        f();
-        dev.synchronize().unwrap();
-        let t = std::time::Instant::now();
-        for _ in 0..10 {
-            f();
-        }
-        dev.synchronize().unwrap();
-        t.elapsed().as_secs_f64() / 10.0
-    };
+    let time = |f: &dyn Fn()| time_on(&dev, f);
     let mut total = 0.0;
     for (i, c) in ALEXNET.iter().enumerate() {
         let p = c.params();

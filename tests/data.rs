@@ -1,9 +1,11 @@
 //! The IDX reader, the Fashion-MNIST loader and batching: good files, every kind of broken file
 //! (each must give a clear error, never a panic), the real shipped dataset, and the batch orders.
+mod common;
+use common::TempDir;
 
 use std::collections::HashSet;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use flate2::write::GzEncoder;
 use flate2::Compression;
@@ -17,34 +19,8 @@ use ptxgrad::Error;
 // ---------------------------------------------------------------------------------------------
 // Helpers: synthetic IDX files in a fresh temp dir per test.
 
-/// A fresh, empty directory under the system temp dir, unique to this process and test; removed
-/// when dropped (also when the test fails).
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn join(&self, file: &str) -> PathBuf {
-        self.0.join(file)
-    }
-}
-
-impl std::ops::Deref for TempDir {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn temp_dir(test: &str) -> TempDir {
-    let dir = std::env::temp_dir().join(format!("ptxgrad-test-data-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    TempDir(dir)
+    TempDir::new(&format!("data-{test}"))
 }
 
 /// Raw (uncompressed) IDX images: magic 2051, dims (n, h, w), then pixel k = (k * 7 + seed) % 256.

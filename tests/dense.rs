@@ -163,16 +163,7 @@ fn dense_rejects_bad_shapes() {
 #[ignore]
 fn dense_cuda_alexnet_timing() {
     let Some(dev) = gpu_or_skip("dense_cuda_alexnet_timing") else { return };
-    let time = |f: &dyn Fn()| {
-        f();
-        dev.synchronize().unwrap();
-        let t = std::time::Instant::now();
-        for _ in 0..10 {
-            f();
-        }
-        dev.synchronize().unwrap();
-        t.elapsed().as_secs_f64() / 10.0
-    };
+    let time = |f: &dyn Fn()| time_on(&dev, f);
     let mut total = 0.0;
     for (i, &(batch, in_f, out_f, relu)) in ALEXNET.iter().enumerate() {
         let x = rand_tensor(&[batch, in_f], 1, &dev);

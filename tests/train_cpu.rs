@@ -1,5 +1,7 @@
 //! End-to-end training on the CPU reference: a slice of Fashion-MNIST at 67x67 (the smallest
 //! input the graph takes), checkpoints, resume, and the divergence guard.
+mod common;
+use common::TempDir;
 use std::path::PathBuf;
 
 use ptxgrad::data::fashion_mnist::FashionMnist;
@@ -16,12 +18,6 @@ fn data(train_n: usize, test_n: usize) -> FashionMnist {
     d
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ptxgrad-train-cpu-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
 fn config(epochs: usize, lr: f32, checkpoint: Option<PathBuf>) -> TrainConfig {
     TrainConfig { epochs, batch_size: 32, lr, resolution: 67, seed: 1, checkpoint, progress: false }
 }
@@ -29,7 +25,8 @@ fn config(epochs: usize, lr: f32, checkpoint: Option<PathBuf>) -> TrainConfig {
 #[test]
 fn cpu_training_lowers_the_loss_and_beats_chance() {
     let d = data(1024, 500);
-    let ckpt = tmp("alexnet.safetensors");
+    let dir = TempDir::new("train-cpu-lowers");
+    let ckpt = dir.join("alexnet.safetensors");
     let mut model = AlexNet::new(67, 1, &Device::Cpu).unwrap();
     let reports =
         train::train(&mut model, &d.train, &d.test, &config(2, 0.05, Some(ckpt.clone())), 0, |_| Ok(())).unwrap();
@@ -52,7 +49,8 @@ fn cpu_training_lowers_the_loss_and_beats_chance() {
 #[test]
 fn resume_continues_from_the_checkpoint_epoch() {
     let d = data(64, 50);
-    let ckpt = tmp("resume.safetensors");
+    let dir = TempDir::new("train-cpu-resume");
+    let ckpt = dir.join("resume.safetensors");
     let mut model = AlexNet::new(67, 2, &Device::Cpu).unwrap();
     train::train(&mut model, &d.train, &d.test, &config(1, 0.01, Some(ckpt.clone())), 0, |_| Ok(())).unwrap();
     let (mut resumed, epoch) = train::load_checkpoint(&ckpt, &Device::Cpu).unwrap();
@@ -66,7 +64,8 @@ fn resume_continues_from_the_checkpoint_epoch() {
 #[test]
 fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
     let d = data(256, 50);
-    let ckpt = tmp("diverge.safetensors");
+    let dir = TempDir::new("train-cpu-diverge");
+    let ckpt = dir.join("diverge.safetensors");
     let mut model = AlexNet::new(67, 3, &Device::Cpu).unwrap();
     train::train(&mut model, &d.train, &d.test, &config(1, 0.01, Some(ckpt.clone())), 0, |_| Ok(())).unwrap();
     let before = std::fs::read(&ckpt).unwrap();

@@ -10,7 +10,7 @@ use cudarc::driver::LaunchConfig;
 use crate::device::{grid_1d, Gpu};
 use crate::error::{Error, Result};
 use crate::ops::parallel::{for_each_row, map_ranges};
-use crate::ops::relu::relu_bwd;
+use crate::ops::relu::through_fused_relu;
 use crate::ptx::Module;
 use crate::tape::Tape;
 use crate::tensor::{common_device, Storage, Tensor};
@@ -537,14 +537,7 @@ pub fn conv2d(
     let (xs, ws) = (x.clone(), w.clone());
     let y_saved = relu.then(|| y.clone());
     tape.record(&y, &[x, w, b], move |gy, grads| {
-        let masked;
-        let gy = match &y_saved {
-            Some(y) => {
-                masked = relu_bwd(y, gy)?;
-                &masked
-            }
-            None => gy,
-        };
+        let gy = &through_fused_relu(y_saved.as_ref(), gy)?;
         let (gx, gw, gb) = conv2d_grads(&xs, &ws, gy, stride, pad, need)?;
         for (id, g) in ids.into_iter().zip([gx, gw, gb]) {
             if let Some(g) = g {

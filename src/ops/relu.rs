@@ -47,6 +47,15 @@ pub fn relu_bwd(y: &Tensor, gy: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_storage(y.shape().to_vec(), storage))
 }
 
+/// The gradient entering a layer whose ReLU ran fused inside its kernel: `gy` masked by the
+/// saved output `y`, or `gy` itself (a cheap shared clone) when the layer had no ReLU.
+pub fn through_fused_relu(y: Option<&Tensor>, gy: &Tensor) -> Result<Tensor> {
+    match y {
+        Some(y) => relu_bwd(y, gy),
+        None => Ok(gy.clone()),
+    }
+}
+
 /// Recorded ReLU.
 pub fn relu(tape: &mut Tape, x: &Tensor) -> Result<Tensor> {
     let y = relu_fwd(x)?;

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
+
 use ptxgrad::{Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -91,4 +93,46 @@ pub fn numeric_grad(x: &[f64], eps: f64, f: impl Fn(&[f64]) -> f64) -> Vec<f64> 
             (up - down) / (2.0 * eps)
         })
         .collect()
+}
+
+/// A fresh, empty directory under the system temp dir, unique to this process and test; removed
+/// when dropped (also when the test fails).
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(test: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("ptxgrad-test-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn join(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Mean wall time of `f` over 10 runs after one warm-up, synchronising `dev` around them.
+pub fn time_on(dev: &Device, f: &dyn Fn()) -> f64 {
+    f();
+    dev.synchronize().unwrap();
+    let t = std::time::Instant::now();
+    for _ in 0..10 {
+        f();
+    }
+    dev.synchronize().unwrap();
+    t.elapsed().as_secs_f64() / 10.0
 }
