@@ -248,6 +248,21 @@ impl Gpu {
         unsafe { self.stream.alloc::<T>(len) }.map_err(|e| self.oom_or(bytes, e, "allocating device memory"))
     }
 
+    /// A buffer of `len` copies of `value`, set on the device (a 32-bit memset: no kernel and
+    /// no host copy).
+    pub fn full_f32(&self, len: usize, value: f32) -> Result<CudaSlice<f32>> {
+        use cudarc::driver::DevicePtrMut as _;
+        let mut buf = self.uninit::<f32>(len)?;
+        let (ptr, _sync) = buf.device_ptr_mut(&self.stream);
+        // SAFETY: `ptr` addresses `len` f32 (4-byte) elements of a live buffer on this stream.
+        let res = unsafe { cudarc::driver::sys::cuMemsetD32Async(ptr, value.to_bits(), len, self.stream.cu_stream()) };
+        if res != CuErr::CUDA_SUCCESS {
+            return Err(Error::cuda("filling a buffer on the GPU", DriverError(res)));
+        }
+        drop(_sync);
+        Ok(buf)
+    }
+
     /// Host -> device copy.
     pub fn upload<T: Elem>(&self, host: &[T]) -> Result<CudaSlice<T>> {
         let bytes = std::mem::size_of_val(host);

@@ -99,7 +99,7 @@ impl Tape {
         if !self.tracked.contains(&loss.id()) {
             return Ok(grads);
         }
-        grads.map.insert(loss.id(), Tensor::from_vec(loss.shape(), vec![1.0], &loss.device())?);
+        grads.map.insert(loss.id(), Tensor::full(loss.shape(), 1.0, &loss.device())?);
         for (out, backward) in self.nodes.into_iter().rev() {
             // An output no one used downstream has no gradient: nothing flows back from it.
             if let Some(gy) = grads.map.remove(&out) {

@@ -220,6 +220,18 @@ impl<T: Elem> Tensor<T> {
     }
 }
 
+impl Tensor<f32> {
+    /// A tensor of `shape` filled with `value`, made on the device itself.
+    pub fn full(shape: &[usize], value: f32, device: &Device) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let storage = match device {
+            Device::Cpu => Storage::Cpu(vec![value; n]),
+            Device::Cuda(gpu) => Storage::Cuda { gpu: gpu.clone(), buf: gpu.full_f32(n, value)? },
+        };
+        Ok(Tensor::from_storage(shape.to_vec(), storage))
+    }
+}
+
 fn storage_len<T: Elem>(s: &Storage<T>) -> usize {
     match s {
         Storage::Cpu(v) => v.len(),
