@@ -106,28 +106,29 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// GPU time of one layer's forward and backward (fused ReLU included), averaged over reps.
-struct LayerTime {
-    name: String,
-    output: Vec<usize>,
-    fwd_ms: f32,
-    bwd_ms: f32,
+/// A queued unit of GPU work (one layer's forward or backward); it returns once the kernels are
+/// launched.
+pub type Work = Box<dyn FnMut() -> Result<()>>;
+
+/// One step of the network, run in isolation on synthetic data: the layers of `LAYERS` (a
+/// fused ReLU included in its conv/linear layer), the input resize, the loss and SGD.
+pub struct LayerCase {
+    pub name: String,
+    pub output: Vec<usize>,
+    pub fwd: Work,
+    /// None where the step has no backward (resize, SGD, flatten).
+    pub bwd: Option<Work>,
 }
 
-fn time_avg(gpu: &Gpu, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f32> {
-    f()?; // warm-up: loads the module, fills the allocator's pool
-    let total = gpu.time_ms(|| (0..reps).try_for_each(|_| f()))?;
-    Ok(total / reps as f32)
-}
-
-fn layer_table(gpu: &Gpu, device: &Device, b: usize, r: usize) -> Result<()> {
-    const REPS: usize = 5;
+/// The per-layer cases for a batch of `b` inputs of `r`x`r`, with the AlexNet shapes; used by
+/// `ptxgrad bench` and the criterion bench `layers`.
+pub fn layer_cases(device: &Device, b: usize, r: usize) -> Result<Vec<LayerCase>> {
     let shapes = layer_shapes(&[b, 1, r, r])?;
-    let mut rows = Vec::new();
+    let mut cases = Vec::new();
     // The input pipeline: uint8 28x28 -> f32 RxR.
     let images = Images::from_vec(&[b, 1, 28, 28], (0..b * 784).map(|i| (i * 31 % 251) as u8).collect(), device)?;
-    let fwd = time_avg(gpu, REPS, || resize::resize_bilinear(&images, r, r).map(drop))?;
-    rows.push(LayerTime { name: "resize 28->R".into(), output: vec![b, 1, r, r], fwd_ms: fwd, bwd_ms: 0.0 });
+    let fwd: Work = Box::new(move || resize::resize_bilinear(&images, r, r).map(drop));
+    cases.push(LayerCase { name: "resize 28->R".into(), output: vec![b, 1, r, r], fwd, bwd: None });
 
     let mut i = 0;
     while i < LAYERS.len() {
@@ -135,69 +136,112 @@ fn layer_table(gpu: &Gpu, device: &Device, b: usize, r: usize) -> Result<()> {
         let fused = LAYERS.get(i + 1) == Some(&Layer::Relu);
         let x = rand_tensor(&input, i as u64, device)?;
         let gy = rand_tensor(&shapes[i], 100 + i as u64, device)?;
-        let mut name = LAYERS[i].name().to_string();
-        let (fwd_ms, bwd_ms) = match LAYERS[i] {
+        let (fwd, bwd): (Work, Option<Work>) = match LAYERS[i] {
             Layer::Conv2d { out, kernel, stride, pad } => {
                 let w = rand_tensor(&[out, input[1], kernel, kernel], 200 + i as u64, device)?;
                 let bias = Tensor::zeros(&[out], device)?;
                 let y = conv2d::conv2d_fwd(&x, &w, &bias, stride, pad, fused)?;
-                let f = time_avg(gpu, REPS, || conv2d::conv2d_fwd(&x, &w, &bias, stride, pad, fused).map(drop))?;
-                let bw = time_avg(gpu, REPS, || {
-                    let g = relu::through_fused_relu(fused.then_some(&y), &gy)?;
-                    conv2d::conv2d_bwd(&x, &w, &g, stride, pad, i > 0).map(drop)
-                })?;
-                (f, bw)
+                let (x2, w2) = (x.clone(), w.clone());
+                // The first layer's input needs no gradient (as in training).
+                let need_gx = i > 0;
+                (
+                    Box::new(move || conv2d::conv2d_fwd(&x, &w, &bias, stride, pad, fused).map(drop)),
+                    Some(Box::new(move || {
+                        let g = relu::through_fused_relu(fused.then_some(&y), &gy)?;
+                        conv2d::conv2d_bwd(&x2, &w2, &g, stride, pad, need_gx).map(drop)
+                    })),
+                )
             }
             Layer::Linear { out } => {
                 let w = rand_tensor(&[out, input[1]], 200 + i as u64, device)?;
                 let bias = Tensor::zeros(&[out], device)?;
                 let y = dense::dense_fwd(&x, &w, &bias, fused)?;
-                let f = time_avg(gpu, REPS, || dense::dense_fwd(&x, &w, &bias, fused).map(drop))?;
-                let bw = time_avg(gpu, REPS, || {
-                    let g = relu::through_fused_relu(fused.then_some(&y), &gy)?;
-                    dense::dense_bwd(&x, &w, &g, true).map(drop)
-                })?;
-                (f, bw)
+                let (x2, w2) = (x.clone(), w.clone());
+                (
+                    Box::new(move || dense::dense_fwd(&x, &w, &bias, fused).map(drop)),
+                    Some(Box::new(move || {
+                        let g = relu::through_fused_relu(fused.then_some(&y), &gy)?;
+                        dense::dense_bwd(&x2, &w2, &g, true).map(drop)
+                    })),
+                )
             }
             Layer::MaxPool2d { kernel, stride } => {
                 let (_, argmax) = maxpool2d::maxpool2d_fwd(&x, kernel, stride)?;
-                let f = time_avg(gpu, REPS, || maxpool2d::maxpool2d_fwd(&x, kernel, stride).map(drop))?;
-                let bw =
-                    time_avg(gpu, REPS, || maxpool2d::maxpool2d_bwd(&argmax, &gy, &input, kernel, stride).map(drop))?;
-                (f, bw)
+                let shape = input.clone();
+                (
+                    Box::new(move || maxpool2d::maxpool2d_fwd(&x, kernel, stride).map(drop)),
+                    Some(Box::new(move || maxpool2d::maxpool2d_bwd(&argmax, &gy, &shape, kernel, stride).map(drop))),
+                )
             }
-            Layer::Dropout { p } => {
-                let f = time_avg(gpu, REPS, || dropout::dropout_fwd(&x, p, 7).map(drop))?;
-                let bw = time_avg(gpu, REPS, || dropout::dropout_bwd(&gy, p, 7).map(drop))?;
-                (f, bw)
-            }
+            Layer::Dropout { p } => (
+                Box::new(move || dropout::dropout_fwd(&x, p, 7).map(drop)),
+                Some(Box::new(move || dropout::dropout_bwd(&gy, p, 7).map(drop))),
+            ),
             Layer::Relu => {
-                let f = time_avg(gpu, REPS, || relu::relu_fwd(&x).map(drop))?;
-                let bw = time_avg(gpu, REPS, || relu::relu_bwd(&x, &gy).map(drop))?;
-                (f, bw)
+                let x2 = x.clone();
+                (
+                    Box::new(move || relu::relu_fwd(&x).map(drop)),
+                    Some(Box::new(move || relu::relu_bwd(&x2, &gy).map(drop))),
+                )
             }
-            Layer::Flatten => (0.0, 0.0), // a view: no kernel
+            // A view: no kernel.
+            Layer::Flatten => (Box::new(|| Ok(())), None),
         };
-        if fused {
-            name.push_str("+ReLU");
-        }
-        rows.push(LayerTime { name: format!("{i:>2} {name}"), output: shapes[i].clone(), fwd_ms, bwd_ms });
+        let name = format!("{i:>2} {}{}", LAYERS[i].name(), if fused { "+ReLU" } else { "" });
+        cases.push(LayerCase { name, output: shapes[i].clone(), fwd, bwd });
         i += if fused { 2 } else { 1 };
     }
 
     let logits = rand_tensor(&[b, 10], 300, device)?;
     let labels = Labels::from_vec(&[b], (0..b as u32).map(|i| i % 10).collect(), device)?;
     let (_, probs) = softmax_xent::softmax_xent_fwd(&logits, &labels)?;
-    let one = Tensor::from_vec(&[1], vec![1.0], device)?;
-    let f = time_avg(gpu, REPS, || softmax_xent::softmax_xent_fwd(&logits, &labels).map(drop))?;
-    let bw = time_avg(gpu, REPS, || softmax_xent::softmax_xent_bwd(&probs, &labels, &one).map(drop))?;
-    rows.push(LayerTime { name: "softmax-xent".into(), output: vec![1], fwd_ms: f, bwd_ms: bw });
+    let one = Tensor::full(&[1], 1.0, device)?;
+    let labels2 = labels.clone();
+    cases.push(LayerCase {
+        name: "softmax-xent".into(),
+        output: vec![1],
+        fwd: Box::new(move || softmax_xent::softmax_xent_fwd(&logits, &labels).map(drop)),
+        bwd: Some(Box::new(move || softmax_xent::softmax_xent_bwd(&probs, &labels2, &one).map(drop))),
+    });
 
     let model = AlexNet::new(r, 0, device)?;
-    let mut params: Vec<Tensor> = model.params.iter().map(|p| p.value.to_device(device)).collect::<Result<_>>()?;
+    let count = model.param_count();
+    let mut params: Vec<Tensor> = model.params.into_iter().map(|p| p.value).collect();
     let grads: Vec<Tensor> = params.iter().map(|p| Tensor::zeros(p.shape(), device)).collect::<Result<_>>()?;
-    let f = time_avg(gpu, REPS, || params.iter_mut().zip(&grads).try_for_each(|(p, g)| sgd::sgd_update(p, g, 0.01)))?;
-    rows.push(LayerTime { name: "sgd (all params)".into(), output: vec![model.param_count()], fwd_ms: f, bwd_ms: 0.0 });
+    cases.push(LayerCase {
+        name: "sgd (all params)".into(),
+        output: vec![count],
+        fwd: Box::new(move || params.iter_mut().zip(&grads).try_for_each(|(p, g)| sgd::sgd_update(p, g, 0.01))),
+        bwd: None,
+    });
+    Ok(cases)
+}
+
+/// GPU time of one case's forward and backward, averaged over reps.
+struct LayerTime {
+    name: String,
+    output: Vec<usize>,
+    fwd_ms: f32,
+    bwd_ms: f32,
+}
+
+fn time_avg(gpu: &Gpu, reps: usize, f: &mut Work) -> Result<f32> {
+    f()?; // warm-up: loads the module, fills the allocator's pool
+    let total = gpu.time_ms(|| (0..reps).try_for_each(|_| f()))?;
+    Ok(total / reps as f32)
+}
+
+fn layer_table(gpu: &Gpu, device: &Device, b: usize, r: usize) -> Result<()> {
+    const REPS: usize = 5;
+    let mut rows = Vec::new();
+    for mut case in layer_cases(device, b, r)? {
+        let fwd_ms = time_avg(gpu, REPS, &mut case.fwd)?;
+        let bwd_ms = match case.bwd.as_mut() {
+            Some(bwd) => time_avg(gpu, REPS, bwd)?,
+            None => 0.0,
+        };
+        rows.push(LayerTime { name: case.name, output: case.output, fwd_ms, bwd_ms });
+    }
 
     let total: f32 = rows.iter().map(|r| r.fwd_ms + r.bwd_ms).sum();
     for row in &rows {
