@@ -15,6 +15,10 @@ pub mod tape;
 pub mod tensor;
 pub mod train;
 
+/// See Cargo.toml: the CPU path's large, short-lived buffers are far cheaper with mimalloc.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub use device::{Device, Gpu};
 pub use error::{Error, Result};
 pub use tape::{Gradients, Tape};

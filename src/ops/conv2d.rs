@@ -9,7 +9,8 @@ use cudarc::driver::LaunchConfig;
 
 use crate::device::{grid_1d, Gpu};
 use crate::error::{Error, Result};
-use crate::ops::parallel::{for_each_row, map_ranges};
+use crate::ops::matmul_cpu::{gemm_acc, transpose};
+use crate::ops::parallel::map_ranges;
 use crate::ops::relu::through_fused_relu;
 use crate::ptx::Module;
 use crate::tape::Tape;
@@ -142,9 +143,11 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// The im2col matrix of one image: `cols` (Cin*KH*KW, OH*OW), row (ci, kh, kw), column (oh, ow),
-/// holding x[ci][oh*s-pad+kh][ow*s-pad+kw] (0 in the padding). `x_img`: (Cin, H, W).
-pub fn im2col_cpu(x_img: &[f32], p: &Conv2dParams, cols: &mut [f32]) {
+/// Writes the im2col columns of one image, x_img: (Cin, H, W), into `cols`, a matrix of K =
+/// Cin*KH*KW rows of `ld` floats, at columns `col0..col0 + OH*OW`: row (ci, kh, kw), column
+/// (oh, ow) holds x[ci][oh*s-pad+kh][ow*s-pad+kw], 0 in the padding. Several images side by
+/// side (`ld` = images * OH*OW) make one wide matrix product instead of many narrow ones.
+pub fn im2col_cpu(x_img: &[f32], p: &Conv2dParams, cols: &mut [f32], ld: usize, col0: usize) {
     let (h, w, oh, ow, s, pad) =
         (p.h as isize, p.w as isize, p.oh as usize, p.ow as usize, p.stride as isize, p.pad as isize);
     let ohw = oh * ow;
@@ -153,7 +156,7 @@ pub fn im2col_cpu(x_img: &[f32], p: &Conv2dParams, cols: &mut [f32]) {
         let plane = &x_img[ci * (h * w) as usize..][..(h * w) as usize];
         for kh in 0..p.kh as isize {
             for kw in 0..p.kw as isize {
-                let dst = &mut cols[row * ohw..][..ohw];
+                let dst = &mut cols[row * ld + col0..][..ohw];
                 for y in 0..oh {
                     let ih = y as isize * s - pad + kh;
                     let out = &mut dst[y * ow..][..ow];
@@ -174,7 +177,7 @@ pub fn im2col_cpu(x_img: &[f32], p: &Conv2dParams, cols: &mut [f32]) {
 }
 
 /// The adjoint of `im2col_cpu`: adds each column entry back onto the pixel it came from.
-pub fn col2im_add_cpu(cols: &[f32], p: &Conv2dParams, x_img: &mut [f32]) {
+pub fn col2im_add_cpu(cols: &[f32], p: &Conv2dParams, ld: usize, col0: usize, x_img: &mut [f32]) {
     let (h, w, oh, ow, s, pad) =
         (p.h as isize, p.w as isize, p.oh as usize, p.ow as usize, p.stride as isize, p.pad as isize);
     let ohw = oh * ow;
@@ -183,7 +186,7 @@ pub fn col2im_add_cpu(cols: &[f32], p: &Conv2dParams, x_img: &mut [f32]) {
         let plane = &mut x_img[ci * (h * w) as usize..][..(h * w) as usize];
         for kh in 0..p.kh as isize {
             for kw in 0..p.kw as isize {
-                let src = &cols[row * ohw..][..ohw];
+                let src = &cols[row * ld + col0..][..ohw];
                 for y in 0..oh {
                     let ih = y as isize * s - pad + kh;
                     if ih < 0 || ih >= h {
@@ -203,71 +206,100 @@ pub fn col2im_add_cpu(cols: &[f32], p: &Conv2dParams, x_img: &mut [f32]) {
     }
 }
 
-/// CPU reference forward: y = conv(x, w) + b, then max(., 0) if `relu`.
-/// x: (N, Cin, H, W), w: (Cout, Cin*KH*KW), b: (Cout) -> (N, Cout, OH, OW). Images are split
-/// over the cores.
-pub fn conv2d_fwd_cpu(x: &[f32], w: &[f32], b: &[f32], p: &Conv2dParams, relu: bool) -> Vec<f32> {
-    let (k, ohw, cout) = (p.k(), p.ohw(), p.c_out as usize);
-    let img_len = p.x_len() / p.n as usize;
-    let mut y = vec![0.0f32; p.y_len()];
-    for_each_row(&mut y, cout * ohw, |n, y_img| {
-        let mut cols = vec![0.0f32; k * ohw];
-        im2col_cpu(&x[n * img_len..][..img_len], p, &mut cols);
-        // y_img (Cout, OHW) = w (Cout, K) . cols (K, OHW), in i-k-j order (contiguous inner loop).
-        for (co, out) in y_img.chunks_exact_mut(ohw).enumerate() {
-            out.fill(b[co]);
-            for (kk, &a) in w[co * k..][..k].iter().enumerate() {
-                for (o, &c) in out.iter_mut().zip(&cols[kk * ohw..][..ohw]) {
-                    *o += a * c;
-                }
-            }
-            if relu {
-                out.iter_mut().for_each(|v| *v = v.max(0.0));
-            }
-        }
-    });
-    y
+/// Images per im2col matrix: as many as keep it under 4M floats (16 MB), at least one.
+fn images_per_chunk(p: &Conv2dParams) -> usize {
+    ((1usize << 22) / (p.k() * p.ohw()).max(1)).max(1)
 }
 
-/// CPU reference input grad: gx (N, Cin, H, W) from w (Cout, Cin, KH, KW) and gy (N, Cout, OH, OW).
-pub fn conv2d_bwd_input_cpu(w: &[f32], gy: &[f32], p: &Conv2dParams) -> Vec<f32> {
-    let (k, ohw, cout) = (p.k(), p.ohw(), p.c_out as usize);
-    let img_len = p.x_len() / p.n as usize;
-    let mut gx = vec![0.0f32; p.x_len()];
-    for_each_row(&mut gx, img_len, |n, gx_img| {
-        // gcols (K, OHW) = w^T (K, Cout) . gy_img (Cout, OHW)
-        let mut gcols = vec![0.0f32; k * ohw];
-        let gy_img = &gy[n * cout * ohw..][..cout * ohw];
+/// The im2col matrix (K, g*OHW) of images `first..first + g`.
+fn im2col_images(x: &[f32], p: &Conv2dParams, first: usize, g: usize) -> Vec<f32> {
+    let (img_len, ohw) = (p.x_len() / p.n as usize, p.ohw());
+    let mut cols = vec![0.0f32; p.k() * g * ohw];
+    for i in 0..g {
+        im2col_cpu(&x[(first + i) * img_len..][..img_len], p, &mut cols, g * ohw, i * ohw);
+    }
+    cols
+}
+
+/// gy of images `first..first + g`, (g, Cout, OHW), regrouped as the matrix (Cout, g*OHW).
+fn gy_matrix(gy: &[f32], p: &Conv2dParams, first: usize, g: usize) -> Vec<f32> {
+    let (ohw, cout) = (p.ohw(), p.c_out as usize);
+    let np = g * ohw;
+    let mut m = vec![0.0f32; cout * np];
+    for i in 0..g {
         for co in 0..cout {
-            let g = &gy_img[co * ohw..][..ohw];
-            for (kk, &a) in w[co * k..][..k].iter().enumerate() {
-                for (d, &v) in gcols[kk * ohw..][..ohw].iter_mut().zip(g) {
-                    *d += a * v;
+            m[co * np + i * ohw..][..ohw].copy_from_slice(&gy[((first + i) * cout + co) * ohw..][..ohw]);
+        }
+    }
+    m
+}
+
+/// CPU reference forward: y = conv(x, w) + b, then max(., 0) if `relu`.
+/// x: (N, Cin, H, W), w: (Cout, Cin*KH*KW), b: (Cout) -> (N, Cout, OH, OW).
+/// Per chunk of images: Y (Cout, g*OHW) = W (Cout, K) . im2col (K, g*OHW); chunks of images
+/// are split over the cores.
+pub fn conv2d_fwd_cpu(x: &[f32], w: &[f32], b: &[f32], p: &Conv2dParams, relu: bool) -> Vec<f32> {
+    let (k, ohw, cout, n) = (p.k(), p.ohw(), p.c_out as usize, p.n as usize);
+    let chunk = images_per_chunk(p);
+    let parts = map_ranges(n, |images| {
+        let mut out = Vec::with_capacity(images.len() * cout * ohw);
+        for first in images.clone().step_by(chunk) {
+            let g = chunk.min(images.end - first);
+            let np = g * ohw;
+            let cols = im2col_images(x, p, first, g);
+            let mut ym: Vec<f32> = (0..cout).flat_map(|co| std::iter::repeat_n(b[co], np)).collect();
+            gemm_acc(cout, np, k, w, &cols, &mut ym);
+            // (Cout, g*OHW) -> (g, Cout, OHW)
+            for i in 0..g {
+                for co in 0..cout {
+                    let row = &ym[co * np + i * ohw..][..ohw];
+                    out.extend(row.iter().map(|&v| if relu { v.max(0.0) } else { v }));
                 }
             }
         }
-        col2im_add_cpu(&gcols, p, gx_img);
+        out
     });
-    gx
+    parts.concat()
 }
 
-/// CPU reference weight grad: gw (Cout, Cin, KH, KW) = sum over images of gy_img . cols_img^T.
-/// Each core sums its own run of images; the partial sums are then added in image order.
-pub fn conv2d_bwd_weight_cpu(x: &[f32], gy: &[f32], p: &Conv2dParams) -> Vec<f32> {
-    let (k, ohw, cout) = (p.k(), p.ohw(), p.c_out as usize);
-    let img_len = p.x_len() / p.n as usize;
-    let partials = map_ranges(p.n as usize, |images| {
-        let mut gw = vec![0.0f32; p.w_len()];
-        let mut cols = vec![0.0f32; k * ohw];
-        for n in images {
-            im2col_cpu(&x[n * img_len..][..img_len], p, &mut cols);
-            let gy_img = &gy[n * cout * ohw..][..cout * ohw];
-            for (co, gw_row) in gw.chunks_exact_mut(k).enumerate() {
-                let g = &gy_img[co * ohw..][..ohw];
-                for (kk, d) in gw_row.iter_mut().enumerate() {
-                    *d += dot(g, &cols[kk * ohw..][..ohw]);
-                }
+/// CPU reference input grad: gx (N, Cin, H, W) from w (Cout, Cin, KH, KW) and gy (N, Cout, OH, OW):
+/// per chunk of images, gcols (K, g*OHW) = W^T (K, Cout) . gY (Cout, g*OHW), then col2im.
+pub fn conv2d_bwd_input_cpu(w: &[f32], gy: &[f32], p: &Conv2dParams) -> Vec<f32> {
+    let (k, ohw, cout, n) = (p.k(), p.ohw(), p.c_out as usize, p.n as usize);
+    let img_len = p.x_len() / n;
+    let wt = transpose(w, cout, k);
+    let chunk = images_per_chunk(p);
+    let parts = map_ranges(n, |images| {
+        let mut out = vec![0.0f32; images.len() * img_len];
+        for first in images.clone().step_by(chunk) {
+            let g = chunk.min(images.end - first);
+            let np = g * ohw;
+            let gym = gy_matrix(gy, p, first, g);
+            let mut gcols = vec![0.0f32; k * np];
+            gemm_acc(k, np, cout, &wt, &gym, &mut gcols);
+            for i in 0..g {
+                let at = (first + i - images.start) * img_len;
+                col2im_add_cpu(&gcols, p, np, i * ohw, &mut out[at..][..img_len]);
             }
+        }
+        out
+    });
+    parts.concat()
+}
+
+/// CPU reference weight grad: gw (Cout, Cin, KH, KW) = sum over chunks of images of
+/// gY (Cout, g*OHW) . im2col^T (g*OHW, K). Each core sums its own run of images; the partial
+/// sums are then added in image order.
+pub fn conv2d_bwd_weight_cpu(x: &[f32], gy: &[f32], p: &Conv2dParams) -> Vec<f32> {
+    let (k, ohw, cout, n) = (p.k(), p.ohw(), p.c_out as usize, p.n as usize);
+    let chunk = images_per_chunk(p);
+    let partials = map_ranges(n, |images| {
+        let mut gw = vec![0.0f32; p.w_len()];
+        for first in images.clone().step_by(chunk) {
+            let g = chunk.min(images.end - first);
+            let np = g * ohw;
+            let cols_t = transpose(&im2col_images(x, p, first, g), k, np);
+            gemm_acc(cout, k, np, &gy_matrix(gy, p, first, g), &cols_t, &mut gw);
         }
         gw
     });
