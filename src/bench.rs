@@ -26,7 +26,7 @@ pub struct BenchArgs {
     /// Input height and width
     #[arg(long, default_value_t = 224)]
     pub resize: usize,
-    /// cuda, cuda:N or cpu (the CPU is very slow at 224: use --resize 67 and few steps)
+    /// cuda, cuda:N or cpu (the CPU is very slow at 224: use --resize 65 and few steps)
     #[arg(long, default_value = "cuda")]
     pub device: String,
     /// Skip the per-layer table

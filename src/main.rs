@@ -67,7 +67,7 @@ struct TrainArgs {
     /// Learning rate (plain SGD)
     #[arg(long, default_value_t = 0.01, allow_negative_numbers = true)]
     lr: f32,
-    /// Height and width the 28x28 images are resized to (bilinear); the network works from 67 up
+    /// Height and width the 28x28 images are resized to (bilinear); the network works from 65 up
     #[arg(long, default_value_t = 224)]
     resize: usize,
     #[arg(long, default_value_t = 0)]

@@ -157,7 +157,7 @@ pub fn param_shapes(resolution: usize) -> Result<Vec<(String, Vec<usize>)>> {
 }
 
 pub struct AlexNet {
-    /// Input height and width (224 in the book; the graph works from 67 up).
+    /// Input height and width (224 in the book; the graph works from 65 up, see `min_resolution`).
     pub resolution: usize,
     /// In state_dict order: 0.weight, 0.bias, 3.weight, ...
     pub params: Vec<Param>,
