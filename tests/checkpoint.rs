@@ -1,12 +1,11 @@
 //! safetensors checkpoints: round trip, atomic writes, and clear errors for bad files.
 mod common;
-use common::TempDir;
+use common::{assert_mentions, err_msg, TempDir};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use ptxgrad::checkpoint::{load, save, NamedTensor};
-use ptxgrad::Error;
 use safetensors::tensor::{Dtype, TensorView};
 
 fn temp_dir(test: &str) -> TempDir {
@@ -20,19 +19,6 @@ fn tensor(name: &str, shape: &[usize], offset: f32) -> NamedTensor {
 
 fn meta(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-}
-
-fn err_msg<T: std::fmt::Debug>(r: Result<T, Error>) -> String {
-    match r {
-        Ok(v) => panic!("expected an error, got Ok({v:?})"),
-        Err(e) => e.to_string(),
-    }
-}
-
-fn assert_mentions(msg: &str, pieces: &[&str]) {
-    for p in pieces {
-        assert!(msg.contains(p), "error message {msg:?} should mention {p:?}");
-    }
 }
 
 /// Files in `dir` (names only), sorted.

@@ -1,7 +1,7 @@
 //! The IDX reader, the Fashion-MNIST loader and batching: good files, every kind of broken file
 //! (each must give a clear error, never a panic), the real shipped dataset, and the batch orders.
 mod common;
-use common::TempDir;
+use common::{assert_mentions, err_msg, TempDir};
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -14,7 +14,6 @@ use ptxgrad::data::{
     epoch_batches, parse_images, parse_labels, read_images, read_labels, resolve_data_dir, sequential_batches,
     FashionMnist, Split, CLASS_NAMES,
 };
-use ptxgrad::Error;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers: synthetic IDX files in a fresh temp dir per test.
@@ -63,21 +62,6 @@ fn write_dataset(dir: &Path) {
     write_gz(&dir.join(TRAIN_LABELS), &idx_labels(&cycle_labels(12)));
     write_gz(&dir.join(TEST_IMAGES), &idx_images(5, 28, 28, 2));
     write_gz(&dir.join(TEST_LABELS), &idx_labels(&cycle_labels(5)));
-}
-
-/// The error's message, failing the test if it is not an error.
-fn err_msg<T: std::fmt::Debug>(r: Result<T, Error>) -> String {
-    match r {
-        Ok(v) => panic!("expected an error, got Ok({v:?})"),
-        Err(e) => e.to_string(),
-    }
-}
-
-/// Asserts `msg` contains every piece (so the test says which one is missing).
-fn assert_mentions(msg: &str, pieces: &[&str]) {
-    for p in pieces {
-        assert!(msg.contains(p), "error message {msg:?} should mention {p:?}");
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -136,3 +136,18 @@ pub fn time_on(dev: &Device, f: &dyn Fn()) -> f64 {
     dev.synchronize().unwrap();
     t.elapsed().as_secs_f64() / 10.0
 }
+
+/// The error's message, failing the test if it is not an error.
+pub fn err_msg<T: std::fmt::Debug>(r: Result<T, ptxgrad::Error>) -> String {
+    match r {
+        Ok(v) => panic!("expected an error, got Ok({v:?})"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Asserts `msg` contains every piece (so the test says which one is missing).
+pub fn assert_mentions(msg: &str, pieces: &[&str]) {
+    for p in pieces {
+        assert!(msg.contains(p), "error message {msg:?} should mention {p:?}");
+    }
+}
