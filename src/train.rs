@@ -139,14 +139,17 @@ pub fn train(
                 let recent = &losses.to_vec()?[checked..=step];
                 if let Some(bad) = recent.iter().position(|l| !l.is_finite()) {
                     bar.abandon();
+                    let kept = match (&cfg.checkpoint, epoch - 1) {
+                        (Some(p), 0) => format!("nothing was written to {}", p.display()),
+                        (Some(p), done) => format!("{} (after epoch {done}) is intact", p.display()),
+                        (None, _) => "no checkpoint was being written".to_string(),
+                    };
                     return Err(Error::Data(format!(
-                        "training diverged: non-finite loss ({}) in epoch {epoch} at step {} of {} (lr {}); \
-                         the last checkpoint written (after epoch {}) is intact",
+                        "training diverged: non-finite loss ({}) in epoch {epoch} at step {} of {} (lr {}); {kept}",
                         recent[bad],
                         checked + bad + 1,
                         batches.len(),
                         cfg.lr,
-                        epoch - 1
                     )));
                 }
                 checked = step + 1;
