@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared device run, sized for a 15-minute GPU lease (about 7 minutes of work on an
+# One prepared device run, sized for a 15-minute GPU lease (about 5 minutes of work on an
 # H200): every CUDA test, ptxgrad's bench with the per-layer table, the PyTorch peer's bench,
 # and 10 epochs of training. Build and pack here first:
 #     ../shared/gpu/pack --data --peer
