@@ -107,11 +107,6 @@ pub fn driver_present() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
-/// Whether `Device::parse("cuda")` would succeed (a driver, a device, and compiled kernels).
-pub fn cuda_available() -> bool {
-    Gpu::get(0).is_ok()
-}
-
 impl Gpu {
     /// The shared handle for device `ordinal`, created on first use.
     pub fn get(ordinal: usize) -> Result<Arc<Gpu>> {
@@ -161,10 +156,6 @@ impl Gpu {
 
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
-    }
-
-    pub fn context(&self) -> &Arc<CudaContext> {
-        &self.ctx
     }
 
     /// A kernel function, loading its module on first use.
@@ -269,11 +260,6 @@ impl Gpu {
         self.stream.clone_htod(host).map_err(|e| self.oom_or(bytes, e, "copying to the GPU"))
     }
 
-    /// Host -> device copy into an existing buffer of the same length.
-    pub fn upload_into<T: Elem>(&self, host: &[T], dst: &mut CudaSlice<T>) -> Result<()> {
-        self.stream.memcpy_htod(host, dst).map_err(|e| Error::cuda("copying to the GPU", e))
-    }
-
     /// Device -> host copy (waits for the stream).
     pub fn download<T: Elem>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
         self.stream.clone_dtoh(dev).map_err(|e| {
@@ -316,11 +302,6 @@ impl Gpu {
                 && sys::cuMemPoolGetAttribute(pool, attr, &mut high as *mut u64 as *mut _) == CuErr::CUDA_SUCCESS
         };
         ok.then_some(high)
-    }
-
-    /// (free, total) device memory in bytes.
-    pub fn memory(&self) -> Result<(usize, usize)> {
-        self.ctx.mem_get_info().map_err(|e| Error::cuda("querying device memory", e))
     }
 }
 
