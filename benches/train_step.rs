@@ -5,17 +5,21 @@
 //!   reason when no GPU is present (fails under PTXGRAD_REQUIRE_GPU=1).
 //! - `train_step/cpu`: the same step on the CPU reference at 67x67, batch 4, so that
 //!   `cargo bench` measures something on machines without a GPU.
+//! - `train_step/cuda_b128_224px_winograd`: the CUDA step with Winograd convolutions (conv2-5).
 //!
 //! Each iteration ends with a device synchronisation inside the timed region: kernels are
 //! asynchronous, and timing only their launch would overstate the speed.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ptxgrad::nn::alexnet::AlexNet;
+use ptxgrad::ops::conv2d::ConvAlgo;
 use ptxgrad::train::train_step;
 use ptxgrad::{Device, Labels, Tensor};
 
-fn bench_step(c: &mut Criterion, name: &str, device: Device, batch: usize, res: usize) {
+fn bench_step(c: &mut Criterion, name: &str, device: &Device, batch: usize, res: usize, algo: ConvAlgo) {
+    let device = device.clone();
     let mut model = AlexNet::new(res, 0, &device).expect("model");
+    model.conv_algo = algo;
     let pixels: Vec<f32> = (0..batch * res * res).map(|i| (i % 255) as f32 / 255.0).collect();
     let x = Tensor::from_vec(&[batch, 1, res, res], pixels, &device).expect("input");
     let y = Labels::from_vec(&[batch], (0..batch as u32).map(|i| i % 10).collect(), &device).expect("labels");
@@ -36,9 +40,13 @@ fn bench_step(c: &mut Criterion, name: &str, device: Device, batch: usize, res: 
 }
 
 fn benches(c: &mut Criterion) {
-    bench_step(c, "cpu_b4_67px", Device::Cpu, 4, 67);
+    let wino = ConvAlgo::Winograd { tile: None };
+    bench_step(c, "cpu_b4_67px", &Device::Cpu, 4, 67, ConvAlgo::ImplicitGemm);
     match Device::parse("cuda") {
-        Ok(gpu) => bench_step(c, "cuda_b128_224px", gpu, 128, 224),
+        Ok(gpu) => {
+            bench_step(c, "cuda_b128_224px", &gpu, 128, 224, ConvAlgo::ImplicitGemm);
+            bench_step(c, "cuda_b128_224px_winograd", &gpu, 128, 224, wino);
+        }
         Err(e) if std::env::var("PTXGRAD_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
             panic!("PTXGRAD_REQUIRE_GPU=1 but no GPU: {e}")
         }

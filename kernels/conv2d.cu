@@ -223,13 +223,6 @@ struct BwdWB {  // B((n, oh, ow), (ci, kh, kw)) = x[n][ci][oh*s-pad+kh][ow*s-pad
     __device__ __forceinline__ const float* ptr(const int2& e, const Window& w) const { return x_at(x, w, e, p); }
     __device__ __forceinline__ const float* any() const { return x; }
 };
-struct BwdWEpi {  // partial of split blockIdx.z into ws[z][co][j]
-    float* __restrict__ ws;
-    int N;
-    using Col = int;
-    __device__ __forceinline__ int col(int j) const { return j; }
-    __device__ __forceinline__ void operator()(int co, int j, float v) const { ws[co * N + j] = v; }
-};
 
 template <class T>
 __device__ __forceinline__ void conv_bwd_weight(const float* x, const float* gy, float* ws, const int2* tab,
@@ -238,7 +231,7 @@ __device__ __forceinline__ void conv_bwd_weight(const float* x, const float* gy,
     const int k_begin = blockIdx.z * p.k_chunk;
     const int k_end = min(K, k_begin + (int)p.k_chunk);
     float* part = ws + (unsigned long long)blockIdx.z * M * N;
-    gemm_block<T>(BwdWA{gy, p}, BwdWB{x, tab, p}, BwdWEpi{part, N}, M, N, k_begin, k_end, blockIdx.y * T::BM,
+    gemm_block<T>(BwdWA{gy, p}, BwdWB{x, tab, p}, StoreEpi{part, N}, M, N, k_begin, k_end, blockIdx.y * T::BM,
                   blockIdx.x * T::BN);
 }
 

@@ -51,13 +51,6 @@ struct FwdEpi {
         y[i * out_f + o] = v;
     }
 };
-struct StoreEpi {  // c[m][n], row-major with ld columns
-    float* __restrict__ c;
-    int ld;
-    using Col = int;
-    __device__ __forceinline__ int col(int n) const { return n; }
-    __device__ __forceinline__ void operator()(int m, int n, float v) const { c[m * ld + n] = v; }
-};
 
 // StridedLoader<K_FAST>{p, mn_stride, k_stride}: element (mn, k) = p[mn * mn_stride + k * k_stride].
 template <class T>

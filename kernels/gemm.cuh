@@ -230,6 +230,15 @@ struct StridedLoader {
     __device__ __forceinline__ const float* any() const { return p; }
 };
 
+// The plain epilogue: C[m][n] stored row-major with `ld` columns.
+struct StoreEpi {
+    float* __restrict__ c;
+    int ld;
+    using Col = int;
+    __device__ __forceinline__ int col(int n) const { return n; }
+    __device__ __forceinline__ void operator()(int m, int n, float v) const { c[m * ld + n] = v; }
+};
+
 // Deterministic split-K reduction: out[i] = sum_z ws[z * len + i].
 __device__ __forceinline__ void splitk_sum(const float* __restrict__ ws, float* __restrict__ out, unsigned len,
                                            unsigned splits) {

@@ -11,6 +11,7 @@ use serde_json::json;
 use crate::device::{Device, Gpu};
 use crate::error::{Error, Result};
 use crate::nn::alexnet::{layer_shapes, AlexNet, Layer, LAYERS};
+use crate::ops::conv2d::ConvAlgo;
 use crate::ops::{conv2d, dense, dropout, maxpool2d, relu, resize, sgd, softmax_xent};
 use crate::tensor::{Images, Labels, Tensor};
 use crate::train::train_step;
@@ -32,6 +33,10 @@ pub struct BenchArgs {
     /// Skip the per-layer table
     #[arg(long)]
     pub no_layers: bool,
+    /// Convolution algorithm: gemm (implicit GEMM), winograd (F(4x4,3x3) and F(2x2,5x5) where
+    /// they apply), or winograd:M (output tile M)
+    #[arg(long, default_value = "gemm")]
+    pub conv_algo: ConvAlgo,
 }
 
 /// Deterministic pseudo-random values in [lo, hi) (no RNG state to carry around).
@@ -69,6 +74,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         json!({"kind": "env", "engine": "ptxgrad", "device": device.label(), "device_name": device.hardware_name(), "kernels": crate::ptx::COMPILER})
     );
     let mut model = AlexNet::new(r, 0, &device)?;
+    model.conv_algo = a.conv_algo;
     let x = Tensor::from_vec(&[b, 1, r, r], synthetic(b * r * r, 0.0, 1.0, 1), &device)?;
     let labels: Vec<u32> = (0..b as u32).map(|i| (i * 7 + 3) % 10).collect();
     let y = Labels::from_vec(&[b], labels, &device)?;
@@ -94,14 +100,14 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     println!(
         "{}",
         json!({
-            "kind": "bench", "config": "ptxgrad-fp32", "batch": b, "resolution": r,
+            "kind": "bench", "config": "ptxgrad-fp32", "conv_algo": a.conv_algo.to_string(), "batch": b, "resolution": r,
             "examples_per_sec": (b as f64 * 1e3 / ms_per_step * 10.0).round() / 10.0,
             "ms_per_step": (ms_per_step * 1e3).round() / 1e3, "warmup_s": (warmup_s * 100.0).round() / 100.0,
             "peak_mem_gib": peak_gib.map(|m| (m * 100.0).round() / 100.0),
         })
     );
     if let (Device::Cuda(gpu), false) = (&device, a.no_layers) {
-        layer_table(gpu, &device, b, r)?;
+        layer_table(gpu, &device, b, r, a.conv_algo)?;
     }
     Ok(())
 }
@@ -120,9 +126,9 @@ pub struct LayerCase {
     pub bwd: Option<Work>,
 }
 
-/// The per-layer cases for a batch of `b` inputs of `r`x`r`, with the AlexNet shapes; used by
-/// `ptxgrad bench` and the criterion bench `layers`.
-pub fn layer_cases(device: &Device, b: usize, r: usize) -> Result<Vec<LayerCase>> {
+/// The per-layer cases for a batch of `b` inputs of `r`x`r`, with the AlexNet shapes and the
+/// convolutions run by `algo`; used by `ptxgrad bench` and the criterion bench `layers`.
+pub fn layer_cases(device: &Device, b: usize, r: usize, algo: ConvAlgo) -> Result<Vec<LayerCase>> {
     let shapes = layer_shapes(&[b, 1, r, r])?;
     let mut cases = Vec::new();
     // The input pipeline: uint8 28x28 -> f32 RxR.
@@ -140,15 +146,15 @@ pub fn layer_cases(device: &Device, b: usize, r: usize) -> Result<Vec<LayerCase>
             Layer::Conv2d { out, kernel, stride, pad } => {
                 let w = rand_tensor(&[out, input[1], kernel, kernel], 200 + i as u64, device)?;
                 let bias = Tensor::zeros(&[out], device)?;
-                let y = conv2d::conv2d_fwd(&x, &w, &bias, stride, pad, fused)?;
+                let y = conv2d::conv2d_fwd_with(&x, &w, &bias, stride, pad, fused, algo)?;
                 let (x2, w2) = (x.clone(), w.clone());
                 // The first layer's input needs no gradient (as in training).
                 let need_gx = i > 0;
                 (
-                    Box::new(move || conv2d::conv2d_fwd(&x, &w, &bias, stride, pad, fused).map(drop)),
+                    Box::new(move || conv2d::conv2d_fwd_with(&x, &w, &bias, stride, pad, fused, algo).map(drop)),
                     Some(Box::new(move || {
                         let g = relu::through_fused_relu(fused.then_some(&y), &gy)?;
-                        conv2d::conv2d_bwd(&x2, &w2, &g, stride, pad, need_gx).map(drop)
+                        conv2d::conv2d_bwd_with(&x2, &w2, &g, stride, pad, need_gx, algo).map(drop)
                     })),
                 )
             }
@@ -231,10 +237,10 @@ fn time_avg(gpu: &Gpu, reps: usize, f: &mut Work) -> Result<f32> {
     Ok(total / reps as f32)
 }
 
-fn layer_table(gpu: &Gpu, device: &Device, b: usize, r: usize) -> Result<()> {
+fn layer_table(gpu: &Gpu, device: &Device, b: usize, r: usize, algo: ConvAlgo) -> Result<()> {
     const REPS: usize = 5;
     let mut rows = Vec::new();
-    for mut case in layer_cases(device, b, r)? {
+    for mut case in layer_cases(device, b, r, algo)? {
         let fwd_ms = time_avg(gpu, REPS, &mut case.fwd)?;
         let bwd_ms = match case.bwd.as_mut() {
             Some(bwd) => time_avg(gpu, REPS, bwd)?,
@@ -251,7 +257,7 @@ fn layer_table(gpu: &Gpu, device: &Device, b: usize, r: usize) -> Result<()> {
                    "fwd_ms": row.fwd_ms, "bwd_ms": row.bwd_ms})
         );
     }
-    println!("\nper-layer GPU time, batch {b} at {r}x{r} (CUDA events, mean of {REPS}):");
+    println!("\nper-layer GPU time, batch {b} at {r}x{r}, convolutions by {algo} (CUDA events, mean of {REPS}):");
     println!("{:<22} {:>20} {:>9} {:>9} {:>7}", "layer", "output", "fwd ms", "bwd ms", "share");
     for row in &rows {
         println!(

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use ptxgrad::data::fashion_mnist::{resolve_data_dir, FashionMnist, CLASS_NAMES};
 use ptxgrad::nn::alexnet::{self, AlexNet};
+use ptxgrad::ops::conv2d::ConvAlgo;
 use ptxgrad::train::{self, EpochReport, TrainConfig};
 use ptxgrad::Device;
 
@@ -54,6 +55,10 @@ struct DataArgs {
     /// cpu, cuda, cuda:N, or auto (cuda:0 when a GPU can be used, else cpu)
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Convolution algorithm: gemm (implicit GEMM), winograd (F(4x4,3x3) and F(2x2,5x5) where
+    /// they apply), or winograd:M (output tile M)
+    #[arg(long, default_value = "gemm")]
+    conv_algo: ConvAlgo,
 }
 
 #[derive(Args)]
@@ -161,6 +166,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     } else {
         (AlexNet::new(a.resize, a.seed, &device)?, 0)
     };
+    model.conv_algo = a.data.conv_algo;
     if start_epoch >= a.epochs {
         bail!("the checkpoint already has {start_epoch} epochs; ask for more with --epochs");
     }
@@ -174,7 +180,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         progress: !a.quiet,
     };
     println!(
-        "training AlexNet ({} parameters) on {} ({}), {} train / {} test examples at {}x{}, batch {}, lr {}, {} epochs",
+        "training AlexNet ({} parameters) on {} ({}), {} train / {} test examples at {}x{}, batch {}, lr {}, {} epochs, {} convolutions",
         model.param_count(),
         device.label(),
         device.hardware_name(),
@@ -184,7 +190,8 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         a.resize,
         a.batch_size,
         a.lr,
-        a.epochs
+        a.epochs,
+        model.conv_algo
     );
     let mut json = match &a.json {
         Some(p) => Some(std::fs::File::create(p).with_context(|| format!("--json: creating {}", p.display()))?),
@@ -244,13 +251,16 @@ fn print_predictions(model: &AlexNet, data: &FashionMnist, count: usize) -> Resu
     Ok(())
 }
 
-fn load_model(checkpoint: &Path, device: &Device) -> Result<(AlexNet, usize)> {
-    train::load_checkpoint(checkpoint, device).with_context(|| format!("loading checkpoint {}", checkpoint.display()))
+fn load_model(checkpoint: &Path, data: &DataArgs, device: &Device) -> Result<(AlexNet, usize)> {
+    let (mut model, epoch) = train::load_checkpoint(checkpoint, device)
+        .with_context(|| format!("loading checkpoint {}", checkpoint.display()))?;
+    model.conv_algo = data.conv_algo;
+    Ok((model, epoch))
 }
 
 fn cmd_eval(a: CheckpointArgs) -> Result<()> {
     let device = pick_device(&a.data.device)?;
-    let (model, epoch) = load_model(&a.checkpoint, &device)?;
+    let (model, epoch) = load_model(&a.checkpoint, &a.data, &device)?;
     let data = load_data(&a.data, None)?;
     let acc = train::evaluate(&model, &data.test, model.resolution)?;
     println!(
@@ -265,7 +275,7 @@ fn cmd_eval(a: CheckpointArgs) -> Result<()> {
 
 fn cmd_predict(a: CheckpointArgs, count: usize) -> Result<()> {
     let device = pick_device(&a.data.device)?;
-    let (model, _) = load_model(&a.checkpoint, &device)?;
+    let (model, _) = load_model(&a.checkpoint, &a.data, &device)?;
     let data = load_data(&a.data, None)?;
     print_predictions(&model, &data, count)
 }

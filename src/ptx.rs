@@ -19,10 +19,11 @@ pub enum Module {
     Resize,
     Sgd,
     SoftmaxXent,
+    Winograd,
 }
 
 impl Module {
-    pub const ALL: [Module; 9] = [
+    pub const ALL: [Module; 10] = [
         Module::Add,
         Module::Conv2d,
         Module::Dense,
@@ -32,6 +33,7 @@ impl Module {
         Module::Resize,
         Module::Sgd,
         Module::SoftmaxXent,
+        Module::Winograd,
     ];
 
     /// The file stem in `kernels/`.
@@ -46,6 +48,7 @@ impl Module {
             Module::Resize => "resize",
             Module::Sgd => "sgd",
             Module::SoftmaxXent => "softmax_xent",
+            Module::Winograd => "winograd",
         }
     }
 

@@ -3,8 +3,8 @@
 mod common;
 use common::*;
 use ptxgrad::ops::conv2d::{
-    conv2d, conv2d_bwd, conv2d_bwd_bias_cpu, conv2d_bwd_input_cpu, conv2d_bwd_weight_cpu, conv2d_fwd, conv2d_fwd_cpu,
-    conv2d_out_size, Conv2dParams,
+    conv2d, conv2d_bwd, conv2d_bwd_bias_cpu, conv2d_bwd_input_cpu, conv2d_bwd_weight_cpu, conv2d_bwd_with, conv2d_fwd,
+    conv2d_fwd_cpu, conv2d_fwd_with, conv2d_out_size, conv2d_with, Conv2dParams, ConvAlgo,
 };
 use ptxgrad::ops::relu::relu_bwd_cpu;
 use ptxgrad::{Device, Tape, Tensor};
@@ -89,7 +89,14 @@ fn slice_images(v: &[f32], per: usize, imgs: &[usize]) -> Vec<f32> {
 /// random on `imgs` and zero on every other image, so that their reference needs only `imgs`
 /// while the device still sums over the whole batch.
 fn check(dev: &Device, c: &Case, imgs: &[usize], seed: u64) {
+    check_with(dev, c, imgs, seed, ConvAlgo::ImplicitGemm)
+}
+
+/// `check` with the algorithm `algo`. Winograd results are held to `wino_atol`: its transforms
+/// round more than a direct sum does.
+fn check_with(dev: &Device, c: &Case, imgs: &[usize], seed: u64, algo: ConvAlgo) {
     let p = c.params();
+    let atol = |k| if algo.winograd_tile(&p).is_some() { wino_atol(k) } else { atol(k) };
     let (x_img, y_img) = (c.cin * c.h * c.w, c.cout * p.ohw());
     let xv = uniform(p.x_len(), -1.0, 1.0, seed);
     let wv = uniform(p.w_len(), -1.0, 1.0, seed + 1);
@@ -102,16 +109,16 @@ fn check(dev: &Device, c: &Case, imgs: &[usize], seed: u64) {
     let x = t(&[c.n, c.cin, c.h, c.w], &xv);
     let w = t(&[c.cout, c.cin, c.kh, c.kw], &wv);
     let b = t(&[c.cout], &bv);
-    let y = conv2d_fwd(&x, &w, &b, c.stride, c.pad, c.relu).unwrap();
+    let y = conv2d_fwd_with(&x, &w, &b, c.stride, c.pad, c.relu, algo).unwrap();
     assert_eq!(y.shape(), &[c.n, c.cout, p.oh as usize, p.ow as usize]);
     let gy = t(y.shape(), &gyv);
-    let (gx, gw, gb) = conv2d_bwd(&x, &w, &gy, c.stride, c.pad, c.need_gx).unwrap();
+    let (gx, gw, gb) = conv2d_bwd_with(&x, &w, &gy, c.stride, c.pad, c.need_gx, algo).unwrap();
     assert_eq!(gx.is_some(), c.need_gx);
 
     let ps = p.with_batch(imgs.len());
     let xs = slice_images(&xv, x_img, imgs);
     let gys = slice_images(&gyv, y_img, imgs);
-    let what = |s: &str| format!("{s} {c:?} on {}", dev.label());
+    let what = |s: &str| format!("{s} {c:?} ({algo}) on {}", dev.label());
     let k = p.k();
     let y_ref = conv2d_fwd_cpu(&xs, &wv, &bv, &ps, c.relu);
     // Forward: a sum of Cin*KH*KW products (+ bias).
@@ -153,6 +160,47 @@ fn conv2d_cuda_alexnet_layers_match_cpu() {
     let Some(dev) = gpu_or_skip("conv2d_cuda_alexnet_layers_match_cpu") else { return };
     for (i, c) in ALEXNET.iter().enumerate() {
         check(&dev, c, &images(c.n), 1000 + 10 * i as u64);
+    }
+}
+
+/// Stride-1 shapes for Winograd: partial edge tiles, channels just over a GEMM tile, conv2 at
+/// small batches, padding 0 and r - 1.
+const WINOGRAD_AWKWARD: &[Case] = &[
+    Case { relu: false, ..case(1, 1, 7, 7, 5, 3, 3, 1, 0) },
+    case(2, 17, 9, 9, 129, 3, 3, 1, 1),
+    case(3, 5, 11, 13, 7, 3, 3, 1, 2),
+    Case { relu: false, ..case(3, 96, 26, 26, 256, 5, 5, 1, 2) },
+    case(2, 3, 9, 8, 4, 5, 5, 1, 4),
+    case(2, 130, 12, 12, 65, 3, 3, 1, 1),
+];
+
+/// The Winograd algorithms worth checking for an r x r kernel: the default and the largest and
+/// smallest tiles the kernels are built for (alpha = 4 and 8).
+fn winograd_algos(r: usize) -> Vec<ConvAlgo> {
+    let mut algos = vec![ConvAlgo::Winograd { tile: None }];
+    algos.extend(
+        [2, 9 - r].into_iter().filter(|&m| m >= 1 && m + r - 1 != 6).map(|m| ConvAlgo::Winograd { tile: Some(m) }),
+    );
+    algos
+}
+
+test_device!(conv2d_winograd_awkward_shapes_match_cpu, |dev| {
+    for (i, c) in WINOGRAD_AWKWARD.iter().enumerate() {
+        for (j, algo) in winograd_algos(c.kh).into_iter().enumerate() {
+            assert!(algo.winograd_tile(&c.params()).is_some(), "{c:?} runs {algo}");
+            check_with(&dev, c, &images(c.n), 2000 + 10 * i as u64 + j as u64, algo);
+        }
+    }
+});
+
+/// AlexNet's conv2-5 at batch 128 with Winograd (conv1's stride 4 keeps the implicit GEMM).
+#[test]
+fn conv2d_cuda_winograd_alexnet_layers_match_cpu() {
+    let Some(dev) = gpu_or_skip("conv2d_cuda_winograd_alexnet_layers_match_cpu") else { return };
+    for (i, c) in ALEXNET.iter().enumerate().skip(1) {
+        for algo in winograd_algos(c.kh) {
+            check_with(&dev, c, &images(c.n), 3000 + 10 * i as u64, algo);
+        }
     }
 }
 
@@ -274,6 +322,34 @@ test_device!(conv2d_recorded_op_applies_relu_mask_and_skips_unneeded_grads, |dev
     assert_close("gb", &conv2d_bwd_bias_cpu(&masked, &p), &grads.get(&b).unwrap().to_vec().unwrap(), 1e-5, 1e-5);
 });
 
+test_device!(conv2d_with_winograd_records_the_same_gradients_as_gemm, |dev| {
+    // conv3's shape at batch 2: x (2, 256, 12, 12) is too much for a quick CPU run; 32 channels.
+    let c = case(2, 32, 12, 12, 48, 3, 3, 1, 1);
+    let p = c.params();
+    let x = rand_tensor(&[c.n, c.cin, c.h, c.w], 1, &dev);
+    let w = rand_tensor(&[c.cout, c.cin, c.kh, c.kw], 2, &dev);
+    let b = rand_tensor(&[c.cout], 3, &dev);
+    let r = rand_tensor(&[c.n, c.cout, p.oh as usize, p.ow as usize], 4, &dev);
+    let run = |algo| {
+        let mut tape = Tape::train();
+        for t in [&x, &w, &b] {
+            tape.watch(t);
+        }
+        let y = conv2d_with(&mut tape, &x, &w, &b, c.stride, c.pad, true, algo).unwrap();
+        let loss = Tensor::from_vec(&[1], vec![0.0], &dev).unwrap();
+        let (y_id, r_saved) = (y.id(), r.clone());
+        tape.record(&loss, &[&y], move |_, grads| grads.accumulate(y_id, r_saved));
+        let grads = tape.backward(&loss).unwrap();
+        let get = |t: &Tensor| grads.get(t).unwrap().to_vec().unwrap();
+        [y.to_vec().unwrap(), get(&x), get(&w), get(&b)]
+    };
+    let (gemm, wino) = (run(ConvAlgo::ImplicitGemm), run(ConvAlgo::Winograd { tile: None }));
+    let ks = [p.k(), c.cout * 9, c.n * p.ohw(), c.n * p.ohw()];
+    for (((name, a), bv), k) in ["y", "gx", "gw", "gb"].iter().zip(&gemm).zip(&wino).zip(ks) {
+        assert_close(name, a, bv, wino_atol(k), 0.0);
+    }
+});
+
 // ---- errors ----
 
 fn zeros(shape: &[usize]) -> Tensor {
@@ -320,19 +396,27 @@ fn conv2d_rejects_bad_shapes() {
 #[ignore]
 fn conv2d_cuda_alexnet_timing() {
     let Some(dev) = gpu_or_skip("conv2d_cuda_alexnet_timing") else { return };
-    let time = |f: &dyn Fn()| time_on(&dev, f);
+    for algo in [ConvAlgo::ImplicitGemm, ConvAlgo::Winograd { tile: None }, ConvAlgo::Winograd { tile: Some(2) }] {
+        println!("{algo}:");
+        time_alexnet_convs(&dev, algo);
+    }
+}
+
+fn time_alexnet_convs(dev: &Device, algo: ConvAlgo) {
+    let time = |f: &dyn Fn()| time_on(dev, f);
     let mut total = 0.0;
     for (i, c) in ALEXNET.iter().enumerate() {
         let p = c.params();
-        let x = rand_tensor(&[c.n, c.cin, c.h, c.w], 1, &dev);
-        let w = rand_tensor(&[c.cout, c.cin, c.kh, c.kw], 2, &dev);
-        let b = rand_tensor(&[c.cout], 3, &dev);
-        let gy = rand_tensor(&[c.n, c.cout, p.oh as usize, p.ow as usize], 4, &dev);
+        let x = rand_tensor(&[c.n, c.cin, c.h, c.w], 1, dev);
+        let w = rand_tensor(&[c.cout, c.cin, c.kh, c.kw], 2, dev);
+        let b = rand_tensor(&[c.cout], 3, dev);
+        let gy = rand_tensor(&[c.n, c.cout, p.oh as usize, p.ow as usize], 4, dev);
         let gflop = 2.0 * (p.y_len() * p.k()) as f64 / 1e9;
-        let tf = time(&|| drop(conv2d_fwd(&x, &w, &b, c.stride, c.pad, true).unwrap()));
-        let tw = time(&|| drop(conv2d_bwd(&x, &w, &gy, c.stride, c.pad, false).unwrap()));
-        let tx =
-            if c.need_gx { time(&|| drop(conv2d_bwd(&x, &w, &gy, c.stride, c.pad, true).unwrap())) - tw } else { 0.0 };
+        // TFLOP/s count the direct method's operations (Winograd's "effective" rate).
+        let tf = time(&|| drop(conv2d_fwd_with(&x, &w, &b, c.stride, c.pad, true, algo).unwrap()));
+        let tw = time(&|| drop(conv2d_bwd_with(&x, &w, &gy, c.stride, c.pad, false, algo).unwrap()));
+        let bwd_x = || drop(conv2d_bwd_with(&x, &w, &gy, c.stride, c.pad, true, algo).unwrap());
+        let tx = if c.need_gx { time(&bwd_x) - tw } else { 0.0 };
         total += tf + tw + tx;
         println!(
             "conv{}: fwd {:.3} ms ({:.1} TFLOP/s), gw+gb {:.3} ms ({:.1}), gx {:.3} ms ({:.1})",

@@ -12,7 +12,13 @@ use crate::checkpoint::NamedTensor;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::nn::Param;
-use crate::ops::{conv2d::conv2d, dense::dense, dropout::dropout, maxpool2d::maxpool2d, reshape::reshape};
+use crate::ops::{
+    conv2d::{conv2d_with, ConvAlgo},
+    dense::dense,
+    dropout::dropout,
+    maxpool2d::maxpool2d,
+    reshape::reshape,
+};
 use crate::tape::Tape;
 use crate::tensor::Tensor;
 
@@ -161,6 +167,8 @@ pub struct AlexNet {
     pub resolution: usize,
     /// In state_dict order: 0.weight, 0.bias, 3.weight, ...
     pub params: Vec<Param>,
+    /// How the convolutions run (a runtime choice, not saved in checkpoints).
+    pub conv_algo: ConvAlgo,
 }
 
 impl AlexNet {
@@ -182,7 +190,7 @@ impl AlexNet {
             };
             params.push(Param { name, value: Tensor::from_vec(&shape, data, device)? });
         }
-        Ok(AlexNet { resolution, params })
+        Ok(AlexNet { resolution, params, conv_algo: ConvAlgo::default() })
     }
 
     /// Builds the model from named tensors (a checkpoint), checking every name and shape.
@@ -206,7 +214,7 @@ impl AlexNet {
         if let Some(extra) = by_name.keys().next() {
             return Err(Error::Data(format!("checkpoint has an unexpected tensor `{extra}` (not part of AlexNet)")));
         }
-        Ok(AlexNet { resolution, params })
+        Ok(AlexNet { resolution, params, conv_algo: ConvAlgo::default() })
     }
 
     pub fn device(&self) -> Device {
@@ -239,7 +247,9 @@ impl AlexNet {
             // A ReLU right after a conv/linear layer runs inside that layer's kernel.
             let fuse_relu = LAYERS.get(i + 1) == Some(&Layer::Relu);
             h = match LAYERS[i] {
-                Layer::Conv2d { stride, pad, .. } => conv2d(tape, &h, next(), next(), stride, pad, fuse_relu)?,
+                Layer::Conv2d { stride, pad, .. } => {
+                    conv2d_with(tape, &h, next(), next(), stride, pad, fuse_relu, self.conv_algo)?
+                }
                 Layer::Linear { .. } => dense(tape, &h, next(), next(), fuse_relu)?,
                 Layer::Relu => crate::ops::relu::relu(tape, &h)?,
                 Layer::MaxPool2d { kernel, stride } => maxpool2d(tape, &h, kernel, stride)?,

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::ops::matmul_cpu::{gemm_acc, transpose};
 use crate::ops::parallel::map_ranges;
 use crate::ops::relu::through_fused_relu;
+use crate::ops::winograd;
 use crate::ptx::Module;
 use crate::tape::Tape;
 use crate::tensor::{common_device, Storage, Tensor};
@@ -123,6 +124,56 @@ pub fn conv2d_out_size(h: usize, k: usize, stride: usize, pad: usize) -> Result<
         ));
     }
     Ok((h + 2 * pad - k) / stride + 1)
+}
+
+/// How a convolution is computed (on the CPU and on CUDA alike).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConvAlgo {
+    /// Direct convolution as an implicit GEMM, for every layer.
+    #[default]
+    ImplicitGemm,
+    /// Winograd F(m x m, r x r) where it applies (stride 1, square r x r kernel, padding
+    /// <= r - 1; see `ops::winograd`), the implicit GEMM elsewhere. `tile` fixes the output tile
+    /// m; None picks alpha = m + r - 1 = 6 (F(4x4, 3x3), F(2x2, 5x5)).
+    Winograd { tile: Option<usize> },
+}
+
+impl ConvAlgo {
+    /// The Winograd output tile m to use for `p`, or None for the implicit GEMM.
+    pub fn winograd_tile(self, p: &Conv2dParams) -> Option<usize> {
+        match self {
+            ConvAlgo::ImplicitGemm => None,
+            ConvAlgo::Winograd { tile } => crate::ops::winograd::output_tile(p, tile),
+        }
+    }
+}
+
+impl std::str::FromStr for ConvAlgo {
+    type Err = Error;
+    /// "gemm", "winograd" or "winograd:M" (M = 1..=7, the output tile).
+    fn from_str(s: &str) -> Result<Self> {
+        let bad =
+            || Error::Data(format!("conv algorithm: expected gemm, winograd or winograd:M (M = 1..=7), found `{s}`"));
+        match s.split_once(':') {
+            None if s == "gemm" => Ok(ConvAlgo::ImplicitGemm),
+            None if s == "winograd" => Ok(ConvAlgo::Winograd { tile: None }),
+            Some(("winograd", m)) => match m.parse::<usize>() {
+                Ok(m @ 1..=7) => Ok(ConvAlgo::Winograd { tile: Some(m) }),
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for ConvAlgo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConvAlgo::ImplicitGemm => write!(f, "gemm"),
+            ConvAlgo::Winograd { tile: None } => write!(f, "winograd"),
+            ConvAlgo::Winograd { tile: Some(m) } => write!(f, "winograd:{m}"),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -404,15 +455,38 @@ fn ktable(gpu: &Gpu, p: &Conv2dParams, input_grad: bool) -> Result<cudarc::drive
 }
 
 /// Forward: x (N, Cin, H, W), w (Cout, Cin, KH, KW), b (Cout) -> y (N, Cout, OH, OW);
-/// `relu` fuses max(., 0).
+/// `relu` fuses max(., 0). The implicit GEMM; `conv2d_fwd_with` takes the algorithm.
 pub fn conv2d_fwd(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, pad: usize, relu: bool) -> Result<Tensor> {
+    conv2d_fwd_with(x, w, b, stride, pad, relu, ConvAlgo::ImplicitGemm)
+}
+
+/// `conv2d_fwd` with the algorithm `algo`.
+pub fn conv2d_fwd_with(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    stride: usize,
+    pad: usize,
+    relu: bool,
+    algo: ConvAlgo,
+) -> Result<Tensor> {
     let mut p = params(x, w, stride, pad)?;
     b.expect_shape(OP, "b", &[p.c_out as usize])?;
     common_device(OP, &[x.device(), w.device(), b.device()])?;
     p.relu = relu as u32;
     let shape = vec![p.n as usize, p.c_out as usize, p.oh as usize, p.ow as usize];
+    let wino = algo.winograd_tile(&p);
     let storage = match (x.storage(), w.storage(), b.storage()) {
-        (Storage::Cpu(xv), Storage::Cpu(wv), Storage::Cpu(bv)) => Storage::Cpu(conv2d_fwd_cpu(xv, wv, bv, &p, relu)),
+        (Storage::Cpu(xv), Storage::Cpu(wv), Storage::Cpu(bv)) => Storage::Cpu(match wino {
+            Some(m) => winograd::winograd_fwd_cpu(xv, wv, bv, &p, m)?,
+            None => conv2d_fwd_cpu(xv, wv, bv, &p, relu),
+        }),
+        (Storage::Cuda { gpu, buf: xb }, Storage::Cuda { buf: wb, .. }, Storage::Cuda { buf: bb, .. })
+            if wino.is_some() =>
+        {
+            let m = wino.expect("matched");
+            Storage::Cuda { gpu: gpu.clone(), buf: winograd::winograd_fwd_cuda(gpu, xb, wb, bb, &p, m)? }
+        }
         (Storage::Cuda { gpu, buf: xb }, Storage::Cuda { buf: wb, .. }, Storage::Cuda { buf: bb, .. }) => {
             let mut y = gpu.uninit::<f32>(p.y_len())?;
             let tab = ktable(gpu, &p, false)?;
@@ -436,7 +510,20 @@ pub fn conv2d_bwd(
     pad: usize,
     need_gx: bool,
 ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
-    let (gx, gw, gb) = conv2d_grads(x, w, gy, stride, pad, [need_gx, true, true])?;
+    conv2d_bwd_with(x, w, gy, stride, pad, need_gx, ConvAlgo::ImplicitGemm)
+}
+
+/// `conv2d_bwd` with the algorithm `algo` (the bias grad is the same sum either way).
+pub fn conv2d_bwd_with(
+    x: &Tensor,
+    w: &Tensor,
+    gy: &Tensor,
+    stride: usize,
+    pad: usize,
+    need_gx: bool,
+    algo: ConvAlgo,
+) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+    let (gx, gw, gb) = conv2d_grads(x, w, gy, stride, pad, [need_gx, true, true], algo)?;
     Ok((gx, gw.expect("asked for"), gb.expect("asked for")))
 }
 
@@ -448,6 +535,7 @@ fn conv2d_grads(
     stride: usize,
     pad: usize,
     need: [bool; 3],
+    algo: ConvAlgo,
 ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     let mut p = params(x, w, stride, pad)?;
     let y_shape = [p.n as usize, p.c_out as usize, p.oh as usize, p.ow as usize];
@@ -456,9 +544,18 @@ fn conv2d_grads(
     let [need_gx, need_gw, need_gb] = need;
     let (m_b, n_gw, ohw) = (p.c_out as usize, p.k(), p.ohw());
 
+    let wino = algo.winograd_tile(&p);
     if let (Storage::Cpu(xv), Storage::Cpu(wv), Storage::Cpu(gv)) = (x.storage(), w.storage(), gy.storage()) {
-        let gx = need_gx.then(|| Storage::Cpu(conv2d_bwd_input_cpu(wv, gv, &p)));
-        let gw = need_gw.then(|| Storage::Cpu(conv2d_bwd_weight_cpu(xv, gv, &p)));
+        let (gx, gw) = match wino {
+            Some(m) => (
+                need_gx.then(|| winograd::winograd_bwd_input_cpu(wv, gv, &p, m)).transpose()?,
+                need_gw.then(|| winograd::winograd_bwd_weight_cpu(xv, gv, &p, m)).transpose()?,
+            ),
+            None => {
+                (need_gx.then(|| conv2d_bwd_input_cpu(wv, gv, &p)), need_gw.then(|| conv2d_bwd_weight_cpu(xv, gv, &p)))
+            }
+        };
+        let (gx, gw) = (gx.map(Storage::Cpu), gw.map(Storage::Cpu));
         let gb = need_gb.then(|| Storage::Cpu(conv2d_bwd_bias_cpu(gv, &p)));
         return Ok((
             gx.map(|s| Tensor::from_storage(x.shape().to_vec(), s)),
@@ -471,7 +568,10 @@ fn conv2d_grads(
     let (_, gb_buf) = gy.cuda().expect("checked by common_device");
     let wrap = |buf| Storage::Cuda { gpu: gpu.clone(), buf };
 
-    let gx = if need_gx {
+    let gx = if let (true, Some(m)) = (need_gx, wino) {
+        let gx = winograd::winograd_bwd_input_cuda(gpu, wb, gb_buf, &p, m)?;
+        Some(Tensor::from_storage(x.shape().to_vec(), wrap(gx)))
+    } else if need_gx {
         let mut gx = gpu.uninit::<f32>(p.x_len())?;
         let tab = ktable(gpu, &p, true)?;
         let (cfg, tile) = gemm_launch(p.c_in as usize, p.n as usize * (p.h * p.w) as usize, 1)?;
@@ -491,7 +591,10 @@ fn conv2d_grads(
         None
     };
 
-    let gw = if need_gw {
+    let gw = if let (true, Some(m)) = (need_gw, wino) {
+        let gw = winograd::winograd_bwd_weight_cuda(gpu, xb, gb_buf, &p, m)?;
+        Some(Tensor::from_storage(w.shape().to_vec(), wrap(gw)))
+    } else if need_gw {
         // The 128 x 128 tile, with the reduction over N*OH*OW split so that the grid has ~4
         // blocks per SM (H100: 132 SMs), each split summing at least 512 terms.
         let k_total = p.n as usize * ohw;
@@ -552,8 +655,8 @@ fn conv2d_grads(
     Ok((gx, gw, gb))
 }
 
-/// Recorded conv2d (+ fused ReLU when `relu`). The backward applies the ReLU mask (from the
-/// saved output) and then computes only the gradients the tape needs.
+/// Recorded conv2d (+ fused ReLU when `relu`), the implicit GEMM. The backward applies the ReLU
+/// mask (from the saved output) and then computes only the gradients the tape needs.
 pub fn conv2d(
     tape: &mut Tape,
     x: &Tensor,
@@ -563,14 +666,29 @@ pub fn conv2d(
     pad: usize,
     relu: bool,
 ) -> Result<Tensor> {
-    let y = conv2d_fwd(x, w, b, stride, pad, relu)?;
+    conv2d_with(tape, x, w, b, stride, pad, relu, ConvAlgo::ImplicitGemm)
+}
+
+/// `conv2d` with the algorithm `algo` for the forward and the backward.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_with(
+    tape: &mut Tape,
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    stride: usize,
+    pad: usize,
+    relu: bool,
+    algo: ConvAlgo,
+) -> Result<Tensor> {
+    let y = conv2d_fwd_with(x, w, b, stride, pad, relu, algo)?;
     let need = [tape.requires_grad(x), tape.requires_grad(w), tape.requires_grad(b)];
     let ids = [x.id(), w.id(), b.id()];
     let (xs, ws) = (x.clone(), w.clone());
     let y_saved = relu.then(|| y.clone());
     tape.record(&y, &[x, w, b], move |gy, grads| {
         let gy = &through_fused_relu(y_saved.as_ref(), gy)?;
-        let (gx, gw, gb) = conv2d_grads(&xs, &ws, gy, stride, pad, need)?;
+        let (gx, gw, gb) = conv2d_grads(&xs, &ws, gy, stride, pad, need, algo)?;
         for (id, g) in ids.into_iter().zip([gx, gw, gb]) {
             if let Some(g) = g {
                 grads.accumulate(id, g)?;

@@ -15,3 +15,4 @@ pub mod reshape;
 pub mod resize;
 pub mod sgd;
 pub mod softmax_xent;
+pub mod winograd;

@@ -151,3 +151,11 @@ pub fn assert_mentions(msg: &str, pieces: &[&str]) {
         assert!(msg.contains(p), "error message {msg:?} should mention {p:?}");
     }
 }
+
+/// Allowed |winograd - reference| for a sum of `k` products of values in [-1, 1): 0.1% of the
+/// sum's typical size sqrt(k)/3 (plus 1e-3). The transforms amplify rounding (more for larger
+/// tiles): on the CPU the worst seen is 7e-5 of (1 + |reference|) at alpha = 6 and 8, 10x below
+/// this. A wrong or missing term changes an output by O(1/3), far above it up to k ~ 10^4.
+pub fn wino_atol(k: usize) -> f32 {
+    1e-3 * (1.0 + (k as f32).sqrt() / 3.0)
+}
