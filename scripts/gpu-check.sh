@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# One prepared device run, sized for a 15-minute GPU lease (about 5 minutes of work on an
-# H200): every CUDA test, ptxgrad's bench with the per-layer table, the PyTorch peer's bench,
-# and 10 epochs of training. Build and pack here first:
+# One prepared device run, sized for a 15-minute GPU lease (about 5-6 minutes of work on an
+# H200): every CUDA test, the conv timing test, ptxgrad's bench with the per-layer table for
+# both convolution algorithms, the PyTorch peer's bench, and 10 epochs of training. Build and
+# pack here first:
 #     ../shared/gpu/pack --data --peer
-# then on the device (carry [".gpu"]):   bash scripts/gpu-check.sh
+# then on the device (carry [".gpu"]):   bash scripts/gpu-check.sh [CONV_ALGO]
+# Training uses CONV_ALGO (gemm, winograd, winograd:M); by default winograd if every conv2d
+# test passed, else gemm.
 # Logs go to $OUT (at most 8 files come back): gpu.txt, tests.txt, bench.txt, peer-bench.jsonl,
 # train.txt, train.jsonl.
 set -uo pipefail
@@ -17,8 +20,19 @@ for t in conv2d dense tape tensor add relu maxpool2d dropout softmax_xent sgd re
   echo "== $t"; timeout 120 ".gpu/bin/test-$t" --test-threads=4 2>&1 | grep -E "^test |test result|panicked|SKIPPED" -A3
 done > "$out/tests.txt" 2>&1
 grep -E "test result|FAILED|panicked" "$out/tests.txt"
-timeout 120 .gpu/bin/bin-ptxgrad bench > "$out/bench.txt" 2>&1; head -3 "$out/bench.txt"
+algo=${1:-}
+if [ -z "$algo" ]; then
+  if awk '/^== conv2d$/{f=1; next} /^== /{f=0} f' "$out/tests.txt" | grep -q "test result: ok"; then
+    algo=winograd
+  else
+    algo=gemm
+  fi
+fi
+{ echo "== conv timing (gemm, winograd, winograd:2)"
+  timeout 120 .gpu/bin/test-conv2d --ignored --nocapture conv2d_cuda_alexnet_timing 2>&1 | grep -vE "^$|running"
+  for a in gemm winograd; do echo "== bench --conv-algo $a"; timeout 120 .gpu/bin/bin-ptxgrad bench --conv-algo $a 2>&1; done
+} > "$out/bench.txt"; grep -E '"bench"|conv total|^gemm|^winograd' "$out/bench.txt"
 PYTHONUNBUFFERED=1 timeout 150 python3 .gpu/torch_alexnet.py bench > "$out/peer-bench.jsonl" 2>&1; cat "$out/peer-bench.jsonl"
-timeout 300 .gpu/bin/bin-ptxgrad train --epochs 10 --quiet --checkpoint /tmp/ptxgrad.safetensors \
+timeout 300 .gpu/bin/bin-ptxgrad train --epochs 10 --quiet --conv-algo "$algo" --checkpoint /tmp/ptxgrad.safetensors \
   --json "$out/train.jsonl" > "$out/train.txt" 2>&1
 cat "$out/train.txt"

@@ -5,7 +5,9 @@
 mod common;
 use common::*;
 use ptxgrad::ops::conv2d::{conv2d_bwd_input_cpu, conv2d_bwd_weight_cpu, conv2d_fwd_cpu, Conv2dParams, ConvAlgo};
-use ptxgrad::ops::winograd::{output_tile, winograd_bwd_input_cpu, winograd_bwd_weight_cpu, winograd_fwd_cpu};
+use ptxgrad::ops::winograd::{
+    output_tile, winograd_bwd_input_cpu, winograd_bwd_weight_cpu, winograd_fwd_cpu, KERNEL_ALPHAS,
+};
 
 /// (n, cin, h, w, cout, r, pad)
 const CASES: &[(usize, usize, usize, usize, usize, usize, usize)] = &[
@@ -34,8 +36,8 @@ fn winograd_cpu_matches_direct_convolution() {
             conv2d_bwd_input_cpu(&wt, &gy, &p),
             conv2d_bwd_weight_cpu(&x, &gy, &p),
         );
-        // Every m with alpha = m + r - 1 in 2..=8.
-        for m in (1..=7).filter(|&m| (2..=8).contains(&(m + r - 1))) {
+        // Every m with alpha = m + r - 1 one of the kernels' 4, 6, 8.
+        for m in (1..=7).filter(|&m| KERNEL_ALPHAS.contains(&(m + r - 1))) {
             assert_eq!(output_tile(&p, Some(m)), Some(m));
             let tag = |s: &str| format!("{s}: F({m}, {r}) on x {:?}, pad {pad}", [n, cin, h, w]);
             let y = winograd_fwd_cpu(&x, &wt, &b, &p, m).unwrap();
@@ -68,6 +70,9 @@ fn winograd_applies_only_where_it_can() {
     assert_eq!(output_tile(&conv(8, 1, 1, 0), None), None, "1x1 kernel");
     assert_eq!(output_tile(&conv(12, 3, 1, 3), None), None, "padding beyond r - 1");
     assert_eq!(output_tile(&conv(12, 3, 1, 1), Some(7)), None, "alpha 9 is beyond the kernels");
+    assert_eq!(output_tile(&conv(12, 3, 1, 1), Some(3)), None, "alpha 5: no kernel");
+    assert_eq!(output_tile(&conv(12, 7, 1, 3), None), Some(2), "F(2x2, 7x7): alpha 8");
+    assert_eq!(output_tile(&conv(12, 6, 1, 2), None), Some(3), "F(3x3, 6x6): alpha 8");
     let rect = Conv2dParams::new(1, 1, 9, 9, 1, 3, 2, 1, 0).unwrap();
     assert_eq!(output_tile(&rect, None), None, "non-square kernel");
 }

@@ -34,8 +34,11 @@ use crate::ops::matmul_cpu::{gemm_acc, transpose};
 use crate::ops::parallel::map_ranges;
 use crate::ptx::Module;
 
-/// The largest tile side alpha the kernels are built for.
+/// The largest tile side alpha of the matrices.
 pub const MAX_ALPHA: usize = 8;
+/// The tile sides the kernels are built for (`winograd_*_a4`, `_a6`, `_a8`): each is a template
+/// parameter, so that a tile is held in registers.
+pub const KERNEL_ALPHAS: [usize; 3] = [4, 6, 8];
 /// The interpolation points after infinity, in the order they are taken.
 const POINTS: [f64; MAX_ALPHA - 1] = [0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5];
 
@@ -285,14 +288,15 @@ pub fn tile_scatter_cpu(src: &[f32], bias: Option<&[f32]>, p: &TileParams, alpha
 
 /// Whether F(m x m, r x r) applies to the convolution `p`, and which m: stride 1, a square
 /// kernel of side r >= 2, padding <= r - 1 (so that the input grad's padding r - 1 - pad is one),
-/// alpha <= MAX_ALPHA. `tile` None picks m for alpha = 6 (F(4, 3), F(2, 5)).
+/// and alpha = m + r - 1 one of the kernels' sizes (4, 6, 8). `tile` None picks alpha = 6
+/// (F(4, 3), F(2, 5)) for r <= 5, else alpha = 8.
 pub fn output_tile(p: &Conv2dParams, tile: Option<usize>) -> Option<usize> {
     let r = p.kh as usize;
     if p.stride != 1 || p.kh != p.kw || r < 2 || p.pad as usize > r - 1 {
         return None;
     }
-    let m = tile.unwrap_or(if r < 6 { 7 - r } else { 2 });
-    (m >= 1 && m + r - 1 <= MAX_ALPHA).then_some(m)
+    let m = tile.unwrap_or(if r <= 5 { 7 - r } else { 9usize.saturating_sub(r) });
+    (m >= 1 && KERNEL_ALPHAS.contains(&(m + r - 1))).then_some(m)
 }
 
 /// The GEMM of one pass: alpha^2 products C[xi] (M, N) = A[xi] (M, K) . B[xi] (K, N), with A and
@@ -373,11 +377,15 @@ impl GemmParams {
     fn out_len(&self) -> usize {
         self.splits() * (self.batch * self.m * self.n) as usize
     }
+    /// The kernel for these strides: each kernel takes its operands' contiguous stride as 1.
     fn layout(&self) -> Layout {
         match (self.a_k == 1, self.b_k == 1) {
             (true, true) => Layout::KnK,
             (true, false) => Layout::KnN,
-            _ => Layout::MnN,
+            (false, _) => {
+                debug_assert!(self.a_mn == 1 && self.b_mn == 1, "the mn_n kernel reads A and B along m and n");
+                Layout::MnN
+            }
         }
     }
 }
@@ -509,6 +517,7 @@ impl Pass {
     ) -> Result<CudaSlice<f32>> {
         self.check_size()?;
         let alpha = self.alpha;
+        let slot = alpha_slot(alpha)?;
         let a = gather_cuda(gpu, a_src, &self.gather_a, alpha)?;
         let b = gather_cuda(gpu, b_src, &self.gather_b, alpha)?;
         let mut c = gpu.uninit::<f32>(self.gemm.out_len())?;
@@ -519,7 +528,7 @@ impl Pass {
         let sc = &self.scatter;
         let mut out = gpu.uninit::<f32>(sc.plane_len())?;
         let cfg = grid_1d(sc.c as usize * sc.tiles(), 128);
-        let name = ["winograd_scatter_f32_a4", "winograd_scatter_f32_a6", "winograd_scatter_f32_a8"][alpha_slot(alpha)];
+        let name = ["winograd_scatter_f32_a4", "winograd_scatter_f32_a6", "winograd_scatter_f32_a8"][slot];
         let has_bias = bias.is_some() as u32;
         // Without a bias the kernel never reads the pointer: any valid buffer stands in.
         let bias = bias.unwrap_or(&c);
@@ -528,13 +537,11 @@ impl Pass {
     }
 }
 
-/// The kernels are built for alpha = 4, 6 and 8; a smaller alpha runs zero-padded in the next.
-fn alpha_slot(alpha: usize) -> usize {
-    match alpha {
-        ..=4 => 0,
-        5..=6 => 1,
-        _ => 2,
-    }
+/// The kernel variant for `alpha`, one of KERNEL_ALPHAS (which `output_tile` guarantees).
+fn alpha_slot(alpha: usize) -> Result<usize> {
+    KERNEL_ALPHAS.iter().position(|&a| a == alpha).ok_or_else(|| {
+        Error::Data(format!("winograd: no kernel for tiles of {alpha}, expected one of {KERNEL_ALPHAS:?}"))
+    })
 }
 
 fn gemm_kernel(layout: Layout, tile: Tile) -> &'static str {
@@ -554,7 +561,7 @@ fn gemm_kernel(layout: Layout, tile: Tile) -> &'static str {
 fn gather_cuda(gpu: &Gpu, src: &CudaSlice<f32>, p: &TileParams, alpha: usize) -> Result<CudaSlice<f32>> {
     let mut out = gpu.uninit::<f32>(p.wino_len(alpha))?;
     let cfg: LaunchConfig = grid_1d(p.c as usize * p.tiles(), 128);
-    let name = ["winograd_gather_f32_a4", "winograd_gather_f32_a6", "winograd_gather_f32_a8"][alpha_slot(alpha)];
+    let name = ["winograd_gather_f32_a4", "winograd_gather_f32_a6", "winograd_gather_f32_a8"][alpha_slot(alpha)?];
     crate::launch!(gpu, Module::Winograd, name, cfg, src, &mut out, p)?;
     Ok(out)
 }
