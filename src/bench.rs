@@ -84,6 +84,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     }
     device.synchronize()?;
     let warmup_s = t0.elapsed().as_secs_f64();
+    let fresh = || match &device {
+        Device::Cuda(g) => Some(g.pool_stats().fresh),
+        Device::Cpu => None,
+    };
+    let fresh_before = fresh();
     let ms = wall_ms(&device, || {
         for step in 0..a.steps {
             train_step(&mut model, &x, &y, (a.warmup + step) as u64, 0.01, None)?;
@@ -91,8 +96,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         Ok(())
     })?;
     let ms_per_step = ms / a.steps as f64;
-    // The allocation pool's high-water mark: like PyTorch's max_memory_allocated, it counts
-    // tensors and workspaces, not the CUDA context.
+    // Device buffers allocated (not taken from the cache) during the timed steps: 0 is the goal.
+    let allocations = fresh().zip(fresh_before).map(|(after, before)| after - before);
+    // The driver pool's high-water mark: tensors, workspaces and the buffers held in ptxgrad's
+    // cache (src/pool.rs), not the CUDA context; closest to PyTorch's max_memory_reserved.
     let peak_gib = match &device {
         Device::Cuda(g) => g.peak_pool_bytes().map(|b| b as f64 / (1u64 << 30) as f64),
         Device::Cpu => None,
@@ -104,6 +111,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             "examples_per_sec": (b as f64 * 1e3 / ms_per_step * 10.0).round() / 10.0,
             "ms_per_step": (ms_per_step * 1e3).round() / 1e3, "warmup_s": (warmup_s * 100.0).round() / 100.0,
             "peak_mem_gib": peak_gib.map(|m| (m * 100.0).round() / 100.0),
+            "allocations_in_timed_steps": allocations,
         })
     );
     if let (Device::Cuda(gpu), false) = (&device, a.no_layers) {

@@ -14,6 +14,7 @@ use cudarc::driver::{
 };
 
 use crate::error::{Error, Result};
+use crate::pool::{BufferPool, PoolStats};
 use crate::ptx::{self, Module};
 
 /// Where a tensor lives and where its ops run.
@@ -92,6 +93,57 @@ pub struct Gpu {
     /// PTXGRAD_SYNC_LAUNCHES=1: synchronise after every launch, so that a faulting kernel is
     /// named in the error instead of surfacing at some later copy.
     sync_launches: bool,
+    /// Dropped buffers, reused by the next request of the same type and length (see pool.rs).
+    pool: Arc<BufferPool>,
+}
+
+/// A device buffer that goes back to its GPU's buffer cache when dropped (instead of being
+/// freed), so that steady-state training allocates nothing. Derefs to cudarc's CudaSlice and is
+/// passed to kernels as one.
+pub struct DeviceBuf<T: Elem> {
+    // Some until dropped.
+    buf: Option<CudaSlice<T>>,
+    pool: Arc<BufferPool>,
+}
+
+impl<T: Elem> std::ops::Deref for DeviceBuf<T> {
+    type Target = CudaSlice<T>;
+    fn deref(&self) -> &CudaSlice<T> {
+        self.buf.as_ref().expect("present until drop")
+    }
+}
+
+impl<T: Elem> std::ops::DerefMut for DeviceBuf<T> {
+    fn deref_mut(&mut self) -> &mut CudaSlice<T> {
+        self.buf.as_mut().expect("present until drop")
+    }
+}
+
+impl<T: Elem> Drop for DeviceBuf<T> {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            self.pool.give(buf.len(), buf.len() * std::mem::size_of::<T>(), buf);
+        }
+    }
+}
+
+// SAFETY: delegates to cudarc's impls for &CudaSlice / &mut CudaSlice, which push the buffer's
+// device pointer (it lives as long as the borrow of the DeviceBuf).
+unsafe impl<'a, 'b: 'a, T: Elem> cudarc::driver::PushKernelArg<&'b DeviceBuf<T>> for cudarc::driver::LaunchArgs<'a> {
+    fn arg(&mut self, arg: &'b DeviceBuf<T>) -> &mut Self {
+        let slice: &'b CudaSlice<T> = arg;
+        self.arg(slice)
+    }
+}
+
+// SAFETY: as above.
+unsafe impl<'a, 'b: 'a, T: Elem> cudarc::driver::PushKernelArg<&'b mut DeviceBuf<T>>
+    for cudarc::driver::LaunchArgs<'a>
+{
+    fn arg(&mut self, arg: &'b mut DeviceBuf<T>) -> &mut Self {
+        let slice: &'b mut CudaSlice<T> = arg;
+        self.arg(slice)
+    }
 }
 
 /// Element types that live in device buffers.
@@ -143,6 +195,9 @@ impl Gpu {
         keep_pool_memory(&ctx);
         let name = ctx.name().unwrap_or_else(|_| format!("cuda:{ordinal}"));
         let stream = ctx.default_stream();
+        // The cache may hold up to a quarter of the card (unknown size: 4 GiB).
+        let total = ctx.mem_get_info().map(|(_, total)| total).unwrap_or(16 << 30);
+        let pool = Arc::new(BufferPool::new(total / 4));
         Ok(Gpu {
             ordinal,
             name,
@@ -151,6 +206,7 @@ impl Gpu {
             functions: Mutex::default(),
             modules: Mutex::default(),
             sync_launches: std::env::var("PTXGRAD_SYNC_LAUNCHES").is_ok_and(|v| v == "1"),
+            pool,
         })
     }
 
@@ -225,23 +281,42 @@ impl Gpu {
         }
     }
 
-    /// A zero-filled buffer of `len` elements.
-    pub fn zeros<T: Elem>(&self, len: usize) -> Result<CudaSlice<T>> {
+    /// A buffer of `len` elements from the cache, else a fresh one from the driver's pool; after
+    /// an out-of-memory error the cache is emptied and the allocation tried once more.
+    fn take<T: Elem>(&self, len: usize, what: &str) -> Result<DeviceBuf<T>> {
+        let wrap = |buf| DeviceBuf { buf: Some(buf), pool: self.pool.clone() };
+        if let Some(buf) = self.pool.take::<CudaSlice<T>>(len) {
+            return Ok(wrap(buf));
+        }
         let bytes = len * std::mem::size_of::<T>();
-        self.stream.alloc_zeros::<T>(len).map_err(|e| self.oom_or(bytes, e, "allocating device memory"))
+        // SAFETY: T is plain data (Elem); every caller writes the buffer before it is read.
+        let alloc = || unsafe { self.stream.alloc::<T>(len) };
+        match alloc() {
+            Ok(buf) => Ok(wrap(buf)),
+            Err(e) if e.0 == CuErr::CUDA_ERROR_OUT_OF_MEMORY => {
+                self.pool.clear();
+                alloc().map(wrap).map_err(|e| self.oom_or(bytes, e, what))
+            }
+            Err(e) => Err(self.oom_or(bytes, e, what)),
+        }
+    }
+
+    /// A zero-filled buffer of `len` elements.
+    pub fn zeros<T: Elem>(&self, len: usize) -> Result<DeviceBuf<T>> {
+        let mut buf = self.take::<T>(len, "allocating device memory")?;
+        self.stream.memset_zeros(&mut *buf).map_err(|e| Error::cuda("zeroing a buffer on the GPU", e))?;
+        Ok(buf)
     }
 
     /// A buffer of `len` elements whose contents are unspecified: only for outputs that the
     /// next kernel writes in full.
-    pub fn uninit<T: Elem>(&self, len: usize) -> Result<CudaSlice<T>> {
-        let bytes = len * std::mem::size_of::<T>();
-        // SAFETY: T is plain data (Elem); callers overwrite every element before reading.
-        unsafe { self.stream.alloc::<T>(len) }.map_err(|e| self.oom_or(bytes, e, "allocating device memory"))
+    pub fn uninit<T: Elem>(&self, len: usize) -> Result<DeviceBuf<T>> {
+        self.take::<T>(len, "allocating device memory")
     }
 
     /// A buffer of `len` copies of `value`, set on the device (a 32-bit memset: no kernel and
     /// no host copy).
-    pub fn full_f32(&self, len: usize, value: f32) -> Result<CudaSlice<f32>> {
+    pub fn full_f32(&self, len: usize, value: f32) -> Result<DeviceBuf<f32>> {
         use cudarc::driver::DevicePtrMut as _;
         let mut buf = self.uninit::<f32>(len)?;
         let (ptr, _sync) = buf.device_ptr_mut(&self.stream);
@@ -255,9 +330,10 @@ impl Gpu {
     }
 
     /// Host -> device copy.
-    pub fn upload<T: Elem>(&self, host: &[T]) -> Result<CudaSlice<T>> {
-        let bytes = std::mem::size_of_val(host);
-        self.stream.clone_htod(host).map_err(|e| self.oom_or(bytes, e, "copying to the GPU"))
+    pub fn upload<T: Elem>(&self, host: &[T]) -> Result<DeviceBuf<T>> {
+        let mut buf = self.take::<T>(host.len(), "allocating device memory for a copy to the GPU")?;
+        self.stream.memcpy_htod(host, &mut *buf).map_err(|e| Error::cuda("copying to the GPU", e))?;
+        Ok(buf)
     }
 
     /// Device -> host copy (waits for the stream).
@@ -271,9 +347,15 @@ impl Gpu {
     }
 
     /// Device -> device copy into a new buffer.
-    pub fn duplicate<T: Elem>(&self, src: &CudaSlice<T>) -> Result<CudaSlice<T>> {
-        let bytes = src.len() * std::mem::size_of::<T>();
-        self.stream.clone_dtod(src).map_err(|e| self.oom_or(bytes, e, "copying on the GPU"))
+    pub fn duplicate<T: Elem>(&self, src: &CudaSlice<T>) -> Result<DeviceBuf<T>> {
+        let mut buf = self.take::<T>(src.len(), "allocating device memory for a copy")?;
+        self.stream.memcpy_dtod(src, &mut *buf).map_err(|e| Error::cuda("copying on the GPU", e))?;
+        Ok(buf)
+    }
+
+    /// The buffer cache's counters: after the first training step, `fresh` stays put.
+    pub fn pool_stats(&self) -> PoolStats {
+        self.pool.stats()
     }
 
     /// Runs `work` (which queues kernels on this device) and returns the GPU time it took, in

@@ -10,6 +10,7 @@ pub mod device;
 pub mod error;
 pub mod nn;
 pub mod ops;
+pub mod pool;
 pub mod ptx;
 pub mod tape;
 pub mod tensor;

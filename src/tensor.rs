@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use cudarc::driver::CudaSlice;
+use crate::device::DeviceBuf;
 
 use crate::device::{Device, Elem, Gpu};
 use crate::error::{Error, Result};
@@ -27,7 +27,7 @@ impl TensorId {
 /// The data of a tensor.
 pub enum Storage<T: Elem> {
     Cpu(Vec<T>),
-    Cuda { gpu: Arc<Gpu>, buf: CudaSlice<T> },
+    Cuda { gpu: Arc<Gpu>, buf: DeviceBuf<T> },
 }
 
 pub struct Tensor<T: Elem = f32> {
@@ -132,7 +132,7 @@ impl<T: Elem> Tensor<T> {
     }
 
     /// The device buffer and its GPU, when the tensor is on a GPU.
-    pub fn cuda(&self) -> Option<(&Arc<Gpu>, &CudaSlice<T>)> {
+    pub fn cuda(&self) -> Option<(&Arc<Gpu>, &DeviceBuf<T>)> {
         match &*self.data {
             Storage::Cpu(_) => None,
             Storage::Cuda { gpu, buf } => Some((gpu, buf)),
@@ -191,7 +191,7 @@ impl<T: Elem> Tensor<T> {
             (Storage::Cpu(d), Storage::Cpu(s)) => d[offset..end].copy_from_slice(s),
             (Storage::Cuda { gpu, buf }, Storage::Cuda { buf: s, .. }) => {
                 let mut dst = buf.slice_mut(offset..end);
-                gpu.stream().memcpy_dtod(s, &mut dst).map_err(|e| Error::cuda("copying on the GPU", e))?;
+                gpu.stream().memcpy_dtod(&**s, &mut dst).map_err(|e| Error::cuda("copying on the GPU", e))?;
             }
             _ => unreachable!("checked by common_device"),
         }

@@ -436,7 +436,7 @@ pub(crate) fn gemm_launch(m: usize, n: usize, z: usize) -> Result<(LaunchConfig,
 fn gpu_pair<'a>(
     a: &'a Tensor,
     b: &'a Tensor,
-) -> (&'a std::sync::Arc<Gpu>, &'a cudarc::driver::CudaSlice<f32>, &'a cudarc::driver::CudaSlice<f32>) {
+) -> (&'a std::sync::Arc<Gpu>, &'a crate::device::DeviceBuf<f32>, &'a crate::device::DeviceBuf<f32>) {
     let (gpu, ab) = a.cuda().expect("checked by common_device");
     let (_, bb) = b.cuda().expect("checked by common_device");
     (gpu, ab, bb)
@@ -445,7 +445,7 @@ fn gpu_pair<'a>(
 /// The k-table of kernels/conv2d.cu (per reduction index: the offsets and (kh, kw) that would
 /// otherwise cost integer divisions in the GEMM's loads): 2K u32 for the forward and weight grad
 /// (K = Cin*KH*KW), 3K for the input grad (K = Cout*KH*KW).
-fn ktable(gpu: &Gpu, p: &Conv2dParams, input_grad: bool) -> Result<cudarc::driver::CudaSlice<u32>> {
+fn ktable(gpu: &Gpu, p: &Conv2dParams, input_grad: bool) -> Result<crate::device::DeviceBuf<u32>> {
     let khw = (p.kh * p.kw) as usize;
     let (k, words) = if input_grad { (p.c_out as usize * khw, 3) } else { (p.c_in as usize * khw, 2) };
     let mut tab = gpu.uninit::<u32>(words * k)?;

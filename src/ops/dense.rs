@@ -3,7 +3,7 @@
 //!
 //! CUDA: three GEMMs on the shared core in `kernels/gemm.cuh` (see the header of kernels/dense.cu).
 
-use cudarc::driver::CudaSlice;
+use crate::device::DeviceBuf;
 
 use crate::device::{grid_1d, Gpu};
 use crate::error::{Error, Result};
@@ -147,12 +147,12 @@ fn params(x: &Tensor, w: &Tensor) -> Result<DenseParams> {
 fn gemm_split(
     gpu: &Gpu,
     kernels: [&'static str; 3],
-    in0: &CudaSlice<f32>,
-    in1: &CudaSlice<f32>,
-    bias: Option<&CudaSlice<f32>>,
+    in0: &DeviceBuf<f32>,
+    in1: &DeviceBuf<f32>,
+    bias: Option<&DeviceBuf<f32>>,
     mut p: DenseParams,
     (m, n, k): (usize, usize, usize),
-) -> Result<CudaSlice<f32>> {
+) -> Result<DeviceBuf<f32>> {
     let (mut cfg, tile) = gemm_launch(m, n, 1)?;
     let name = kernels[tile as usize];
     let blocks = (cfg.grid_dim.0 * cfg.grid_dim.1) as usize;

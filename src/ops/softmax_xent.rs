@@ -3,7 +3,9 @@
 //! Also the training statistics (summed loss, correct predictions) and a row argmax, both kept on
 //! the device so that training does not copy to the host every step.
 
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use cudarc::driver::LaunchConfig;
+
+use crate::device::DeviceBuf;
 
 use crate::device::{grid_1d, Gpu};
 use crate::error::{Error, Result};
@@ -183,9 +185,9 @@ pub fn accumulate_stats(logits: &Tensor, labels: &Tensor<u32>, stats: &mut Tenso
 
 fn stats_cuda(
     gpu: &Gpu,
-    x: &CudaSlice<f32>,
-    l: &CudaSlice<u32>,
-    st: &mut CudaSlice<f32>,
+    x: &DeviceBuf<f32>,
+    l: &DeviceBuf<u32>,
+    st: &mut DeviceBuf<f32>,
     n: usize,
     c: usize,
 ) -> Result<()> {

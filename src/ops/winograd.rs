@@ -25,7 +25,9 @@
 //! (and infinity), computed here in f64. Larger tiles cut more multiplications and lose more
 //! precision: alpha is limited to 8 (F(6x6, 3x3), F(4x4, 5x5)).
 
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use cudarc::driver::LaunchConfig;
+
+use crate::device::DeviceBuf;
 
 use crate::device::{grid_1d, Gpu};
 use crate::error::{Error, Result};
@@ -511,10 +513,10 @@ impl Pass {
     fn run_cuda(
         &self,
         gpu: &Gpu,
-        a_src: &CudaSlice<f32>,
-        b_src: &CudaSlice<f32>,
-        bias: Option<&CudaSlice<f32>>,
-    ) -> Result<CudaSlice<f32>> {
+        a_src: &DeviceBuf<f32>,
+        b_src: &DeviceBuf<f32>,
+        bias: Option<&DeviceBuf<f32>>,
+    ) -> Result<DeviceBuf<f32>> {
         self.check_size()?;
         let alpha = self.alpha;
         let slot = alpha_slot(alpha)?;
@@ -558,7 +560,7 @@ fn gemm_kernel(layout: Layout, tile: Tile) -> &'static str {
     NAMES[row][tile as usize]
 }
 
-fn gather_cuda(gpu: &Gpu, src: &CudaSlice<f32>, p: &TileParams, alpha: usize) -> Result<CudaSlice<f32>> {
+fn gather_cuda(gpu: &Gpu, src: &DeviceBuf<f32>, p: &TileParams, alpha: usize) -> Result<DeviceBuf<f32>> {
     let mut out = gpu.uninit::<f32>(p.wino_len(alpha))?;
     let cfg: LaunchConfig = grid_1d(p.c as usize * p.tiles(), 128);
     let name = ["winograd_gather_f32_a4", "winograd_gather_f32_a6", "winograd_gather_f32_a8"][alpha_slot(alpha)?];
@@ -596,32 +598,32 @@ pub fn winograd_bwd_weight_cpu(x: &[f32], gy: &[f32], p: &Conv2dParams, m: usize
 
 pub(crate) fn winograd_fwd_cuda(
     gpu: &Gpu,
-    x: &CudaSlice<f32>,
-    w: &CudaSlice<f32>,
-    b: &CudaSlice<f32>,
+    x: &DeviceBuf<f32>,
+    w: &DeviceBuf<f32>,
+    b: &DeviceBuf<f32>,
     p: &Conv2dParams,
     m: usize,
-) -> Result<CudaSlice<f32>> {
+) -> Result<DeviceBuf<f32>> {
     Pass::correlation(p, m, false)?.run_cuda(gpu, w, x, Some(b))
 }
 
 pub(crate) fn winograd_bwd_input_cuda(
     gpu: &Gpu,
-    w: &CudaSlice<f32>,
-    gy: &CudaSlice<f32>,
+    w: &DeviceBuf<f32>,
+    gy: &DeviceBuf<f32>,
     p: &Conv2dParams,
     m: usize,
-) -> Result<CudaSlice<f32>> {
+) -> Result<DeviceBuf<f32>> {
     Pass::correlation(p, m, true)?.run_cuda(gpu, w, gy, None)
 }
 
 pub(crate) fn winograd_bwd_weight_cuda(
     gpu: &Gpu,
-    x: &CudaSlice<f32>,
-    gy: &CudaSlice<f32>,
+    x: &DeviceBuf<f32>,
+    gy: &DeviceBuf<f32>,
     p: &Conv2dParams,
     m: usize,
-) -> Result<CudaSlice<f32>> {
+) -> Result<DeviceBuf<f32>> {
     Pass::weight_grad(p, m, weight_grad_splits(p, m))?.run_cuda(gpu, gy, x, None)
 }
 
