@@ -42,6 +42,14 @@ using Tile64 = GemmTile<64, 64, 4, 4>;
 
 // cp.async (sm_80+): an asynchronous 4-byte global -> shared copy; with `full` false it copies
 // nothing and writes 0 (src-size 0), which is how padding and out-of-range elements load.
+// The host emulation (emu/, PTXGRAD_HOST_EMU) copies at once: the data is in place before any
+// wait, which the pipeline's waits then trivially satisfy.
+#ifdef PTXGRAD_HOST_EMU
+__device__ __forceinline__ void cp_async_f32(float* dst, const float* src, bool full) { *dst = full ? *src : 0.0f; }
+__device__ __forceinline__ void cp_async_commit() {}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {}
+#else
 __device__ __forceinline__ void cp_async_f32(float* dst, const float* src, bool full) {
     const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(full ? 4 : 0));
@@ -51,6 +59,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+#endif
 
 // Computes one BM x BN block of C, rows [m0, m0+BM), columns [n0, n0+BN), over k in [k_begin, k_end).
 //

@@ -1,12 +1,14 @@
-//! Winograd F(m x m, r x r) on the CPU: the forward, input grad and weight grad against the
+//! Winograd F(m x m, r x r): the CPU pipeline's forward, input grad and weight grad against the
 //! direct convolution, for every tile size the kernels are built for and awkward shapes (partial
-//! tiles at the right and bottom edges, padding 0..=r-1, one channel, odd batch). The CUDA
-//! kernels are checked against the direct reference in tests/conv2d.rs.
+//! tiles at the right and bottom edges, padding 0..=r-1, one channel, odd batch); then the CUDA
+//! kernels themselves, run on CPU threads by the emulator (emu/), with the launches the GPU gets,
+//! against the same reference. On a GPU, tests/conv2d.rs checks them on AlexNet's shapes.
 mod common;
 use common::*;
-use ptxgrad::ops::conv2d::{conv2d_bwd_input_cpu, conv2d_bwd_weight_cpu, conv2d_fwd_cpu, Conv2dParams, ConvAlgo};
+use ptxgrad::ops::conv2d::{conv2d_bwd_input_cpu, conv2d_bwd_weight_cpu, conv2d_fwd_cpu, Conv2dParams, ConvAlgo, Tile};
 use ptxgrad::ops::winograd::{
-    output_tile, winograd_bwd_input_cpu, winograd_bwd_weight_cpu, winograd_fwd_cpu, KERNEL_ALPHAS,
+    output_tile, weight_grad_splits, winograd_bwd_input_cpu, winograd_bwd_weight_cpu, winograd_fwd_cpu, GemmParams,
+    Pass, TileParams, KERNEL_ALPHAS,
 };
 
 /// (n, cin, h, w, cout, r, pad)
@@ -85,5 +87,149 @@ fn conv_algo_parses_and_prints() {
     for bad in ["", "fft", "winograd:0", "winograd:9", "winograd:x", "gemm:2"] {
         let msg = err_msg(bad.parse::<ConvAlgo>());
         assert_mentions(&msg, &["gemm, winograd or winograd:M", &format!("`{bad}`")]);
+    }
+}
+
+// ---- the CUDA kernels, emulated ----
+
+// The kernels of kernels/winograd.cu, compiled as host C++ by ptxgrad-emu; the parameter structs
+// are the engine's own #[repr(C)] types, so a layout mismatch with the .cu shows up here.
+extern "C" {
+    fn winograd_gather_f32_a4(src: *const f32, out: *mut f32, p: TileParams);
+    fn winograd_gather_f32_a6(src: *const f32, out: *mut f32, p: TileParams);
+    fn winograd_gather_f32_a8(src: *const f32, out: *mut f32, p: TileParams);
+    fn winograd_scatter_f32_a4(src: *const f32, bias: *const f32, out: *mut f32, p: TileParams, has_bias: u32);
+    fn winograd_scatter_f32_a6(src: *const f32, bias: *const f32, out: *mut f32, p: TileParams, has_bias: u32);
+    fn winograd_scatter_f32_a8(src: *const f32, bias: *const f32, out: *mut f32, p: TileParams, has_bias: u32);
+    fn winograd_gemm_kn_n_f32_t128(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
+    fn winograd_gemm_kn_n_f32_t128x64(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
+    fn winograd_gemm_kn_n_f32_t64(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
+    fn winograd_gemm_mn_n_f32_t128(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
+    fn winograd_gemm_mn_n_f32_t128x64(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
+    fn winograd_gemm_mn_n_f32_t64(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
+    fn winograd_gemm_kn_k_f32_t128(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
+    fn winograd_gemm_kn_k_f32_t128x64(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
+    fn winograd_gemm_kn_k_f32_t64(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
+}
+
+type Gather = unsafe extern "C" fn(*const f32, *mut f32, TileParams);
+type Scatter = unsafe extern "C" fn(*const f32, *const f32, *mut f32, TileParams, u32);
+type Gemm = unsafe extern "C" fn(*const f32, *const f32, *mut f32, GemmParams);
+
+fn gather_fn(name: &str) -> Gather {
+    match name {
+        "winograd_gather_f32_a4" => winograd_gather_f32_a4,
+        "winograd_gather_f32_a6" => winograd_gather_f32_a6,
+        "winograd_gather_f32_a8" => winograd_gather_f32_a8,
+        _ => panic!("no emulated kernel {name}"),
+    }
+}
+
+fn scatter_fn(name: &str) -> Scatter {
+    match name {
+        "winograd_scatter_f32_a4" => winograd_scatter_f32_a4,
+        "winograd_scatter_f32_a6" => winograd_scatter_f32_a6,
+        "winograd_scatter_f32_a8" => winograd_scatter_f32_a8,
+        _ => panic!("no emulated kernel {name}"),
+    }
+}
+
+fn gemm_fn(name: &str) -> Gemm {
+    match name {
+        "winograd_gemm_kn_n_f32_t128" => winograd_gemm_kn_n_f32_t128,
+        "winograd_gemm_kn_n_f32_t128x64" => winograd_gemm_kn_n_f32_t128x64,
+        "winograd_gemm_kn_n_f32_t64" => winograd_gemm_kn_n_f32_t64,
+        "winograd_gemm_mn_n_f32_t128" => winograd_gemm_mn_n_f32_t128,
+        "winograd_gemm_mn_n_f32_t128x64" => winograd_gemm_mn_n_f32_t128x64,
+        "winograd_gemm_mn_n_f32_t64" => winograd_gemm_mn_n_f32_t64,
+        "winograd_gemm_kn_k_f32_t128" => winograd_gemm_kn_k_f32_t128,
+        "winograd_gemm_kn_k_f32_t128x64" => winograd_gemm_kn_k_f32_t128x64,
+        "winograd_gemm_kn_k_f32_t64" => winograd_gemm_kn_k_f32_t64,
+        _ => panic!("no emulated kernel {name}"),
+    }
+}
+
+/// Device memory stand-in: NaN-filled, so that an element a kernel fails to write shows up.
+fn uninit(len: usize) -> Vec<f32> {
+    vec![f32::NAN; len]
+}
+
+/// Runs one emulated launch; pointers travel as usize (raw pointers are not Sync).
+fn launch(cfg: cudarc::driver::LaunchConfig, kernel: &(dyn Fn() + Sync)) {
+    assert_eq!((cfg.block_dim.1, cfg.block_dim.2), (1, 1), "1-D blocks");
+    ptxgrad_emu::launch(cfg.grid_dim, cfg.block_dim.0, kernel);
+}
+
+/// The pass's four launches, as Pass::run_cuda makes them, on the emulator; `tile` overrides the
+/// GEMM's tile.
+fn run_pass_emu(pass: &Pass, a_src: &[f32], b_src: &[f32], bias: Option<&[f32]>, tile: Option<Tile>) -> Vec<f32> {
+    let gather = |src: &[f32], t: &TileParams| {
+        let mut out = uninit(t.wino_len(pass.alpha));
+        let (name, cfg) = pass.tile_launch(t, false).unwrap();
+        let (f, s, o, t) = (gather_fn(name), src.as_ptr() as usize, out.as_mut_ptr() as usize, *t);
+        launch(cfg, &|| unsafe { f(s as *const f32, o as *mut f32, t) });
+        out
+    };
+    let a = gather(a_src, &pass.gather_a);
+    let b = gather(b_src, &pass.gather_b);
+    let mut c = uninit(pass.gemm.out_len());
+    let (name, cfg) = pass.gemm_launch(tile).unwrap();
+    let (f, pa, pb, pc, g) =
+        (gemm_fn(name), a.as_ptr() as usize, b.as_ptr() as usize, c.as_mut_ptr() as usize, pass.gemm);
+    launch(cfg, &|| unsafe { f(pa as *const f32, pb as *const f32, pc as *mut f32, g) });
+    let sc = pass.scatter;
+    let mut out = uninit(sc.plane_len());
+    let (name, cfg) = pass.tile_launch(&sc, true).unwrap();
+    let has_bias = bias.is_some() as u32;
+    let bias = bias.unwrap_or(&c);
+    let (f, pc, pbias, po) = (scatter_fn(name), c.as_ptr() as usize, bias.as_ptr() as usize, out.as_mut_ptr() as usize);
+    launch(cfg, &|| unsafe { f(pc as *const f32, pbias as *const f32, po as *mut f32, sc, has_bias) });
+    out
+}
+
+/// Every Winograd kernel (gather and scatter for tiles of 4, 6 and 8; the three GEMM layouts in
+/// all three block tiles; the weight grad's split-K) through its real launch, on small awkward
+/// shapes, against the direct convolution.
+#[test]
+fn winograd_kernels_emulated_match_direct_convolution() {
+    // (n, cin, h, w, cout, r, pad, m): alphas 4, 6, 8; channels across 64-row tiles.
+    let cases = [
+        (2, 3, 7, 9, 5, 3, 1, 2),
+        (1, 70, 6, 6, 66, 3, 1, 4),
+        (2, 4, 9, 7, 3, 3, 2, 6),
+        (1, 5, 8, 8, 7, 5, 2, 2),
+        (1, 3, 9, 9, 4, 5, 0, 4),
+    ];
+    for (i, &(n, cin, h, w, cout, r, pad, m)) in cases.iter().enumerate() {
+        let mut p = Conv2dParams::new(n, cin, h, w, cout, r, r, 1, pad).unwrap();
+        p.relu = 1;
+        let seed = 500 + 10 * i as u64;
+        let x = uniform(p.x_len(), -1.0, 1.0, seed);
+        let wt = uniform(p.w_len(), -1.0, 1.0, seed + 1);
+        let b = uniform(cout, -1.0, 1.0, seed + 2);
+        let gy = uniform(p.y_len(), -1.0, 1.0, seed + 3);
+        let y_ref = conv2d_fwd_cpu(&x, &wt, &b, &p, true);
+        let gx_ref = conv2d_bwd_input_cpu(&wt, &gy, &p);
+        let gw_ref = conv2d_bwd_weight_cpu(&x, &gy, &p);
+        // The weight grad split as the GPU would, and in 3 (more splits than tiles per split).
+        let splits = [weight_grad_splits(&p, m), 3];
+        for tile in Tile::ALL {
+            let tag = |s: &str| format!("{s}: F({m}, {r}), x {:?}, pad {pad}, {tile:?} (emulated)", [n, cin, h, w]);
+            let y = run_pass_emu(&Pass::forward(&p, m).unwrap(), &wt, &x, Some(&b), Some(tile));
+            assert_close(&tag("y"), &y_ref, &y, wino_atol(cin * r * r), 0.0);
+            let gx = run_pass_emu(&Pass::input_grad(&p, m).unwrap(), &wt, &gy, None, Some(tile));
+            assert_close(&tag("gx"), &gx_ref, &gx, wino_atol(cout * r * r), 0.0);
+            for s in splits {
+                let pass = Pass::weight_grad(&p, m, s).unwrap();
+                let gw = run_pass_emu(&pass, &gy, &x, None, Some(tile));
+                assert_close(
+                    &tag(&format!("gw ({} splits)", pass.gemm.splits())),
+                    &gw_ref,
+                    &gw,
+                    wino_atol(n * p.ohw()),
+                    0.0,
+                );
+            }
+        }
     }
 }

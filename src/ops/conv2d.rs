@@ -399,10 +399,22 @@ fn params(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Conv2dPar
 /// The block tile of a GEMM launch; kernels come in one variant per tile (suffixes _t128,
 /// _t128x64, _t64), listed in this order wherever a kernel is picked by `tile as usize`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Tile {
+pub enum Tile {
     T128 = 0,
     T128x64 = 1,
     T64 = 2,
+}
+
+impl Tile {
+    pub const ALL: [Tile; 3] = [Tile::T128, Tile::T128x64, Tile::T64];
+    /// (BM, BN): rows and columns of C per block.
+    pub fn size(self) -> (usize, usize) {
+        match self {
+            Tile::T128 => (128, 128),
+            Tile::T128x64 => (128, 64),
+            Tile::T64 => (64, 64),
+        }
+    }
 }
 
 /// The GEMM grid for an M x N output over `z` slices, and its tile. Model: an H100/H200 runs 132
@@ -410,7 +422,7 @@ pub(crate) enum Tile {
 /// block). 128 x 128 by default; 64 x 64 when the 128 grid would not fill one wave; 128 x 64 when
 /// the 128 grid's last wave is nearly empty (AlexNet's conv5 forward: 288 blocks = 1.09 waves) and
 /// half-size blocks (taken at 90% of the 128 tile's efficiency) would finish sooner.
-pub(crate) fn gemm_launch(m: usize, n: usize, z: usize) -> Result<(LaunchConfig, Tile)> {
+pub fn gemm_launch(m: usize, n: usize, z: usize) -> Result<(LaunchConfig, Tile)> {
     const WAVE: usize = 264;
     let b128 = m.div_ceil(128) * n.div_ceil(128) * z;
     let b_half = m.div_ceil(128) * n.div_ceil(64) * z;
@@ -421,11 +433,7 @@ pub(crate) fn gemm_launch(m: usize, n: usize, z: usize) -> Result<(LaunchConfig,
     } else {
         Tile::T128
     };
-    let (bm, bn) = match tile {
-        Tile::T128 => (128, 128),
-        Tile::T128x64 => (128, 64),
-        Tile::T64 => (64, 64),
-    };
+    let (bm, bn) = tile.size();
     let (gx, gy) = (n.div_ceil(bn), m.div_ceil(bm));
     if gy > 65535 || z > 65535 || gx > u32::MAX as usize {
         return Err(Error::Data(format!("GEMM of {m} x {n} (x {z}) is too large for one launch")));

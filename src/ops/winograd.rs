@@ -373,10 +373,12 @@ impl GemmParams {
             b_batch: u(n * k),
         }
     }
-    fn splits(&self) -> usize {
+    /// Splits of the reduction (1 unless the weight grad's).
+    pub fn splits(&self) -> usize {
         (self.k as usize).div_ceil(self.k_chunk.max(1) as usize).max(1)
     }
-    fn out_len(&self) -> usize {
+    /// Elements of C: (splits, batch, M, N).
+    pub fn out_len(&self) -> usize {
         self.splits() * (self.batch * self.m * self.n) as usize
     }
     /// The kernel for these strides: each kernel takes its operands' contiguous stride as 1.
@@ -413,15 +415,17 @@ fn batched_gemm_cpu(a: &[f32], b: &[f32], g: &GemmParams) -> Vec<f32> {
     out
 }
 
-/// Everything one pass needs: the two gathers, the GEMM and the scatter.
+/// Everything one pass needs: the two gathers, the GEMM and the scatter. Public so that the
+/// kernel emulator's tests (tests/winograd.rs) run exactly the launches the GPU gets.
 #[derive(Debug, Clone)]
-struct Pass {
-    alpha: usize,
-    /// The operand gathered into the GEMM's A (filters for fwd / input grad, gy for weight grad).
-    gather_a: TileParams,
-    gather_b: TileParams,
-    gemm: GemmParams,
-    scatter: TileParams,
+pub struct Pass {
+    pub alpha: usize,
+    /// Gathered into the GEMM's A (filters for fwd / input grad, gy for the weight grad).
+    pub gather_a: TileParams,
+    /// Gathered into the GEMM's B (x for fwd / weight grad, gy for the input grad).
+    pub gather_b: TileParams,
+    pub gemm: GemmParams,
+    pub scatter: TileParams,
 }
 
 fn tile_params(planes: [usize; 4], tiles: [usize; 2], step: usize, pad: usize, extent: usize) -> TileParams {
@@ -444,6 +448,16 @@ fn tile_params(planes: [usize; 4], tiles: [usize; 2], step: usize, pad: usize, e
 }
 
 impl Pass {
+    /// The forward of `p` with F(m, r): A = filters, B = x; the scatter writes y.
+    pub fn forward(p: &Conv2dParams, m: usize) -> Result<Pass> {
+        Pass::correlation(p, m, false)
+    }
+
+    /// The input grad of `p` with F(m, r): A = filters (flipped), B = gy; the scatter writes gx.
+    pub fn input_grad(p: &Conv2dParams, m: usize) -> Result<Pass> {
+        Pass::correlation(p, m, true)
+    }
+
     /// The forward (`input_grad` false: x -> y) or the input grad (gy -> gx) of `p` with
     /// F(m, r): a correlation of `c_in` planes of `h x w`, padded by `pad`, into `c_out` planes.
     fn correlation(p: &Conv2dParams, m: usize, input_grad: bool) -> Result<Pass> {
@@ -466,15 +480,16 @@ impl Pass {
         gather_b.l = WinogradMatrices::padded(&mats.bt, alpha, alpha, false);
         let mut scatter = tile_params([n, c_dst, dst[0], dst[1]], tiles, m, 0, m);
         scatter.l = WinogradMatrices::padded(&mats.at, m, alpha, false);
-        scatter.relu = p.relu;
+        // ReLU belongs to the forward's output only (the input grad arrives already masked).
+        scatter.relu = if input_grad { 0 } else { p.relu };
         // The input grad's A (Cin, Cout) is U[xi] (Cout, Cin) read transposed.
         let gemm = GemmParams::forward(c_dst, gather_b.tiles(), c_src, alpha * alpha, input_grad);
         Ok(Pass { alpha, gather_a, gather_b, gemm, scatter })
     }
 
     /// The weight grad of `p` with F(r, m): gy's m x m tiles (G') against x's alpha x alpha tiles
-    /// (B'), reduced over all tiles, split `splits` ways.
-    fn weight_grad(p: &Conv2dParams, m: usize, splits: usize) -> Result<Pass> {
+    /// (B'), reduced over all tiles, split `splits` ways. A = gy, B = x; the scatter writes gw.
+    pub fn weight_grad(p: &Conv2dParams, m: usize, splits: usize) -> Result<Pass> {
         let r = p.kh as usize;
         let mats = WinogradMatrices::new(r, m)?;
         let alpha = mats.alpha;
@@ -510,6 +525,26 @@ impl Pass {
         tile_scatter_cpu(&c, bias, &self.scatter, self.alpha)
     }
 
+    /// The kernel and launch of the gather `t` (`self.gather_a` or `self.gather_b`) or of the
+    /// scatter: one thread per (plane, tile), 128 per block.
+    pub fn tile_launch(&self, t: &TileParams, scatter: bool) -> Result<(&'static str, LaunchConfig)> {
+        const GATHER: [&str; 3] = ["winograd_gather_f32_a4", "winograd_gather_f32_a6", "winograd_gather_f32_a8"];
+        const SCATTER: [&str; 3] = ["winograd_scatter_f32_a4", "winograd_scatter_f32_a6", "winograd_scatter_f32_a8"];
+        let slot = alpha_slot(self.alpha)?;
+        Ok((if scatter { SCATTER[slot] } else { GATHER[slot] }, grid_1d(t.c as usize * t.tiles(), 128)))
+    }
+
+    /// The kernel and launch of the GEMM: the tile picked by `gemm_launch` unless `tile` is given.
+    pub fn gemm_launch(&self, tile: Option<Tile>) -> Result<(&'static str, LaunchConfig)> {
+        let g = &self.gemm;
+        let (m, n) = (g.m as usize, g.n as usize);
+        let (cfg, picked) = gemm_launch(m, n, g.splits() * g.batch as usize)?;
+        let tile = tile.unwrap_or(picked);
+        let (bm, bn) = tile.size();
+        let grid = (n.div_ceil(bn) as u32, m.div_ceil(bm) as u32, cfg.grid_dim.2);
+        Ok((gemm_kernel(g.layout(), tile), LaunchConfig { grid_dim: grid, ..cfg }))
+    }
+
     fn run_cuda(
         &self,
         gpu: &Gpu,
@@ -518,19 +553,20 @@ impl Pass {
         bias: Option<&DeviceBuf<f32>>,
     ) -> Result<DeviceBuf<f32>> {
         self.check_size()?;
-        let alpha = self.alpha;
-        let slot = alpha_slot(alpha)?;
-        let a = gather_cuda(gpu, a_src, &self.gather_a, alpha)?;
-        let b = gather_cuda(gpu, b_src, &self.gather_b, alpha)?;
+        let gather = |src: &DeviceBuf<f32>, t: &TileParams| -> Result<DeviceBuf<f32>> {
+            let mut out = gpu.uninit::<f32>(t.wino_len(self.alpha))?;
+            let (name, cfg) = self.tile_launch(t, false)?;
+            crate::launch!(gpu, Module::Winograd, name, cfg, src, &mut out, t)?;
+            Ok(out)
+        };
+        let a = gather(a_src, &self.gather_a)?;
+        let b = gather(b_src, &self.gather_b)?;
         let mut c = gpu.uninit::<f32>(self.gemm.out_len())?;
-        let g = &self.gemm;
-        let (cfg, tile) = gemm_launch(g.m as usize, g.n as usize, g.splits() * g.batch as usize)?;
-        let name = gemm_kernel(g.layout(), tile);
-        crate::launch!(gpu, Module::Winograd, name, cfg, &a, &b, &mut c, g)?;
+        let (name, cfg) = self.gemm_launch(None)?;
+        crate::launch!(gpu, Module::Winograd, name, cfg, &a, &b, &mut c, &self.gemm)?;
         let sc = &self.scatter;
         let mut out = gpu.uninit::<f32>(sc.plane_len())?;
-        let cfg = grid_1d(sc.c as usize * sc.tiles(), 128);
-        let name = ["winograd_scatter_f32_a4", "winograd_scatter_f32_a6", "winograd_scatter_f32_a8"][slot];
+        let (name, cfg) = self.tile_launch(sc, true)?;
         let has_bias = bias.is_some() as u32;
         // Without a bias the kernel never reads the pointer: any valid buffer stands in.
         let bias = bias.unwrap_or(&c);
@@ -560,17 +596,9 @@ fn gemm_kernel(layout: Layout, tile: Tile) -> &'static str {
     NAMES[row][tile as usize]
 }
 
-fn gather_cuda(gpu: &Gpu, src: &DeviceBuf<f32>, p: &TileParams, alpha: usize) -> Result<DeviceBuf<f32>> {
-    let mut out = gpu.uninit::<f32>(p.wino_len(alpha))?;
-    let cfg: LaunchConfig = grid_1d(p.c as usize * p.tiles(), 128);
-    let name = ["winograd_gather_f32_a4", "winograd_gather_f32_a6", "winograd_gather_f32_a8"][alpha_slot(alpha)?];
-    crate::launch!(gpu, Module::Winograd, name, cfg, src, &mut out, p)?;
-    Ok(out)
-}
-
 /// Splits of the weight grad's reduction over tiles: enough blocks for ~4 per SM (132 SMs), each
 /// split at least 256 tiles long.
-fn weight_grad_splits(p: &Conv2dParams, m: usize) -> usize {
+pub fn weight_grad_splits(p: &Conv2dParams, m: usize) -> usize {
     let alpha = m + p.kh as usize - 1;
     let blocks = alpha * alpha * (p.c_out as usize).div_ceil(128) * (p.c_in as usize).div_ceil(128);
     let tiles = p.n as usize * (p.oh as usize).div_ceil(m) * (p.ow as usize).div_ceil(m);

@@ -1,0 +1,80 @@
+// Host emulation of the CUDA C++ that kernels/*.cu use, so that the very same kernel source runs
+// on CPU threads (force-included before a .cu compiled as C++ with PTXGRAD_HOST_EMU defined).
+//
+// Model: a launch runs its blocks one after another; within a block every CUDA thread is an OS
+// thread, so __syncthreads is a real barrier and warp shuffles a real exchange among the 32
+// threads of a warp. `__shared__` becomes `static`: one copy, which is right because only one
+// block runs at a time. cp.async becomes a plain copy (see gemm.cuh). What this does not model:
+// timing, memory coalescing, bank conflicts, register limits, and races that only a GPU's
+// scheduling would expose (the threads of a block do interleave freely here, though).
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
+
+struct dim3 {
+    unsigned x, y, z;
+};
+using uint3 = dim3;
+extern thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+struct alignas(8) int2 {
+    int x, y;
+};
+struct alignas(16) float4 {
+    float x, y, z, w;
+};
+inline int2 make_int2(int x, int y) { return int2{x, y}; }
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+
+template <class T>
+inline T __ldg(const T* p) {
+    return *p;
+}
+
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
+inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
+inline long long min(long long a, long long b) { return a < b ? a : b; }
+inline unsigned long long min(unsigned long long a, unsigned long long b) { return a < b ? a : b; }
+
+// Round-to-nearest single operations (never fused into an FMA: the build passes -ffp-contract=off).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+
+inline float __int_as_float(int v) {
+    float f;
+    std::memcpy(&f, &v, 4);
+    return f;
+}
+inline int __float_as_int(float f) {
+    int v;
+    std::memcpy(&v, &f, 4);
+    return v;
+}
+inline float __uint_as_float(unsigned v) { return __int_as_float((int)v); }
+inline unsigned __float_as_uint(float f) { return (unsigned)__float_as_int(f); }
+
+// Block-wide barrier and warp exchange, implemented in launch.cpp.
+void __syncthreads();
+unsigned emu_shfl_xor_bits(unsigned bits, int lane_mask);
+
+template <class T>
+inline T __shfl_xor_sync(unsigned /*mask: all our shuffles are full-warp*/, T v, int lane_mask) {
+    static_assert(sizeof(T) == 4, "32-bit shuffles only");
+    unsigned bits;
+    std::memcpy(&bits, &v, 4);
+    bits = emu_shfl_xor_bits(bits, lane_mask);
+    T out;
+    std::memcpy(&out, &bits, 4);
+    return out;
+}
