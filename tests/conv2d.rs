@@ -4,7 +4,7 @@ mod common;
 use common::*;
 use ptxgrad::ops::conv2d::{
     conv2d, conv2d_bwd, conv2d_bwd_bias_cpu, conv2d_bwd_input_cpu, conv2d_bwd_weight_cpu, conv2d_bwd_with, conv2d_fwd,
-    conv2d_fwd_cpu, conv2d_fwd_with, conv2d_out_size, conv2d_with, Conv2dParams, ConvAlgo,
+    conv2d_fwd_cpu, conv2d_fwd_with, conv2d_out_size, conv2d_with, plan, Conv2dParams, ConvAlgo, Tile,
 };
 use ptxgrad::ops::relu::relu_bwd_cpu;
 use ptxgrad::{Device, Tape, Tensor};
@@ -430,4 +430,138 @@ fn time_alexnet_convs(dev: &Device, algo: ConvAlgo) {
         );
     }
     println!("conv total (fwd + bwd, batch 128): {:.3} ms", total * 1e3);
+}
+
+// ---- the CUDA kernels, emulated on CPU threads (ptxgrad-emu) ----
+
+extern "C" {
+    fn conv2d_ktable_u32(tab: *mut u32, p: Conv2dParams, input_grad: u32);
+    fn conv2d_fwd_f32_t128(x: *const f32, w: *const f32, b: *const f32, y: *mut f32, tab: *const u32, p: Conv2dParams);
+    fn conv2d_fwd_f32_t128x64(
+        x: *const f32,
+        w: *const f32,
+        b: *const f32,
+        y: *mut f32,
+        tab: *const u32,
+        p: Conv2dParams,
+    );
+    fn conv2d_fwd_f32_t64(x: *const f32, w: *const f32, b: *const f32, y: *mut f32, tab: *const u32, p: Conv2dParams);
+    fn conv2d_bwd_input_f32_t128(w: *const f32, gy: *const f32, gx: *mut f32, tab: *const u32, p: Conv2dParams);
+    fn conv2d_bwd_input_f32_t128x64(w: *const f32, gy: *const f32, gx: *mut f32, tab: *const u32, p: Conv2dParams);
+    fn conv2d_bwd_input_f32_t64(w: *const f32, gy: *const f32, gx: *mut f32, tab: *const u32, p: Conv2dParams);
+    fn conv2d_bwd_input_f32_t64_strided(w: *const f32, gy: *const f32, gx: *mut f32, tab: *const u32, p: Conv2dParams);
+    fn conv2d_bwd_weight_f32_t128(x: *const f32, gy: *const f32, ws: *mut f32, tab: *const u32, p: Conv2dParams);
+    fn conv2d_splitk_sum_f32(ws: *const f32, out: *mut f32, len: u32, splits: u32);
+    fn conv2d_bwd_bias_f32(gy: *const f32, part: *mut f32, p: Conv2dParams);
+}
+
+type ConvFwd = unsafe extern "C" fn(*const f32, *const f32, *const f32, *mut f32, *const u32, Conv2dParams);
+type ConvBwd = unsafe extern "C" fn(*const f32, *const f32, *mut f32, *const u32, Conv2dParams);
+
+fn fwd_fn(name: &str) -> ConvFwd {
+    match name {
+        "conv2d_fwd_f32_t128" => conv2d_fwd_f32_t128,
+        "conv2d_fwd_f32_t128x64" => conv2d_fwd_f32_t128x64,
+        "conv2d_fwd_f32_t64" => conv2d_fwd_f32_t64,
+        _ => panic!("no emulated kernel {name}"),
+    }
+}
+
+fn bwd_fn(name: &str) -> ConvBwd {
+    match name {
+        "conv2d_bwd_input_f32_t128" => conv2d_bwd_input_f32_t128,
+        "conv2d_bwd_input_f32_t128x64" => conv2d_bwd_input_f32_t128x64,
+        "conv2d_bwd_input_f32_t64" => conv2d_bwd_input_f32_t64,
+        "conv2d_bwd_input_f32_t64_strided" => conv2d_bwd_input_f32_t64_strided,
+        "conv2d_bwd_weight_f32_t128" => conv2d_bwd_weight_f32_t128,
+        _ => panic!("no emulated kernel {name}"),
+    }
+}
+
+/// conv2d_ktable_u32 on the emulator.
+fn ktable_emu(p: &Conv2dParams, input_grad: bool) -> Vec<u32> {
+    let (cfg, words) = plan::ktable(p, input_grad);
+    let mut tab = vec![u32::MAX; words];
+    let (t, p) = (tab.as_mut_ptr() as usize, *p);
+    emu_launch(cfg, &|| unsafe { conv2d_ktable_u32(t as *mut u32, p, input_grad as u32) });
+    tab
+}
+
+/// Adds up `splits` partials of `len` (conv2d_splitk_sum_f32), or returns the one partial.
+fn splitk_emu(ws: Vec<f32>, len: usize, splits: usize) -> Vec<f32> {
+    if splits == 1 {
+        return ws;
+    }
+    let mut out = emu_uninit(len);
+    let (w, o) = (ws.as_ptr() as usize, out.as_mut_ptr() as usize);
+    emu_launch(plan::splitk_sum(len), &|| unsafe {
+        conv2d_splitk_sum_f32(w as *const f32, o as *mut f32, len as u32, splits as u32)
+    });
+    out
+}
+
+/// Every implicit-GEMM conv kernel through the launches conv2d.rs makes (plan::*), each GEMM in
+/// all three block tiles, the weight grad also split many ways, on small awkward shapes (stride
+/// 1, 2 and 3, padding, non-square, channels across a 64-row tile), against the CPU reference.
+#[test]
+fn conv2d_kernels_emulated_match_cpu() {
+    let cases = [
+        case(2, 5, 7, 9, 6, 3, 3, 1, 1),
+        case(3, 2, 7, 7, 5, 3, 3, 2, 1),
+        Case { relu: false, ..case(2, 3, 11, 9, 7, 3, 2, 3, 2) },
+        case(1, 70, 6, 6, 66, 3, 3, 1, 1),
+        case(2, 4, 9, 9, 3, 5, 5, 1, 2),
+    ];
+    for (i, c) in cases.iter().enumerate() {
+        let mut p = c.params();
+        p.relu = c.relu as u32;
+        let seed = 4000 + 10 * i as u64;
+        let (x, w) = (uniform(p.x_len(), -1.0, 1.0, seed), uniform(p.w_len(), -1.0, 1.0, seed + 1));
+        let (b, gy) = (uniform(c.cout, -1.0, 1.0, seed + 2), uniform(p.y_len(), -1.0, 1.0, seed + 3));
+        let (px, pw, pb, pgy) = (x.as_ptr() as usize, w.as_ptr() as usize, b.as_ptr() as usize, gy.as_ptr() as usize);
+        let (tab_f, tab_i) = (ktable_emu(&p, false), ktable_emu(&p, true));
+        let (tf, ti) = (tab_f.as_ptr() as usize, tab_i.as_ptr() as usize);
+        for tile in Tile::ALL {
+            let what = |s: &str| format!("{s} {c:?}, {tile:?} (emulated)");
+            let (name, cfg) = plan::forward(&p, Some(tile)).unwrap();
+            let (f, mut y) = (fwd_fn(name), emu_uninit(p.y_len()));
+            let py = y.as_mut_ptr() as usize;
+            emu_launch(cfg, &|| unsafe {
+                f(px as *const f32, pw as *const f32, pb as *const f32, py as *mut f32, tf as *const u32, p)
+            });
+            assert_close(&what("y"), &conv2d_fwd_cpu(&x, &w, &b, &p, c.relu), &y, atol(p.k()), 1e-5);
+
+            let (name, cfg) = plan::input_grad(&p, Some(tile)).unwrap();
+            let (f, mut gx) = (bwd_fn(name), emu_uninit(p.x_len()));
+            let pgx = gx.as_mut_ptr() as usize;
+            emu_launch(cfg, &|| unsafe {
+                f(pw as *const f32, pgy as *const f32, pgx as *mut f32, ti as *const u32, p)
+            });
+            assert_close(&what("gx"), &conv2d_bwd_input_cpu(&w, &gy, &p), &gx, atol(c.cout * c.kh * c.kw), 1e-5);
+        }
+        // The weight grad as planned, then split into chunks of 8 and 24 terms.
+        let gw_ref = conv2d_bwd_weight_cpu(&x, &gy, &p);
+        for chunk in [None, Some(8), Some(24)] {
+            let mut pp = p;
+            let (name, mut cfg, mut splits) = plan::weight_grad(&mut pp);
+            if let Some(k) = chunk {
+                pp.k_chunk = k;
+                splits = (c.n * p.ohw()).div_ceil(k as usize);
+                cfg.grid_dim.2 = splits as u32;
+            }
+            let (f, mut ws) = (bwd_fn(name), emu_uninit(splits * p.w_len()));
+            let pws = ws.as_mut_ptr() as usize;
+            emu_launch(cfg, &|| unsafe {
+                f(px as *const f32, pgy as *const f32, pws as *mut f32, tf as *const u32, pp)
+            });
+            let gw = splitk_emu(ws, p.w_len(), splits);
+            assert_close(&format!("gw {c:?}, {splits} splits (emulated)"), &gw_ref, &gw, atol(c.n * p.ohw()), 1e-5);
+        }
+        let (cfg, splits) = plan::bias_grad(&p);
+        let mut part = emu_uninit(splits * c.cout);
+        let pp = part.as_mut_ptr() as usize;
+        emu_launch(cfg, &|| unsafe { conv2d_bwd_bias_f32(pgy as *const f32, pp as *mut f32, p) });
+        let gb = splitk_emu(part, c.cout, splits);
+        assert_close(&format!("gb {c:?} (emulated)"), &conv2d_bwd_bias_cpu(&gy, &p), &gb, atol(c.n * p.ohw()), 1e-5);
+    }
 }

@@ -149,41 +149,30 @@ fn gemm_fn(name: &str) -> Gemm {
     }
 }
 
-/// Device memory stand-in: NaN-filled, so that an element a kernel fails to write shows up.
-fn uninit(len: usize) -> Vec<f32> {
-    vec![f32::NAN; len]
-}
-
-/// Runs one emulated launch; pointers travel as usize (raw pointers are not Sync).
-fn launch(cfg: cudarc::driver::LaunchConfig, kernel: &(dyn Fn() + Sync)) {
-    assert_eq!((cfg.block_dim.1, cfg.block_dim.2), (1, 1), "1-D blocks");
-    ptxgrad_emu::launch(cfg.grid_dim, cfg.block_dim.0, kernel);
-}
-
 /// The pass's four launches, as Pass::run_cuda makes them, on the emulator; `tile` overrides the
 /// GEMM's tile.
 fn run_pass_emu(pass: &Pass, a_src: &[f32], b_src: &[f32], bias: Option<&[f32]>, tile: Option<Tile>) -> Vec<f32> {
     let gather = |src: &[f32], t: &TileParams| {
-        let mut out = uninit(t.wino_len(pass.alpha));
+        let mut out = emu_uninit(t.wino_len(pass.alpha));
         let (name, cfg) = pass.tile_launch(t, false).unwrap();
         let (f, s, o, t) = (gather_fn(name), src.as_ptr() as usize, out.as_mut_ptr() as usize, *t);
-        launch(cfg, &|| unsafe { f(s as *const f32, o as *mut f32, t) });
+        emu_launch(cfg, &|| unsafe { f(s as *const f32, o as *mut f32, t) });
         out
     };
     let a = gather(a_src, &pass.gather_a);
     let b = gather(b_src, &pass.gather_b);
-    let mut c = uninit(pass.gemm.out_len());
+    let mut c = emu_uninit(pass.gemm.out_len());
     let (name, cfg) = pass.gemm_launch(tile).unwrap();
     let (f, pa, pb, pc, g) =
         (gemm_fn(name), a.as_ptr() as usize, b.as_ptr() as usize, c.as_mut_ptr() as usize, pass.gemm);
-    launch(cfg, &|| unsafe { f(pa as *const f32, pb as *const f32, pc as *mut f32, g) });
+    emu_launch(cfg, &|| unsafe { f(pa as *const f32, pb as *const f32, pc as *mut f32, g) });
     let sc = pass.scatter;
-    let mut out = uninit(sc.plane_len());
+    let mut out = emu_uninit(sc.plane_len());
     let (name, cfg) = pass.tile_launch(&sc, true).unwrap();
     let has_bias = bias.is_some() as u32;
     let bias = bias.unwrap_or(&c);
     let (f, pc, pbias, po) = (scatter_fn(name), c.as_ptr() as usize, bias.as_ptr() as usize, out.as_mut_ptr() as usize);
-    launch(cfg, &|| unsafe { f(pc as *const f32, pbias as *const f32, po as *mut f32, sc, has_bias) });
+    emu_launch(cfg, &|| unsafe { f(pc as *const f32, pbias as *const f32, po as *mut f32, sc, has_bias) });
     out
 }
 

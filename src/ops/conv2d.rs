@@ -7,7 +7,7 @@
 
 use cudarc::driver::LaunchConfig;
 
-use crate::device::{grid_1d, Gpu};
+use crate::device::Gpu;
 use crate::error::{Error, Result};
 use crate::ops::matmul_cpu::{gemm_acc, transpose};
 use crate::ops::parallel::map_ranges;
@@ -422,17 +422,18 @@ impl Tile {
 /// block). 128 x 128 by default; 64 x 64 when the 128 grid would not fill one wave; 128 x 64 when
 /// the 128 grid's last wave is nearly empty (AlexNet's conv5 forward: 288 blocks = 1.09 waves) and
 /// half-size blocks (taken at 90% of the 128 tile's efficiency) would finish sooner.
-pub fn gemm_launch(m: usize, n: usize, z: usize) -> Result<(LaunchConfig, Tile)> {
+/// `tile` Some(t) uses t instead (the emulated kernel tests reach every variant so).
+pub fn gemm_launch(m: usize, n: usize, z: usize, tile: Option<Tile>) -> Result<(LaunchConfig, Tile)> {
     const WAVE: usize = 264;
     let b128 = m.div_ceil(128) * n.div_ceil(128) * z;
     let b_half = m.div_ceil(128) * n.div_ceil(64) * z;
-    let tile = if b128 < WAVE {
+    let tile = tile.unwrap_or(if b128 < WAVE {
         Tile::T64
     } else if (b_half.div_ceil(WAVE) as f64) * 0.5 / 0.9 < b128.div_ceil(WAVE) as f64 {
         Tile::T128x64
     } else {
         Tile::T128
-    };
+    });
     let (bm, bn) = tile.size();
     let (gx, gy) = (n.div_ceil(bn), m.div_ceil(bm));
     if gy > 65535 || z > 65535 || gx > u32::MAX as usize {
@@ -451,15 +452,84 @@ fn gpu_pair<'a>(
 }
 
 /// The k-table of kernels/conv2d.cu (per reduction index: the offsets and (kh, kw) that would
-/// otherwise cost integer divisions in the GEMM's loads): 2K u32 for the forward and weight grad
-/// (K = Cin*KH*KW), 3K for the input grad (K = Cout*KH*KW).
+/// otherwise cost integer divisions in the GEMM's loads).
 fn ktable(gpu: &Gpu, p: &Conv2dParams, input_grad: bool) -> Result<crate::device::DeviceBuf<u32>> {
-    let khw = (p.kh * p.kw) as usize;
-    let (k, words) = if input_grad { (p.c_out as usize * khw, 3) } else { (p.c_in as usize * khw, 2) };
-    let mut tab = gpu.uninit::<u32>(words * k)?;
+    let (cfg, words) = plan::ktable(p, input_grad);
+    let mut tab = gpu.uninit::<u32>(words)?;
     let mode = input_grad as u32;
-    crate::launch!(gpu, Module::Conv2d, "conv2d_ktable_u32", grid_1d(k, 256), &mut tab, p, &mode)?;
+    crate::launch!(gpu, Module::Conv2d, "conv2d_ktable_u32", cfg, &mut tab, p, &mode)?;
     Ok(tab)
+}
+
+/// Which kernel each pass launches, on which grid: one place for the CUDA path and the kernel
+/// emulator's tests (tests/conv2d.rs), so that both run the same launches. `tile` None picks
+/// by `gemm_launch`; tests pass a tile to reach every variant.
+pub mod plan {
+    use super::{gemm_launch, Conv2dParams, Tile};
+    use crate::device::grid_1d;
+    use crate::error::Result;
+    use cudarc::driver::LaunchConfig;
+
+    fn block_256(grid: (usize, usize, usize)) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// conv2d_ktable_u32's launch and the table's length in u32: 2K for the forward and weight
+    /// grad (K = Cin*KH*KW), 3K for the input grad (K = Cout*KH*KW).
+    pub fn ktable(p: &Conv2dParams, input_grad: bool) -> (LaunchConfig, usize) {
+        let khw = (p.kh * p.kw) as usize;
+        let (k, words) = if input_grad { (p.c_out as usize * khw, 3) } else { (p.c_in as usize * khw, 2) };
+        (grid_1d(k, 256), words * k)
+    }
+
+    /// The forward GEMM: M = Cout, N = batch*OH*OW.
+    pub fn forward(p: &Conv2dParams, tile: Option<Tile>) -> Result<(&'static str, LaunchConfig)> {
+        let (cfg, tile) = gemm_launch(p.c_out as usize, p.n as usize * p.ohw(), 1, tile)?;
+        Ok((["conv2d_fwd_f32_t128", "conv2d_fwd_f32_t128x64", "conv2d_fwd_f32_t64"][tile as usize], cfg))
+    }
+
+    /// The input-grad GEMM: M = Cin, N = batch*H*W; strides above 1 take the 64-tile kernel that
+    /// handles them.
+    pub fn input_grad(p: &Conv2dParams, tile: Option<Tile>) -> Result<(&'static str, LaunchConfig)> {
+        let (m, n) = (p.c_in as usize, p.n as usize * (p.h * p.w) as usize);
+        if p.stride != 1 {
+            return Ok(("conv2d_bwd_input_f32_t64_strided", block_256((n.div_ceil(64), m.div_ceil(64), 1))));
+        }
+        let (cfg, tile) = gemm_launch(m, n, 1, tile)?;
+        const NAMES: [&str; 3] =
+            ["conv2d_bwd_input_f32_t128", "conv2d_bwd_input_f32_t128x64", "conv2d_bwd_input_f32_t64"];
+        Ok((NAMES[tile as usize], cfg))
+    }
+
+    /// The weight-grad GEMM (M = Cout, N = Cin*KH*KW) on the 128 x 128 tile, its reduction over
+    /// N*OH*OW split so that the grid has ~4 blocks per SM (H100: 132 SMs), each split summing at
+    /// least 512 terms. Sets p.k_chunk; returns the number of splits (partials to add up).
+    pub fn weight_grad(p: &mut Conv2dParams) -> (&'static str, LaunchConfig, usize) {
+        let (m, n, k_total) = (p.c_out as usize, p.k(), p.n as usize * p.ohw());
+        let tiles = m.div_ceil(128) * n.div_ceil(128);
+        let splits = 528usize.div_ceil(tiles).min(k_total.div_ceil(512)).max(1);
+        let chunk = k_total.div_ceil(splits).div_ceil(8) * 8;
+        let splits = k_total.div_ceil(chunk);
+        p.k_chunk = chunk as u32;
+        ("conv2d_bwd_weight_f32_t128", block_256((n.div_ceil(128), m.div_ceil(128), splits)), splits)
+    }
+
+    /// The bias grad: blocks (channel, image split), split over images until there are ~8
+    /// blocks per SM (conv1: 96 channels x 11 splits). Returns the number of splits.
+    pub fn bias_grad(p: &Conv2dParams) -> (LaunchConfig, usize) {
+        let cout = p.c_out as usize;
+        let splits = (p.n as usize).min(1056usize.div_ceil(cout)).max(1);
+        (block_256((cout, splits, 1)), splits)
+    }
+
+    /// conv2d_splitk_sum_f32 over `len` outputs.
+    pub fn splitk_sum(len: usize) -> LaunchConfig {
+        grid_1d(len, 256)
+    }
 }
 
 /// Forward: x (N, Cin, H, W), w (Cout, Cin, KH, KW), b (Cout) -> y (N, Cout, OH, OW);
@@ -498,8 +568,7 @@ pub fn conv2d_fwd_with(
         (Storage::Cuda { gpu, buf: xb }, Storage::Cuda { buf: wb, .. }, Storage::Cuda { buf: bb, .. }) => {
             let mut y = gpu.uninit::<f32>(p.y_len())?;
             let tab = ktable(gpu, &p, false)?;
-            let (cfg, tile) = gemm_launch(p.c_out as usize, p.n as usize * p.ohw(), 1)?;
-            let name = ["conv2d_fwd_f32_t128", "conv2d_fwd_f32_t128x64", "conv2d_fwd_f32_t64"][tile as usize];
+            let (name, cfg) = plan::forward(&p, None)?;
             crate::launch!(gpu, Module::Conv2d, name, cfg, xb, wb, bb, &mut y, &tab, &p)?;
             Storage::Cuda { gpu: gpu.clone(), buf: y }
         }
@@ -550,7 +619,7 @@ fn conv2d_grads(
     gy.expect_shape("conv2d_bwd", "gy", &y_shape)?;
     common_device("conv2d_bwd", &[x.device(), w.device(), gy.device()])?;
     let [need_gx, need_gw, need_gb] = need;
-    let (m_b, n_gw, ohw) = (p.c_out as usize, p.k(), p.ohw());
+    let m_b = p.c_out as usize;
 
     let wino = algo.winograd_tile(&p);
     if let (Storage::Cpu(xv), Storage::Cpu(wv), Storage::Cpu(gv)) = (x.storage(), w.storage(), gy.storage()) {
@@ -582,17 +651,7 @@ fn conv2d_grads(
     } else if need_gx {
         let mut gx = gpu.uninit::<f32>(p.x_len())?;
         let tab = ktable(gpu, &p, true)?;
-        let (cfg, tile) = gemm_launch(p.c_in as usize, p.n as usize * (p.h * p.w) as usize, 1)?;
-        let names = ["conv2d_bwd_input_f32_t128", "conv2d_bwd_input_f32_t128x64", "conv2d_bwd_input_f32_t64"];
-        let (cfg, name) = match p.stride {
-            1 => (cfg, names[tile as usize]),
-            // Any stride: the 64-tile kernel, on the 64-tile grid.
-            _ => {
-                let (m, n) = (p.c_in as usize, p.n as usize * (p.h * p.w) as usize);
-                let grid = (n.div_ceil(64) as u32, m.div_ceil(64) as u32, 1);
-                (LaunchConfig { grid_dim: grid, ..cfg }, "conv2d_bwd_input_f32_t64_strided")
-            }
-        };
+        let (name, cfg) = plan::input_grad(&p, None)?;
         crate::launch!(gpu, Module::Conv2d, name, cfg, wb, gb_buf, &mut gx, &tab, &p)?;
         Some(Tensor::from_storage(x.shape().to_vec(), wrap(gx)))
     } else {
@@ -603,20 +662,7 @@ fn conv2d_grads(
         let gw = winograd::winograd_bwd_weight_cuda(gpu, xb, gb_buf, &p, m)?;
         Some(Tensor::from_storage(w.shape().to_vec(), wrap(gw)))
     } else if need_gw {
-        // The 128 x 128 tile, with the reduction over N*OH*OW split so that the grid has ~4
-        // blocks per SM (H100: 132 SMs), each split summing at least 512 terms.
-        let k_total = p.n as usize * ohw;
-        let tiles = m_b.div_ceil(128) * n_gw.div_ceil(128);
-        let splits = 528usize.div_ceil(tiles).min(k_total.div_ceil(512)).max(1);
-        let chunk = k_total.div_ceil(splits).div_ceil(8) * 8;
-        let splits = k_total.div_ceil(chunk);
-        p.k_chunk = chunk as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (n_gw.div_ceil(128) as u32, m_b.div_ceil(128) as u32, splits as u32),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let name = "conv2d_bwd_weight_f32_t128";
+        let (name, cfg, splits) = plan::weight_grad(&mut p);
         let tab = ktable(gpu, &p, false)?;
         let mut gw = gpu.uninit::<f32>(p.w_len())?;
         if splits == 1 {
@@ -625,16 +671,8 @@ fn conv2d_grads(
             let mut ws = gpu.uninit::<f32>(splits * p.w_len())?;
             crate::launch!(gpu, Module::Conv2d, name, cfg, xb, gb_buf, &mut ws, &tab, &p)?;
             let (len, nsplit) = (p.w_len() as u32, splits as u32);
-            crate::launch!(
-                gpu,
-                Module::Conv2d,
-                "conv2d_splitk_sum_f32",
-                grid_1d(p.w_len(), 256),
-                &ws,
-                &mut gw,
-                &len,
-                &nsplit
-            )?;
+            let reduce = plan::splitk_sum(p.w_len());
+            crate::launch!(gpu, Module::Conv2d, "conv2d_splitk_sum_f32", reduce, &ws, &mut gw, &len, &nsplit)?;
         }
         Some(Tensor::from_storage(w.shape().to_vec(), wrap(gw)))
     } else {
@@ -642,10 +680,7 @@ fn conv2d_grads(
     };
 
     let gb = if need_gb {
-        // Split over images until there are ~8 blocks per SM (conv1: 96 channels x 11 splits).
-        let splits = (p.n as usize).min(1056usize.div_ceil(m_b)).max(1);
-        let cfg =
-            LaunchConfig { grid_dim: (m_b as u32, splits as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (cfg, splits) = plan::bias_grad(&p);
         let mut gb = gpu.uninit::<f32>(m_b)?;
         if splits == 1 {
             crate::launch!(gpu, Module::Conv2d, "conv2d_bwd_bias_f32", cfg, gb_buf, &mut gb, &p)?;
@@ -653,7 +688,7 @@ fn conv2d_grads(
             let mut part = gpu.uninit::<f32>(splits * m_b)?;
             crate::launch!(gpu, Module::Conv2d, "conv2d_bwd_bias_f32", cfg, gb_buf, &mut part, &p)?;
             let (len, nsplit) = (m_b as u32, splits as u32);
-            let reduce = grid_1d(m_b, 256);
+            let reduce = plan::splitk_sum(m_b);
             crate::launch!(gpu, Module::Conv2d, "conv2d_splitk_sum_f32", reduce, &part, &mut gb, &len, &nsplit)?;
         }
         Some(Tensor::from_storage(vec![m_b], wrap(gb)))

@@ -153,7 +153,7 @@ fn gemm_split(
     mut p: DenseParams,
     (m, n, k): (usize, usize, usize),
 ) -> Result<DeviceBuf<f32>> {
-    let (mut cfg, tile) = gemm_launch(m, n, 1)?;
+    let (mut cfg, tile) = gemm_launch(m, n, 1, None)?;
     let name = kernels[tile as usize];
     let blocks = (cfg.grid_dim.0 * cfg.grid_dim.1) as usize;
     // ~2 blocks per SM, each split summing at least 256 terms.
@@ -256,7 +256,7 @@ fn dense_grads(
             };
             let gw = if need_gw {
                 let mut gw = gpu.uninit::<f32>(out_f * in_f)?;
-                let (cfg, tile) = gemm_launch(out_f, in_f, 1)?;
+                let (cfg, tile) = gemm_launch(out_f, in_f, 1, None)?;
                 let names = ["dense_bwd_weight_f32_t128", "dense_bwd_weight_f32_t128x64", "dense_bwd_weight_f32_t64"];
                 let name = names[tile as usize];
                 crate::launch!(gpu, Module::Dense, name, cfg, xb, gb, &mut gw, &p)?;

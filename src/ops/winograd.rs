@@ -537,12 +537,8 @@ impl Pass {
     /// The kernel and launch of the GEMM: the tile picked by `gemm_launch` unless `tile` is given.
     pub fn gemm_launch(&self, tile: Option<Tile>) -> Result<(&'static str, LaunchConfig)> {
         let g = &self.gemm;
-        let (m, n) = (g.m as usize, g.n as usize);
-        let (cfg, picked) = gemm_launch(m, n, g.splits() * g.batch as usize)?;
-        let tile = tile.unwrap_or(picked);
-        let (bm, bn) = tile.size();
-        let grid = (n.div_ceil(bn) as u32, m.div_ceil(bm) as u32, cfg.grid_dim.2);
-        Ok((gemm_kernel(g.layout(), tile), LaunchConfig { grid_dim: grid, ..cfg }))
+        let (cfg, tile) = gemm_launch(g.m as usize, g.n as usize, g.splits() * g.batch as usize, tile)?;
+        Ok((gemm_kernel(g.layout(), tile), cfg))
     }
 
     fn run_cuda(

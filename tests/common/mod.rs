@@ -159,3 +159,17 @@ pub fn assert_mentions(msg: &str, pieces: &[&str]) {
 pub fn wino_atol(k: usize) -> f32 {
     1e-3 * (1.0 + (k as f32).sqrt() / 3.0)
 }
+
+/// Device memory stand-in for the kernel emulator: NaN-filled, so that an element a kernel fails
+/// to write shows up in the comparison.
+pub fn emu_uninit(len: usize) -> Vec<f32> {
+    vec![f32::NAN; len]
+}
+
+/// One emulated launch (ptxgrad-emu) of `kernel` on the grid of `cfg` (1-D blocks), like a
+/// launch followed by a synchronisation. Pointers travel into `kernel` as usize (raw pointers
+/// are not Sync).
+pub fn emu_launch(cfg: cudarc::driver::LaunchConfig, kernel: &(dyn Fn() + Sync)) {
+    assert_eq!((cfg.block_dim.1, cfg.block_dim.2), (1, 1), "1-D blocks");
+    ptxgrad_emu::launch(cfg.grid_dim, cfg.block_dim.0, kernel);
+}
