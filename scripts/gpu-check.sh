@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared device run, sized for a 15-minute GPU lease (about 5-6 minutes of work on an
 # H200): every CUDA test, the conv timing test, ptxgrad's bench with the per-layer table for
-# both convolution algorithms, the PyTorch peer's bench, and 10 epochs of training. Build and
+# the implicit GEMM and two Winograd tilings, the PyTorch peer's bench, and 10 epochs of training. Build and
 # pack here first:
 #     ../shared/gpu/pack --data --peer
 # then on the device (carry [".gpu"]):   bash scripts/gpu-check.sh [CONV_ALGO]
@@ -28,9 +28,9 @@ if [ -z "$algo" ]; then
     algo=gemm
   fi
 fi
-{ echo "== conv timing (gemm, winograd, winograd:2)"
+{ echo "== conv timing (gemm, winograd, winograd:2, winograd:4, winograd:6)"
   timeout 120 .gpu/bin/test-conv2d --ignored --nocapture conv2d_cuda_alexnet_timing 2>&1 | grep -vE "^$|running"
-  for a in gemm winograd; do echo "== bench --conv-algo $a"; timeout 120 .gpu/bin/bin-ptxgrad bench --conv-algo $a 2>&1; done
+  for a in gemm winograd winograd:4; do echo "== bench --conv-algo $a"; timeout 120 .gpu/bin/bin-ptxgrad bench --conv-algo $a 2>&1; done
 } > "$out/bench.txt"; grep -E '"bench"|conv total|^gemm|^winograd' "$out/bench.txt"
 PYTHONUNBUFFERED=1 timeout 150 python3 .gpu/torch_alexnet.py bench > "$out/peer-bench.jsonl" 2>&1; cat "$out/peer-bench.jsonl"
 timeout 300 .gpu/bin/bin-ptxgrad train --epochs 10 --quiet --conv-algo "$algo" --checkpoint /tmp/ptxgrad.safetensors \

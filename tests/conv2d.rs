@@ -396,7 +396,10 @@ fn conv2d_rejects_bad_shapes() {
 #[ignore]
 fn conv2d_cuda_alexnet_timing() {
     let Some(dev) = gpu_or_skip("conv2d_cuda_alexnet_timing") else { return };
-    for algo in [ConvAlgo::ImplicitGemm, ConvAlgo::Winograd { tile: None }, ConvAlgo::Winograd { tile: Some(2) }] {
+    // gemm; Winograd with alpha 6 (F(4,3), F(2,5)), 4 (F(2,3); F(2,5) again), 8 (F(4,5); F(6,3)).
+    let algos = [None, Some(None), Some(Some(2)), Some(Some(4)), Some(Some(6))]
+        .map(|w| w.map_or(ConvAlgo::ImplicitGemm, |tile| ConvAlgo::Winograd { tile }));
+    for algo in algos {
         println!("{algo}:");
         time_alexnet_convs(&dev, algo);
     }
