@@ -1,12 +1,13 @@
 // Host emulation of the CUDA C++ that kernels/*.cu use, so that the very same kernel source runs
 // on CPU threads (force-included before a .cu compiled as C++ with PTXGRAD_HOST_EMU defined).
 //
-// Model: a launch runs its blocks one after another; within a block every CUDA thread is an OS
-// thread, so __syncthreads is a real barrier and warp shuffles a real exchange among the 32
-// threads of a warp. `__shared__` becomes `static`: one copy, which is right because only one
-// block runs at a time. cp.async becomes a plain copy (see gemm.cuh). What this does not model:
+// Model: a launch runs its blocks one after another; within a block every CUDA thread is a fiber
+// (launch.cpp), so __syncthreads is a real barrier and a warp shuffle a real exchange among the
+// 32 lanes of a warp. `__shared__` becomes `static thread_local`: one copy per launching thread,
+// which is right because a thread runs one block at a time. cp.async becomes a plain copy (see gemm.cuh). What this does not model:
 // timing, memory coalescing, bank conflicts, register limits, and races that only a GPU's
-// scheduling would expose (the threads of a block do interleave freely here, though).
+// scheduling would expose (threads run one at a time here, each up to its next barrier: a
+// missing barrier shows as a wrong result, an extra one does not).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -16,7 +17,8 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __shared__ static
+// Per OS thread: launches from several threads (parallel tests) do not share it.
+#define __shared__ static thread_local
 #define __align__(n) __attribute__((aligned(n)))
 #define __launch_bounds__(...)
 

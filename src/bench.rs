@@ -27,7 +27,8 @@ pub struct BenchArgs {
     /// Input height and width
     #[arg(long, default_value_t = 224)]
     pub resize: usize,
-    /// cuda, cuda:N or cpu (the CPU is very slow at 224: use --resize 65 and few steps)
+    /// cuda, cuda:N, cpu, or emu (the CUDA path on the kernel emulator); cpu and emu are very
+    /// slow at 224: use --resize 65, a small batch and few steps
     #[arg(long, default_value = "cuda")]
     pub device: String,
     /// Skip the per-layer table
@@ -265,7 +266,8 @@ fn layer_table(gpu: &Gpu, device: &Device, b: usize, r: usize, algo: ConvAlgo) -
                    "fwd_ms": row.fwd_ms, "bwd_ms": row.bwd_ms})
         );
     }
-    println!("\nper-layer GPU time, batch {b} at {r}x{r}, convolutions by {algo} (CUDA events, mean of {REPS}):");
+    let clock = if gpu.is_emu() { "wall time on the kernel emulator" } else { "CUDA events" };
+    println!("\nper-layer GPU time, batch {b} at {r}x{r}, convolutions by {algo} ({clock}, mean of {REPS}):");
     println!("{:<22} {:>20} {:>9} {:>9} {:>7}", "layer", "output", "fwd ms", "bwd ms", "share");
     for row in &rows {
         println!(

@@ -4,15 +4,23 @@
 //! All work goes to a single stream per device, so kernels run in launch order and a tensor
 //! is never read before the kernel writing it has finished. cudarc's per-buffer event tracking
 //! (for multi-stream use) is therefore switched off: it would add two events per launch.
+//!
+//! A `Gpu` may also be the kernel emulator (`Device::parse("emu")`, crate emu/): the same ops,
+//! launches and buffer cache, with buffers in host memory and every kernel run from its CUDA
+//! source on CPU threads. It exists to test the CUDA path on machines without a GPU; it is slow.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use std::ffi::c_void;
+
 use cudarc::driver::{
-    result::DriverError, sys::cudaError_enum as CuErr, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream,
-    DeviceRepr, ValidAsZeroBits,
+    result::DriverError, sys::cudaError_enum as CuErr, CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr,
+    LaunchConfig, ValidAsZeroBits,
 };
 
+pub use crate::buffer::{DeviceBuf, EmuArg};
+use crate::buffer::{HostMem, Mem};
 use crate::error::{Error, Result};
 use crate::pool::{BufferPool, PoolStats};
 use crate::ptx::{self, Module};
@@ -25,23 +33,26 @@ pub enum Device {
 }
 
 impl Device {
-    /// `cpu`, `cuda`, `cuda:N`, or `auto` (cuda:0 when a GPU can be used, else cpu).
+    /// `cpu`, `cuda`, `cuda:N`, `emu` (the CUDA path on the kernel emulator), or `auto` (cuda:0
+    /// when a GPU can be used, else cpu).
     pub fn parse(spec: &str) -> Result<Device> {
         match spec {
             "cpu" => Ok(Device::Cpu),
             "auto" => Ok(Gpu::get(0).map(Device::Cuda).unwrap_or(Device::Cpu)),
             "cuda" => Ok(Device::Cuda(Gpu::get(0)?)),
+            "emu" => Ok(Device::Cuda(Gpu::get(EMU_ORDINAL)?)),
             s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Ok(Device::Cuda(Gpu::get(n)?)),
-                _ => Err(Error::Data(format!("unknown device `{s}`: expected cpu, cuda, cuda:N or auto"))),
+                _ => Err(Error::Data(format!("unknown device `{s}`: expected cpu, cuda, cuda:N, emu or auto"))),
             },
         }
     }
 
-    /// `cpu` or `cuda:N`.
+    /// `cpu`, `cuda:N` or `emu`.
     pub fn label(&self) -> String {
         match self {
             Device::Cpu => "cpu".into(),
+            Device::Cuda(g) if g.is_emu() => "emu".into(),
             Device::Cuda(g) => format!("cuda:{}", g.ordinal),
         }
     }
@@ -82,14 +93,11 @@ impl std::fmt::Debug for Device {
     }
 }
 
-/// One CUDA device: its context, its stream, and the kernels loaded on it.
+/// One CUDA device (its context, its stream, the kernels loaded on it), or the emulator.
 pub struct Gpu {
     pub ordinal: usize,
     pub name: String,
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    functions: Mutex<HashMap<(Module, &'static str), CudaFunction>>,
-    modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
+    backend: Backend,
     /// PTXGRAD_SYNC_LAUNCHES=1: synchronise after every launch, so that a faulting kernel is
     /// named in the error instead of surfacing at some later copy.
     sync_launches: bool,
@@ -97,54 +105,20 @@ pub struct Gpu {
     pool: Arc<BufferPool>,
 }
 
-/// A device buffer that goes back to its GPU's buffer cache when dropped (instead of being
-/// freed), so that steady-state training allocates nothing. Derefs to cudarc's CudaSlice and is
-/// passed to kernels as one.
-pub struct DeviceBuf<T: Elem> {
-    // Some until dropped.
-    buf: Option<CudaSlice<T>>,
-    pool: Arc<BufferPool>,
+enum Backend {
+    Cuda(Cuda),
+    Emu,
 }
 
-impl<T: Elem> std::ops::Deref for DeviceBuf<T> {
-    type Target = CudaSlice<T>;
-    fn deref(&self) -> &CudaSlice<T> {
-        self.buf.as_ref().expect("present until drop")
-    }
+struct Cuda {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    functions: Mutex<HashMap<(Module, &'static str), CudaFunction>>,
+    modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
 }
 
-impl<T: Elem> std::ops::DerefMut for DeviceBuf<T> {
-    fn deref_mut(&mut self) -> &mut CudaSlice<T> {
-        self.buf.as_mut().expect("present until drop")
-    }
-}
-
-impl<T: Elem> Drop for DeviceBuf<T> {
-    fn drop(&mut self) {
-        if let Some(buf) = self.buf.take() {
-            self.pool.give(buf.len(), buf.len() * std::mem::size_of::<T>(), buf);
-        }
-    }
-}
-
-// SAFETY: delegates to cudarc's impls for &CudaSlice / &mut CudaSlice, which push the buffer's
-// device pointer (it lives as long as the borrow of the DeviceBuf).
-unsafe impl<'a, 'b: 'a, T: Elem> cudarc::driver::PushKernelArg<&'b DeviceBuf<T>> for cudarc::driver::LaunchArgs<'a> {
-    fn arg(&mut self, arg: &'b DeviceBuf<T>) -> &mut Self {
-        let slice: &'b CudaSlice<T> = arg;
-        self.arg(slice)
-    }
-}
-
-// SAFETY: as above.
-unsafe impl<'a, 'b: 'a, T: Elem> cudarc::driver::PushKernelArg<&'b mut DeviceBuf<T>>
-    for cudarc::driver::LaunchArgs<'a>
-{
-    fn arg(&mut self, arg: &'b mut DeviceBuf<T>) -> &mut Self {
-        let slice: &'b mut CudaSlice<T> = arg;
-        self.arg(slice)
-    }
-}
+/// The ordinal that stands for the emulator.
+const EMU_ORDINAL: usize = usize::MAX;
 
 /// Element types that live in device buffers.
 pub trait Elem: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + std::fmt::Debug + 'static {}
@@ -173,6 +147,16 @@ impl Gpu {
     }
 
     fn open(ordinal: usize) -> Result<Gpu> {
+        let sync_launches = std::env::var("PTXGRAD_SYNC_LAUNCHES").is_ok_and(|v| v == "1");
+        if ordinal == EMU_ORDINAL {
+            return Ok(Gpu {
+                ordinal,
+                name: "kernel emulator (CUDA source on CPU threads)".into(),
+                backend: Backend::Emu,
+                sync_launches,
+                pool: Arc::new(BufferPool::new(4 << 30)),
+            });
+        }
         if ptx::ARCH.is_none() {
             return Err(Error::NoCuda(
                 "this build has no CUDA kernels (no nvcc or NVRTC was found when it was built; \
@@ -198,25 +182,40 @@ impl Gpu {
         // The cache may hold up to a quarter of the card (unknown size: 4 GiB).
         let total = ctx.mem_get_info().map(|(_, total)| total).unwrap_or(16 << 30);
         let pool = Arc::new(BufferPool::new(total / 4));
-        Ok(Gpu {
-            ordinal,
-            name,
-            ctx,
-            stream,
-            functions: Mutex::default(),
-            modules: Mutex::default(),
-            sync_launches: std::env::var("PTXGRAD_SYNC_LAUNCHES").is_ok_and(|v| v == "1"),
-            pool,
-        })
+        let cuda = Cuda { ctx, stream, functions: Mutex::default(), modules: Mutex::default() };
+        Ok(Gpu { ordinal, name, backend: Backend::Cuda(cuda), sync_launches, pool })
     }
 
+    /// Whether this is the kernel emulator rather than a GPU.
+    pub fn is_emu(&self) -> bool {
+        matches!(self.backend, Backend::Emu)
+    }
+
+    fn cuda(&self) -> &Cuda {
+        match &self.backend {
+            Backend::Cuda(c) => c,
+            Backend::Emu => unreachable!("a CUDA-only call on the emulator"),
+        }
+    }
+
+    /// The device's one stream (GPUs only: `launch!` takes the emulator's path before this).
     pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+        &self.cuda().stream
+    }
+
+    /// Runs kernel `name` on the emulator; `args` point at the arguments' values, in the
+    /// kernel's parameter order (what `launch!` builds on the emulator).
+    pub fn emu_launch(&self, name: &str, cfg: LaunchConfig, args: &[*mut c_void]) -> Result<()> {
+        if (cfg.block_dim.1, cfg.block_dim.2) != (1, 1) {
+            return Err(Error::Data(format!("emulator: `{name}` launched with 2-D or 3-D blocks")));
+        }
+        // SAFETY: launch! passes the kernel's argument list, as for a CUDA launch.
+        unsafe { ptxgrad_emu::call(name, cfg.grid_dim, cfg.block_dim.0, args) }.map_err(Error::Data)
     }
 
     /// A kernel function, loading its module on first use.
     pub fn function(&self, module: Module, name: &'static str) -> Result<CudaFunction> {
-        let mut fns = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fns = self.cuda().functions.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = fns.get(&(module, name)) {
             return Ok(f.clone());
         }
@@ -229,14 +228,14 @@ impl Gpu {
     }
 
     fn module(&self, module: Module) -> Result<Arc<CudaModule>> {
-        let mut mods = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        let mut mods = self.cuda().modules.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(m) = mods.get(&module) {
             return Ok(m.clone());
         }
         let src = module.ptx().ok_or_else(|| {
             Error::NoCuda(format!("kernel module `{}` was not compiled into this build", module.stem()))
         })?;
-        let m = self.ctx.load_module(cudarc::nvrtc::Ptx::from_src(src)).map_err(|e| {
+        let m = self.cuda().ctx.load_module(cudarc::nvrtc::Ptx::from_src(src)).map_err(|e| {
             if e.0 == CuErr::CUDA_ERROR_UNSUPPORTED_PTX_VERSION {
                 Error::PtxTooNew {
                     module: module.stem().into(),
@@ -257,14 +256,17 @@ impl Gpu {
     pub fn check_launch(&self, kernel: &str, launched: std::result::Result<(), DriverError>) -> Result<()> {
         launched.map_err(|e| Error::cuda(format!("launching `{kernel}`"), e))?;
         if self.sync_launches {
-            self.stream.synchronize().map_err(|e| Error::cuda(format!("running `{kernel}`"), e))?;
+            self.stream().synchronize().map_err(|e| Error::cuda(format!("running `{kernel}`"), e))?;
         }
         Ok(())
     }
 
     /// Waits for all queued work on this device.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| {
+        if self.is_emu() {
+            return Ok(()); // emulated launches run to completion
+        }
+        self.stream().synchronize().map_err(|e| {
             Error::cuda(
                 "waiting for the GPU (a kernel may have faulted; rerun with PTXGRAD_SYNC_LAUNCHES=1 to name it)",
                 e,
@@ -274,7 +276,7 @@ impl Gpu {
 
     fn oom_or(&self, bytes: usize, e: DriverError, what: &str) -> Error {
         if e.0 == CuErr::CUDA_ERROR_OUT_OF_MEMORY {
-            let (free, total) = self.ctx.mem_get_info().unwrap_or((0, 0));
+            let (free, total) = self.cuda().ctx.mem_get_info().unwrap_or((0, 0));
             Error::OutOfMemory { bytes, free, total }
         } else {
             Error::cuda(what.to_string(), e)
@@ -284,18 +286,22 @@ impl Gpu {
     /// A buffer of `len` elements from the cache, else a fresh one from the driver's pool; after
     /// an out-of-memory error the cache is emptied and the allocation tried once more.
     fn take<T: Elem>(&self, len: usize, what: &str) -> Result<DeviceBuf<T>> {
-        let wrap = |buf| DeviceBuf { buf: Some(buf), pool: self.pool.clone() };
-        if let Some(buf) = self.pool.take::<CudaSlice<T>>(len) {
-            return Ok(wrap(buf));
+        let wrap = |mem| DeviceBuf::new(mem, self.pool.clone());
+        if let Some(mem) = self.pool.take::<Mem<T>>(len) {
+            return Ok(wrap(mem));
         }
+        let stream = match &self.backend {
+            Backend::Emu => return Ok(wrap(Mem::Host(HostMem::new(vec![T::default(); len])))),
+            Backend::Cuda(c) => &c.stream,
+        };
         let bytes = len * std::mem::size_of::<T>();
         // SAFETY: T is plain data (Elem); every caller writes the buffer before it is read.
-        let alloc = || unsafe { self.stream.alloc::<T>(len) };
+        let alloc = || unsafe { stream.alloc::<T>(len) }.map(|s| wrap(Mem::Cuda(s)));
         match alloc() {
-            Ok(buf) => Ok(wrap(buf)),
+            Ok(buf) => Ok(buf),
             Err(e) if e.0 == CuErr::CUDA_ERROR_OUT_OF_MEMORY => {
                 self.pool.clear();
-                alloc().map(wrap).map_err(|e| self.oom_or(bytes, e, what))
+                alloc().map_err(|e| self.oom_or(bytes, e, what))
             }
             Err(e) => Err(self.oom_or(bytes, e, what)),
         }
@@ -304,7 +310,12 @@ impl Gpu {
     /// A zero-filled buffer of `len` elements.
     pub fn zeros<T: Elem>(&self, len: usize) -> Result<DeviceBuf<T>> {
         let mut buf = self.take::<T>(len, "allocating device memory")?;
-        self.stream.memset_zeros(&mut *buf).map_err(|e| Error::cuda("zeroing a buffer on the GPU", e))?;
+        match buf.mem_mut() {
+            Mem::Host(h) => h.data_mut().fill(T::default()),
+            Mem::Cuda(s) => {
+                self.stream().memset_zeros(s).map_err(|e| Error::cuda("zeroing a buffer on the GPU", e))?;
+            }
+        }
         Ok(buf)
     }
 
@@ -319,9 +330,14 @@ impl Gpu {
     pub fn full_f32(&self, len: usize, value: f32) -> Result<DeviceBuf<f32>> {
         use cudarc::driver::DevicePtrMut as _;
         let mut buf = self.uninit::<f32>(len)?;
-        let (ptr, _sync) = buf.device_ptr_mut(&self.stream);
+        let stream = match &self.backend {
+            Backend::Cuda(c) => &c.stream,
+            Backend::Emu => return Ok(self.host_fill(buf, value)),
+        };
+        let Mem::Cuda(slice) = buf.mem_mut() else { unreachable!("a GPU allocates device memory") };
+        let (ptr, _sync) = slice.device_ptr_mut(stream);
         // SAFETY: `ptr` addresses `len` f32 (4-byte) elements of a live buffer on this stream.
-        let res = unsafe { cudarc::driver::sys::cuMemsetD32Async(ptr, value.to_bits(), len, self.stream.cu_stream()) };
+        let res = unsafe { cudarc::driver::sys::cuMemsetD32Async(ptr, value.to_bits(), len, stream.cu_stream()) };
         if res != CuErr::CUDA_SUCCESS {
             return Err(Error::cuda("filling a buffer on the GPU", DriverError(res)));
         }
@@ -329,28 +345,55 @@ impl Gpu {
         Ok(buf)
     }
 
+    fn host_fill(&self, mut buf: DeviceBuf<f32>, value: f32) -> DeviceBuf<f32> {
+        if let Mem::Host(h) = buf.mem_mut() {
+            h.data_mut().fill(value);
+        }
+        buf
+    }
+
     /// Host -> device copy.
     pub fn upload<T: Elem>(&self, host: &[T]) -> Result<DeviceBuf<T>> {
         let mut buf = self.take::<T>(host.len(), "allocating device memory for a copy to the GPU")?;
-        self.stream.memcpy_htod(host, &mut *buf).map_err(|e| Error::cuda("copying to the GPU", e))?;
+        match buf.mem_mut() {
+            Mem::Host(h) => h.data_mut().copy_from_slice(host),
+            Mem::Cuda(s) => self.stream().memcpy_htod(host, s).map_err(|e| Error::cuda("copying to the GPU", e))?,
+        }
         Ok(buf)
     }
 
     /// Device -> host copy (waits for the stream).
-    pub fn download<T: Elem>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
-        self.stream.clone_dtoh(dev).map_err(|e| {
-            Error::cuda(
-                "copying from the GPU (a kernel may have faulted; rerun with PTXGRAD_SYNC_LAUNCHES=1 to name it)",
-                e,
-            )
-        })
+    pub fn download<T: Elem>(&self, dev: &DeviceBuf<T>) -> Result<Vec<T>> {
+        match dev.mem() {
+            Mem::Host(h) => Ok(h.data().to_vec()),
+            Mem::Cuda(s) => self.stream().clone_dtoh(s).map_err(|e| {
+                Error::cuda(
+                    "copying from the GPU (a kernel may have faulted; rerun with PTXGRAD_SYNC_LAUNCHES=1 to name it)",
+                    e,
+                )
+            }),
+        }
     }
 
     /// Device -> device copy into a new buffer.
-    pub fn duplicate<T: Elem>(&self, src: &CudaSlice<T>) -> Result<DeviceBuf<T>> {
+    pub fn duplicate<T: Elem>(&self, src: &DeviceBuf<T>) -> Result<DeviceBuf<T>> {
         let mut buf = self.take::<T>(src.len(), "allocating device memory for a copy")?;
-        self.stream.memcpy_dtod(src, &mut *buf).map_err(|e| Error::cuda("copying on the GPU", e))?;
+        self.copy_into(&mut buf, 0, src)?;
         Ok(buf)
+    }
+
+    /// Copies all of `src` into `dst` at element `offset` (the caller checks the bounds).
+    pub fn copy_into<T: Elem>(&self, dst: &mut DeviceBuf<T>, offset: usize, src: &DeviceBuf<T>) -> Result<()> {
+        let end = offset + src.len();
+        match (dst.mem_mut(), src.mem()) {
+            (Mem::Host(d), Mem::Host(s)) => d.data_mut()[offset..end].copy_from_slice(s.data()),
+            (Mem::Cuda(d), Mem::Cuda(s)) => {
+                let mut view = d.slice_mut(offset..end);
+                self.stream().memcpy_dtod(s, &mut view).map_err(|e| Error::cuda("copying on the GPU", e))?;
+            }
+            _ => unreachable!("one device is one backend"),
+        }
+        Ok(())
     }
 
     /// The buffer cache's counters: after the first training step, `fresh` stays put.
@@ -359,28 +402,35 @@ impl Gpu {
     }
 
     /// Runs `work` (which queues kernels on this device) and returns the GPU time it took, in
-    /// milliseconds, measured with CUDA events around it (waits for the work to finish).
+    /// milliseconds, measured with CUDA events around it (waits for the work to finish). On the
+    /// emulator: the wall time.
     pub fn time_ms(&self, work: impl FnOnce() -> Result<()>) -> Result<f32> {
+        let Backend::Cuda(c) = &self.backend else {
+            let t = std::time::Instant::now();
+            work()?;
+            return Ok(t.elapsed().as_secs_f32() * 1e3);
+        };
         let timing = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let event = || self.ctx.new_event(timing).map_err(|e| Error::cuda("creating a CUDA event", e));
+        let event = || c.ctx.new_event(timing).map_err(|e| Error::cuda("creating a CUDA event", e));
         let (start, end) = (event()?, event()?);
-        start.record(&self.stream).map_err(|e| Error::cuda("recording a CUDA event", e))?;
+        start.record(&c.stream).map_err(|e| Error::cuda("recording a CUDA event", e))?;
         work()?;
-        end.record(&self.stream).map_err(|e| Error::cuda("recording a CUDA event", e))?;
+        end.record(&c.stream).map_err(|e| Error::cuda("recording a CUDA event", e))?;
         start.elapsed_ms(&end).map_err(|e| Error::cuda("timing with CUDA events (a kernel may have faulted)", e))
     }
 
     /// The most memory the allocation pool has had in use since the context was created, in
-    /// bytes (the analogue of PyTorch's `max_memory_allocated`), if the driver reports it.
+    /// bytes (the analogue of PyTorch's `max_memory_reserved`), if the driver reports it.
     pub fn peak_pool_bytes(&self) -> Option<u64> {
         use cudarc::driver::sys;
+        let Backend::Cuda(c) = &self.backend else { return None };
         let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
         let mut high = 0u64;
         let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
         // SAFETY: as in keep_pool_memory.
         let ok = unsafe {
-            self.ctx.bind_to_thread().is_ok()
-                && sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device()) == CuErr::CUDA_SUCCESS
+            c.ctx.bind_to_thread().is_ok()
+                && sys::cuDeviceGetDefaultMemPool(&mut pool, c.ctx.cu_device()) == CuErr::CUDA_SUCCESS
                 && sys::cuMemPoolGetAttribute(pool, attr, &mut high as *mut u64 as *mut _) == CuErr::CUDA_SUCCESS
         };
         ok.then_some(high)
@@ -417,7 +467,7 @@ fn driver_version() -> String {
     }
 }
 
-/// Launches a kernel on a device's stream and checks the launch.
+/// Launches a kernel on a device's stream and checks the launch (on the emulator: runs it).
 ///
 /// `launch!(gpu, Module::Relu, "relu_fwd_f32", cfg, &x, &mut y, &n)`: the arguments must
 /// mirror the kernel's parameter list in `kernels/<module>.cu`, in order and type.
@@ -426,13 +476,18 @@ macro_rules! launch {
     ($gpu:expr, $module:expr, $name:expr, $cfg:expr, $($arg:expr),+ $(,)?) => {{
         use cudarc::driver::PushKernelArg as _;
         let gpu: &$crate::device::Gpu = $gpu;
-        let func = gpu.function($module, $name)?;
-        let mut builder = gpu.stream().launch_builder(&func);
-        $( builder.arg($arg); )+
         let cfg: cudarc::driver::LaunchConfig = $cfg;
-        // SAFETY: the argument list mirrors the kernel signature (see the kernel's .cu file).
-        let launched = unsafe { builder.launch(cfg) };
-        gpu.check_launch($name, launched.map(|_| ()))
+        if gpu.is_emu() {
+            let args = [$( $crate::device::EmuArg::emu_ptr(&$arg) ),+];
+            gpu.emu_launch($name, cfg, &args)
+        } else {
+            let func = gpu.function($module, $name)?;
+            let mut builder = gpu.stream().launch_builder(&func);
+            $( builder.arg($arg); )+
+            // SAFETY: the argument list mirrors the kernel signature (see the kernel's .cu file).
+            let launched = unsafe { builder.launch(cfg) };
+            gpu.check_launch($name, launched.map(|_| ()))
+        }
     }};
 }
 

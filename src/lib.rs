@@ -4,6 +4,7 @@
 //! -> `tape` (autograd) -> `nn` (AlexNet, SGD) -> the `ptxgrad` binary.
 
 pub mod bench;
+pub mod buffer;
 pub mod checkpoint;
 pub mod data;
 pub mod device;

@@ -52,7 +52,8 @@ struct DataArgs {
     /// Directory holding the four Fashion-MNIST .gz files [default: $PTXGRAD_DATA, else data/fashion-mnist]
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// cpu, cuda, cuda:N, or auto (cuda:0 when a GPU can be used, else cpu)
+    /// cpu, cuda, cuda:N, emu (the CUDA path on the kernel emulator: slow), or auto (cuda:0
+    /// when a GPU can be used, else cpu)
     #[arg(long, default_value = "auto")]
     device: String,
     /// Convolution algorithm: gemm (implicit GEMM), winograd (F(4x4,3x3) and F(2x2,5x5) where

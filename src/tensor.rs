@@ -189,10 +189,7 @@ impl<T: Elem> Tensor<T> {
         common_device("write_at", &[self.device(), src.device()])?;
         match (self.storage_mut()?, src.storage()) {
             (Storage::Cpu(d), Storage::Cpu(s)) => d[offset..end].copy_from_slice(s),
-            (Storage::Cuda { gpu, buf }, Storage::Cuda { buf: s, .. }) => {
-                let mut dst = buf.slice_mut(offset..end);
-                gpu.stream().memcpy_dtod(&**s, &mut dst).map_err(|e| Error::cuda("copying on the GPU", e))?;
-            }
+            (Storage::Cuda { gpu, buf }, Storage::Cuda { buf: s, .. }) => gpu.copy_into(buf, offset, s)?,
             _ => unreachable!("checked by common_device"),
         }
         Ok(())

@@ -1,7 +1,8 @@
-//! The buffer cache (src/pool.rs) in use: after its first step, a CUDA training step allocates
-//! nothing. (The cache's bookkeeping is unit-tested in src/pool.rs, which needs no GPU.)
-//! This file holds the only test of its binary that touches the GPU, so no other test's
-//! allocations can move the counters it reads.
+//! The buffer cache (src/pool.rs) in use: after its first step, a training step allocates
+//! nothing, on the kernel emulator (always: it runs the CUDA path's launches and buffers on the
+//! CPU) and on a GPU when there is one. (The cache's bookkeeping is unit-tested in src/pool.rs.)
+//! This file holds the only test of its binary, so no other test's allocations can move the
+//! counters it reads.
 mod common;
 use common::*;
 use ptxgrad::nn::alexnet::AlexNet;
@@ -9,37 +10,39 @@ use ptxgrad::ops::conv2d::ConvAlgo;
 use ptxgrad::train::{prepare_batch, train_step};
 use ptxgrad::{Device, Tensor};
 
-#[test]
-fn cuda_training_steps_allocate_nothing_after_the_first() {
-    let Some(dev) = gpu_or_skip("cuda_training_steps_allocate_nothing_after_the_first") else { return };
-    let Device::Cuda(gpu) = &dev else { unreachable!("gpu_or_skip gives a CUDA device") };
-    let (b, r) = (32, 224);
+/// Steps `warm` times, then `more` times, and checks that the later steps took every buffer
+/// from the cache.
+fn steady_state_allocates_nothing(dev: &Device, b: usize, r: usize, warm: u64, more: u64) {
+    let Device::Cuda(gpu) = dev else { unreachable!("a CUDA or emulated device") };
     for algo in [ConvAlgo::ImplicitGemm, ConvAlgo::Winograd { tile: None }] {
-        let mut model = AlexNet::new(r, 0, &dev).unwrap();
+        let mut model = AlexNet::new(r, 0, dev).unwrap();
         model.conv_algo = algo;
-        let mut stats = Tensor::zeros(&[2], &dev).unwrap();
+        let mut stats = Tensor::zeros(&[2], dev).unwrap();
         // As in train(): upload uint8 images and labels, resize on the device, step.
         let mut step = |i: u64| {
             let pixels: Vec<u8> = (0..b * 784).map(|p| ((p as u64 * 31 + i) % 251) as u8).collect();
             let labels: Vec<u32> = (0..b as u32).map(|l| (l + i as u32) % 10).collect();
-            let (x, y) = prepare_batch(pixels, labels, (28, 28), r, &dev).unwrap();
+            let (x, y) = prepare_batch(pixels, labels, (28, 28), r, dev).unwrap();
             train_step(&mut model, &x, &y, i, 0.01, Some(&mut stats)).unwrap();
         };
-        step(0);
-        step(1);
+        (0..warm).for_each(&mut step);
         dev.synchronize().unwrap();
-        let warm = gpu.pool_stats();
-        for i in 2..5 {
-            step(i);
-        }
+        let before = gpu.pool_stats();
+        (warm..warm + more).for_each(&mut step);
         dev.synchronize().unwrap();
         let after = gpu.pool_stats();
-        assert_eq!(after.fresh, warm.fresh, "{algo}: steps 3-5 allocated (cache {warm:?} -> {after:?})");
-        assert!(after.reused > warm.reused, "{algo}: steps 3-5 took their buffers from the cache");
-        println!(
-            "{algo}: {} buffers reused over 3 steps, none allocated; cache holds {} MiB",
-            after.reused - warm.reused,
-            after.cached_bytes >> 20
-        );
+        let tag = format!("{algo} on {}", dev.label());
+        assert_eq!(after.fresh, before.fresh, "{tag}: steps after the warm-up allocated ({before:?} -> {after:?})");
+        assert!(after.reused > before.reused, "{tag}: the steps took their buffers from the cache");
+        println!("{tag}: {} buffers reused over {more} steps, none allocated", after.reused - before.reused);
+    }
+}
+
+#[test]
+fn training_steps_allocate_nothing_after_the_first() {
+    // The emulator: AlexNet's smallest input, batch 2 (about 5 s a step).
+    steady_state_allocates_nothing(&Device::parse("emu").unwrap(), 2, 65, 1, 2);
+    if let Some(dev) = gpu_or_skip("training_steps_allocate_nothing_after_the_first (cuda part)") {
+        steady_state_allocates_nothing(&dev, 32, 224, 2, 3);
     }
 }
