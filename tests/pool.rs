@@ -1,8 +1,7 @@
 //! The buffer cache (src/pool.rs) in use: after its first step, a training step allocates
 //! nothing, on the kernel emulator (always: it runs the CUDA path's launches and buffers on the
 //! CPU) and on a GPU when there is one. (The cache's bookkeeping is unit-tested in src/pool.rs.)
-//! This file holds the only test of its binary, so no other test's allocations can move the
-//! counters it reads.
+//! No other test file's allocations can move the counters these read (a test binary each).
 mod common;
 use common::*;
 use ptxgrad::nn::alexnet::AlexNet;
@@ -38,11 +37,17 @@ fn steady_state_allocates_nothing(dev: &Device, b: usize, r: usize, warm: u64, m
     }
 }
 
+// Each device has its own cache: the two tests below do not disturb each other's counters.
+
 #[test]
-fn training_steps_allocate_nothing_after_the_first() {
-    // The emulator: AlexNet's smallest input, batch 2 (about 5 s a step).
+fn emulated_training_steps_allocate_nothing_after_the_first() {
+    // AlexNet's smallest input, batch 2 (about 5 s a step on the emulator).
     steady_state_allocates_nothing(&Device::parse("emu").unwrap(), 2, 65, 1, 2);
-    if let Some(dev) = gpu_or_skip("training_steps_allocate_nothing_after_the_first (cuda part)") {
+}
+
+#[test]
+fn cuda_training_steps_allocate_nothing_after_the_first() {
+    if let Some(dev) = gpu_or_skip("cuda_training_steps_allocate_nothing_after_the_first") {
         steady_state_allocates_nothing(&dev, 32, 224, 2, 3);
     }
 }
