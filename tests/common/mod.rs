@@ -21,8 +21,9 @@ pub fn gpu_or_skip(test: &str) -> Option<Device> {
     }
 }
 
-/// Runs a test body once per available device: always on the CPU, and on cuda:0 when a GPU
-/// is present (see `gpu_or_skip`). The body gets `dev: Device`.
+/// Runs a test body once per available device: always on the CPU and on the kernel emulator
+/// (the CUDA path, every kernel emulated on the CPU), and on cuda:0 when a GPU is present (see
+/// `gpu_or_skip`). The body gets `dev: Device`.
 #[macro_export]
 macro_rules! test_device {
     ($name:ident, |$dev:ident| $body:block) => {
@@ -32,6 +33,10 @@ macro_rules! test_device {
             #[test]
             fn cpu() {
                 body(ptxgrad::Device::Cpu)
+            }
+            #[test]
+            fn emulated() {
+                body(ptxgrad::Device::parse("emu").expect("the emulator is always there"))
             }
             #[test]
             fn cuda() {
