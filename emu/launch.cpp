@@ -3,8 +3,8 @@
 // on the calling OS thread. A fiber runs until it waits at __syncthreads or a warp shuffle, or
 // ends; the scheduler resumes the waiters of a barrier once every live thread it concerns has
 // arrived (the whole block for __syncthreads, the 32 lanes of a warp for a shuffle). Switching
-// costs tens of nanoseconds (x86-64: six registers and the stack pointer), so even a grid of
-// 100,000 blocks runs in well under a second.
+// costs tens of nanoseconds on x86-64 (six registers and the stack pointer), so even a grid of
+// 100,000 blocks runs in about a second.
 #include <sys/mman.h>
 
 #include <cstdio>
@@ -15,10 +15,12 @@
 
 thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 
-#if !defined(__x86_64__)
-#error "the kernel emulator's fiber switch is written for x86-64"
-#endif
-
+// A fiber's saved context and the switch between two. On x86-64: the stack pointer, with the
+// callee-saved registers pushed on the fiber's own stack (ptxgrad_emu_switch). Elsewhere (or
+// with PTXGRAD_EMU_UCONTEXT defined): POSIX ucontext, portable and a few times slower (it saves
+// the signal mask with a system call).
+#if defined(__x86_64__) && !defined(PTXGRAD_EMU_UCONTEXT)
+#define PTXGRAD_EMU_ASM_SWITCH 1
 // ptxgrad_emu_switch(&from_sp, to_sp): saves the callee-saved registers on the current stack,
 // stores the stack pointer in *from_sp, and resumes the context saved at to_sp.
 extern "C" void ptxgrad_emu_switch(void** from_sp, void* to_sp);
@@ -44,6 +46,17 @@ ptxgrad_emu_switch:
     ret
 .size ptxgrad_emu_switch, .-ptxgrad_emu_switch
 )");
+struct Context {
+    void* sp = nullptr;
+};
+inline void switch_context(Context& from, Context& to) { ptxgrad_emu_switch(&from.sp, to.sp); }
+#else
+#include <ucontext.h>
+struct Context {
+    ucontext_t uc;
+};
+inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
 
 namespace {
 
@@ -52,14 +65,14 @@ enum class State { Ready, AtBlockBarrier, AtWarpBarrier, Done };
 constexpr size_t kStack = 1 << 20;  // per fiber, committed lazily; a guard page below it
 
 struct Fiber {
-    void* sp = nullptr;
+    Context ctx;
     char* stack = nullptr;  // the mapping: guard page, then kStack bytes
     State state = State::Done;
 };
 
 struct Scheduler {
     std::vector<Fiber> fibers;  // one per CUDA thread of a block; stacks kept across launches
-    void* home = nullptr;       // the scheduler's own context while a fiber runs
+    Context home;               // the scheduler's own context while a fiber runs
     unsigned current = 0;
     unsigned warp_slots[1024 / 32][32];
     void (*body)(void*) = nullptr;
@@ -70,7 +83,7 @@ thread_local Scheduler sched;
 void yield(State why) {
     Fiber& f = sched.fibers[sched.current];
     f.state = why;
-    ptxgrad_emu_switch(&f.sp, sched.home);
+    switch_context(f.ctx, sched.home);
 }
 
 // Where every fiber starts (entered by `ret` from the switch, with a call-aligned stack).
@@ -78,7 +91,7 @@ extern "C" [[noreturn]] void ptxgrad_emu_fiber_entry() {
     sched.body(sched.ctx);
     Fiber& f = sched.fibers[sched.current];
     f.state = State::Done;
-    ptxgrad_emu_switch(&f.sp, sched.home);
+    switch_context(f.ctx, sched.home);
     std::abort();  // a finished fiber is never resumed
 }
 
@@ -94,6 +107,7 @@ void prepare(Fiber& f) {
         mprotect(m, page, PROT_NONE);  // overflow faults instead of corrupting a neighbour
         f.stack = static_cast<char*>(m);
     }
+#if PTXGRAD_EMU_ASM_SWITCH
     // Top of stack, 16-aligned; the entry address sits at top - 16 so that after `ret` the
     // stack pointer is top - 8, as at the entry of a called function. Below it, the six
     // registers the switch pops (zero).
@@ -101,7 +115,14 @@ void prepare(Fiber& f) {
     auto* slot = reinterpret_cast<void**>(top - 16);
     *slot = reinterpret_cast<void*>(&ptxgrad_emu_fiber_entry);
     for (int i = 1; i <= 6; ++i) slot[-i] = nullptr;
-    f.sp = slot - 6;
+    f.ctx.sp = slot - 6;
+#else
+    getcontext(&f.ctx.uc);
+    f.ctx.uc.uc_stack.ss_sp = f.stack + 4096;
+    f.ctx.uc.uc_stack.ss_size = kStack;
+    f.ctx.uc.uc_link = nullptr;
+    makecontext(&f.ctx.uc, reinterpret_cast<void (*)()>(&ptxgrad_emu_fiber_entry), 0);
+#endif
     f.state = State::Ready;
 }
 
@@ -114,7 +135,7 @@ void run_block(unsigned threads) {
             if (sched.fibers[t].state != State::Ready) continue;
             sched.current = t;
             threadIdx = dim3{t, 0, 0};
-            ptxgrad_emu_switch(&sched.home, sched.fibers[t].sp);
+            switch_context(sched.home, sched.fibers[t].ctx);
             ran = true;
         }
         if (ran) continue;
