@@ -1,5 +1,5 @@
 // Host emulation of the CUDA C++ that kernels/*.cu use, so that the very same kernel source runs
-// on CPU threads (force-included before a .cu compiled as C++ with PTXGRAD_HOST_EMU defined).
+// on the CPU (force-included before a .cu compiled as C++ with PTXGRAD_HOST_EMU defined).
 //
 // Model: a launch runs its blocks one after another; within a block every CUDA thread is a fiber
 // (launch.cpp), so __syncthreads is a real barrier and a warp shuffle a real exchange among the

@@ -7,12 +7,12 @@
 //!
 //! A `Gpu` may also be the kernel emulator (`Device::parse("emu")`, crate emu/): the same ops,
 //! launches and buffer cache, with buffers in host memory and every kernel run from its CUDA
-//! source on CPU threads. It exists to test the CUDA path on machines without a GPU; it is slow.
+//! source on the CPU (as fibers, emu/launch.cpp). It exists to test the CUDA path on machines
+//! without a GPU; it is slow.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
-
 use std::ffi::c_void;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{
     result::DriverError, sys::cudaError_enum as CuErr, CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr,
@@ -151,7 +151,7 @@ impl Gpu {
         if ordinal == EMU_ORDINAL {
             return Ok(Gpu {
                 ordinal,
-                name: "kernel emulator (CUDA source on CPU threads)".into(),
+                name: "kernel emulator (CUDA source on the CPU)".into(),
                 backend: Backend::Emu,
                 sync_launches,
                 pool: Arc::new(BufferPool::new(4 << 30)),

@@ -8,9 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::device::DeviceBuf;
-
-use crate::device::{Device, Elem, Gpu};
+use crate::device::{Device, DeviceBuf, Elem, Gpu};
 use crate::error::{Error, Result};
 
 /// Identifies a tensor on the tape.

@@ -435,7 +435,7 @@ fn time_alexnet_convs(dev: &Device, algo: ConvAlgo) {
     println!("conv total (fwd + bwd, batch 128): {:.3} ms", total * 1e3);
 }
 
-// ---- the CUDA kernels, emulated on CPU threads (ptxgrad-emu) ----
+// ---- the CUDA kernels, emulated on the CPU (ptxgrad-emu) ----
 
 extern "C" {
     fn conv2d_ktable_u32(tab: *mut u32, p: Conv2dParams, input_grad: u32);

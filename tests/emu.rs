@@ -1,5 +1,5 @@
 //! The whole CUDA path on the kernel emulator (`Device::parse("emu")`: every kernel from its
-//! CUDA source, on CPU threads) against the CPU path: one AlexNet training step — resize,
+//! CUDA source, on the CPU) against the CPU path: one AlexNet training step — resize,
 //! every layer's forward and backward, dropout masks, the loss, SGD — must give the same loss
 //! and the same updated parameters. This checks the launch glue (kernel names, argument order,
 //! grids, buffer sizes) on machines without a GPU; the kernels' arithmetic is checked per op.

@@ -1,7 +1,7 @@
 //! Winograd F(m x m, r x r): the CPU pipeline's forward, input grad and weight grad against the
 //! direct convolution, for every tile size the kernels are built for and awkward shapes (partial
 //! tiles at the right and bottom edges, padding 0..=r-1, one channel, odd batch); then the CUDA
-//! kernels themselves, run on CPU threads by the emulator (emu/), with the launches the GPU gets,
+//! kernels themselves, run on the CPU by the emulator (emu/), with the launches the GPU gets,
 //! against the same reference. On a GPU, tests/conv2d.rs checks them on AlexNet's shapes.
 mod common;
 use common::*;

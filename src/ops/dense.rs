@@ -3,9 +3,7 @@
 //!
 //! CUDA: three GEMMs on the shared core in `kernels/gemm.cuh` (see the header of kernels/dense.cu).
 
-use crate::device::DeviceBuf;
-
-use crate::device::{grid_1d, Gpu};
+use crate::device::{grid_1d, DeviceBuf, Gpu};
 use crate::error::{Error, Result};
 use crate::ops::conv2d::{dot, gemm_launch};
 use crate::ops::parallel::{for_each_row, map_ranges};

@@ -5,9 +5,7 @@
 
 use cudarc::driver::LaunchConfig;
 
-use crate::device::DeviceBuf;
-
-use crate::device::{grid_1d, Gpu};
+use crate::device::{grid_1d, DeviceBuf, Gpu};
 use crate::error::{Error, Result};
 use crate::ptx::Module;
 use crate::tape::Tape;

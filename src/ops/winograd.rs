@@ -27,9 +27,7 @@
 
 use cudarc::driver::LaunchConfig;
 
-use crate::device::DeviceBuf;
-
-use crate::device::{grid_1d, Gpu};
+use crate::device::{grid_1d, DeviceBuf, Gpu};
 use crate::error::{Error, Result};
 use crate::ops::conv2d::{gemm_launch, Conv2dParams, Tile};
 use crate::ops::matmul_cpu::{gemm_acc, transpose};
@@ -69,10 +67,10 @@ impl WinogradMatrices {
     /// prod_{l != j} (a_j - a_l) and row j of G divided by it (the product is unchanged), which
     /// leaves B^T with small integers at the usual points (Lavin & Gray's matrices, up to signs).
     pub fn new(m: usize, r: usize) -> Result<Self> {
-        let alpha = m + r - 1;
+        let alpha = (m + r).saturating_sub(1);
         if m == 0 || r == 0 || !(2..=MAX_ALPHA).contains(&alpha) {
             return Err(Error::Data(format!(
-                "winograd: F({m}, {r}) needs m, r >= 1 and 2 <= m + r - 1 <= {MAX_ALPHA}, found m + r - 1 = {alpha}"
+                "winograd: F({m}, {r}) needs m, r >= 1 and 2 <= m + r - 1 <= {MAX_ALPHA}, found m = {m}, r = {r}"
             )));
         }
         let pts = &POINTS[..alpha - 1];
@@ -685,5 +683,6 @@ mod tests {
     fn rejects_tiles_beyond_the_kernels() {
         assert!(WinogradMatrices::new(6, 5).is_err());
         assert!(WinogradMatrices::new(0, 3).is_err());
+        assert!(WinogradMatrices::new(0, 0).is_err());
     }
 }
