@@ -16,9 +16,9 @@ out=${OUT:-.gpu/out}; mkdir -p "$out"
 export PTXGRAD_REQUIRE_GPU=1 PTXGRAD_DATA="$PWD/data/fashion-mnist"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 # CUDA tests first (the CPU-only test files are CI's job and are skipped here to save minutes).
-# Emulator tests (emulated_*) are CPU work, also CI's: skipped here.
+# Emulator and CPU cases (emulated, ::cpu) are CI's work, done without a GPU: skipped here.
 for t in conv2d dense tape tensor add relu maxpool2d dropout softmax_xent sgd resize reshape pool; do
-  echo "== $t"; timeout 120 ".gpu/bin/test-$t" --test-threads=4 --skip emulated 2>&1 | grep -E "^test |test result|panicked|SKIPPED" -A3
+  echo "== $t"; timeout 120 ".gpu/bin/test-$t" --test-threads=4 --skip emulated --skip ::cpu 2>&1 | grep -E "^test |test result|panicked|SKIPPED" -A3
 done > "$out/tests.txt" 2>&1
 grep -E "test result|FAILED|panicked" "$out/tests.txt"
 algo=${1:-}
@@ -34,6 +34,6 @@ fi
   for a in gemm winograd winograd:4; do echo "== bench --conv-algo $a"; timeout 120 .gpu/bin/bin-ptxgrad bench --conv-algo $a 2>&1; done
 } > "$out/bench.txt"; grep -E '"bench"|conv total|^gemm|^winograd' "$out/bench.txt"
 PYTHONUNBUFFERED=1 timeout 150 python3 .gpu/torch_alexnet.py bench > "$out/peer-bench.jsonl" 2>&1; cat "$out/peer-bench.jsonl"
-timeout 300 .gpu/bin/bin-ptxgrad train --epochs 10 --quiet --conv-algo "$algo" --checkpoint /tmp/ptxgrad.safetensors \
+timeout 300 .gpu/bin/bin-ptxgrad train --device cuda --epochs 10 --quiet --conv-algo "$algo" --checkpoint /tmp/ptxgrad.safetensors \
   --json "$out/train.jsonl" > "$out/train.txt" 2>&1
 cat "$out/train.txt"
