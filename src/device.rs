@@ -330,26 +330,20 @@ impl Gpu {
     pub fn full_f32(&self, len: usize, value: f32) -> Result<DeviceBuf<f32>> {
         use cudarc::driver::DevicePtrMut as _;
         let mut buf = self.uninit::<f32>(len)?;
-        let stream = match &self.backend {
-            Backend::Cuda(c) => &c.stream,
-            Backend::Emu => return Ok(self.host_fill(buf, value)),
-        };
-        let Mem::Cuda(slice) = buf.mem_mut() else { unreachable!("a GPU allocates device memory") };
-        let (ptr, _sync) = slice.device_ptr_mut(stream);
-        // SAFETY: `ptr` addresses `len` f32 (4-byte) elements of a live buffer on this stream.
-        let res = unsafe { cudarc::driver::sys::cuMemsetD32Async(ptr, value.to_bits(), len, stream.cu_stream()) };
-        if res != CuErr::CUDA_SUCCESS {
-            return Err(Error::cuda("filling a buffer on the GPU", DriverError(res)));
+        match buf.mem_mut() {
+            Mem::Host(h) => h.data_mut().fill(value),
+            Mem::Cuda(slice) => {
+                let stream = self.stream();
+                let (ptr, _sync) = slice.device_ptr_mut(stream);
+                // SAFETY: `ptr` addresses `len` f32 (4-byte) elements of a live buffer on this stream.
+                let res =
+                    unsafe { cudarc::driver::sys::cuMemsetD32Async(ptr, value.to_bits(), len, stream.cu_stream()) };
+                if res != CuErr::CUDA_SUCCESS {
+                    return Err(Error::cuda("filling a buffer on the GPU", DriverError(res)));
+                }
+            }
         }
-        drop(_sync);
         Ok(buf)
-    }
-
-    fn host_fill(&self, mut buf: DeviceBuf<f32>, value: f32) -> DeviceBuf<f32> {
-        if let Mem::Host(h) = buf.mem_mut() {
-            h.data_mut().fill(value);
-        }
-        buf
     }
 
     /// Host -> device copy.

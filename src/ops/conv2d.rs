@@ -442,6 +442,19 @@ pub fn gemm_launch(m: usize, n: usize, z: usize, tile: Option<Tile>) -> Result<(
     Ok((LaunchConfig { grid_dim: (gx as u32, gy as u32, z as u32), block_dim: (256, 1, 1), shared_mem_bytes: 0 }, tile))
 }
 
+/// Split-K, part 1: into how many splits to cut a reduction whose grid has `blocks` blocks, so
+/// that the grid has about 528 (4 per SM on a 132-SM H100/H200), at most `max_splits`.
+pub fn split_count(blocks: usize, max_splits: usize) -> usize {
+    528usize.div_ceil(blocks).min(max_splits).max(1)
+}
+
+/// Split-K, part 2: (splits, chunk) for a reduction of `k` terms cut about `splits` ways, each
+/// chunk a multiple of the 8-wide k-tile (so fewer splits may result).
+pub fn split_chunk(k: usize, splits: usize) -> (usize, usize) {
+    let chunk = (k.div_ceil(splits.max(1)).div_ceil(8) * 8).max(8);
+    (k.div_ceil(chunk).max(1), chunk)
+}
+
 fn gpu_pair<'a>(
     a: &'a Tensor,
     b: &'a Tensor,
@@ -465,7 +478,7 @@ fn ktable(gpu: &Gpu, p: &Conv2dParams, input_grad: bool) -> Result<crate::device
 /// emulator's tests (tests/conv2d.rs), so that both run the same launches. `tile` None picks
 /// by `gemm_launch`; tests pass a tile to reach every variant.
 pub mod plan {
-    use super::{gemm_launch, Conv2dParams, Tile};
+    use super::{gemm_launch, split_chunk, split_count, Conv2dParams, Tile};
     use crate::device::grid_1d;
     use crate::error::Result;
     use cudarc::driver::LaunchConfig;
@@ -511,9 +524,7 @@ pub mod plan {
     pub fn weight_grad(p: &mut Conv2dParams) -> (&'static str, LaunchConfig, usize) {
         let (m, n, k_total) = (p.c_out as usize, p.k(), p.n as usize * p.ohw());
         let tiles = m.div_ceil(128) * n.div_ceil(128);
-        let splits = 528usize.div_ceil(tiles).min(k_total.div_ceil(512)).max(1);
-        let chunk = k_total.div_ceil(splits).div_ceil(8) * 8;
-        let splits = k_total.div_ceil(chunk);
+        let (splits, chunk) = split_chunk(k_total, split_count(tiles, k_total.div_ceil(512)));
         p.k_chunk = chunk as u32;
         ("conv2d_bwd_weight_f32_t128", block_256((n.div_ceil(128), m.div_ceil(128), splits)), splits)
     }

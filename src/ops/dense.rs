@@ -5,7 +5,7 @@
 
 use crate::device::{grid_1d, DeviceBuf, Gpu};
 use crate::error::{Error, Result};
-use crate::ops::conv2d::{dot, gemm_launch};
+use crate::ops::conv2d::{dot, gemm_launch, split_chunk, split_count};
 use crate::ops::parallel::{for_each_row, map_ranges};
 use crate::ops::relu::through_fused_relu;
 use crate::ptx::Module;
@@ -155,7 +155,7 @@ fn gemm_split(
     let name = kernels[tile as usize];
     let blocks = (cfg.grid_dim.0 * cfg.grid_dim.1) as usize;
     // ~2 blocks per SM, each split summing at least 256 terms.
-    let splits = if blocks >= 264 || k < 1024 { 1 } else { 528usize.div_ceil(blocks).min(k / 256).max(1) };
+    let splits = if blocks >= 264 || k < 1024 { 1 } else { split_count(blocks, k / 256) };
     let mut out = gpu.uninit::<f32>(m * n)?;
     if splits == 1 {
         p.k_chunk = 0;
@@ -166,8 +166,7 @@ fn gemm_split(
         }
         return Ok(out);
     }
-    let chunk = k.div_ceil(splits).div_ceil(8) * 8;
-    let splits = k.div_ceil(chunk);
+    let (splits, chunk) = split_chunk(k, splits);
     p.k_chunk = chunk as u32;
     cfg.grid_dim.2 = splits as u32;
     let mut ws = gpu.uninit::<f32>(splits * m * n)?;

@@ -29,7 +29,7 @@ use cudarc::driver::LaunchConfig;
 
 use crate::device::{grid_1d, DeviceBuf, Gpu};
 use crate::error::{Error, Result};
-use crate::ops::conv2d::{gemm_launch, Conv2dParams, Tile};
+use crate::ops::conv2d::{gemm_launch, split_chunk, split_count, Conv2dParams, Tile};
 use crate::ops::matmul_cpu::{gemm_acc, transpose};
 use crate::ops::parallel::map_ranges;
 use crate::ptx::Module;
@@ -498,7 +498,7 @@ impl Pass {
         let mut gather_b = tile_params([n, cin, p.h as usize, p.w as usize], tiles, m, p.pad as usize, alpha);
         gather_b.l = WinogradMatrices::padded(&mats.bt, alpha, alpha, false);
         let big_k = gather_b.tiles();
-        let chunk = big_k.div_ceil(splits.max(1)).div_ceil(8) * 8;
+        let (_, chunk) = split_chunk(big_k, splits);
         let gemm = GemmParams::nt(cout, cin, big_k, alpha * alpha, chunk);
         let mut scatter = tile_params([1, cout * cin, r, r], [1, 1], 0, 0, r);
         scatter.l = WinogradMatrices::padded(&mats.at, r, alpha, false);
@@ -590,13 +590,13 @@ fn gemm_kernel(layout: Layout, tile: Tile) -> &'static str {
     NAMES[row][tile as usize]
 }
 
-/// Splits of the weight grad's reduction over tiles: enough blocks for ~4 per SM (132 SMs), each
-/// split at least 256 tiles long.
+/// Splits of the weight grad's reduction over tiles (see `split_count`), each split at least
+/// 256 tiles long.
 pub fn weight_grad_splits(p: &Conv2dParams, m: usize) -> usize {
     let alpha = m + p.kh as usize - 1;
     let blocks = alpha * alpha * (p.c_out as usize).div_ceil(128) * (p.c_in as usize).div_ceil(128);
     let tiles = p.n as usize * (p.oh as usize).div_ceil(m) * (p.ow as usize).div_ceil(m);
-    528usize.div_ceil(blocks).min(tiles.div_ceil(256)).max(1)
+    split_count(blocks, tiles.div_ceil(256))
 }
 
 // ---------------------------------------------------------------------------------------------
