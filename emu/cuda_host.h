@@ -68,6 +68,8 @@ inline unsigned __float_as_uint(float f) { return (unsigned)__float_as_int(f); }
 
 // Block-wide barrier and warp exchange, implemented in launch.cpp.
 void __syncthreads();
+// Counts one 16-byte cp.async (gemm.cuh's vector loads), so that tests can see the path taken.
+void emu_count_vec4_copy();
 unsigned emu_shfl_xor_bits(unsigned bits, int lane_mask);
 
 template <class T>

@@ -186,6 +186,11 @@ unsigned emu_shfl_xor_bits(unsigned bits, int lane_mask) {
     return got;
 }
 
+// 16-byte copies made on this OS thread (launches run on the calling thread).
+thread_local unsigned long long vec4_copies = 0;
+void emu_count_vec4_copy() { ++vec4_copies; }
+extern "C" unsigned long long ptxgrad_emu_vec4_copies() { return vec4_copies; }
+
 // Runs body(ctx) as every thread of every block of a (gx, gy, gz) grid of `threads`-thread blocks.
 // body calls the kernel, which reads threadIdx & co. from this OS thread's thread_locals.
 extern "C" void ptxgrad_emu_run(unsigned gx, unsigned gy, unsigned gz, unsigned threads, void (*body)(void*),

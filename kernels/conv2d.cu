@@ -88,6 +88,7 @@ struct FwdB {  // the im2col matrix (K, batch*OH*OW), read from x
     Conv2dParams p;
     static constexpr bool K_FAST = false;
     static constexpr bool CHEAP_AT = false;
+    static constexpr bool VEC4 = false;
     using Pos = Window;
     using KPos = int2;
     __device__ __forceinline__ Window at(int q) const { return window_of(q, p); }
@@ -117,7 +118,7 @@ __device__ __forceinline__ void conv_fwd(const float* x, const float* w, const f
                                          const Conv2dParams& p) {
     const int M = p.c_out, N = p.n * p.oh * p.ow, K = p.c_in * p.kh * p.kw;
     // A(co, k) = w[co][k]: row-major, read along k.
-    gemm_block<T>(StridedLoader<true>{w, K, 1}, FwdB{x, tab, p}, FwdEpi{y, b, p}, M, N, 0, K, blockIdx.y * T::BM,
+    gemm_block<T>(strided_loader<true>(w, K, 1, M), FwdB{x, tab, p}, FwdEpi{y, b, p}, M, N, 0, K, blockIdx.y * T::BM,
                   blockIdx.x * T::BN);
 }
 
@@ -128,6 +129,7 @@ struct BwdInA {  // A(ci, (co, r)) = w[co][ci][r] = w[tab_w[k] + ci*KHW]
     int khw;
     static constexpr bool K_FAST = true;
     static constexpr bool CHEAP_AT = true;
+    static constexpr bool VEC4 = false;
     using Pos = int;
     using KPos = int;
     __device__ __forceinline__ int at(int ci) const { return ci * khw; }
@@ -145,6 +147,7 @@ struct BwdInB {  // B((co, kh, kw), (n, ih, iw)) = gy[n][co][oh][ow] with ih = o
     Conv2dParams p;
     static constexpr bool K_FAST = false;
     static constexpr bool CHEAP_AT = false;
+    static constexpr bool VEC4 = false;
     using Pos = GxPix;
     using KPos = int2;
     __device__ __forceinline__ GxPix at(int q) const {
@@ -199,6 +202,7 @@ struct BwdWA {  // A(co, (n, pix)) = gy[n][co][pix] = gy[co*OHW + (n*Cout*OHW + 
     Conv2dParams p;
     static constexpr bool K_FAST = true;
     static constexpr bool CHEAP_AT = true;
+    static constexpr bool VEC4 = false;
     using Pos = int;
     using KPos = int;
     __device__ __forceinline__ int at(int co) const { return co * (int)(p.oh * p.ow); }
@@ -216,6 +220,7 @@ struct BwdWB {  // B((n, oh, ow), (ci, kh, kw)) = x[n][ci][oh*s-pad+kh][ow*s-pad
     Conv2dParams p;
     static constexpr bool K_FAST = true;
     static constexpr bool CHEAP_AT = false;
+    static constexpr bool VEC4 = false;
     using Pos = int2;
     using KPos = Window;
     __device__ __forceinline__ int2 at(int j) const { return __ldg(tab + j); }

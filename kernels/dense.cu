@@ -52,14 +52,14 @@ struct FwdEpi {
     }
 };
 
-// StridedLoader<K_FAST>{p, mn_stride, k_stride}: element (mn, k) = p[mn * mn_stride + k * k_stride].
+// strided_loader<K_FAST>(p, mn_stride, k_stride, mn_extent): element (mn, k) = p[mn * mn_stride + k * k_stride].
 template <class T>
 __device__ __forceinline__ void dense_fwd(const float* x, const float* w, const float* b, float* y,
                                           const DenseParams& p) {
     // A(i, k) = x[i][k], B(k, o) = w[o][k]: both read along k.
     const int in_f = p.in_f;
     const KRange r = k_range(p, in_f, y, p.batch, p.out_f);
-    gemm_block<T>(StridedLoader<true>{x, in_f, 1}, StridedLoader<true>{w, in_f, 1},
+    gemm_block<T>(strided_loader<true>(x, in_f, 1, p.batch), strided_loader<true>(w, in_f, 1, p.out_f),
                   FwdEpi{r.out, b, (int)p.out_f, p.relu != 0, p.k_chunk != 0}, p.batch, p.out_f, r.begin, r.end,
                   blockIdx.y * T::BM, blockIdx.x * T::BN);
 }
@@ -69,7 +69,7 @@ __device__ __forceinline__ void dense_bwd_input(const float* w, const float* gy,
     // A(i, o) = gy[i][o]: along k.  B(o, j) = w[o][j]: along n.
     const int in_f = p.in_f, out_f = p.out_f;
     const KRange r = k_range(p, out_f, gx, p.batch, in_f);
-    gemm_block<T>(StridedLoader<true>{gy, out_f, 1}, StridedLoader<false>{w, 1, in_f}, StoreEpi{r.out, in_f},
+    gemm_block<T>(strided_loader<true>(gy, out_f, 1, p.batch), strided_loader<false>(w, 1, in_f, in_f), StoreEpi{r.out, in_f},
                   p.batch, p.in_f, r.begin, r.end, blockIdx.y * T::BM, blockIdx.x * T::BN);
 }
 
@@ -77,7 +77,7 @@ template <class T>
 __device__ __forceinline__ void dense_bwd_weight(const float* x, const float* gy, float* gw, const DenseParams& p) {
     // A(o, i) = gy[i][o]: along m.  B(i, j) = x[i][j]: along n.
     const int in_f = p.in_f, out_f = p.out_f;
-    gemm_block<T>(StridedLoader<false>{gy, 1, out_f}, StridedLoader<false>{x, 1, in_f}, StoreEpi{gw, in_f}, p.out_f,
+    gemm_block<T>(strided_loader<false>(gy, 1, out_f, out_f), strided_loader<false>(x, 1, in_f, in_f), StoreEpi{gw, in_f}, p.out_f,
                   p.in_f, 0, p.batch, blockIdx.y * T::BM, blockIdx.x * T::BN);
 }
 

@@ -31,7 +31,7 @@
 
 template <int BM_, int BN_, int TM_, int TN_>
 struct GemmTile {
-    static constexpr int BM = BM_, BN = BN_, TM = TM_, TN = TN_, BK = 8, THREADS = 256;
+    static constexpr int BM = BM_, BN = BN_, TM = TM_, TN = TN_, BK = 8, THREADS = 256, STAGES = 3;
     // The 16 x 16 thread grid covers the tile with TM x TN micro-tiles made of float4 chunks 64 apart.
     static_assert(BM == 16 * TM && BN == 16 * TN, "tile = 16 threads x micro-tile");
     static_assert(TM % 4 == 0 && TN % 4 == 0, "micro-tile made of float4 chunks");
@@ -44,8 +44,14 @@ using Tile64 = GemmTile<64, 64, 4, 4>;
 // nothing and writes 0 (src-size 0), which is how padding and out-of-range elements load.
 // The host emulation (emu/, PTXGRAD_HOST_EMU) copies at once: the data is in place before any
 // wait, which the pipeline's waits then trivially satisfy.
+// cp_async_f32x4 is the 16-byte form, for 4 consecutive elements, both addresses 16-byte aligned;
+// it bypasses L1 (.cg): each element of a plain matrix is read by one block once per k-tile.
 #ifdef PTXGRAD_HOST_EMU
 __device__ __forceinline__ void cp_async_f32(float* dst, const float* src, bool full) { *dst = full ? *src : 0.0f; }
+__device__ __forceinline__ void cp_async_f32x4(float* dst, const float* src, bool full) {
+    for (int i = 0; i < 4; ++i) dst[i] = full ? src[i] : 0.0f;
+    emu_count_vec4_copy();
+}
 __device__ __forceinline__ void cp_async_commit() {}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {}
@@ -54,12 +60,62 @@ __device__ __forceinline__ void cp_async_f32(float* dst, const float* src, bool 
     const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(full ? 4 : 0));
 }
+__device__ __forceinline__ void cp_async_f32x4(float* dst, const float* src, bool full) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(full ? 16 : 0));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 #endif
+
+// The 16-byte tile loads of an operand whose mn index is contiguous (a loader with vec4()): the
+// BK x BMN tile is BK * BMN / 4 groups of 4, group e = (k row e / (BMN/4), columns 4 * (e % (BMN/4))
+// + 0..3), so 32 consecutive threads read 512 consecutive bytes of one k row. Thread t copies group
+// t (the tiles have at most one group per thread), the same group of every k-tile: its address at
+// k = 0 and its mn bounds test are computed once, and each k-tile adds k * k_stride. A group is
+// wholly in or wholly out of the matrix (the extent is a multiple of 4); out-of-range groups are
+// zero-filled.
+template <int BMN, int BK, int THREADS>
+struct Vec4Loads {
+    static constexpr int GROUPS = BMN * BK / 4, PER_ROW = BMN / 4;
+    static_assert(GROUPS <= THREADS, "at most one group per thread");
+    const float* col;  // the group's element (mn, k = 0)
+    const float* any;  // a valid address (the source of zero-fill copies)
+    int k_stride, kk, mn4;
+    bool active, in_mn;  // has a group; the group is inside the matrix's mn extent
+
+    template <class L>
+    __device__ __forceinline__ Vec4Loads(const L& l, int mn0, int MN) {
+        const int e = threadIdx.x;
+        active = GROUPS == THREADS || e < GROUPS;
+        kk = e / PER_ROW;
+        mn4 = (e % PER_ROW) * 4;
+        in_mn = active && mn0 + mn4 < MN;
+        col = l.ptr(l.at(in_mn ? mn0 + mn4 : 0), l.kat(0));
+        any = l.any();
+        k_stride = l.k_stride;
+    }
+    // Copies the group of the k-tile starting at k0 into `tile` (one stage).
+    __device__ __forceinline__ void issue(float (*tile)[BMN + 4], int k0, int k_end) const {
+        if (!active) return;
+        const int k = k0 + kk;
+        const bool in = in_mn && k < k_end;
+        cp_async_f32x4(&tile[kk][mn4], in ? col + k * k_stride : any, in);
+    }
+};
+
+// A Vec4Loads where the operand takes 16-byte loads, else nothing.
+struct NoVec4Loads {};
+template <bool ON, int BMN, int BK, int THREADS, class L>
+__device__ __forceinline__ auto vec4_loads(const L& l, int mn0, int MN) {
+    if constexpr (ON)
+        return Vec4Loads<BMN, BK, THREADS>(l, mn0, MN);
+    else
+        return NoVec4Loads{};
+}
 
 // Computes one BM x BN block of C, rows [m0, m0+BM), columns [n0, n0+BN), over k in [k_begin, k_end).
 //
@@ -72,20 +128,28 @@ __device__ __forceinline__ void cp_async_wait() {
 //   KPos kat(int k) const;                 // per-k state (called with k_begin <= k < k_end)
 //   const float* ptr(const Pos&, const KPos&) const;  // the element's address, nullptr = 0 (padding)
 //   const float* any() const;              // some valid address (the source of zero-fill copies)
+//   static constexpr bool VEC4;            // may the tile load use 16-byte copies? Then also:
+//   bool vec4() const;                     //   (uniform) true when mn is the contiguous index
+//                                          //   (stride 1), the extent is a multiple of 4 and every
+//                                          //   group of 4 starting at mn % 4 == 0 is 16-byte aligned
+//   int k_stride;                          //   ptr(at(mn), kat(k)) = ptr(at(mn), kat(0)) + k * k_stride
 // Epilogue concept: Col col(int n) const; void operator()(int m, const Col&, float v) const.
 // Splitting the index math this way keeps divisions out of the inner loop: a thread's rows and
 // columns never change across k-tiles, and kat() runs once per distinct k (slots that share a k
 // share the result).
-template <class T, class LA, class LB, class EP>
-__device__ __forceinline__ void gemm_block(const LA& la, const LB& lb, const EP& ep, int M, int N, int k_begin,
-                                           int k_end, int m0, int n0) {
-    constexpr int BM = T::BM, BN = T::BN, BK = T::BK, TM = T::TM, TN = T::TN;
+//
+// VEC: 16-byte loads for the operands whose loader has VEC4 (gemm_block decides, once per block).
+// As / Bs: the pipeline's stages, declared by gemm_block so that both instantiations share them.
+template <class T, bool VEC, class LA, class LB, class EP>
+__device__ __forceinline__ void gemm_block_with(const LA& la, const LB& lb, const EP& ep, int M, int N, int k_begin,
+                                                int k_end, int m0, int n0,
+                                                float (&As)[T::STAGES][T::BK][T::BM + 4],
+                                                float (&Bs)[T::STAGES][T::BK][T::BN + 4]) {
+    constexpr int BM = T::BM, BN = T::BN, BK = T::BK, TM = T::TM, TN = T::TN, STAGES = T::STAGES;
     constexpr int A_PER = BM * BK / T::THREADS;  // A elements each thread loads per k-tile
     constexpr int B_PER = BN * BK / T::THREADS;
     static_assert(A_PER * T::THREADS == BM * BK && B_PER * T::THREADS == BN * BK, "even tile load");
-    constexpr int STAGES = 3;
-    __shared__ __align__(16) float As[STAGES][BK][BM + 4];
-    __shared__ __align__(16) float Bs[STAGES][BK][BN + 4];
+    constexpr bool VA = VEC && LA::VEC4, VB = VEC && LB::VEC4;
 
     const int t = threadIdx.x;
     const int tx = t % 16, ty = t / 16;
@@ -132,10 +196,10 @@ __device__ __forceinline__ void gemm_block(const LA& la, const LB& lb, const EP&
         }
     }
 
-    // Issue the copies of the k-tile starting at k0 into stage `st`: one 4-byte cp.async per
-    // element, zero-filled (src-size 0) outside the matrix and in the padding. The copies run in
-    // the background, using no registers while in flight.
-    auto issue = [&](int k0, int st) {
+    // Issue the copies of one k-tile's A (B) into stage `st`: one 4-byte cp.async per element,
+    // zero-filled (src-size 0) outside the matrix and in the padding. The copies run in the
+    // background, using no registers while in flight.
+    auto issue_a = [&](int k0, int st) {
 #pragma unroll
         for (int i = 0; i < A_PER; ++i) {
             int mm, kk;
@@ -146,6 +210,8 @@ __device__ __forceinline__ void gemm_block(const LA& la, const LB& lb, const EP&
             const float* src = (m < M && k < k_end) ? la.ptr(pos, kp) : nullptr;
             cp_async_f32(&As[st][kk][mm], src ? src : la.any(), src != nullptr);
         }
+    };
+    auto issue_b = [&](int k0, int st) {
 #pragma unroll
         for (int i = 0; i < B_PER; ++i) {
             int nn, kk;
@@ -163,6 +229,21 @@ __device__ __forceinline__ void gemm_block(const LA& la, const LB& lb, const EP&
     for (int i = 0; i < TM; ++i)
 #pragma unroll
         for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+
+    // With VA (VB), A's (B's) tiles come in 16-byte copies: a quarter of the copy instructions
+    // and of their address math.
+    const auto va = vec4_loads<VA, BM, BK, T::THREADS>(la, m0, M);
+    const auto vb = vec4_loads<VB, BN, BK, T::THREADS>(lb, n0, N);
+    auto issue = [&](int k0, int st) {
+        if constexpr (VA)
+            va.issue(As[st], k0, k_end);
+        else
+            issue_a(k0, st);
+        if constexpr (VB)
+            vb.issue(Bs[st], k0, k_end);
+        else
+            issue_b(k0, st);
+    };
 
     // STAGES-deep pipeline: tiles it+1 .. it+STAGES-1 are in flight while tile it is computed.
     const int n_tiles = k_end > k_begin ? (k_end - k_begin + BK - 1) / BK : 0;
@@ -223,14 +304,36 @@ __device__ __forceinline__ void gemm_block(const LA& la, const LB& lb, const EP&
     }
 }
 
+// The GEMM of one block (see gemm_block_with): with 16-byte loads when every operand that may
+// take them can (a uniform test, decided once, outside the k loop), else with 4-byte loads.
+template <class T, class LA, class LB, class EP>
+__device__ __forceinline__ void gemm_block(const LA& la, const LB& lb, const EP& ep, int M, int N, int k_begin,
+                                           int k_end, int m0, int n0) {
+    __shared__ __align__(16) float As[T::STAGES][T::BK][T::BM + 4];
+    __shared__ __align__(16) float Bs[T::STAGES][T::BK][T::BN + 4];
+    if constexpr (LA::VEC4 || LB::VEC4) {
+        bool vec = true;
+        if constexpr (LA::VEC4) vec = vec && la.vec4();
+        if constexpr (LB::VEC4) vec = vec && lb.vec4();
+        if (vec) {
+            gemm_block_with<T, true>(la, lb, ep, M, N, k_begin, k_end, m0, n0, As, Bs);
+            return;
+        }
+    }
+    gemm_block_with<T, false>(la, lb, ep, M, N, k_begin, k_end, m0, n0, As, Bs);
+}
+
 // The plain-matrix loader: element (mn, k) at p[mn * mn_stride + k * k_stride] (mn is the row m
 // for A, the column n for B), i.e. a row- or column-major matrix viewed either way round.
 template <bool KF>
 struct StridedLoader {
     const float* __restrict__ p;
     int mn_stride, k_stride;
+    bool vec = false;  // 16-byte loads (see strided_loader)
     static constexpr bool K_FAST = KF;
     static constexpr bool CHEAP_AT = true;
+    static constexpr bool VEC4 = !KF;
+    __device__ __forceinline__ bool vec4() const { return vec; }
     using Pos = int;
     using KPos = int;
     __device__ __forceinline__ int at(int mn) const { return mn * mn_stride; }
@@ -238,6 +341,17 @@ struct StridedLoader {
     __device__ __forceinline__ const float* ptr(int a, int b) const { return p + a + b; }
     __device__ __forceinline__ const float* any() const { return p; }
 };
+
+// A plain matrix with element (mn, k) at p[mn * mn_stride + k * k_stride], mn < mn_extent: the
+// loader takes the 16-byte loads when mn is contiguous and every group of 4 along it is whole and
+// aligned (a uniform test: p, the stride and the extent are the same for the whole block).
+template <bool KF>
+__device__ __forceinline__ StridedLoader<KF> strided_loader(const float* p, int mn_stride, int k_stride,
+                                                            int mn_extent) {
+    const bool vec = !KF && mn_stride == 1 && mn_extent % 4 == 0 && k_stride % 4 == 0 &&
+                     reinterpret_cast<unsigned long long>(p) % 16 == 0;
+    return StridedLoader<KF>{p, mn_stride, k_stride, vec};
+}
 
 // The plain epilogue: C[m][n] stored row-major with `ld` columns.
 struct StoreEpi {

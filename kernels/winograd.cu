@@ -2,13 +2,15 @@
 // tile transform out. The math and the layouts are described in src/ops/winograd.rs; this file
 // has the three kernel families that the host chains:
 //
-// - winograd_gather_f32_a{4,6,8}: planes (N, C, H, W) -> (alpha^2, C, P). One thread per
-//   (c, tile): it loads its extent x extent tile (0 outside the plane) into registers, computes
-//   L T L^T there and writes alpha^2 values, each to its own (C, P) slab: consecutive threads
-//   take consecutive tiles, so every one of those writes is coalesced.
-// - winograd_gemm_{kn_n, mn_n, kn_k}_f32_{t128, t128x64, t64}: C[z][xi] (M, N) = A[xi] . B[xi]
-//   over the k range of split z, on the shared core in gemm.cuh (blockIdx.z = split * batch + xi).
-//   The name gives which index of A and B is contiguous (k, m or n), which the loads follow.
+// - winograd_gather_f32_a{4,6,8}: planes (N, C, H, W) -> (alpha^2, C, P), or (alpha^2, P, C)
+//   with tile_major. One thread per (c, tile): it loads its extent x extent tile (0 outside the
+//   plane) into registers, computes L T L^T there and writes alpha^2 values, each to its own
+//   (C, P) slab: consecutive threads take consecutive tiles (consecutive channels when
+//   tile-major), so every one of those writes is coalesced.
+// - winograd_gemm_f32_{t128, t128x64, t64}: C[z][xi] (M, N) = A[xi]^T . B[xi] over the k range
+//   of split z, A[xi] (K, M) and B[xi] (K, N) row-major, on the shared core in gemm.cuh
+//   (blockIdx.z = split * batch + xi). Both operands are read along their rows, so that the core
+//   takes 16-byte loads whenever M and N are multiples of 4 (the host's layouts are chosen so).
 // - winograd_scatter_f32_a{4,6,8}: (splits x) (alpha^2, C, P) -> planes. One thread per
 //   (c, tile): it adds the split-K partials, computes L T L^T, adds the bias, applies ReLU and
 //   stores the in-plane part of its extent x extent corner.
@@ -29,14 +31,13 @@ struct TileParams {
     unsigned extent;           // tile side in the planes
     unsigned relu;             // scatter: max(., 0)
     unsigned splits, split_len;  // scatter: partials to add, split_len elements apart
+    unsigned tile_major;         // gather: 1 = write (alpha^2, P, C), else (alpha^2, C, P)
     float l[kMaxAlpha * kMaxAlpha];  // L, row pitch kMaxAlpha, zero-padded
 };
 
 // Mirrors ops::winograd::GemmParams field for field.
 struct GemmParams {
     unsigned m, n, k, batch, k_chunk;
-    unsigned a_mn, a_k, a_batch;  // A(xi, m, k) = a[xi*a_batch + m*a_mn + k*a_k]
-    unsigned b_mn, b_k, b_batch;
 };
 
 // out = L t L^T, alpha x alpha, all in registers (fully unrolled: every index is a constant).
@@ -63,17 +64,25 @@ __device__ __forceinline__ void sandwich(const float (&t)[A][A], float (&out)[A]
         }
 }
 
-// Thread index -> (c, tile q) and the tile's first pixel (may be negative: padding).
+// Thread index -> (c, tile q) and the tile's first pixel (may be negative: padding). The index is
+// the element's position on the alpha^2 side: c * P + q, or q * C + c when TILE_MAJOR (a template
+// parameter: a second 64-bit division in one kernel made ptxas spill).
 struct TileAt {
     unsigned c, q;
     int row0, col0;
     unsigned long long plane;  // offset of plane (n, c)
 };
+template <bool TILE_MAJOR>
 __device__ __forceinline__ TileAt tile_at(unsigned long long idx, const TileParams& p) {
     const unsigned per = p.tiles_h * p.tiles_w, tiles = p.n * per;
     TileAt t;
-    t.c = (unsigned)(idx / tiles);
-    t.q = (unsigned)(idx - (unsigned long long)t.c * tiles);
+    if (TILE_MAJOR) {
+        t.q = (unsigned)(idx / p.c);
+        t.c = (unsigned)(idx - (unsigned long long)t.q * p.c);
+    } else {
+        t.c = (unsigned)(idx / tiles);
+        t.q = (unsigned)(idx - (unsigned long long)t.c * tiles);
+    }
     const unsigned n = t.q / per, r = t.q - n * per;
     const unsigned th = r / p.tiles_w, tw = r - th * p.tiles_w;
     t.row0 = (int)(th * p.step) - (int)p.pad;
@@ -82,12 +91,12 @@ __device__ __forceinline__ TileAt tile_at(unsigned long long idx, const TilePara
     return t;
 }
 
-template <int A>
+template <int A, bool TILE_MAJOR>
 __device__ __forceinline__ void gather(const float* __restrict__ src, float* __restrict__ out,
                                        const TileParams& p) {
     const unsigned long long len = (unsigned long long)p.c * p.n * p.tiles_h * p.tiles_w;
     FOR_EACH_INDEX(idx, len) {
-        const TileAt at = tile_at(idx, p);
+        const TileAt at = tile_at<TILE_MAJOR>(idx, p);
         float t[A][A];
 #pragma unroll
         for (int a = 0; a < A; ++a)
@@ -111,7 +120,7 @@ __device__ __forceinline__ void scatter(const float* __restrict__ in, const floa
                                         float* __restrict__ dst, const TileParams& p, unsigned has_bias) {
     const unsigned long long len = (unsigned long long)p.c * p.n * p.tiles_h * p.tiles_w;
     FOR_EACH_INDEX(idx, len) {
-        const TileAt at = tile_at(idx, p);
+        const TileAt at = tile_at<false>(idx, p);
         float t[A][A];
 #pragma unroll
         for (int i = 0; i < A; ++i)
@@ -141,7 +150,10 @@ __device__ __forceinline__ void scatter(const float* __restrict__ in, const floa
 #define TILE_KERNELS(A)                                                                                     \
     PTX_KERNEL void __launch_bounds__(128) winograd_gather_f32_a##A(const float* __restrict__ src,          \
                                                                     float* __restrict__ out, TileParams p) { \
-        gather<A>(src, out, p);                                                                             \
+        if (p.tile_major)                                                                                   \
+            gather<A, true>(src, out, p);                                                                   \
+        else                                                                                                \
+            gather<A, false>(src, out, p);                                                                  \
     }                                                                                                       \
     PTX_KERNEL void __launch_bounds__(128)                                                                  \
         winograd_scatter_f32_a##A(const float* __restrict__ in, const float* __restrict__ bias,             \
@@ -153,40 +165,26 @@ TILE_KERNELS(4)
 TILE_KERNELS(6)
 TILE_KERNELS(8)
 
-template <class T, bool KFA, bool KFB>
+template <class T>
 __device__ __forceinline__ void batched_gemm(const float* a, const float* b, float* c, const GemmParams& p) {
-    // Only the weight grad (kn_k) splits its reduction; the others run all of k in one block.
-    constexpr bool SPLIT = KFA && KFB;
-    const unsigned xi = SPLIT ? blockIdx.z % p.batch : blockIdx.z, split = SPLIT ? blockIdx.z / p.batch : 0;
-    const int k_begin = SPLIT ? split * p.k_chunk : 0;
-    const int k_end = SPLIT ? min((int)p.k, k_begin + (int)p.k_chunk) : (int)p.k;
-    const unsigned long long mn = (unsigned long long)p.m * p.n;
-    // The contiguous index's stride is 1 by the kernel's choice (the host picks the kernel by
-    // which stride is 1): a literal 1 saves the registers that the 128-tile kernels lack.
-    const int a_mn = KFA ? (int)p.a_mn : 1, a_k = KFA ? 1 : (int)p.a_k;
-    const int b_mn = KFB ? (int)p.b_mn : 1, b_k = KFB ? 1 : (int)p.b_k;
-    gemm_block<T>(StridedLoader<KFA>{a + (unsigned long long)xi * p.a_batch, a_mn, a_k},
-                  StridedLoader<KFB>{b + (unsigned long long)xi * p.b_batch, b_mn, b_k},
-                  StoreEpi{c + ((unsigned long long)split * p.batch + xi) * mn, (int)p.n}, p.m, p.n, k_begin, k_end,
+    const unsigned xi = blockIdx.z % p.batch, split = blockIdx.z / p.batch;
+    const int k_begin = split * p.k_chunk;
+    const int k_end = min((int)p.k, k_begin + (int)p.k_chunk);
+    const int M = p.m, N = p.n;
+    const unsigned long long mn = (unsigned long long)M * N;
+    // A(m, k) = a[xi][k][m], B(k, n) = b[xi][k][n]: m and n contiguous.
+    gemm_block<T>(strided_loader<false>(a + (unsigned long long)xi * p.k * M, 1, M, M),
+                  strided_loader<false>(b + (unsigned long long)xi * p.k * N, 1, N, N),
+                  StoreEpi{c + ((unsigned long long)split * p.batch + xi) * mn, N}, M, N, k_begin, k_end,
                   blockIdx.y * T::BM, blockIdx.x * T::BN);
 }
 
-// kn_n: A k-contiguous, B n-contiguous (forward); mn_n: A m-contiguous (input grad's transposed
-// filters); kn_k: both k-contiguous (weight grad: the reduction runs over tiles).
-#define GEMM_KERNELS(TILE, SUFFIX)                                                                             \
-    PTX_KERNEL void __launch_bounds__(256, 2) winograd_gemm_kn_n_f32_##SUFFIX(                                  \
-        const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ c, GemmParams p) {       \
-        batched_gemm<TILE, true, false>(a, b, c, p);                                                           \
-    }                                                                                                          \
-    PTX_KERNEL void __launch_bounds__(256, 2) winograd_gemm_mn_n_f32_##SUFFIX(                                  \
-        const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ c, GemmParams p) {       \
-        batched_gemm<TILE, false, false>(a, b, c, p);                                                          \
-    }                                                                                                          \
-    PTX_KERNEL void __launch_bounds__(256, 2) winograd_gemm_kn_k_f32_##SUFFIX(                                  \
-        const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ c, GemmParams p) {       \
-        batched_gemm<TILE, true, true>(a, b, c, p);                                                            \
+#define GEMM_KERNEL(TILE, SUFFIX)                                                                             \
+    PTX_KERNEL void __launch_bounds__(256, 2) winograd_gemm_f32_##SUFFIX(                                       \
+        const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ c, GemmParams p) {      \
+        batched_gemm<TILE>(a, b, c, p);                                                                       \
     }
 
-GEMM_KERNELS(Tile128, t128)
-GEMM_KERNELS(Tile128x64, t128x64)
-GEMM_KERNELS(Tile64, t64)
+GEMM_KERNEL(Tile128, t128)
+GEMM_KERNEL(Tile128x64, t128x64)
+GEMM_KERNEL(Tile64, t64)

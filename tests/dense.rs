@@ -116,6 +116,20 @@ fn dense_cpu_backward_matches_finite_differences() {
     }
 }
 
+/// The backward GEMMs read w, gy and x along their rows (n or m contiguous): with those rows whole
+/// groups of 4 they take gemm.cuh's 16-byte loads, else the 4-byte ones. Both paths are checked
+/// against the CPU by `check`; this checks which one runs, with the emulator's copy counter.
+#[test]
+fn dense_emulated_backward_takes_16_byte_loads_on_whole_groups_of_4() {
+    let dev = Device::parse("emu").unwrap();
+    for (shape, vector) in [((12, 36, 20, true), true), ((3, 36, 21, false), true), ((3, 7, 5, false), false)] {
+        let before = ptxgrad_emu::vec4_copies();
+        check(&dev, shape, 77);
+        let taken = ptxgrad_emu::vec4_copies() > before;
+        assert_eq!(taken, vector, "16-byte loads for (batch, in, out, relu) {shape:?}");
+    }
+}
+
 test_device!(dense_recorded_op_applies_relu_mask, |dev| {
     let (batch, in_f, out_f) = (3, 20, 7);
     let x = rand_tensor(&[batch, in_f], 1, &dev);

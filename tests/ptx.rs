@@ -2,29 +2,41 @@
 //! any ptxas error fails, and so does a register spill (spills to local memory are slow and
 //! the kernels are designed not to need them). Prints registers and spills per kernel.
 //!
-//! ptxas comes from $PTXAS, the project's `.cuda/` wheels (scripts/cuda-wheels.sh), a CUDA
-//! toolkit, or PATH. Without one the test skips with a reason, unless PTXGRAD_REQUIRE_KERNELS=1
-//! (CI), where a missing ptxas or a CPU-only build is a failure.
+//! Then reads the GEMM kernels' machine code (SASS, from nvdisasm) for sm_90 and measures the
+//! instruction mix of each k-loop: the share of FFMA (the useful work) among the instructions
+//! the loop issues. It is a static figure, not a speed, but it is the part of a GEMM's speed
+//! that can be checked without a GPU: every copy, index and branch instruction in the loop
+//! takes an issue slot from an FFMA.
+//!
+//! ptxas and nvdisasm come from $PTXAS / $NVDISASM, the project's `.cuda/` wheels
+//! (scripts/cuda-wheels.sh), a CUDA toolkit, or PATH. Without them the tests skip with a
+//! reason, unless PTXGRAD_REQUIRE_KERNELS=1 (CI), where a missing tool or a CPU-only build is a
+//! failure.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn find_ptxas() -> Option<PathBuf> {
-    let mut candidates: Vec<PathBuf> = std::env::var_os("PTXAS").map(PathBuf::from).into_iter().collect();
+/// `tool` from $`env`, the project's wheels (`wheel` under .cuda/nvidia), a toolkit, or PATH.
+fn find_tool(tool: &str, env: &str, wheel: &str) -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = std::env::var_os(env).map(PathBuf::from).into_iter().collect();
     // Set by cargo when it runs the test (absent when the binary runs elsewhere).
     if let Some(root) = std::env::var_os("CARGO_MANIFEST_DIR") {
-        candidates.push(PathBuf::from(root).join(".cuda/nvidia/cuda_nvcc/bin/ptxas"));
+        candidates.push(PathBuf::from(root).join(".cuda/nvidia").join(wheel).join("bin").join(tool));
     }
     for var in ["CUDA_HOME", "CUDA_PATH"] {
         if let Some(r) = std::env::var_os(var) {
-            candidates.push(PathBuf::from(r).join("bin/ptxas"));
+            candidates.push(PathBuf::from(r).join("bin").join(tool));
         }
     }
-    candidates.push(PathBuf::from("/usr/local/cuda/bin/ptxas"));
+    candidates.push(PathBuf::from("/usr/local/cuda/bin").join(tool));
     if let Some(path) = std::env::var_os("PATH") {
-        candidates.extend(std::env::split_paths(&path).map(|d| d.join("ptxas")));
+        candidates.extend(std::env::split_paths(&path).map(|d| d.join(tool)));
     }
     candidates.into_iter().find(|p| p.is_file())
+}
+
+fn find_ptxas() -> Option<PathBuf> {
+    find_tool("ptxas", "PTXAS", "cuda_nvcc")
 }
 
 fn required() -> bool {
@@ -101,4 +113,139 @@ fn every_kernel_assembles_for_sm80_and_sm90_without_spills() {
     std::fs::remove_dir_all(&dir).ok();
     assert!(failures.is_empty(), "ptxas problems:\n{}", failures.join("\n"));
     assert!(kernels > 0, "ptxas reported no kernels at all");
+}
+
+/// One loop of a kernel's SASS: the instructions from a label to the branch back to it.
+struct Loop {
+    kernel: String,
+    instructions: usize,
+    ffma: usize,
+    /// 16-byte cp.async (LDGSTS.E.BYPASS.128) among them: the vector loads.
+    vector_copies: usize,
+}
+
+impl Loop {
+    fn ffma_share(&self) -> f64 {
+        self.ffma as f64 / self.instructions as f64
+    }
+}
+
+/// The loops of every kernel in an `nvdisasm -c` listing that hold at least `min_ffma` FFMAs.
+/// Listing lines: `.text.<kernel>:` starts a kernel, `.L_x_N:` is a label, and an instruction
+/// is `/*addr*/ [@pred] OPCODE[.mods] operands ;`.
+fn loops_in(sass: &str, min_ffma: usize) -> Vec<Loop> {
+    let mut out = Vec::new();
+    let mut kernels: Vec<(String, Vec<&str>)> = Vec::new();
+    for line in sass.lines() {
+        if let Some(name) = line.strip_prefix(".text.").and_then(|r| r.strip_suffix(':')) {
+            kernels.push((name.to_string(), Vec::new()));
+        } else if let Some((_, body)) = kernels.last_mut() {
+            body.push(line);
+        }
+    }
+    for (kernel, lines) in kernels {
+        // (opcode with modifiers, branch target) per instruction; label -> instruction index.
+        let mut ins: Vec<(String, Option<String>)> = Vec::new();
+        let mut labels = std::collections::HashMap::new();
+        for line in lines {
+            let t = line.trim();
+            if let Some(label) = t.strip_suffix(':').filter(|l| l.starts_with(".L_x_")) {
+                labels.insert(label.to_string(), ins.len());
+            } else if let Some(rest) = t.strip_prefix("/*").and_then(|r| r.split_once("*/")).map(|(_, r)| r.trim()) {
+                let mut words = rest.split_whitespace();
+                let mut op = words.next().unwrap_or("");
+                if op.starts_with('@') {
+                    op = words.next().unwrap_or("");
+                }
+                let target = rest.split("`(").nth(1).and_then(|r| r.split(')').next()).map(str::to_string);
+                ins.push((op.trim_end_matches(';').to_string(), target));
+            }
+        }
+        for (i, (op, target)) in ins.iter().enumerate() {
+            let Some(start) = target.as_ref().filter(|_| op.starts_with("BRA")).and_then(|t| labels.get(t)) else {
+                continue;
+            };
+            if *start > i {
+                continue; // a forward branch
+            }
+            let body = &ins[*start..=i];
+            let count = |f: &dyn Fn(&str) -> bool| body.iter().filter(|(o, _)| f(o)).count();
+            let ffma = count(&|o| o == "FFMA");
+            if ffma >= min_ffma {
+                out.push(Loop {
+                    kernel: kernel.clone(),
+                    instructions: body.len(),
+                    ffma,
+                    vector_copies: count(&|o| o.starts_with("LDGSTS") && o.ends_with(".128")),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The GEMM kernels' k-loops, as the sm_90 SASS has them: printed for every GEMM kernel, and
+/// checked where the design promises something. The Winograd GEMM (plain row-major operands)
+/// has two k-loops, with 4-byte and with 16-byte loads (gemm.cuh picks one per block); the
+/// 16-byte one must stay lean: one copy instruction per operand and k-tile for the 128-wide
+/// tiles, and FFMA at least 80% (t128) / 70% (t128x64) / 58% (t64) of what it issues.
+#[test]
+fn gemm_k_loops_are_mostly_ffma() {
+    let modules = ptxgrad::ptx::all();
+    if modules.iter().any(|(_, ptx)| ptx.is_none()) {
+        assert!(!required(), "PTXGRAD_REQUIRE_KERNELS=1 but this is a CPU-only build (no PTX embedded)");
+        eprintln!("SKIPPED: CPU-only build, no PTX to check");
+        return;
+    }
+    let (Some(ptxas), Some(nvdisasm)) = (find_ptxas(), find_tool("nvdisasm", "NVDISASM", "cu13")) else {
+        assert!(!required(), "PTXGRAD_REQUIRE_KERNELS=1 but ptxas or nvdisasm is missing (run scripts/cuda-wheels.sh)");
+        eprintln!("SKIPPED: ptxas or nvdisasm not found (run scripts/cuda-wheels.sh)");
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("ptxgrad-sass-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut loops = Vec::new();
+    for (stem, ptx) in modules.iter().filter(|(s, _)| ["conv2d", "dense", "winograd"].contains(s)) {
+        loops.extend(loops_in(&sass_of(&ptxas, &nvdisasm, &dir, stem, ptx.unwrap()), 64));
+    }
+    // The GEMM kernels are the ones with a block-tile suffix (the tile transforms loop too).
+    loops.retain(|l| ["_t128", "_t128x64", "_t64", "_t64_strided"].iter().any(|t| l.kernel.ends_with(t)));
+    std::fs::remove_dir_all(&dir).ok();
+    println!("{:<34} {:>12} {:>6} {:>7} {:>11}", "kernel (sm_90)", "instructions", "FFMA", "share", "16-byte cp");
+    for l in &loops {
+        let share = 100.0 * l.ffma_share();
+        println!("{:<34} {:>12} {:>6} {share:>6.1}% {:>11}", l.kernel, l.instructions, l.ffma, l.vector_copies);
+    }
+    let mut failures = Vec::new();
+    for (tile, floor, copies) in [("t128", 0.80, 2), ("t128x64", 0.70, 2), ("t64", 0.58, 2)] {
+        let kernel = format!("winograd_gemm_f32_{tile}");
+        let ks: Vec<&Loop> = loops.iter().filter(|l| l.kernel == kernel).collect();
+        let vector: Vec<&&Loop> = ks.iter().filter(|l| l.vector_copies > 0).collect();
+        if ks.len() != 2 || vector.len() != 1 {
+            failures.push(format!("{kernel}: expected a 4-byte and a 16-byte k-loop, found {} loops", ks.len()));
+            continue;
+        }
+        let v = vector[0];
+        if v.ffma_share() < floor || v.vector_copies > copies {
+            failures.push(format!(
+                "{kernel}: 16-byte k-loop is {:.1}% FFMA with {} copies, expected >= {:.0}% and <= {copies}",
+                100.0 * v.ffma_share(),
+                v.vector_copies,
+                100.0 * floor
+            ));
+        }
+    }
+    assert!(loops.len() >= 27, "found only {} GEMM k-loops: has the listing format changed?", loops.len());
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// `ptx` assembled for sm_90 and disassembled.
+fn sass_of(ptxas: &Path, nvdisasm: &Path, dir: &Path, stem: &str, ptx: &str) -> String {
+    let (src, cubin) = (dir.join(format!("{stem}.ptx")), dir.join(format!("{stem}.cubin")));
+    std::fs::write(&src, ptx).unwrap();
+    let out = Command::new(ptxas).args(["-arch=sm_90", "-o"]).arg(&cubin).arg(&src).output().expect("run ptxas");
+    assert!(out.status.success(), "ptxas {stem}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(nvdisasm).arg("-c").arg(&cubin).output().expect("run nvdisasm");
+    assert!(out.status.success(), "nvdisasm {stem}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

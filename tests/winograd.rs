@@ -101,15 +101,9 @@ extern "C" {
     fn winograd_scatter_f32_a4(src: *const f32, bias: *const f32, out: *mut f32, p: TileParams, has_bias: u32);
     fn winograd_scatter_f32_a6(src: *const f32, bias: *const f32, out: *mut f32, p: TileParams, has_bias: u32);
     fn winograd_scatter_f32_a8(src: *const f32, bias: *const f32, out: *mut f32, p: TileParams, has_bias: u32);
-    fn winograd_gemm_kn_n_f32_t128(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
-    fn winograd_gemm_kn_n_f32_t128x64(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
-    fn winograd_gemm_kn_n_f32_t64(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
-    fn winograd_gemm_mn_n_f32_t128(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
-    fn winograd_gemm_mn_n_f32_t128x64(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
-    fn winograd_gemm_mn_n_f32_t64(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
-    fn winograd_gemm_kn_k_f32_t128(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
-    fn winograd_gemm_kn_k_f32_t128x64(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
-    fn winograd_gemm_kn_k_f32_t64(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
+    fn winograd_gemm_f32_t128(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
+    fn winograd_gemm_f32_t128x64(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
+    fn winograd_gemm_f32_t64(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
 }
 
 type Gather = unsafe extern "C" fn(*const f32, *mut f32, TileParams);
@@ -136,15 +130,9 @@ fn scatter_fn(name: &str) -> Scatter {
 
 fn gemm_fn(name: &str) -> Gemm {
     match name {
-        "winograd_gemm_kn_n_f32_t128" => winograd_gemm_kn_n_f32_t128,
-        "winograd_gemm_kn_n_f32_t128x64" => winograd_gemm_kn_n_f32_t128x64,
-        "winograd_gemm_kn_n_f32_t64" => winograd_gemm_kn_n_f32_t64,
-        "winograd_gemm_mn_n_f32_t128" => winograd_gemm_mn_n_f32_t128,
-        "winograd_gemm_mn_n_f32_t128x64" => winograd_gemm_mn_n_f32_t128x64,
-        "winograd_gemm_mn_n_f32_t64" => winograd_gemm_mn_n_f32_t64,
-        "winograd_gemm_kn_k_f32_t128" => winograd_gemm_kn_k_f32_t128,
-        "winograd_gemm_kn_k_f32_t128x64" => winograd_gemm_kn_k_f32_t128x64,
-        "winograd_gemm_kn_k_f32_t64" => winograd_gemm_kn_k_f32_t64,
+        "winograd_gemm_f32_t128" => winograd_gemm_f32_t128,
+        "winograd_gemm_f32_t128x64" => winograd_gemm_f32_t128x64,
+        "winograd_gemm_f32_t64" => winograd_gemm_f32_t64,
         _ => panic!("no emulated kernel {name}"),
     }
 }
@@ -165,7 +153,12 @@ fn run_pass_emu(pass: &Pass, a_src: &[f32], b_src: &[f32], bias: Option<&[f32]>,
     let (name, cfg) = pass.gemm_launch(tile).unwrap();
     let (f, pa, pb, pc, g) =
         (gemm_fn(name), a.as_ptr() as usize, b.as_ptr() as usize, c.as_mut_ptr() as usize, pass.gemm);
+    let copies = ptxgrad_emu::vec4_copies();
     emu_launch(cfg, &|| unsafe { f(pa as *const f32, pb as *const f32, pc as *mut f32, g) });
+    // The 16-byte loads are taken exactly when both operands' rows are whole groups of 4, aligned.
+    let vec = g.m % 4 == 0 && g.n % 4 == 0 && pa % 16 == 0 && pb % 16 == 0;
+    let vec_taken = ptxgrad_emu::vec4_copies() > copies;
+    assert_eq!(vec_taken, vec, "16-byte loads taken: {vec_taken}, expected {vec} for M {} N {}", g.m, g.n);
     let sc = pass.scatter;
     let mut out = emu_uninit(sc.plane_len());
     let (name, cfg) = pass.tile_launch(&sc, true).unwrap();
@@ -176,15 +169,18 @@ fn run_pass_emu(pass: &Pass, a_src: &[f32], b_src: &[f32], bias: Option<&[f32]>,
     out
 }
 
-/// Every Winograd kernel (gather and scatter for tiles of 4, 6 and 8; the three GEMM layouts in
-/// all three block tiles; the weight grad's split-K) through its real launch, on small awkward
-/// shapes, against the direct convolution.
+/// Every Winograd kernel (gather and scatter for tiles of 4, 6 and 8; the GEMM in all three block
+/// tiles, with 4- and 16-byte loads; the weight grad's split-K) through its real launch, on small
+/// awkward shapes, against the direct convolution.
 #[test]
 fn winograd_kernels_emulated_match_direct_convolution() {
-    // (n, cin, h, w, cout, r, pad, m): alphas 4, 6, 8; channels across 64-row tiles.
+    // (n, cin, h, w, cout, r, pad, m): alphas 4, 6, 8; channels across 64-row tiles; channels and
+    // tiles in multiples of 4 (the GEMMs' 16-byte loads), with a partial last block and k-tile.
     let cases = [
         (2, 3, 7, 9, 5, 3, 1, 2),
         (1, 70, 6, 6, 66, 3, 1, 4),
+        (2, 8, 8, 8, 12, 3, 1, 4),
+        (1, 132, 8, 8, 68, 3, 1, 4),
         (2, 4, 9, 7, 3, 3, 2, 6),
         (1, 5, 8, 8, 7, 5, 2, 2),
         (1, 3, 9, 9, 4, 5, 0, 4),

@@ -18,6 +18,15 @@ include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
 extern "C" {
     fn ptxgrad_emu_run(gx: u32, gy: u32, gz: u32, threads: u32, body: extern "C" fn(*mut c_void), ctx: *mut c_void);
+    fn ptxgrad_emu_vec4_copies() -> u64;
+}
+
+/// How many 16-byte `cp.async` copies (the GEMM core's vector loads) the kernels launched from
+/// this thread have made so far: tests read it before and after a launch to check that a kernel
+/// takes its fast path where it should.
+pub fn vec4_copies() -> u64 {
+    // SAFETY: reads a thread-local counter.
+    unsafe { ptxgrad_emu_vec4_copies() }
 }
 
 /// Runs `kernel` (a closure that calls one emulated kernel) as every thread of a `grid` of

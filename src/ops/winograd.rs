@@ -8,14 +8,19 @@
 //! ("non-fused" Winograd, as cuDNN's WINOGRAD_NONFUSED), so the pipeline is:
 //!
 //! 1. gather: each alpha x alpha input tile d -> B^T d B, stored as V (alpha^2, Cin, P), P = tiles;
-//! 2. gather: each filter g -> G g G^T, stored as U (alpha^2, Cout, Cin);
-//! 3. alpha^2 GEMMs: M[xi] (Cout, P) = U[xi] (Cout, Cin) . V[xi] (Cin, P), on kernels/gemm.cuh;
+//! 2. gather: each filter g -> G g G^T, stored as U (alpha^2, Cin, Cout);
+//! 3. alpha^2 GEMMs: M[xi] (Cout, P) = U[xi]^T (Cout, Cin) . V[xi] (Cin, P), on kernels/gemm.cuh;
 //! 4. scatter: each tile of M -> A^T M A, plus bias (and ReLU), into y (N, Cout, OH, OW).
 //!
 //! The input grad is the same pipeline on gy with the filters flipped and Cin/Cout swapped
-//! (padding r - 1 - pad). The weight grad is F(r x r, m x m): gy's m x m tiles are the "filters"
-//! (transformed by G'), x's alpha x alpha tiles the inputs (B is the same matrix), and the GEMM
-//! reduces over the tiles: M[xi] (Cout, Cin) = GY[xi] (Cout, P) . X[xi]^T (P, Cin), then A'^T M A'.
+//! (padding r - 1 - pad; U is then (alpha^2, Cout, Cin)). The weight grad is F(r x r, m x m):
+//! gy's m x m tiles are the "filters" (transformed by G'), x's alpha x alpha tiles the inputs (B
+//! is the same matrix), both gathered tile-major, and the GEMM reduces over the tiles:
+//! M[xi] (Cout, Cin) = GY[xi]^T (Cout, P) . X[xi] (P, Cin), then A'^T M A'.
+//!
+//! Every GEMM is thus C[xi] (M, N) = A[xi]^T B[xi] with A[xi] (K, M) and B[xi] (K, N) dense and
+//! row-major: both operands are read along rows (m and n contiguous), which lets the GEMM core
+//! load whole 16-byte groups (gemm.cuh's vec4 path) when M and N are multiples of 4.
 //!
 //! Both gathers and the scatter are one operation, out = L T L^T for an alpha x alpha matrix L
 //! (zero-padded when the tile is smaller than alpha), applied to every tile of a stack of planes:
@@ -162,7 +167,8 @@ fn transpose_f64(a: &[f64], rows: usize, cols: usize) -> Vec<f64> {
 ///
 /// Tile (th, tw) of a plane covers rows th*step - pad .. + extent (and the same for columns).
 /// - gather: each tile T (extent x extent, 0 outside the plane) becomes L T L^T (alpha x alpha),
-///   stored at out[xi][c][p] for xi = (i, j) < alpha^2, p = (n, th, tw): (alpha^2, C, P).
+///   stored at out[xi][c][p] for xi = (i, j) < alpha^2, p = (n, th, tw): (alpha^2, C, P); or,
+///   with `tile_major`, at out[xi][p][c]: (alpha^2, P, C).
 /// - scatter: the alpha x alpha tile read from in[xi][c][p] (summed over `splits` partials
 ///   `split_len` apart) becomes L T L^T, whose top-left extent x extent corner (plus bias[c],
 ///   then max(., 0) if `relu`) is stored into the tile's in-plane pixels.
@@ -181,6 +187,9 @@ pub struct TileParams {
     pub relu: u32,
     pub splits: u32,
     pub split_len: u32,
+    /// Gather only: 1 writes (alpha^2, P, C) (consecutive kernel threads take consecutive
+    /// channels, so that the stores stay coalesced), 0 writes (alpha^2, C, P).
+    pub tile_major: u32,
     /// L, alpha x alpha, row pitch MAX_ALPHA, zero outside (rows, cols) of the actual matrix.
     pub l: [f32; MAX_ALPHA * MAX_ALPHA],
 }
@@ -199,6 +208,15 @@ impl TileParams {
     }
     pub fn plane_len(&self) -> usize {
         (self.n * self.c * self.h * self.w) as usize
+    }
+    /// Where element xi of tile q of channel c lies on the alpha^2 side.
+    fn wino_index(&self, xi: usize, c: usize, q: usize) -> usize {
+        let (c_n, tiles) = (self.c as usize, self.tiles());
+        if self.tile_major != 0 {
+            (xi * tiles + q) * c_n + c
+        } else {
+            (xi * c_n + c) * tiles + q
+        }
     }
     /// Where tile element (a, b) of tile q of plane (n, c) lies, if inside the plane.
     fn pixel(&self, q: usize, a: usize, b: usize) -> Option<usize> {
@@ -232,7 +250,7 @@ fn sandwich(l: &[f32; MAX_ALPHA * MAX_ALPHA], t: &[f32], alpha: usize) -> Vec<f3
     out
 }
 
-/// CPU reference gather: planes (N, C, H, W) -> (alpha^2, C, P).
+/// CPU reference gather: planes (N, C, H, W) -> (alpha^2, C, P) (or (alpha^2, P, C)).
 pub fn tile_gather_cpu(src: &[f32], p: &TileParams, alpha: usize) -> Vec<f32> {
     let (c_n, tiles) = (p.c as usize, p.tiles());
     let (plane, e) = ((p.h * p.w) as usize, p.extent as usize);
@@ -249,7 +267,7 @@ pub fn tile_gather_cpu(src: &[f32], p: &TileParams, alpha: usize) -> Vec<f32> {
                 }
             }
             for (xi, v) in sandwich(&p.l, &t, alpha).into_iter().enumerate() {
-                out[(xi * c_n + c) * tiles + q] = v;
+                out[p.wino_index(xi, c, q)] = v;
             }
         }
     }
@@ -258,6 +276,7 @@ pub fn tile_gather_cpu(src: &[f32], p: &TileParams, alpha: usize) -> Vec<f32> {
 
 /// CPU reference scatter: (splits x) (alpha^2, C, P) -> planes (N, C, H, W).
 pub fn tile_scatter_cpu(src: &[f32], bias: Option<&[f32]>, p: &TileParams, alpha: usize) -> Vec<f32> {
+    debug_assert_eq!(p.tile_major, 0, "the scatter reads (alpha^2, C, P)");
     let (c_n, tiles) = (p.c as usize, p.tiles());
     let (plane, e) = ((p.h * p.w) as usize, p.extent as usize);
     let mut out = vec![0.0f32; p.plane_len()];
@@ -265,7 +284,7 @@ pub fn tile_scatter_cpu(src: &[f32], bias: Option<&[f32]>, p: &TileParams, alpha
     for c in 0..c_n {
         for q in 0..tiles {
             for (xi, v) in t.iter_mut().enumerate() {
-                let at = (xi * c_n + c) * tiles + q;
+                let at = p.wino_index(xi, c, q);
                 *v = (0..p.splits as usize).map(|s| src[s * p.split_len as usize + at]).sum();
             }
             let o = sandwich(&p.l, &t, alpha);
@@ -299,8 +318,10 @@ pub fn output_tile(p: &Conv2dParams, tile: Option<usize>) -> Option<usize> {
     (m >= 1 && KERNEL_ALPHAS.contains(&(m + r - 1))).then_some(m)
 }
 
-/// The GEMM of one pass: alpha^2 products C[xi] (M, N) = A[xi] (M, K) . B[xi] (K, N), with A and
-/// B read through strides; mirrored field for field by `struct GemmParams` in kernels/winograd.cu.
+/// The GEMM of one pass: alpha^2 products C[xi] (M, N) = A[xi]^T B[xi], A[xi] (K, M) and B[xi]
+/// (K, N) dense and row-major, one after another (xi = 0 .. batch); C (splits, batch, M, N), each
+/// split reducing `k_chunk` of K. Mirrored field for field by `struct GemmParams` in
+/// kernels/winograd.cu.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemmParams {
@@ -311,65 +332,15 @@ pub struct GemmParams {
     pub batch: u32,
     /// Reduction length of each split (the whole K when there is one split).
     pub k_chunk: u32,
-    /// A(xi, m, k) at a[xi * a_batch + m * a_mn + k * a_k].
-    pub a_mn: u32,
-    pub a_k: u32,
-    pub a_batch: u32,
-    pub b_mn: u32,
-    pub b_k: u32,
-    pub b_batch: u32,
 }
 
 // SAFETY: #[repr(C)] plain u32 fields, mirrored by the kernel's struct.
 unsafe impl cudarc::driver::DeviceRepr for GemmParams {}
 
-/// Which operand index is contiguous, as the kernel names say: A's k or m, B's k or n.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Layout {
-    /// Forward and input grad: B (K, N) with n contiguous; A (M, K) with k contiguous ("kn")
-    /// or m contiguous ("mn", the input grad's transposed filters).
-    KnN,
-    MnN,
-    /// Weight grad: both reduce over the contiguous tile index.
-    KnK,
-}
-
 impl GemmParams {
-    /// C[xi] = U[xi] (M, K) . V[xi] (K, N), both row-major; `a_transposed` reads A from a
-    /// (K, M) row-major U instead.
-    fn forward(m: usize, n: usize, k: usize, batch: usize, a_transposed: bool) -> Self {
-        let (a_mn, a_k) = if a_transposed { (1, m) } else { (k, 1) };
+    fn new(m: usize, n: usize, k: usize, batch: usize, k_chunk: usize) -> Self {
         let u = |v: usize| v as u32;
-        GemmParams {
-            m: u(m),
-            n: u(n),
-            k: u(k),
-            batch: u(batch),
-            k_chunk: u(k),
-            a_mn: u(a_mn),
-            a_k: u(a_k),
-            a_batch: u(m * k),
-            b_mn: 1,
-            b_k: u(n),
-            b_batch: u(k * n),
-        }
-    }
-    /// C[xi] = A[xi] (M, K) . B[xi] (N, K)^T, both row-major (the weight grad), split over K.
-    fn nt(m: usize, n: usize, k: usize, batch: usize, k_chunk: usize) -> Self {
-        let u = |v: usize| v as u32;
-        GemmParams {
-            m: u(m),
-            n: u(n),
-            k: u(k),
-            batch: u(batch),
-            k_chunk: u(k_chunk),
-            a_mn: u(k),
-            a_k: 1,
-            a_batch: u(m * k),
-            b_mn: u(k),
-            b_k: 1,
-            b_batch: u(n * k),
-        }
+        GemmParams { m: u(m), n: u(n), k: u(k), batch: u(batch), k_chunk: u(k_chunk) }
     }
     /// Splits of the reduction (1 unless the weight grad's).
     pub fn splits(&self) -> usize {
@@ -378,17 +349,6 @@ impl GemmParams {
     /// Elements of C: (splits, batch, M, N).
     pub fn out_len(&self) -> usize {
         self.splits() * (self.batch * self.m * self.n) as usize
-    }
-    /// The kernel for these strides: each kernel takes its operands' contiguous stride as 1.
-    fn layout(&self) -> Layout {
-        match (self.a_k == 1, self.b_k == 1) {
-            (true, true) => Layout::KnK,
-            (true, false) => Layout::KnN,
-            (false, _) => {
-                debug_assert!(self.a_mn == 1 && self.b_mn == 1, "the mn_n kernel reads A and B along m and n");
-                Layout::MnN
-            }
-        }
     }
 }
 
@@ -400,11 +360,9 @@ fn batched_gemm_cpu(a: &[f32], b: &[f32], g: &GemmParams) -> Vec<f32> {
     let parts = map_ranges(batch, |xis| {
         let mut c = vec![0.0f32; xis.len() * m * n];
         for (i, xi) in xis.enumerate() {
-            let (ab, bb) = (&a[xi * g.a_batch as usize..], &b[xi * g.b_batch as usize..]);
-            // Rearrange the strided operands into row-major A (M, K) and B (K, N).
-            let am: Vec<f32> = if g.a_k == 1 { ab[..m * k].to_vec() } else { transpose(&ab[..m * k], k, m) };
-            let bm: Vec<f32> = if g.b_k == 1 { transpose(&bb[..n * k], n, k) } else { bb[..k * n].to_vec() };
-            gemm_acc(m, n, k, &am, &bm, &mut c[i * m * n..][..m * n]);
+            // A[xi] (K, M) transposed into the row-major (M, K) that gemm_acc takes.
+            let am = transpose(&a[xi * k * m..][..k * m], k, m);
+            gemm_acc(m, n, k, &am, &b[xi * k * n..][..k * n], &mut c[i * m * n..][..m * n]);
         }
         c
     });
@@ -418,9 +376,9 @@ fn batched_gemm_cpu(a: &[f32], b: &[f32], g: &GemmParams) -> Vec<f32> {
 #[derive(Debug, Clone)]
 pub struct Pass {
     pub alpha: usize,
-    /// Gathered into the GEMM's A (filters for fwd / input grad, gy for the weight grad).
+    /// Gathered into the GEMM's A (K, M) (filters for fwd / input grad, gy for the weight grad).
     pub gather_a: TileParams,
-    /// Gathered into the GEMM's B (x for fwd / weight grad, gy for the input grad).
+    /// Gathered into the GEMM's B (K, N) (x for fwd / weight grad, gy for the input grad).
     pub gather_b: TileParams,
     pub gemm: GemmParams,
     pub scatter: TileParams,
@@ -441,6 +399,7 @@ fn tile_params(planes: [usize; 4], tiles: [usize; 2], step: usize, pad: usize, e
         relu: 0,
         splits: 1,
         split_len: 0,
+        tile_major: 0,
         l: [0.0; MAX_ALPHA * MAX_ALPHA],
     }
 }
@@ -471,8 +430,12 @@ impl Pass {
             (cin, cout, src_hw, dst_hw, p.pad as usize)
         };
         let tiles = [dst[0].div_ceil(m), dst[1].div_ceil(m)];
-        // Filters w (Cout, Cin, r, r): one tile per plane -> U (alpha^2, Cout, Cin).
-        let mut gather_a = tile_params([1, cout * cin, r, r], [1, 1], 0, 0, r);
+        // Filters w (Cout, Cin, r, r): one tile per plane, gathered into the GEMM's A (K, M) =
+        // (c_src, c_dst). The forward views w as Cout images of Cin planes (tile p = co, channel
+        // ci): U (alpha^2, Cin, Cout); the input grad as one image of Cout * Cin planes: U
+        // (alpha^2, Cout, Cin).
+        let filter_planes = if input_grad { [1, cout * cin, r, r] } else { [cout, cin, r, r] };
+        let mut gather_a = tile_params(filter_planes, [1, 1], 0, 0, r);
         gather_a.l = WinogradMatrices::padded(&mats.g, alpha, r, input_grad);
         let mut gather_b = tile_params([n, c_src, src[0], src[1]], tiles, m, pad, alpha);
         gather_b.l = WinogradMatrices::padded(&mats.bt, alpha, alpha, false);
@@ -480,8 +443,8 @@ impl Pass {
         scatter.l = WinogradMatrices::padded(&mats.at, m, alpha, false);
         // ReLU belongs to the forward's output only (the input grad arrives already masked).
         scatter.relu = if input_grad { 0 } else { p.relu };
-        // The input grad's A (Cin, Cout) is U[xi] (Cout, Cin) read transposed.
-        let gemm = GemmParams::forward(c_dst, gather_b.tiles(), c_src, alpha * alpha, input_grad);
+        let k = c_src;
+        let gemm = GemmParams::new(c_dst, gather_b.tiles(), k, alpha * alpha, k);
         Ok(Pass { alpha, gather_a, gather_b, gemm, scatter })
     }
 
@@ -493,13 +456,17 @@ impl Pass {
         let alpha = mats.alpha;
         let (n, cin, cout) = (p.n as usize, p.c_in as usize, p.c_out as usize);
         let tiles = [(p.oh as usize).div_ceil(m), (p.ow as usize).div_ceil(m)];
+        // Tile-major: GY (alpha^2, P, Cout) and X (alpha^2, P, Cin) are the GEMM's A (K, M) and
+        // B (K, N), reduced over the tiles.
         let mut gather_a = tile_params([n, cout, p.oh as usize, p.ow as usize], tiles, m, 0, m);
         gather_a.l = WinogradMatrices::padded(&mats.g, alpha, m, false);
+        gather_a.tile_major = 1;
         let mut gather_b = tile_params([n, cin, p.h as usize, p.w as usize], tiles, m, p.pad as usize, alpha);
         gather_b.l = WinogradMatrices::padded(&mats.bt, alpha, alpha, false);
+        gather_b.tile_major = 1;
         let big_k = gather_b.tiles();
         let (_, chunk) = split_chunk(big_k, splits);
-        let gemm = GemmParams::nt(cout, cin, big_k, alpha * alpha, chunk);
+        let gemm = GemmParams::new(cout, cin, big_k, alpha * alpha, chunk);
         let mut scatter = tile_params([1, cout * cin, r, r], [1, 1], 0, 0, r);
         scatter.l = WinogradMatrices::padded(&mats.at, r, alpha, false);
         scatter.splits = gemm.splits() as u32;
@@ -536,7 +503,8 @@ impl Pass {
     pub fn gemm_launch(&self, tile: Option<Tile>) -> Result<(&'static str, LaunchConfig)> {
         let g = &self.gemm;
         let (cfg, tile) = gemm_launch(g.m as usize, g.n as usize, g.splits() * g.batch as usize, tile)?;
-        Ok((gemm_kernel(g.layout(), tile), cfg))
+        const NAMES: [&str; 3] = ["winograd_gemm_f32_t128", "winograd_gemm_f32_t128x64", "winograd_gemm_f32_t64"];
+        Ok((NAMES[tile as usize], cfg))
     }
 
     fn run_cuda(
@@ -574,20 +542,6 @@ fn alpha_slot(alpha: usize) -> Result<usize> {
     KERNEL_ALPHAS.iter().position(|&a| a == alpha).ok_or_else(|| {
         Error::Data(format!("winograd: no kernel for tiles of {alpha}, expected one of {KERNEL_ALPHAS:?}"))
     })
-}
-
-fn gemm_kernel(layout: Layout, tile: Tile) -> &'static str {
-    const NAMES: [[&str; 3]; 3] = [
-        ["winograd_gemm_kn_n_f32_t128", "winograd_gemm_kn_n_f32_t128x64", "winograd_gemm_kn_n_f32_t64"],
-        ["winograd_gemm_mn_n_f32_t128", "winograd_gemm_mn_n_f32_t128x64", "winograd_gemm_mn_n_f32_t64"],
-        ["winograd_gemm_kn_k_f32_t128", "winograd_gemm_kn_k_f32_t128x64", "winograd_gemm_kn_k_f32_t64"],
-    ];
-    let row = match layout {
-        Layout::KnN => 0,
-        Layout::MnN => 1,
-        Layout::KnK => 2,
-    };
-    NAMES[row][tile as usize]
 }
 
 /// Splits of the weight grad's reduction over tiles (see `split_count`), each split at least
