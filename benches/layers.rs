@@ -22,8 +22,8 @@ fn layers(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("layers");
     // Every layer with the implicit-GEMM convolutions, then the convolutions again with Winograd.
-    let gemm = layer_cases(&device, 128, 224, ConvAlgo::ImplicitGemm).expect("layer cases");
-    let wino = layer_cases(&device, 128, 224, ConvAlgo::Winograd { tile: None }).expect("layer cases");
+    let gemm = layer_cases(&device, 128, 224, &|_| ConvAlgo::ImplicitGemm).expect("layer cases");
+    let wino = layer_cases(&device, 128, 224, &|_| ConvAlgo::Winograd { tile: None }).expect("layer cases");
     let wino = wino.into_iter().filter(|c| c.name.contains("Conv2d")).map(|c| ("winograd_", c));
     for (prefix, case) in gemm.into_iter().map(|c| ("", c)).chain(wino) {
         let name = format!("{prefix}{}", case.name.trim().replace(' ', "_"));

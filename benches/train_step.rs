@@ -12,6 +12,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ptxgrad::nn::alexnet::AlexNet;
+use ptxgrad::nn::conv_tune;
 use ptxgrad::ops::conv2d::ConvAlgo;
 use ptxgrad::train::train_step;
 use ptxgrad::{Device, Labels, Tensor};
@@ -20,6 +21,7 @@ fn bench_step(c: &mut Criterion, name: &str, device: &Device, batch: usize, res:
     let device = device.clone();
     let mut model = AlexNet::new(res, 0, &device).expect("model");
     model.conv_algo = algo;
+    model.tune_convs(batch, conv_tune::REPS).expect("timing the convolution algorithms");
     let pixels: Vec<f32> = (0..batch * res * res).map(|i| (i % 255) as f32 / 255.0).collect();
     let x = Tensor::from_vec(&[batch, 1, res, res], pixels, &device).expect("input");
     let y = Labels::from_vec(&[batch], (0..batch as u32).map(|i| i % 10).collect(), &device).expect("labels");
@@ -46,6 +48,7 @@ fn benches(c: &mut Criterion) {
         Ok(gpu) => {
             bench_step(c, "cuda_b128_224px", &gpu, 128, 224, ConvAlgo::ImplicitGemm);
             bench_step(c, "cuda_b128_224px_winograd", &gpu, 128, 224, wino);
+            bench_step(c, "cuda_b128_224px_auto", &gpu, 128, 224, ConvAlgo::Auto);
         }
         Err(e) if std::env::var("PTXGRAD_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
             panic!("PTXGRAD_REQUIRE_GPU=1 but no GPU: {e}")

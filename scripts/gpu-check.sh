@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # One prepared device run, sized for a 15-minute GPU lease (about 5-6 minutes of work on an
 # H200): every CUDA test, the conv timing test, ptxgrad's bench with the per-layer table for
-# the implicit GEMM and two Winograd tilings, the PyTorch peer's bench, and 10 epochs of training. Build and
-# pack here first:
+# --conv-algo auto (the per-layer timings it chose by), the implicit GEMM and Winograd, the
+# PyTorch peer's bench, and 10 epochs of training. Build and pack here first:
 #     ../shared/gpu/pack --data --peer
 # then on the device (carry [".gpu"]):   bash scripts/gpu-check.sh [CONV_ALGO]
-# Training uses CONV_ALGO (gemm, winograd, winograd:M); by default winograd if every conv2d
-# test passed, else gemm.
+# Training uses CONV_ALGO (auto, gemm, winograd, winograd:M); by default auto if every conv2d
+# test passed (they include the Winograd kernels'), else gemm.
 # Logs go to $OUT (at most 8 files come back): gpu.txt, tests.txt, bench.txt, peer-bench.jsonl,
 # train.txt, train.jsonl.
 set -uo pipefail
@@ -24,15 +24,15 @@ grep -E "test result|FAILED|panicked" "$out/tests.txt"
 algo=${1:-}
 if [ -z "$algo" ]; then
   if awk '/^== conv2d$/{f=1; next} /^== /{f=0} f' "$out/tests.txt" | grep -q "test result: ok"; then
-    algo=winograd
+    algo=auto
   else
     algo=gemm
   fi
 fi
 { echo "== conv timing (gemm, winograd, winograd:2, winograd:4, winograd:6)"
   timeout 120 .gpu/bin/test-conv2d --ignored --nocapture conv2d_cuda_alexnet_timing 2>&1 | grep -vE "^$|running"
-  for a in gemm winograd winograd:4; do echo "== bench --conv-algo $a"; timeout 120 .gpu/bin/bin-ptxgrad bench --conv-algo $a 2>&1; done
-} > "$out/bench.txt"; grep -E '"bench"|conv total|^gemm|^winograd' "$out/bench.txt"
+  for a in auto gemm winograd; do echo "== bench --conv-algo $a"; timeout 120 .gpu/bin/bin-ptxgrad bench --conv-algo $a 2>&1; done
+} > "$out/bench.txt"; grep -E '"bench"|"conv_tune"|conv total|^gemm|^winograd' "$out/bench.txt"
 PYTHONUNBUFFERED=1 timeout 150 python3 .gpu/torch_alexnet.py bench > "$out/peer-bench.jsonl" 2>&1; cat "$out/peer-bench.jsonl"
 timeout 300 .gpu/bin/bin-ptxgrad train --device cuda --epochs 10 --quiet --conv-algo "$algo" --checkpoint /tmp/ptxgrad.safetensors \
   --json "$out/train.jsonl" > "$out/train.txt" 2>&1

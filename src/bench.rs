@@ -11,6 +11,7 @@ use serde_json::json;
 use crate::device::{Device, Gpu};
 use crate::error::{Error, Result};
 use crate::nn::alexnet::{layer_shapes, AlexNet, Layer, LAYERS};
+use crate::nn::conv_tune;
 use crate::ops::conv2d::ConvAlgo;
 use crate::ops::{conv2d, dense, dropout, maxpool2d, relu, resize, sgd, softmax_xent};
 use crate::tensor::{Images, Labels, Tensor};
@@ -34,25 +35,16 @@ pub struct BenchArgs {
     /// Skip the per-layer table
     #[arg(long)]
     pub no_layers: bool,
-    /// Convolution algorithm: gemm (implicit GEMM), winograd (F(4x4,3x3) and F(2x2,5x5) where
-    /// they apply), or winograd:M (output tile M)
-    #[arg(long, default_value = "gemm")]
+    /// Convolution algorithm: auto (each conv layer takes the fastest of the others as timed
+    /// before the warm-up, among those that agree with gemm), gemm (implicit GEMM), winograd
+    /// (F(4x4,3x3) and F(2x2,5x5) where they apply), or winograd:M (output tile M)
+    #[arg(long, default_value = "auto")]
     pub conv_algo: ConvAlgo,
 }
 
-/// Deterministic pseudo-random values in [lo, hi) (no RNG state to carry around).
-fn synthetic(n: usize, lo: f32, hi: f32, salt: u64) -> Vec<f32> {
-    (0..n as u64)
-        .map(|i| {
-            let mut z = (i ^ salt.rotate_left(17)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            z = (z ^ (z >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            lo + (hi - lo) * ((z >> 40) as f32 / (1u64 << 24) as f32)
-        })
-        .collect()
-}
-
+/// Pseudo-random values in [-1, 1) for a layer's inputs.
 fn rand_tensor(shape: &[usize], salt: u64, device: &Device) -> Result<Tensor> {
-    Tensor::from_vec(shape, synthetic(shape.iter().product(), -1.0, 1.0, salt), device)
+    Tensor::synthetic(shape, -1.0, 1.0, salt, device)
 }
 
 /// Wall time of `f` in ms, synchronised before and after.
@@ -76,7 +68,21 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     );
     let mut model = AlexNet::new(r, 0, &device)?;
     model.conv_algo = a.conv_algo;
-    let x = Tensor::from_vec(&[b, 1, r, r], synthetic(b * r * r, 0.0, 1.0, 1), &device)?;
+    // auto: one line per conv layer, what each candidate measured and which one runs.
+    for t in model.tune_convs(b, conv_tune::REPS)? {
+        let trials: Vec<_> = t
+            .trials
+            .iter()
+            .map(|tr| json!({"algo": tr.algo.to_string(), "ms": tr.ms, "rel_err": tr.rel_err, "agrees": tr.agrees()}))
+            .collect();
+        println!(
+            "{}",
+            json!({"kind": "conv_tune", "layer": t.layer, "chosen": t.chosen.to_string(), "trials": trials})
+        );
+    }
+    let conv_layers: Vec<usize> = (0..LAYERS.len()).filter(|&i| matches!(LAYERS[i], Layer::Conv2d { .. })).collect();
+    let conv_algos: Vec<String> = conv_layers.iter().map(|&i| model.conv_algo_of(i).to_string()).collect();
+    let x = Tensor::synthetic(&[b, 1, r, r], 0.0, 1.0, 1, &device)?;
     let labels: Vec<u32> = (0..b as u32).map(|i| (i * 7 + 3) % 10).collect();
     let y = Labels::from_vec(&[b], labels, &device)?;
     let t0 = Instant::now();
@@ -108,7 +114,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     println!(
         "{}",
         json!({
-            "kind": "bench", "config": "ptxgrad-fp32", "conv_algo": a.conv_algo.to_string(), "batch": b, "resolution": r,
+            "kind": "bench", "config": "ptxgrad-fp32", "conv_algo": a.conv_algo.to_string(), "conv_algos": conv_algos, "batch": b, "resolution": r,
             "examples_per_sec": (b as f64 * 1e3 / ms_per_step * 10.0).round() / 10.0,
             "ms_per_step": (ms_per_step * 1e3).round() / 1e3, "warmup_s": (warmup_s * 100.0).round() / 100.0,
             "peak_mem_gib": peak_gib.map(|m| (m * 100.0).round() / 100.0),
@@ -116,7 +122,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         })
     );
     if let (Device::Cuda(gpu), false) = (&device, a.no_layers) {
-        layer_table(gpu, &device, b, r, a.conv_algo)?;
+        layer_table(gpu, &device, b, r, &|i| model.conv_algo_of(i))?;
     }
     Ok(())
 }
@@ -133,17 +139,20 @@ pub struct LayerCase {
     pub fwd: Work,
     /// None where the step has no backward (resize, SGD, flatten).
     pub bwd: Option<Work>,
+    /// The convolution algorithm (conv layers only).
+    pub algo: Option<ConvAlgo>,
 }
 
-/// The per-layer cases for a batch of `b` inputs of `r`x`r`, with the AlexNet shapes and the
-/// convolutions run by `algo`; used by `ptxgrad bench` and the criterion bench `layers`.
-pub fn layer_cases(device: &Device, b: usize, r: usize, algo: ConvAlgo) -> Result<Vec<LayerCase>> {
+/// The per-layer cases for a batch of `b` inputs of `r`x`r`, with the AlexNet shapes and conv
+/// layer i (index in LAYERS) run by `algo_of(i)`; used by `ptxgrad bench` and the criterion
+/// bench `layers`.
+pub fn layer_cases(device: &Device, b: usize, r: usize, algo_of: &dyn Fn(usize) -> ConvAlgo) -> Result<Vec<LayerCase>> {
     let shapes = layer_shapes(&[b, 1, r, r])?;
     let mut cases = Vec::new();
     // The input pipeline: uint8 28x28 -> f32 RxR.
     let images = Images::from_vec(&[b, 1, 28, 28], (0..b * 784).map(|i| (i * 31 % 251) as u8).collect(), device)?;
     let fwd: Work = Box::new(move || resize::resize_bilinear(&images, r, r).map(drop));
-    cases.push(LayerCase { name: "resize 28->R".into(), output: vec![b, 1, r, r], fwd, bwd: None });
+    cases.push(LayerCase { name: "resize 28->R".into(), output: vec![b, 1, r, r], fwd, bwd: None, algo: None });
 
     let mut i = 0;
     while i < LAYERS.len() {
@@ -153,6 +162,7 @@ pub fn layer_cases(device: &Device, b: usize, r: usize, algo: ConvAlgo) -> Resul
         let gy = rand_tensor(&shapes[i], 100 + i as u64, device)?;
         let (fwd, bwd): (Work, Option<Work>) = match LAYERS[i] {
             Layer::Conv2d { out, kernel, stride, pad } => {
+                let algo = algo_of(i);
                 let w = rand_tensor(&[out, input[1], kernel, kernel], 200 + i as u64, device)?;
                 let bias = Tensor::zeros(&[out], device)?;
                 let y = conv2d::conv2d_fwd_with(&x, &w, &bias, stride, pad, fused, algo)?;
@@ -203,7 +213,8 @@ pub fn layer_cases(device: &Device, b: usize, r: usize, algo: ConvAlgo) -> Resul
             Layer::Flatten => (Box::new(|| Ok(())), None),
         };
         let name = format!("{i:>2} {}{}", LAYERS[i].name(), if fused { "+ReLU" } else { "" });
-        cases.push(LayerCase { name, output: shapes[i].clone(), fwd, bwd });
+        let algo = matches!(LAYERS[i], Layer::Conv2d { .. }).then(|| algo_of(i));
+        cases.push(LayerCase { name, output: shapes[i].clone(), fwd, bwd, algo });
         i += if fused { 2 } else { 1 };
     }
 
@@ -217,6 +228,7 @@ pub fn layer_cases(device: &Device, b: usize, r: usize, algo: ConvAlgo) -> Resul
         output: vec![1],
         fwd: Box::new(move || softmax_xent::softmax_xent_fwd(&logits, &labels).map(drop)),
         bwd: Some(Box::new(move || softmax_xent::softmax_xent_bwd(&probs, &labels2, &one).map(drop))),
+        algo: None,
     });
 
     let model = AlexNet::new(r, 0, device)?;
@@ -228,6 +240,7 @@ pub fn layer_cases(device: &Device, b: usize, r: usize, algo: ConvAlgo) -> Resul
         output: vec![count],
         fwd: Box::new(move || params.iter_mut().zip(&grads).try_for_each(|(p, g)| sgd::sgd_update(p, g, 0.01))),
         bwd: None,
+        algo: None,
     });
     Ok(cases)
 }
@@ -235,6 +248,7 @@ pub fn layer_cases(device: &Device, b: usize, r: usize, algo: ConvAlgo) -> Resul
 /// GPU time of one case's forward and backward, averaged over reps.
 struct LayerTime {
     name: String,
+    algo: Option<ConvAlgo>,
     output: Vec<usize>,
     fwd_ms: f32,
     bwd_ms: f32,
@@ -246,39 +260,40 @@ fn time_avg(gpu: &Gpu, reps: usize, f: &mut Work) -> Result<f32> {
     Ok(total / reps as f32)
 }
 
-fn layer_table(gpu: &Gpu, device: &Device, b: usize, r: usize, algo: ConvAlgo) -> Result<()> {
+fn layer_table(gpu: &Gpu, device: &Device, b: usize, r: usize, algo_of: &dyn Fn(usize) -> ConvAlgo) -> Result<()> {
     const REPS: usize = 5;
     let mut rows = Vec::new();
-    for mut case in layer_cases(device, b, r, algo)? {
+    for mut case in layer_cases(device, b, r, algo_of)? {
         let fwd_ms = time_avg(gpu, REPS, &mut case.fwd)?;
         let bwd_ms = match case.bwd.as_mut() {
             Some(bwd) => time_avg(gpu, REPS, bwd)?,
             None => 0.0,
         };
-        rows.push(LayerTime { name: case.name, output: case.output, fwd_ms, bwd_ms });
+        rows.push(LayerTime { name: case.name, algo: case.algo, output: case.output, fwd_ms, bwd_ms });
     }
 
     let total: f32 = rows.iter().map(|r| r.fwd_ms + r.bwd_ms).sum();
     for row in &rows {
         println!(
             "{}",
-            json!({"kind": "layer", "layer": row.name.trim(), "output": row.output,
-                   "fwd_ms": row.fwd_ms, "bwd_ms": row.bwd_ms})
+            json!({"kind": "layer", "layer": row.name.trim(), "algo": row.algo.map(|a| a.to_string()),
+                   "output": row.output, "fwd_ms": row.fwd_ms, "bwd_ms": row.bwd_ms})
         );
     }
     let clock = if gpu.is_emu() { "wall time on the kernel emulator" } else { "CUDA events" };
-    println!("\nper-layer GPU time, batch {b} at {r}x{r}, convolutions by {algo} ({clock}, mean of {REPS}):");
-    println!("{:<22} {:>20} {:>9} {:>9} {:>7}", "layer", "output", "fwd ms", "bwd ms", "share");
+    println!("\nper-layer GPU time, batch {b} at {r}x{r} ({clock}, mean of {REPS}):");
+    println!("{:<22} {:<11} {:>20} {:>9} {:>9} {:>7}", "layer", "algorithm", "output", "fwd ms", "bwd ms", "share");
     for row in &rows {
         println!(
-            "{:<22} {:>20} {:>9.3} {:>9.3} {:>6.1}%",
+            "{:<22} {:<11} {:>20} {:>9.3} {:>9.3} {:>6.1}%",
             row.name,
+            row.algo.map_or(String::new(), |a| a.to_string()),
             format!("{:?}", row.output),
             row.fwd_ms,
             row.bwd_ms,
             100.0 * (row.fwd_ms + row.bwd_ms) / total
         );
     }
-    println!("{:<22} {:>20} {:>19.3}", "total", "", total);
+    println!("{:<22} {:<11} {:>20} {:>19.3}", "total", "", "", total);
     Ok(())
 }

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use ptxgrad::data::fashion_mnist::{resolve_data_dir, FashionMnist, CLASS_NAMES};
 use ptxgrad::nn::alexnet::{self, AlexNet};
+use ptxgrad::nn::conv_tune;
 use ptxgrad::ops::conv2d::ConvAlgo;
 use ptxgrad::train::{self, EpochReport, TrainConfig};
 use ptxgrad::Device;
@@ -56,9 +57,11 @@ struct DataArgs {
     /// when a GPU can be used, else cpu)
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Convolution algorithm: gemm (implicit GEMM), winograd (F(4x4,3x3) and F(2x2,5x5) where
-    /// they apply), or winograd:M (output tile M)
-    #[arg(long, default_value = "gemm")]
+    /// Convolution algorithm: auto (train: each conv layer takes the fastest of the others as
+    /// timed on the GPU before the first step, among those that agree with gemm; eval, predict
+    /// and the CPU: gemm), gemm (implicit GEMM), winograd (F(4x4,3x3) and F(2x2,5x5) where they
+    /// apply), or winograd:M (output tile M)
+    #[arg(long, default_value = "auto")]
     conv_algo: ConvAlgo,
 }
 
@@ -194,6 +197,18 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         a.epochs,
         model.conv_algo
     );
+    let tunings = model.tune_convs(a.batch_size, conv_tune::REPS).context("timing the convolution algorithms")?;
+    match &device {
+        _ if tunings.is_empty() => {}
+        Device::Cpu => {
+            println!("convolution algorithms (auto): gemm on every layer (on the CPU its Winograd is slower)")
+        }
+        Device::Cuda(g) => {
+            let clock =
+                if g.is_emu() { "wall time on the kernel emulator, says nothing of a GPU" } else { "CUDA events" };
+            print!("convolution algorithms per layer (auto, timed by {clock}):\n{}", conv_tune::report(&tunings));
+        }
+    }
     let mut json = match &a.json {
         Some(p) => Some(std::fs::File::create(p).with_context(|| format!("--json: creating {}", p.display()))?),
         None => None,

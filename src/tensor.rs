@@ -225,6 +225,21 @@ impl Tensor<f32> {
         };
         Ok(Tensor::from_storage(shape.to_vec(), storage))
     }
+
+    /// A tensor of `shape` holding deterministic pseudo-random values in [lo, hi), a function
+    /// of (`salt`, index) only: benchmark and tuning inputs that need no RNG state. Not a
+    /// statistical generator (the model's initialisation uses `rand`).
+    pub fn synthetic(shape: &[usize], lo: f32, hi: f32, salt: u64, device: &Device) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let data = (0..n as u64)
+            .map(|i| {
+                let mut z = (i ^ salt.rotate_left(17)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                z = (z ^ (z >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                lo + (hi - lo) * ((z >> 40) as f32 / (1u64 << 24) as f32)
+            })
+            .collect();
+        Tensor::from_vec(shape, data, device)
+    }
 }
 
 fn storage_len<T: Elem>(s: &Storage<T>) -> usize {

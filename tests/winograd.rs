@@ -81,12 +81,12 @@ fn winograd_applies_only_where_it_can() {
 
 #[test]
 fn conv_algo_parses_and_prints() {
-    for s in ["gemm", "winograd", "winograd:2", "winograd:6"] {
+    for s in ["auto", "gemm", "winograd", "winograd:2", "winograd:6"] {
         assert_eq!(s.parse::<ConvAlgo>().unwrap().to_string(), s);
     }
-    for bad in ["", "fft", "winograd:0", "winograd:9", "winograd:x", "gemm:2"] {
+    for bad in ["", "fft", "winograd:0", "winograd:9", "winograd:x", "gemm:2", "auto:2"] {
         let msg = err_msg(bad.parse::<ConvAlgo>());
-        assert_mentions(&msg, &["gemm, winograd or winograd:M", &format!("`{bad}`")]);
+        assert_mentions(&msg, &["auto, gemm, winograd or winograd:M", &format!("`{bad}`")]);
     }
 }
 

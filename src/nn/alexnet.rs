@@ -11,6 +11,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use crate::checkpoint::NamedTensor;
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::nn::conv_tune::{self, LayerTuning};
 use crate::nn::Param;
 use crate::ops::{
     conv2d::{conv2d_with, ConvAlgo},
@@ -169,6 +170,9 @@ pub struct AlexNet {
     pub params: Vec<Param>,
     /// How the convolutions run (a runtime choice, not saved in checkpoints).
     pub conv_algo: ConvAlgo,
+    /// With `conv_algo` Auto: each conv layer's (index in LAYERS) measured choice, filled by
+    /// `tune_convs`.
+    pub conv_tuned: Vec<(usize, ConvAlgo)>,
 }
 
 impl AlexNet {
@@ -190,7 +194,7 @@ impl AlexNet {
             };
             params.push(Param { name, value: Tensor::from_vec(&shape, data, device)? });
         }
-        Ok(AlexNet { resolution, params, conv_algo: ConvAlgo::default() })
+        Ok(AlexNet { resolution, params, conv_algo: ConvAlgo::default(), conv_tuned: Vec::new() })
     }
 
     /// Builds the model from named tensors (a checkpoint), checking every name and shape.
@@ -214,7 +218,30 @@ impl AlexNet {
         if let Some(extra) = by_name.keys().next() {
             return Err(Error::Data(format!("checkpoint has an unexpected tensor `{extra}` (not part of AlexNet)")));
         }
-        Ok(AlexNet { resolution, params, conv_algo: ConvAlgo::default() })
+        Ok(AlexNet { resolution, params, conv_algo: ConvAlgo::default(), conv_tuned: Vec::new() })
+    }
+
+    /// The algorithm conv layer `layer` (index in LAYERS) runs: its tuned choice when
+    /// `conv_algo` is Auto (the implicit GEMM until `tune_convs` has run), else `conv_algo`.
+    pub fn conv_algo_of(&self, layer: usize) -> ConvAlgo {
+        match self.conv_algo {
+            ConvAlgo::Auto => {
+                self.conv_tuned.iter().find(|(l, _)| *l == layer).map_or(ConvAlgo::ImplicitGemm, |&(_, a)| a)
+            }
+            algo => algo,
+        }
+    }
+
+    /// With `conv_algo` Auto, measures each conv layer's candidates at `batch` inputs and keeps
+    /// the fastest that agree with the implicit GEMM (see nn::conv_tune); returns what was
+    /// measured, for printing. Does nothing (and returns nothing) for the other choices.
+    pub fn tune_convs(&mut self, batch: usize, reps: usize) -> Result<Vec<LayerTuning>> {
+        if self.conv_algo != ConvAlgo::Auto {
+            return Ok(Vec::new());
+        }
+        let tunings = conv_tune::tune(&self.device(), batch, self.resolution, reps)?;
+        self.conv_tuned = tunings.iter().map(|t| (t.layer, t.chosen)).collect();
+        Ok(tunings)
     }
 
     pub fn device(&self) -> Device {
@@ -248,7 +275,7 @@ impl AlexNet {
             let fuse_relu = LAYERS.get(i + 1) == Some(&Layer::Relu);
             h = match LAYERS[i] {
                 Layer::Conv2d { stride, pad, .. } => {
-                    conv2d_with(tape, &h, next(), next(), stride, pad, fuse_relu, self.conv_algo)?
+                    conv2d_with(tape, &h, next(), next(), stride, pad, fuse_relu, self.conv_algo_of(i))?
                 }
                 Layer::Linear { .. } => dense(tape, &h, next(), next(), fuse_relu)?,
                 Layer::Relu => crate::ops::relu::relu(tape, &h)?,

@@ -1,6 +1,8 @@
-//! Models built from the ops: parameters, AlexNet, and the SGD step.
+//! Models built from the ops: parameters, AlexNet, the per-layer choice of convolution
+//! algorithm, and the SGD step.
 
 pub mod alexnet;
+pub mod conv_tune;
 
 use crate::error::{Error, Result};
 use crate::ops::sgd::sgd_update;

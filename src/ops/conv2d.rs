@@ -136,13 +136,16 @@ pub enum ConvAlgo {
     /// <= r - 1; see `ops::winograd`), the implicit GEMM elsewhere. `tile` fixes the output tile
     /// m; None picks alpha = m + r - 1 = 6 (F(4x4, 3x3), F(2x2, 5x5)).
     Winograd { tile: Option<usize> },
+    /// Per layer, the fastest of the above as measured on the device (`nn::conv_tune`, which
+    /// the model runs before its first step). Where it has not been resolved, the implicit GEMM.
+    Auto,
 }
 
 impl ConvAlgo {
     /// The Winograd output tile m to use for `p`, or None for the implicit GEMM.
     pub fn winograd_tile(self, p: &Conv2dParams) -> Option<usize> {
         match self {
-            ConvAlgo::ImplicitGemm => None,
+            ConvAlgo::ImplicitGemm | ConvAlgo::Auto => None,
             ConvAlgo::Winograd { tile } => crate::ops::winograd::output_tile(p, tile),
         }
     }
@@ -150,11 +153,13 @@ impl ConvAlgo {
 
 impl std::str::FromStr for ConvAlgo {
     type Err = Error;
-    /// "gemm", "winograd" or "winograd:M" (M = 1..=7, the output tile).
+    /// "auto", "gemm", "winograd" or "winograd:M" (M = 1..=7, the output tile).
     fn from_str(s: &str) -> Result<Self> {
-        let bad =
-            || Error::Data(format!("conv algorithm: expected gemm, winograd or winograd:M (M = 1..=7), found `{s}`"));
+        let bad = || {
+            Error::Data(format!("conv algorithm: expected auto, gemm, winograd or winograd:M (M = 1..=7), found `{s}`"))
+        };
         match s.split_once(':') {
+            None if s == "auto" => Ok(ConvAlgo::Auto),
             None if s == "gemm" => Ok(ConvAlgo::ImplicitGemm),
             None if s == "winograd" => Ok(ConvAlgo::Winograd { tile: None }),
             Some(("winograd", m)) => match m.parse::<usize>() {
@@ -172,6 +177,7 @@ impl std::fmt::Display for ConvAlgo {
             ConvAlgo::ImplicitGemm => write!(f, "gemm"),
             ConvAlgo::Winograd { tile: None } => write!(f, "winograd"),
             ConvAlgo::Winograd { tile: Some(m) } => write!(f, "winograd:{m}"),
+            ConvAlgo::Auto => write!(f, "auto"),
         }
     }
 }

@@ -1,0 +1,224 @@
+//! `--conv-algo auto`: each convolution layer runs the algorithm that is fastest for its shapes on
+//! this device, as measured (cuDNN's benchmark mode does the same). For every conv layer of the
+//! model at the batch size it will run, each candidate that applies (the implicit GEMM; Winograd
+//! with every output tile that has kernels) runs the layer's forward and backward on synthetic
+//! data: once to warm up and to check its results against the implicit GEMM's, then `reps` times
+//! under CUDA events. The fastest candidate whose results agree wins; the implicit GEMM on a tie.
+//!
+//! The check makes `auto` safe to be the default: an algorithm whose output, input grad or
+//! weight grad differs from the implicit GEMM's by more than `AGREE` (relative to the largest
+//! value) is never picked, whatever its speed.
+//!
+//! On the CPU nothing is timed: the CPU path's Winograd is slower than its direct convolution
+//! (BENCHMARKS.md), so every layer takes the implicit GEMM. The emulator tunes like a GPU (its
+//! wall time decides, which says nothing about a GPU): that is how tests run this code.
+
+use crate::device::Device;
+use crate::error::Result;
+use crate::nn::alexnet::{layer_shapes, Layer, LAYERS};
+use crate::ops::conv2d::{conv2d_bwd_with, conv2d_fwd_with, Conv2dParams, ConvAlgo};
+use crate::ops::winograd::output_tile;
+use crate::tensor::Tensor;
+
+/// Timed runs per candidate in `ptxgrad train` and `bench` (after one untimed run).
+pub const REPS: usize = 3;
+
+/// The largest |candidate - implicit GEMM| allowed, relative to the largest |implicit GEMM| of
+/// the same result. Winograd's transforms cost a few 1e-5 of that in fp32 (tests/winograd.rs);
+/// a wrong term costs O(1).
+pub const AGREE: f32 = 1e-3;
+
+/// One candidate's measurement on one layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trial {
+    pub algo: ConvAlgo,
+    /// Mean GPU time of forward + backward, ms.
+    pub ms: f32,
+    /// Largest disagreement with the implicit GEMM over y, gx and gw (relative, see `AGREE`).
+    pub rel_err: f32,
+}
+
+impl Trial {
+    pub fn agrees(&self) -> bool {
+        self.rel_err <= AGREE
+    }
+}
+
+/// The tuning of one conv layer.
+#[derive(Debug, Clone)]
+pub struct LayerTuning {
+    /// Index in `LAYERS`.
+    pub layer: usize,
+    pub params: Conv2dParams,
+    /// Empty where nothing was timed (the CPU, or a single candidate).
+    pub trials: Vec<Trial>,
+    pub chosen: ConvAlgo,
+}
+
+/// The algorithms that can run `p`: the implicit GEMM, then Winograd for each output tile whose
+/// alpha has kernels (none for a strided or non-square layer).
+pub fn candidates(p: &Conv2dParams) -> Vec<ConvAlgo> {
+    let mut out = vec![ConvAlgo::ImplicitGemm];
+    out.extend((1..=7).filter(|&m| output_tile(p, Some(m)) == Some(m)).map(|m| ConvAlgo::Winograd { tile: Some(m) }));
+    out
+}
+
+/// The fastest trial that agrees with the implicit GEMM; the earliest (the implicit GEMM comes
+/// first) among equals. None if no trial agrees (the implicit GEMM always does: it is the
+/// reference, rel_err 0).
+pub fn choose(trials: &[Trial]) -> Option<ConvAlgo> {
+    trials
+        .iter()
+        .filter(|t| t.agrees())
+        .fold(None, |best: Option<&Trial>, t| match best {
+            Some(b) if b.ms <= t.ms => Some(b),
+            _ => Some(t),
+        })
+        .map(|t| t.algo)
+}
+
+/// Tunes every conv layer of AlexNet at `batch` inputs of `resolution`: one `LayerTuning` per
+/// conv layer, in order. `reps` timed runs per candidate (after one untimed run).
+pub fn tune(device: &Device, batch: usize, resolution: usize, reps: usize) -> Result<Vec<LayerTuning>> {
+    let shapes = layer_shapes(&[batch, 1, resolution, resolution])?;
+    let mut out = Vec::new();
+    for (i, layer) in LAYERS.iter().enumerate() {
+        let Layer::Conv2d { out: c_out, kernel, stride, pad } = *layer else { continue };
+        let input = if i == 0 { vec![batch, 1, resolution, resolution] } else { shapes[i - 1].clone() };
+        let p = Conv2dParams::new(input[0], input[1], input[2], input[3], c_out, kernel, kernel, stride, pad)?;
+        let fused = LAYERS.get(i + 1) == Some(&Layer::Relu);
+        let cands = candidates(&p);
+        let (trials, chosen) = match device {
+            Device::Cuda(_) if cands.len() > 1 => {
+                let trials = time_layer(device, &p, i, fused, &cands, reps)?;
+                let chosen = choose(&trials).unwrap_or(ConvAlgo::ImplicitGemm);
+                (trials, chosen)
+            }
+            _ => (Vec::new(), ConvAlgo::ImplicitGemm),
+        };
+        out.push(LayerTuning { layer: i, params: p, trials, chosen });
+    }
+    Ok(out)
+}
+
+/// Runs every candidate on layer `i` of shape `p`; the implicit GEMM (first) is the reference.
+fn time_layer(
+    device: &Device,
+    p: &Conv2dParams,
+    i: usize,
+    fused: bool,
+    cands: &[ConvAlgo],
+    reps: usize,
+) -> Result<Vec<Trial>> {
+    let Device::Cuda(gpu) = device else { unreachable!("tune times only on a GPU or the emulator") };
+    let (stride, pad) = (p.stride as usize, p.pad as usize);
+    let (k, c_in) = (p.kh as usize, p.c_in as usize);
+    let salt = 1000 * i as u64;
+    let x = Tensor::synthetic(&[p.n as usize, c_in, p.h as usize, p.w as usize], -1.0, 1.0, salt, device)?;
+    // Weights at the scale of the model's initialisation, so that y has the scale training sees.
+    let bound = (6.0 / ((c_in + p.c_out as usize) * k * k) as f32).sqrt();
+    let w = Tensor::synthetic(&[p.c_out as usize, c_in, k, k], -bound, bound, salt + 1, device)?;
+    let b = Tensor::synthetic(&[p.c_out as usize], -0.1, 0.1, salt + 2, device)?;
+    let gy = Tensor::synthetic(
+        &[p.n as usize, p.c_out as usize, p.oh as usize, p.ow as usize],
+        -1.0,
+        1.0,
+        salt + 3,
+        device,
+    )?;
+    // The first layer's input needs no gradient (as in training).
+    let need_gx = i > 0;
+    let run = |algo: ConvAlgo| -> Result<Vec<Tensor>> {
+        let y = conv2d_fwd_with(&x, &w, &b, stride, pad, fused, algo)?;
+        let (gx, gw, _) = conv2d_bwd_with(&x, &w, &gy, stride, pad, need_gx, algo)?;
+        Ok([Some(y), gx, Some(gw)].into_iter().flatten().collect())
+    };
+    let reference: Vec<Vec<f32>> = run(ConvAlgo::ImplicitGemm)?.iter().map(Tensor::to_vec).collect::<Result<_>>()?;
+    let mut trials = Vec::new();
+    for &algo in cands {
+        let outputs = run(algo)?; // warm-up: loads modules, fills the buffer cache
+        let mut rel_err = 0.0f32;
+        for (got, want) in outputs.iter().zip(&reference) {
+            rel_err = rel_err.max(relative_error(&got.to_vec()?, want));
+        }
+        let ms = gpu.time_ms(|| (0..reps.max(1)).try_for_each(|_| run(algo).map(drop)))? / reps.max(1) as f32;
+        trials.push(Trial { algo, ms, rel_err });
+    }
+    Ok(trials)
+}
+
+/// One line per conv layer: its shape, the choice, and what each candidate measured.
+pub fn report(tunings: &[LayerTuning]) -> String {
+    let mut out = String::new();
+    for t in tunings {
+        let p = &t.params;
+        let shape =
+            format!("{}x{} stride {}, ({}, {}, {}, {}) -> {}", p.kh, p.kw, p.stride, p.n, p.c_in, p.h, p.w, p.c_out);
+        let trials: Vec<String> = t
+            .trials
+            .iter()
+            .map(|tr| {
+                if tr.agrees() {
+                    format!("{} {:.3} ms", tr.algo, tr.ms)
+                } else {
+                    format!("{} disagrees ({:.1e})", tr.algo, tr.rel_err)
+                }
+            })
+            .collect();
+        let measured = if trials.is_empty() { "not timed".to_string() } else { trials.join(", ") };
+        out.push_str(&format!("  conv {:>2} {shape}: {} [{measured}]\n", t.layer, t.chosen));
+    }
+    out
+}
+
+/// max |got - want| / max |want| (infinite where got has a NaN or the lengths differ).
+fn relative_error(got: &[f32], want: &[f32]) -> f32 {
+    if got.len() != want.len() {
+        return f32::INFINITY;
+    }
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
+    got.iter().zip(want).fold(0.0f32, |m, (g, w)| {
+        let d = (g - w).abs();
+        if d.is_nan() {
+            f32::INFINITY
+        } else {
+            m.max(d / scale)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trial(algo: ConvAlgo, ms: f32, rel_err: f32) -> Trial {
+        Trial { algo, ms, rel_err }
+    }
+
+    #[test]
+    fn picks_the_fastest_that_agrees() {
+        let w = |m| ConvAlgo::Winograd { tile: Some(m) };
+        let trials = [trial(ConvAlgo::ImplicitGemm, 4.0, 0.0), trial(w(2), 2.0, 1e-5), trial(w(4), 1.0, 0.5)];
+        assert_eq!(choose(&trials), Some(w(2)), "winograd:4 is faster but wrong");
+        let tie = [trial(ConvAlgo::ImplicitGemm, 2.0, 0.0), trial(w(2), 2.0, 1e-5)];
+        assert_eq!(choose(&tie), Some(ConvAlgo::ImplicitGemm), "ties go to the implicit GEMM");
+        assert_eq!(choose(&[trial(w(2), 1.0, f32::INFINITY)]), None);
+    }
+
+    #[test]
+    fn relative_error_flags_nan_and_scales() {
+        assert_eq!(relative_error(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
+        assert!((relative_error(&[1.0, 2.5], &[1.0, 2.0]) - 0.25).abs() < 1e-6);
+        assert_eq!(relative_error(&[f32::NAN, 2.0], &[1.0, 2.0]), f32::INFINITY);
+        assert_eq!(relative_error(&[1.0], &[1.0, 2.0]), f32::INFINITY);
+    }
+
+    #[test]
+    fn candidates_follow_the_kernels() {
+        let p = |k, s, pad| Conv2dParams::new(2, 4, 12, 12, 8, k, k, s, pad).unwrap();
+        let w = |m| ConvAlgo::Winograd { tile: Some(m) };
+        assert_eq!(candidates(&p(3, 1, 1)), [ConvAlgo::ImplicitGemm, w(2), w(4), w(6)], "alpha 4, 6, 8");
+        assert_eq!(candidates(&p(5, 1, 2)), [ConvAlgo::ImplicitGemm, w(2), w(4)], "alpha 6, 8");
+        assert_eq!(candidates(&p(11, 4, 1)), [ConvAlgo::ImplicitGemm], "stride 4");
+    }
+}
