@@ -5,7 +5,9 @@
 //!   reason when no GPU is present (fails under PTXGRAD_REQUIRE_GPU=1).
 //! - `train_step/cpu`: the same step on the CPU reference at 67x67, batch 4, so that
 //!   `cargo bench` measures something on machines without a GPU.
-//! - `train_step/cuda_b128_224px_winograd`: the CUDA step with Winograd convolutions (conv2-5).
+//! - `train_step/cuda_b128_224px_winograd`: the CUDA step with Winograd convolutions (conv2-5);
+//!   `_auto`: with each conv layer's algorithm picked by timing (`--conv-algo auto`, tuned
+//!   before the timed iterations).
 //!
 //! Each iteration ends with a device synchronisation inside the timed region: kernels are
 //! asynchronous, and timing only their launch would overstate the speed.

@@ -1,4 +1,4 @@
-// The one SGEMM core behind conv2d and dense (forward and backward):
+// The one SGEMM core behind conv2d (implicit GEMM and Winograd) and dense, forward and backward:
 //
 //     C[m][n] = sum_{k in [k_begin, k_end)} A(m, k) * B(k, n),     then epilogue(m, n, C[m][n])
 //
@@ -24,6 +24,11 @@
 //   padding and out-of-range elements are zero-filled copies. One __syncthreads per tile.
 // - Each loader says which index is contiguous in memory (K_FAST): the tile load maps consecutive
 //   threads to consecutive k (K_FAST) or to consecutive m / n, so global reads coalesce.
+// - 16-byte copies where the layout allows: an operand read along m (A) or n (B) whose rows are
+//   whole, aligned groups of 4 (plain matrices: dense, Winograd) is copied one 16-byte cp.async
+//   per group, a quarter of the copy instructions and their address math (Vec4Loads). The block
+//   decides once, outside the k loop (gemm_block instantiates the pipeline both ways). A k-fast
+//   operand cannot take them: its groups of 4 along k are a column of As[k][m].
 // - fp32 accumulation, fmaf.
 // Indices are 32-bit: the host refuses tensors of 2^31 elements or more.
 #pragma once

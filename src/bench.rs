@@ -70,15 +70,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     model.conv_algo = a.conv_algo;
     // auto: one line per conv layer, what each candidate measured and which one runs.
     for t in model.tune_convs(b, conv_tune::REPS)? {
-        let trials: Vec<_> = t
-            .trials
-            .iter()
-            .map(|tr| json!({"algo": tr.algo.to_string(), "ms": tr.ms, "rel_err": tr.rel_err, "agrees": tr.agrees()}))
-            .collect();
-        println!(
-            "{}",
-            json!({"kind": "conv_tune", "layer": t.layer, "chosen": t.chosen.to_string(), "trials": trials})
-        );
+        println!("{}", conv_tune::to_json(&t));
     }
     let conv_layers: Vec<usize> = (0..LAYERS.len()).filter(|&i| matches!(LAYERS[i], Layer::Conv2d { .. })).collect();
     let conv_algos: Vec<String> = conv_layers.iter().map(|&i| model.conv_algo_of(i).to_string()).collect();

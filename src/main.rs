@@ -213,6 +213,11 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         Some(p) => Some(std::fs::File::create(p).with_context(|| format!("--json: creating {}", p.display()))?),
         None => None,
     };
+    if let Some(f) = json.as_mut() {
+        for t in &tunings {
+            writeln!(f, "{}", conv_tune::to_json(t))?;
+        }
+    }
     let reports = train::train(&mut model, &data.train, &data.test, &cfg, start_epoch, |r: &EpochReport| {
         println!(
             "epoch {}: loss {:.3}, train acc {:.3}, test acc {:.3}, {:.1} examples/sec ({:.1} end to end)",

@@ -13,6 +13,8 @@
 //! (BENCHMARKS.md), so every layer takes the implicit GEMM. The emulator tunes like a GPU (its
 //! wall time decides, which says nothing about a GPU): that is how tests run this code.
 
+use serde_json::json;
+
 use crate::device::Device;
 use crate::error::Result;
 use crate::nn::alexnet::{layer_shapes, Layer, LAYERS};
@@ -169,6 +171,16 @@ pub fn report(tunings: &[LayerTuning]) -> String {
         out.push_str(&format!("  conv {:>2} {shape}: {} [{measured}]\n", t.layer, t.chosen));
     }
     out
+}
+
+/// One layer's tuning as a JSON line (`"kind": "conv_tune"`), for `bench` and `train --json`.
+pub fn to_json(t: &LayerTuning) -> serde_json::Value {
+    let trials: Vec<_> = t
+        .trials
+        .iter()
+        .map(|tr| json!({"algo": tr.algo.to_string(), "ms": tr.ms, "rel_err": tr.rel_err, "agrees": tr.agrees()}))
+        .collect();
+    json!({"kind": "conv_tune", "layer": t.layer, "chosen": t.chosen.to_string(), "trials": trials})
 }
 
 /// max |got - want| / max |want| (infinite where got has a NaN or the lengths differ).
