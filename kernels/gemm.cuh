@@ -10,12 +10,13 @@
 // out-of-range outputs are not stored.
 //
 // Design (classic register-blocked SGEMM):
-// - 256 threads per block, viewed as a 16 x 16 grid (tx = t % 16, ty = t / 16).
+// - 256 threads per block, viewed as a 16 x 16 grid (tx, ty); each warp is a 4 x 8 patch of it
+//   (warp tiling: fewer distinct shared-memory reads per warp than a 2 x 16 row).
 // - Block tile BM x BN (128 x 128; 128 x 64 or 64 x 64 where 128 x 128 blocks fill the GPU's
 //   waves badly: see ops::conv2d::gemm_launch), k-tile BK = 8.
 // - Each thread owns a TM x TN register micro-tile (8 x 8, 8 x 4 or 4 x 4): rows ty*4 + {0..3} (+ 64),
 //   columns tx*4 + {0..3} (+ 64), so that its operands are float4 reads from shared memory and
-//   the 16 threads of a half-warp that share ty read the same A float4 (a broadcast).
+//   the 8 threads of a warp that share ty read the same A float4 (a broadcast).
 // - Shared memory holds A transposed (As[k][m]) and B as Bs[k][n]: the inner loop reads a column
 //   of A and a row of B per k. Rows are padded by 4 floats: stores from k-fast loaders then hit
 //   32 distinct banks, and float4 alignment is kept (row pitch 4*(BM+4) bytes is a multiple of 16).
@@ -122,6 +123,15 @@ __device__ __forceinline__ auto vec4_loads(const L& l, int mn0, int MN) {
         return NoVec4Loads{};
 }
 
+// The thread's place (tx, ty) in the 16 x 16 grid. Warp tiling: a warp's 32 threads are 4 rows
+// (ty) x 8 columns (tx), so that per k a warp reads 8 distinct B float4s (128 contiguous bytes,
+// one shared-memory wavefront) and 4 A float4s; a 2 x 16 row of threads would read 16 B float4s
+// (two wavefronts). With lane = t % 32, warp = t / 32: tx = (warp / 4) * 8 + lane % 8 and
+// ty = (warp % 4) * 4 + lane / 8, i.e. bit fields of t < 256. (The other arrangement of the
+// warps, tx = (warp % 2) * 8 + ..., made a 128-tile conv kernel spill on sm_80.)
+__device__ __forceinline__ int grid_x(int t) { return ((t >> 4) & 8) | (t & 7); }
+__device__ __forceinline__ int grid_y(int t) { return (t >> 3) & 15; }
+
 // Computes one BM x BN block of C, rows [m0, m0+BM), columns [n0, n0+BN), over k in [k_begin, k_end).
 //
 // Loader concept (A: rows m; B: columns n):
@@ -157,7 +167,7 @@ __device__ __forceinline__ void gemm_block_with(const LA& la, const LB& lb, cons
     constexpr bool VA = VEC && LA::VEC4, VB = VEC && LB::VEC4;
 
     const int t = threadIdx.x;
-    const int tx = t % 16, ty = t / 16;
+    const int tx = grid_x(t), ty = grid_y(t);
 
     // Element (slot) i of this thread's share of a tile: which (row, k) it is, for each loader's
     // contiguity. Consecutive threads take consecutive k (K_FAST) or consecutive rows / columns.
