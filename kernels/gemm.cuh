@@ -79,7 +79,7 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // The 16-byte tile loads of an operand whose mn index is contiguous (a loader with vec4()): the
 // BK x BMN tile is BK * BMN / 4 groups of 4, group e = (k row e / (BMN/4), columns 4 * (e % (BMN/4))
-// + 0..3), so 32 consecutive threads read 512 consecutive bytes of one k row. Thread t copies group
+// + 0..3), so a warp reads whole pieces of k rows (512 bytes for 128-wide tiles). Thread t copies group
 // t (the tiles have at most one group per thread), the same group of every k-tile: its address at
 // k = 0 and its mn bounds test are computed once, and each k-tile adds k * k_stride. A group is
 // wholly in or wholly out of the matrix (the extent is a multiple of 4); out-of-range groups are

@@ -7,7 +7,8 @@
 //!
 //! The check makes `auto` safe to be the default: an algorithm whose output, input grad or
 //! weight grad differs from the implicit GEMM's by more than `AGREE` (relative to the largest
-//! value) is never picked, whatever its speed.
+//! value) is never picked, whatever its speed; nor is one that runs out of device memory (the
+//! transformed tensors of the larger Winograd tiles are big), which is then skipped, not fatal.
 //!
 //! On the CPU nothing is timed: the CPU path's Winograd is slower than its direct convolution
 //! (BENCHMARKS.md), so every layer takes the implicit GEMM. The emulator tunes like a GPU (its
@@ -16,7 +17,7 @@
 use serde_json::json;
 
 use crate::device::Device;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::nn::alexnet::{layer_shapes, Layer, LAYERS};
 use crate::ops::conv2d::{conv2d_bwd_with, conv2d_fwd_with, Conv2dParams, ConvAlgo};
 use crate::ops::winograd::output_tile;
@@ -34,10 +35,14 @@ pub const AGREE: f32 = 1e-3;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Trial {
     pub algo: ConvAlgo,
-    /// Mean GPU time of forward + backward, ms.
+    /// Mean GPU time of forward + backward, ms (NaN if it ran out of memory).
     pub ms: f32,
-    /// Largest disagreement with the implicit GEMM over y, gx and gw (relative, see `AGREE`).
+    /// Largest disagreement with the implicit GEMM over y, gx and gw (relative, see `AGREE`;
+    /// infinite if it ran out of memory).
     pub rel_err: f32,
+    /// Set when the candidate could not run for want of device memory (its workspaces: the
+    /// transformed tensors of Winograd's larger tiles are big); it is then never picked.
+    pub out_of_memory: bool,
 }
 
 impl Trial {
@@ -138,13 +143,25 @@ fn time_layer(
     let reference: Vec<Vec<f32>> = run(ConvAlgo::ImplicitGemm)?.iter().map(Tensor::to_vec).collect::<Result<_>>()?;
     let mut trials = Vec::new();
     for &algo in cands {
-        let outputs = run(algo)?; // warm-up: loads modules, fills the buffer cache
-        let mut rel_err = 0.0f32;
-        for (got, want) in outputs.iter().zip(&reference) {
-            rel_err = rel_err.max(relative_error(&got.to_vec()?, want));
+        let measure = || -> Result<Trial> {
+            let outputs = run(algo)?; // warm-up: loads modules, fills the buffer cache
+            let mut rel_err = 0.0f32;
+            for (got, want) in outputs.iter().zip(&reference) {
+                rel_err = rel_err.max(relative_error(&got.to_vec()?, want));
+            }
+            let reps = reps.max(1);
+            let ms = gpu.time_ms(|| (0..reps).try_for_each(|_| run(algo).map(drop)))? / reps as f32;
+            Ok(Trial { algo, ms, rel_err, out_of_memory: false })
+        };
+        match measure() {
+            Ok(t) => trials.push(t),
+            // Memory is the one failure a candidate may have that training would not: skip it.
+            // Anything else (a fault, a launch error) is a real error and stops here.
+            Err(Error::OutOfMemory { .. }) if algo != ConvAlgo::ImplicitGemm => {
+                trials.push(Trial { algo, ms: f32::NAN, rel_err: f32::INFINITY, out_of_memory: true })
+            }
+            Err(e) => return Err(e),
         }
-        let ms = gpu.time_ms(|| (0..reps.max(1)).try_for_each(|_| run(algo).map(drop)))? / reps.max(1) as f32;
-        trials.push(Trial { algo, ms, rel_err });
     }
     Ok(trials)
 }
@@ -160,7 +177,9 @@ pub fn report(tunings: &[LayerTuning]) -> String {
             .trials
             .iter()
             .map(|tr| {
-                if tr.agrees() {
+                if tr.out_of_memory {
+                    format!("{} out of memory", tr.algo)
+                } else if tr.agrees() {
                     format!("{} {:.3} ms", tr.algo, tr.ms)
                 } else {
                     format!("{} disagrees ({:.1e})", tr.algo, tr.rel_err)
@@ -178,7 +197,12 @@ pub fn to_json(t: &LayerTuning) -> serde_json::Value {
     let trials: Vec<_> = t
         .trials
         .iter()
-        .map(|tr| json!({"algo": tr.algo.to_string(), "ms": tr.ms, "rel_err": tr.rel_err, "agrees": tr.agrees()}))
+        .map(|tr| {
+            // NaN and infinity are not JSON: null where the candidate did not run.
+            let finite = |v: f32| v.is_finite().then_some(v);
+            json!({"algo": tr.algo.to_string(), "ms": finite(tr.ms), "rel_err": finite(tr.rel_err),
+                   "agrees": tr.agrees(), "out_of_memory": tr.out_of_memory})
+        })
         .collect();
     json!({"kind": "conv_tune", "layer": t.layer, "chosen": t.chosen.to_string(), "trials": trials})
 }
@@ -204,7 +228,7 @@ mod tests {
     use super::*;
 
     fn trial(algo: ConvAlgo, ms: f32, rel_err: f32) -> Trial {
-        Trial { algo, ms, rel_err }
+        Trial { algo, ms, rel_err, out_of_memory: false }
     }
 
     #[test]
@@ -215,6 +239,8 @@ mod tests {
         let tie = [trial(ConvAlgo::ImplicitGemm, 2.0, 0.0), trial(w(2), 2.0, 1e-5)];
         assert_eq!(choose(&tie), Some(ConvAlgo::ImplicitGemm), "ties go to the implicit GEMM");
         assert_eq!(choose(&[trial(w(2), 1.0, f32::INFINITY)]), None);
+        let oom = Trial { algo: w(4), ms: f32::NAN, rel_err: f32::INFINITY, out_of_memory: true };
+        assert_eq!(choose(&[trial(ConvAlgo::ImplicitGemm, 3.0, 0.0), oom]), Some(ConvAlgo::ImplicitGemm));
     }
 
     #[test]
