@@ -8,7 +8,7 @@
 # Training uses CONV_ALGO (auto, gemm, winograd, winograd:M); by default auto if every conv2d
 # test passed (they include the Winograd kernels'), else gemm.
 # Logs go to $OUT (at most 8 files come back): gpu.txt, tests.txt, bench.txt, peer-bench.jsonl,
-# train.txt, train.jsonl.
+# train.txt, train.jsonl, and summary.md (scripts/bench-table.py: the BENCHMARKS.md tables).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-.gpu/out}; mkdir -p "$out"
@@ -37,3 +37,4 @@ PYTHONUNBUFFERED=1 timeout 150 python3 .gpu/torch_alexnet.py bench > "$out/peer-
 timeout 300 .gpu/bin/bin-ptxgrad train --device cuda --epochs 10 --quiet --conv-algo "$algo" --checkpoint /tmp/ptxgrad.safetensors \
   --json "$out/train.jsonl" > "$out/train.txt" 2>&1
 cat "$out/train.txt"
+python3 scripts/bench-table.py "$out" > "$out/summary.md" 2>&1; cat "$out/summary.md"
