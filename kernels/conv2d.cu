@@ -4,11 +4,11 @@
 //
 // Each pass is one GEMM whose operands are read in place (no im2col buffer):
 // - forward  (conv2d_fwd_f32_*):      M = Cout, N = batch*OH*OW (column q = (n, oh, ow)), K = Cin*KHW
-//       A(co, k) = w[co][k],  B(k, q) = x[n][ci][oh*s-pad+kh][ow*s-pad+kw] (0 in the padding),
+//       A(co, k) = w[co][k] = wt[k][co],  B(k, q) = x[n][ci][oh*s-pad+kh][ow*s-pad+kw] (0 in the padding),
 //       epilogue y = A.B + b[co], optionally max(., 0). The whole batch is one GEMM, so the small
 //       late layers (12 x 12 images) still fill 128-wide tiles.
 // - input grad (conv2d_bwd_input_f32_*): M = Cin, N = batch*H*W (column q = (n, ih, iw)), K = Cout*KHW
-//       A(ci, (co,kh,kw)) = w[co][ci][kh][kw],
+//       A(ci, (co,kh,kw)) = w[co][ci][kh][kw] = wt[(co,kh,kw)][ci],
 //       B((co,kh,kw), q) = gy[n][co][oh][ow] where ih = oh*s - pad + kh (and the same for w), i.e.
 //       oh = (ih + pad - kh) / s when that divides exactly and lands in [0, OH), else 0.
 //       Each gx element is written once (a gather, no atomics).
@@ -22,6 +22,11 @@
 // Index math: each thread computes its rows' and columns' offsets once (gemm.cuh's loader
 // concept), and the per-k part of the im2col index comes from a small k-table built by
 // conv2d_ktable_u32, so the inner loop has no integer division.
+// The filters: the forward and input-grad GEMMs read A from wt, the filters permuted by
+// conv2d_wperm_f32 so that A's rows along m are contiguous: with Cout (Cin) a multiple of 4,
+// gemm.cuh then copies them 16 bytes at a time (w itself is read along k, which its shared-memory
+// layout cannot take in 16-byte copies). The permutation costs one pass over the filters (at most
+// a few MB) per GEMM.
 // Every GEMM kernel comes in 128 x 128, 128 x 64 and 64 x 64-tile variants (suffix _t128 / _t128x64
 // / _t64); the host picks by how well each grid fills the GPU's waves (ops::conv2d::gemm_launch).
 #include "gemm.cuh"
@@ -37,8 +42,7 @@ struct Conv2dParams {
 // index k, the index math that would otherwise cost two integer divisions per loaded element.
 // kh and kw are packed as (kh << 16) | kw to keep the entries (and the registers holding them) small.
 //   forward / weight grad, k = (ci, kh, kw): int2 {ci*H*W + kh*W + kw, khkw}          (2K u32)
-//   input grad,            k = (co, kh, kw): int2 {co*OH*OW, khkw}, then K ints
-//                                            co*Cin*KHW + kh*KW + kw (w's offset)      (3K u32)
+//   input grad,            k = (co, kh, kw): int2 {co*OH*OW, khkw}                    (2K u32)
 // K <= 3456 for AlexNet: the tables stay in L1.
 PTX_KERNEL void conv2d_ktable_u32(unsigned* __restrict__ tab_raw, Conv2dParams p, unsigned input_grad) {
     int2* tab = reinterpret_cast<int2*>(tab_raw);
@@ -47,11 +51,24 @@ PTX_KERNEL void conv2d_ktable_u32(unsigned* __restrict__ tab_raw, Conv2dParams p
         const int c = (int)k / khw, r = (int)k - c * khw;
         const int kh = r / (int)p.kw, kw = r - kh * (int)p.kw;
         const int khkw = (kh << 16) | kw;
+        tab[k] = input_grad ? make_int2(c * p.oh * p.ow, khkw) : make_int2(c * p.h * p.w + kh * p.w + kw, khkw);
+    }
+}
+
+// The filters w (Cout, Cin, KH, KW) as the GEMMs' A operand, m contiguous (see the top):
+//   forward    (input_grad 0): wt[k][co]            = w[co][k],          k = (ci, kh, kw)
+//   input grad (input_grad 1): wt[(co, kh, kw)][ci] = w[co][ci][kh][kw]
+// One thread per element of w: coalesced reads, strided writes (a small tensor).
+PTX_KERNEL void conv2d_wperm_f32(const float* __restrict__ w, float* __restrict__ wt, Conv2dParams p,
+                                 unsigned input_grad) {
+    const unsigned khw = p.kh * p.kw, k_len = p.c_in * khw;
+    FOR_EACH_INDEX(i, (unsigned long long)p.c_out * k_len) {
+        const unsigned co = (unsigned)(i / k_len), k = (unsigned)(i - (unsigned long long)co * k_len);
         if (input_grad) {
-            tab[k] = make_int2(c * p.oh * p.ow, khkw);
-            reinterpret_cast<int*>(tab + len)[k] = c * p.c_in * khw + r;
+            const unsigned ci = k / khw, r = k - ci * khw;
+            wt[((unsigned long long)co * khw + r) * p.c_in + ci] = w[i];
         } else {
-            tab[k] = make_int2(c * p.h * p.w + kh * p.w + kw, khkw);
+            wt[(unsigned long long)k * p.c_out + co] = w[i];
         }
     }
 }
@@ -114,29 +131,15 @@ struct FwdEpi {  // y[n][co][pix] = v + b[co], optionally max(., 0)
 };
 
 template <class T>
-__device__ __forceinline__ void conv_fwd(const float* x, const float* w, const float* b, float* y, const int2* tab,
+__device__ __forceinline__ void conv_fwd(const float* x, const float* wt, const float* b, float* y, const int2* tab,
                                          const Conv2dParams& p) {
     const int M = p.c_out, N = p.n * p.oh * p.ow, K = p.c_in * p.kh * p.kw;
-    // A(co, k) = w[co][k]: row-major, read along k.
-    gemm_block<T>(strided_loader<true>(w, K, 1, M), FwdB{x, tab, p}, FwdEpi{y, b, p}, M, N, 0, K, blockIdx.y * T::BM,
-                  blockIdx.x * T::BN);
+    // A(co, k) = wt[k][co]: read along m.
+    gemm_block<T>(strided_loader<false>(wt, 1, M, M), FwdB{x, tab, p}, FwdEpi{y, b, p}, M, N, 0, K,
+                  blockIdx.y * T::BM, blockIdx.x * T::BN);
 }
 
 // ---- input grad ----
-struct BwdInA {  // A(ci, (co, r)) = w[co][ci][r] = w[tab_w[k] + ci*KHW]
-    const float* __restrict__ w;
-    const int* __restrict__ tab_w;
-    int khw;
-    static constexpr bool K_FAST = true;
-    static constexpr bool CHEAP_AT = true;
-    static constexpr bool VEC4 = false;
-    using Pos = int;
-    using KPos = int;
-    __device__ __forceinline__ int at(int ci) const { return ci * khw; }
-    __device__ __forceinline__ int kat(int k) const { return __ldg(tab_w + k); }
-    __device__ __forceinline__ const float* ptr(int a, int b) const { return w + a + b; }
-    __device__ __forceinline__ const float* any() const { return w; }
-};
 struct GxPix {  // input pixel q = (n, ih, iw): gy's image offset and (ih + pad, iw + pad) packed as in Window
     int base, hw0;
 };
@@ -188,11 +191,11 @@ struct BwdInEpi {  // gx[n][ci][pix]
 };
 
 template <class T, bool UNIT_STRIDE>
-__device__ __forceinline__ void conv_bwd_input(const float* w, const float* gy, float* gx, const int2* tab,
+__device__ __forceinline__ void conv_bwd_input(const float* wt, const float* gy, float* gx, const int2* tab,
                                                const Conv2dParams& p) {
     const int M = p.c_in, N = p.n * p.h * p.w, K = p.c_out * p.kh * p.kw;
-    const int* tab_w = reinterpret_cast<const int*>(tab + K);
-    gemm_block<T>(BwdInA{w, tab_w, (int)(p.kh * p.kw)}, BwdInB<UNIT_STRIDE>{gy, tab, p}, BwdInEpi{gx, p}, M, N, 0, K,
+    // A(ci, (co, kh, kw)) = wt[(co, kh, kw)][ci]: read along m.
+    gemm_block<T>(strided_loader<false>(wt, 1, M, M), BwdInB<UNIT_STRIDE>{gy, tab, p}, BwdInEpi{gx, p}, M, N, 0, K,
                   blockIdx.y * T::BM, blockIdx.x * T::BN);
 }
 
@@ -243,14 +246,14 @@ __device__ __forceinline__ void conv_bwd_weight(const float* x, const float* gy,
 // The tables arrive as unsigned* (the host's u32 buffers) and are read as int2 / int.
 #define CONV_KERNELS(TILE, SUFFIX)                                                                          \
     PTX_KERNEL void __launch_bounds__(256, 2) conv2d_fwd_f32_##SUFFIX(                                         \
-        const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,              \
+        const float* __restrict__ x, const float* __restrict__ wt, const float* __restrict__ b,             \
         float* __restrict__ y, const unsigned* __restrict__ tab, Conv2dParams p) {                          \
-        conv_fwd<TILE>(x, w, b, y, reinterpret_cast<const int2*>(tab), p);                                  \
+        conv_fwd<TILE>(x, wt, b, y, reinterpret_cast<const int2*>(tab), p);                                 \
     }                                                                                                       \
     PTX_KERNEL void __launch_bounds__(256, 2) conv2d_bwd_input_f32_##SUFFIX(                                   \
-        const float* __restrict__ w, const float* __restrict__ gy, float* __restrict__ gx,                  \
+        const float* __restrict__ wt, const float* __restrict__ gy, float* __restrict__ gx,                 \
         const unsigned* __restrict__ tab, Conv2dParams p) {                                                 \
-        conv_bwd_input<TILE, true>(w, gy, gx, reinterpret_cast<const int2*>(tab), p);                       \
+        conv_bwd_input<TILE, true>(wt, gy, gx, reinterpret_cast<const int2*>(tab), p);                      \
     }                                                                                                       \
     PTX_KERNEL void __launch_bounds__(256, 2) conv2d_bwd_weight_f32_##SUFFIX(                                  \
         const float* __restrict__ x, const float* __restrict__ gy, float* __restrict__ ws,                  \
@@ -264,9 +267,9 @@ CONV_KERNELS(Tile64, t64)
 
 // The input grad for any stride (the _t128 / _t128x64 / _t64 ones above require stride 1).
 PTX_KERNEL void __launch_bounds__(256, 2)
-    conv2d_bwd_input_f32_t64_strided(const float* __restrict__ w, const float* __restrict__ gy, float* __restrict__ gx,
+    conv2d_bwd_input_f32_t64_strided(const float* __restrict__ wt, const float* __restrict__ gy, float* __restrict__ gx,
                                      const unsigned* __restrict__ tab, Conv2dParams p) {
-    conv_bwd_input<Tile64, false>(w, gy, gx, reinterpret_cast<const int2*>(tab), p);
+    conv_bwd_input<Tile64, false>(wt, gy, gx, reinterpret_cast<const int2*>(tab), p);
 }
 
 // gw[i] = sum over splits of ws[z][i]; gw: (Cout, Cin, KH, KW) flattened, len elements.

@@ -439,6 +439,7 @@ fn time_alexnet_convs(dev: &Device, algo: ConvAlgo) {
 
 extern "C" {
     fn conv2d_ktable_u32(tab: *mut u32, p: Conv2dParams, input_grad: u32);
+    fn conv2d_wperm_f32(w: *const f32, wt: *mut f32, p: Conv2dParams, input_grad: u32);
     fn conv2d_fwd_f32_t128(x: *const f32, w: *const f32, b: *const f32, y: *mut f32, tab: *const u32, p: Conv2dParams);
     fn conv2d_fwd_f32_t128x64(
         x: *const f32,
@@ -490,6 +491,16 @@ fn ktable_emu(p: &Conv2dParams, input_grad: bool) -> Vec<u32> {
     tab
 }
 
+/// conv2d_wperm_f32 on the emulator: the filters as the forward's or input grad's A operand.
+fn wperm_emu(w: &[f32], p: &Conv2dParams, input_grad: bool) -> Vec<f32> {
+    let mut wt = emu_uninit(w.len());
+    let (pw, pt, p) = (w.as_ptr() as usize, wt.as_mut_ptr() as usize, *p);
+    emu_launch(plan::wperm(&p), &|| unsafe {
+        conv2d_wperm_f32(pw as *const f32, pt as *mut f32, p, input_grad as u32)
+    });
+    wt
+}
+
 /// Adds up `splits` partials of `len` (conv2d_splitk_sum_f32), or returns the one partial.
 fn splitk_emu(ws: Vec<f32>, len: usize, splits: usize) -> Vec<f32> {
     if splits == 1 {
@@ -506,6 +517,8 @@ fn splitk_emu(ws: Vec<f32>, len: usize, splits: usize) -> Vec<f32> {
 /// Every implicit-GEMM conv kernel through the launches conv2d.rs makes (plan::*), each GEMM in
 /// all three block tiles, the weight grad also split many ways, on small awkward shapes (stride
 /// 1, 2 and 3, padding, non-square, channels across a 64-row tile), against the CPU reference.
+/// The forward and input grad read the permuted filters with 16-byte copies exactly when their M
+/// (Cout, Cin) is a multiple of 4: the emulator's copy counter checks which path ran.
 #[test]
 fn conv2d_kernels_emulated_match_cpu() {
     let cases = [
@@ -514,6 +527,8 @@ fn conv2d_kernels_emulated_match_cpu() {
         Case { relu: false, ..case(2, 3, 11, 9, 7, 3, 2, 3, 2) },
         case(1, 70, 6, 6, 66, 3, 3, 1, 1),
         case(2, 4, 9, 9, 3, 5, 5, 1, 2),
+        case(2, 8, 7, 7, 12, 3, 3, 1, 1),
+        case(1, 4, 6, 6, 132, 3, 3, 2, 1),
     ];
     for (i, c) in cases.iter().enumerate() {
         let mut p = c.params();
@@ -521,7 +536,11 @@ fn conv2d_kernels_emulated_match_cpu() {
         let seed = 4000 + 10 * i as u64;
         let (x, w) = (uniform(p.x_len(), -1.0, 1.0, seed), uniform(p.w_len(), -1.0, 1.0, seed + 1));
         let (b, gy) = (uniform(c.cout, -1.0, 1.0, seed + 2), uniform(p.y_len(), -1.0, 1.0, seed + 3));
-        let (px, pw, pb, pgy) = (x.as_ptr() as usize, w.as_ptr() as usize, b.as_ptr() as usize, gy.as_ptr() as usize);
+        let (wt_f, wt_i) = (wperm_emu(&w, &p, false), wperm_emu(&w, &p, true));
+        let (px, pb, pgy) = (x.as_ptr() as usize, b.as_ptr() as usize, gy.as_ptr() as usize);
+        let (pwf, pwi) = (wt_f.as_ptr() as usize, wt_i.as_ptr() as usize);
+        // 16-byte loads of A where its rows (Cout for the forward, Cin for the input grad) allow.
+        let vec_taken = |before: u64| ptxgrad_emu::vec4_copies() > before;
         let (tab_f, tab_i) = (ktable_emu(&p, false), ktable_emu(&p, true));
         let (tf, ti) = (tab_f.as_ptr() as usize, tab_i.as_ptr() as usize);
         for tile in Tile::ALL {
@@ -529,18 +548,22 @@ fn conv2d_kernels_emulated_match_cpu() {
             let (name, cfg) = plan::forward(&p, Some(tile)).unwrap();
             let (f, mut y) = (fwd_fn(name), emu_uninit(p.y_len()));
             let py = y.as_mut_ptr() as usize;
+            let before = ptxgrad_emu::vec4_copies();
             emu_launch(cfg, &|| unsafe {
-                f(px as *const f32, pw as *const f32, pb as *const f32, py as *mut f32, tf as *const u32, p)
+                f(px as *const f32, pwf as *const f32, pb as *const f32, py as *mut f32, tf as *const u32, p)
             });
             assert_close(&what("y"), &conv2d_fwd_cpu(&x, &w, &b, &p, c.relu), &y, atol(p.k()), 1e-5);
+            assert_eq!(vec_taken(before), c.cout % 4 == 0 && pwf % 16 == 0, "{}", what("16-byte loads, y"));
 
             let (name, cfg) = plan::input_grad(&p, Some(tile)).unwrap();
             let (f, mut gx) = (bwd_fn(name), emu_uninit(p.x_len()));
             let pgx = gx.as_mut_ptr() as usize;
+            let before = ptxgrad_emu::vec4_copies();
             emu_launch(cfg, &|| unsafe {
-                f(pw as *const f32, pgy as *const f32, pgx as *mut f32, ti as *const u32, p)
+                f(pwi as *const f32, pgy as *const f32, pgx as *mut f32, ti as *const u32, p)
             });
             assert_close(&what("gx"), &conv2d_bwd_input_cpu(&w, &gy, &p), &gx, atol(c.cout * c.kh * c.kw), 1e-5);
+            assert_eq!(vec_taken(before), c.cin % 4 == 0 && pwi % 16 == 0, "{}", what("16-byte loads, gx"));
         }
         // The weight grad as planned, then split into chunks of 8 and 24 terms.
         let gw_ref = conv2d_bwd_weight_cpu(&x, &gy, &p);

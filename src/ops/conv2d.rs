@@ -480,6 +480,20 @@ fn ktable(gpu: &Gpu, p: &Conv2dParams, input_grad: bool) -> Result<crate::device
     Ok(tab)
 }
 
+/// The filters permuted for the forward (`input_grad` false) or input-grad GEMM's A operand
+/// (conv2d_wperm_f32: rows along m contiguous, so that the GEMM copies them 16 bytes at a time).
+fn filters_for_gemm(
+    gpu: &Gpu,
+    w: &crate::device::DeviceBuf<f32>,
+    p: &Conv2dParams,
+    input_grad: bool,
+) -> Result<crate::device::DeviceBuf<f32>> {
+    let mut wt = gpu.uninit::<f32>(p.w_len())?;
+    let mode = input_grad as u32;
+    crate::launch!(gpu, Module::Conv2d, "conv2d_wperm_f32", plan::wperm(p), w, &mut wt, p, &mode)?;
+    Ok(wt)
+}
+
 /// Which kernel each pass launches, on which grid: one place for the CUDA path and the kernel
 /// emulator's tests (tests/conv2d.rs), so that both run the same launches. `tile` None picks
 /// by `gemm_launch`; tests pass a tile to reach every variant.
@@ -497,12 +511,17 @@ pub mod plan {
         }
     }
 
-    /// conv2d_ktable_u32's launch and the table's length in u32: 2K for the forward and weight
-    /// grad (K = Cin*KH*KW), 3K for the input grad (K = Cout*KH*KW).
+    /// conv2d_ktable_u32's launch and the table's length in u32: 2K, K = Cin*KH*KW for the
+    /// forward and weight grad, Cout*KH*KW for the input grad.
     pub fn ktable(p: &Conv2dParams, input_grad: bool) -> (LaunchConfig, usize) {
         let khw = (p.kh * p.kw) as usize;
-        let (k, words) = if input_grad { (p.c_out as usize * khw, 3) } else { (p.c_in as usize * khw, 2) };
-        (grid_1d(k, 256), words * k)
+        let k = if input_grad { p.c_out as usize } else { p.c_in as usize } * khw;
+        (grid_1d(k, 256), 2 * k)
+    }
+
+    /// conv2d_wperm_f32's launch: one thread per filter element.
+    pub fn wperm(p: &Conv2dParams) -> LaunchConfig {
+        grid_1d(p.w_len(), 256)
     }
 
     /// The forward GEMM: M = Cout, N = batch*OH*OW.
@@ -585,8 +604,9 @@ pub fn conv2d_fwd_with(
         (Storage::Cuda { gpu, buf: xb }, Storage::Cuda { buf: wb, .. }, Storage::Cuda { buf: bb, .. }) => {
             let mut y = gpu.uninit::<f32>(p.y_len())?;
             let tab = ktable(gpu, &p, false)?;
+            let wt = filters_for_gemm(gpu, wb, &p, false)?;
             let (name, cfg) = plan::forward(&p, None)?;
-            crate::launch!(gpu, Module::Conv2d, name, cfg, xb, wb, bb, &mut y, &tab, &p)?;
+            crate::launch!(gpu, Module::Conv2d, name, cfg, xb, &wt, bb, &mut y, &tab, &p)?;
             Storage::Cuda { gpu: gpu.clone(), buf: y }
         }
         _ => unreachable!("checked by common_device"),
@@ -668,8 +688,9 @@ fn conv2d_grads(
     } else if need_gx {
         let mut gx = gpu.uninit::<f32>(p.x_len())?;
         let tab = ktable(gpu, &p, true)?;
+        let wt = filters_for_gemm(gpu, wb, &p, true)?;
         let (name, cfg) = plan::input_grad(&p, None)?;
-        crate::launch!(gpu, Module::Conv2d, name, cfg, wb, gb_buf, &mut gx, &tab, &p)?;
+        crate::launch!(gpu, Module::Conv2d, name, cfg, &wt, gb_buf, &mut gx, &tab, &p)?;
         Some(Tensor::from_storage(x.shape().to_vec(), wrap(gx)))
     } else {
         None
