@@ -35,8 +35,22 @@ fn find_tool(tool: &str, env: &str, wheel: &str) -> Option<PathBuf> {
     candidates.into_iter().find(|p| p.is_file())
 }
 
-fn find_ptxas() -> Option<PathBuf> {
-    find_tool("ptxas", "PTXAS", "cuda_nvcc")
+/// `tool` (see find_tool), or None after saying why; with PTXGRAD_REQUIRE_KERNELS=1 (CI) a
+/// missing tool fails instead.
+fn tool_or_skip(tool: &str, env: &str, wheel: &str) -> Option<PathBuf> {
+    let found = find_tool(tool, env, wheel);
+    if found.is_none() {
+        assert!(!required(), "PTXGRAD_REQUIRE_KERNELS=1 but no {tool} found (run scripts/cuda-wheels.sh)");
+        eprintln!("SKIPPED: no {tool} found (set {env} or run scripts/cuda-wheels.sh)");
+    }
+    found
+}
+
+/// A fresh scratch directory for one test's files.
+fn scratch_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ptxgrad-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 fn required() -> bool {
@@ -83,13 +97,8 @@ fn parse_report(stderr: &str) -> Vec<(String, u32, u32)> {
 #[test]
 fn every_kernel_assembles_for_sm80_and_sm90_without_spills() {
     let Some(modules) = modules_or_skip() else { return };
-    let Some(ptxas) = find_ptxas() else {
-        assert!(!required(), "PTXGRAD_REQUIRE_KERNELS=1 but no ptxas found (run scripts/cuda-wheels.sh)");
-        eprintln!("SKIPPED: no ptxas found (set PTXAS or run scripts/cuda-wheels.sh)");
-        return;
-    };
-    let dir = std::env::temp_dir().join(format!("ptxgrad-ptxas-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let Some(ptxas) = tool_or_skip("ptxas", "PTXAS", "cuda_nvcc") else { return };
+    let dir = scratch_dir("ptxas");
     let mut failures = Vec::new();
     let mut kernels = 0;
     println!("{:<32} {:>6} {:>10} {:>7}", "kernel", "arch", "registers", "spills");
@@ -198,13 +207,9 @@ fn loops_in(sass: &str, min_ffma: usize) -> Vec<Loop> {
 #[test]
 fn gemm_k_loops_are_mostly_ffma() {
     let Some(modules) = modules_or_skip() else { return };
-    let (Some(ptxas), Some(nvdisasm)) = (find_ptxas(), find_tool("nvdisasm", "NVDISASM", "cu13")) else {
-        assert!(!required(), "PTXGRAD_REQUIRE_KERNELS=1 but ptxas or nvdisasm is missing (run scripts/cuda-wheels.sh)");
-        eprintln!("SKIPPED: ptxas or nvdisasm not found (run scripts/cuda-wheels.sh)");
-        return;
-    };
-    let dir = std::env::temp_dir().join(format!("ptxgrad-sass-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let Some(ptxas) = tool_or_skip("ptxas", "PTXAS", "cuda_nvcc") else { return };
+    let Some(nvdisasm) = tool_or_skip("nvdisasm", "NVDISASM", "cu13") else { return };
+    let dir = scratch_dir("sass");
     let mut loops = Vec::new();
     for (stem, ptx) in modules.into_iter().filter(|(s, _)| ["conv2d", "dense", "winograd"].contains(s)) {
         loops.extend(loops_in(&sass_of(&ptxas, &nvdisasm, &dir, stem, ptx), 64));
