@@ -31,11 +31,22 @@
 // / _t64); the host picks by how well each grid fills the GPU's waves (ops::conv2d::gemm_launch).
 #include "gemm.cuh"
 
+// n / d for 0 <= n < 2^31 as (umulhi(n, mul) + n) >> shift, with (mul, shift) made for d by the
+// host (ops::conv2d::FastDiv, which also has the proof obligations in its tests): three
+// instructions instead of a division sequence. Mirrors ops::conv2d::FastDiv.
+struct FastDiv {
+    unsigned mul, shift;
+};
+__device__ __forceinline__ int fast_div(int n, FastDiv d) {
+    return (int)((__umulhi((unsigned)n, d.mul) + (unsigned)n) >> d.shift);
+}
+
 // Mirrors ops::conv2d::Conv2dParams field for field.
 struct Conv2dParams {
     unsigned n, c_in, h, w, c_out, kh, kw, stride, pad, oh, ow;
     unsigned relu;     // forward: 1 = fuse max(., 0)
     unsigned k_chunk;  // weight grad: reduction length per split (a multiple of 8)
+    FastDiv ohw_div, ow_div;  // division by OH*OW and by OW
 };
 
 // The k-tables (built by conv2d_ktable_u32 before each GEMM that needs one) hold, per reduction
@@ -80,11 +91,12 @@ struct Window {
     int base, hw0;
 };
 constexpr int kWinBias = 1 << 14;
-// The window of output pixel q = (n, oh, ow): two divisions, done once per thread and column.
+// The window of output pixel q = (n, oh, ow): per thread and column in the forward, per k-tile in
+// the weight grad (whose reduction runs over q).
 __device__ __forceinline__ Window window_of(int q, const Conv2dParams& p) {
     const int ohw = p.oh * p.ow;
-    const int n = q / ohw, pix = q - n * ohw;
-    const int oh = pix / (int)p.ow, ow = pix - oh * (int)p.ow;
+    const int n = fast_div(q, p.ohw_div), pix = q - n * ohw;
+    const int oh = fast_div(pix, p.ow_div), ow = pix - oh * (int)p.ow;
     const int ih0 = oh * (int)p.stride - (int)p.pad, iw0 = ow * (int)p.stride - (int)p.pad;
     return Window{n * (int)(p.c_in * p.h * p.w) + ih0 * (int)p.w + iw0, ((ih0 + kWinBias) << 16) | (iw0 + kWinBias)};
 }
@@ -120,7 +132,7 @@ struct FwdEpi {  // y[n][co][pix] = v + b[co], optionally max(., 0)
     using Col = int;  // offset of (n, 0, pix) in y
     __device__ __forceinline__ int col(int q) const {
         const int ohw = p.oh * p.ow;
-        const int n = q / ohw;
+        const int n = fast_div(q, p.ohw_div);
         return q + n * ((int)p.c_out - 1) * ohw;
     }
     __device__ __forceinline__ void operator()(int co, int c, float v) const {
@@ -211,7 +223,7 @@ struct BwdWA {  // A(co, (n, pix)) = gy[n][co][pix] = gy[co*OHW + (n*Cout*OHW + 
     __device__ __forceinline__ int at(int co) const { return co * (int)(p.oh * p.ow); }
     __device__ __forceinline__ int kat(int k) const {
         const int ohw = p.oh * p.ow;
-        const int n = k / ohw;
+        const int n = fast_div(k, p.ohw_div);
         return k + n * ((int)p.c_out - 1) * ohw;
     }
     __device__ __forceinline__ const float* ptr(int a, int b) const { return gy + a + b; }
