@@ -16,7 +16,7 @@
 
 use serde_json::json;
 
-use crate::device::Device;
+use crate::device::{Device, Gpu};
 use crate::error::{Error, Result};
 use crate::nn::alexnet::{layer_shapes, Layer, LAYERS};
 use crate::ops::conv2d::{conv2d_bwd_with, conv2d_fwd_with, Conv2dParams, ConvAlgo};
@@ -96,8 +96,8 @@ pub fn tune(device: &Device, batch: usize, resolution: usize, reps: usize) -> Re
         let fused = LAYERS.get(i + 1) == Some(&Layer::Relu);
         let cands = candidates(&p);
         let (trials, chosen) = match device {
-            Device::Cuda(_) if cands.len() > 1 => {
-                let trials = time_layer(device, &p, i, fused, &cands, reps)?;
+            Device::Cuda(gpu) if cands.len() > 1 => {
+                let trials = time_layer(device, gpu, &p, i, fused, &cands, reps)?;
                 let chosen = choose(&trials).unwrap_or(ConvAlgo::ImplicitGemm);
                 (trials, chosen)
             }
@@ -111,13 +111,13 @@ pub fn tune(device: &Device, batch: usize, resolution: usize, reps: usize) -> Re
 /// Runs every candidate on layer `i` of shape `p`; the implicit GEMM (first) is the reference.
 fn time_layer(
     device: &Device,
+    gpu: &Gpu,
     p: &Conv2dParams,
     i: usize,
     fused: bool,
     cands: &[ConvAlgo],
     reps: usize,
 ) -> Result<Vec<Trial>> {
-    let Device::Cuda(gpu) = device else { unreachable!("tune times only on a GPU or the emulator") };
     let (stride, pad) = (p.stride as usize, p.pad as usize);
     let (k, c_in) = (p.kh as usize, p.c_in as usize);
     let salt = 1000 * i as u64;
