@@ -197,7 +197,9 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         a.epochs,
         model.conv_algo
     );
-    let tunings = model.tune_convs(a.batch_size, conv_tune::REPS).context("timing the convolution algorithms")?;
+    // Tuned at the batch the steps will mostly run (no larger than the data).
+    let tune_batch = a.batch_size.min(data.train.len());
+    let tunings = model.tune_convs(tune_batch, conv_tune::REPS).context("timing the convolution algorithms")?;
     match &device {
         _ if tunings.is_empty() => {}
         Device::Cpu => {
