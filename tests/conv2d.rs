@@ -486,23 +486,18 @@ type ConvFwd = unsafe extern "C" fn(*const f32, *const f32, *const f32, *mut f32
 type ConvBwd = unsafe extern "C" fn(*const f32, *const f32, *mut f32, *const u32, Conv2dParams);
 
 fn fwd_fn(name: &str) -> ConvFwd {
-    match name {
-        "conv2d_fwd_f32_t128" => conv2d_fwd_f32_t128,
-        "conv2d_fwd_f32_t128x64" => conv2d_fwd_f32_t128x64,
-        "conv2d_fwd_f32_t64" => conv2d_fwd_f32_t64,
-        _ => panic!("no emulated kernel {name}"),
-    }
+    emu_kernel!(name, conv2d_fwd_f32_t128, conv2d_fwd_f32_t128x64, conv2d_fwd_f32_t64)
 }
 
 fn bwd_fn(name: &str) -> ConvBwd {
-    match name {
-        "conv2d_bwd_input_f32_t128" => conv2d_bwd_input_f32_t128,
-        "conv2d_bwd_input_f32_t128x64" => conv2d_bwd_input_f32_t128x64,
-        "conv2d_bwd_input_f32_t64" => conv2d_bwd_input_f32_t64,
-        "conv2d_bwd_input_f32_t64_strided" => conv2d_bwd_input_f32_t64_strided,
-        "conv2d_bwd_weight_f32_t128" => conv2d_bwd_weight_f32_t128,
-        _ => panic!("no emulated kernel {name}"),
-    }
+    emu_kernel!(
+        name,
+        conv2d_bwd_input_f32_t128,
+        conv2d_bwd_input_f32_t128x64,
+        conv2d_bwd_input_f32_t64,
+        conv2d_bwd_input_f32_t64_strided,
+        conv2d_bwd_weight_f32_t128,
+    )
 }
 
 /// conv2d_ktable_u32 on the emulator.

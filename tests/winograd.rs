@@ -111,30 +111,15 @@ type Scatter = unsafe extern "C" fn(*const f32, *const f32, *mut f32, TileParams
 type Gemm = unsafe extern "C" fn(*const f32, *const f32, *mut f32, GemmParams);
 
 fn gather_fn(name: &str) -> Gather {
-    match name {
-        "winograd_gather_f32_a4" => winograd_gather_f32_a4,
-        "winograd_gather_f32_a6" => winograd_gather_f32_a6,
-        "winograd_gather_f32_a8" => winograd_gather_f32_a8,
-        _ => panic!("no emulated kernel {name}"),
-    }
+    emu_kernel!(name, winograd_gather_f32_a4, winograd_gather_f32_a6, winograd_gather_f32_a8)
 }
 
 fn scatter_fn(name: &str) -> Scatter {
-    match name {
-        "winograd_scatter_f32_a4" => winograd_scatter_f32_a4,
-        "winograd_scatter_f32_a6" => winograd_scatter_f32_a6,
-        "winograd_scatter_f32_a8" => winograd_scatter_f32_a8,
-        _ => panic!("no emulated kernel {name}"),
-    }
+    emu_kernel!(name, winograd_scatter_f32_a4, winograd_scatter_f32_a6, winograd_scatter_f32_a8)
 }
 
 fn gemm_fn(name: &str) -> Gemm {
-    match name {
-        "winograd_gemm_f32_t128" => winograd_gemm_f32_t128,
-        "winograd_gemm_f32_t128x64" => winograd_gemm_f32_t128x64,
-        "winograd_gemm_f32_t64" => winograd_gemm_f32_t64,
-        _ => panic!("no emulated kernel {name}"),
-    }
+    emu_kernel!(name, winograd_gemm_f32_t128, winograd_gemm_f32_t128x64, winograd_gemm_f32_t64)
 }
 
 /// The pass's four launches, as Pass::run_cuda makes them, on the emulator; `tile` overrides the

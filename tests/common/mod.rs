@@ -171,6 +171,19 @@ pub fn emu_uninit(len: usize) -> Vec<f32> {
     vec![f32::NAN; len]
 }
 
+/// The emulated kernel called `name` among the listed `extern "C"` symbols, as the fn-pointer
+/// type the call site expects: `emu_kernel!(name, kernel_a, kernel_b)` (a kernel picked by name,
+/// as the engine's launch plans name them).
+#[macro_export]
+macro_rules! emu_kernel {
+    ($name:expr, $($kernel:ident),+ $(,)?) => {
+        match $name {
+            $(stringify!($kernel) => $kernel as _,)+
+            other => panic!("no emulated kernel {other}"),
+        }
+    };
+}
+
 /// One emulated launch (ptxgrad-emu) of `kernel` on the grid of `cfg` (1-D blocks), like a
 /// launch followed by a synchronisation. Pointers travel into `kernel` as usize (raw pointers
 /// are not Sync).
