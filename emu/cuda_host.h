@@ -20,7 +20,14 @@
 // Per OS thread: launches from several threads (parallel tests) do not share it.
 #define __shared__ static thread_local
 #define __align__(n) __attribute__((aligned(n)))
+// A kernel's launch bounds do nothing here, except in build.rs's scan of the kernels' signatures
+// (PTXGRAD_EMU_PROBE), which records the most threads per block each kernel may be launched with:
+// a launch with more fails on a GPU, and the emulator refuses it too.
+#ifdef PTXGRAD_EMU_PROBE
+#define __launch_bounds__(...) ptxgrad_launch_bounds(__VA_ARGS__)
+#else
 #define __launch_bounds__(...)
+#endif
 
 struct dim3 {
     unsigned x, y, z;
@@ -73,6 +80,9 @@ inline unsigned __float_as_uint(float f) { return (unsigned)__float_as_int(f); }
 void __syncthreads();
 // Counts one 16-byte cp.async (gemm.cuh's vector loads), so that tests can see the path taken.
 void emu_count_vec4_copy();
+// Records that the running kernel broke a rule a GPU enforces (a misaligned vector copy, say):
+// the launch then returns this message as its error, as the GPU would fail it.
+void emu_fault(const char* what);
 unsigned emu_shfl_xor_bits(unsigned bits, int lane_mask);
 
 template <class T>

@@ -191,14 +191,19 @@ thread_local unsigned long long vec4_copies = 0;
 void emu_count_vec4_copy() { ++vec4_copies; }
 extern "C" unsigned long long ptxgrad_emu_vec4_copies() { return vec4_copies; }
 
+// The first rule a kernel broke in the current launch on this OS thread (see emu_fault), or null.
+thread_local const char* fault = nullptr;
+void emu_fault(const char* what) {
+    if (!fault) fault = what;
+}
+
 // Runs body(ctx) as every thread of every block of a (gx, gy, gz) grid of `threads`-thread blocks.
 // body calls the kernel, which reads threadIdx & co. from this OS thread's thread_locals.
-extern "C" void ptxgrad_emu_run(unsigned gx, unsigned gy, unsigned gz, unsigned threads, void (*body)(void*),
-                                void* ctx) {
-    if (threads == 0 || threads > 1024) {
-        std::fprintf(stderr, "ptxgrad-emu: %u threads per block (1..=1024)\n", threads);
-        std::abort();
-    }
+// Returns null, or the first rule the kernel broke (emu_fault). The caller has checked the launch
+// configuration against a GPU's limits (ptxgrad_emu::launch).
+extern "C" const char* ptxgrad_emu_run(unsigned gx, unsigned gy, unsigned gz, unsigned threads,
+                                       void (*body)(void*), void* ctx) {
+    fault = nullptr;
     if (sched.fibers.size() < threads) sched.fibers.resize(threads);
     sched.body = body;
     sched.ctx = ctx;
@@ -210,4 +215,5 @@ extern "C" void ptxgrad_emu_run(unsigned gx, unsigned gy, unsigned gz, unsigned 
                 blockIdx = dim3{x, y, z};
                 run_block(threads);
             }
+    return fault;
 }

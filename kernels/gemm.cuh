@@ -55,6 +55,9 @@ using Tile64 = GemmTile<64, 64, 4, 4>;
 #ifdef PTXGRAD_HOST_EMU
 __device__ __forceinline__ void cp_async_f32(float* dst, const float* src, bool full) { *dst = full ? *src : 0.0f; }
 __device__ __forceinline__ void cp_async_f32x4(float* dst, const float* src, bool full) {
+    // A GPU faults on a 16-byte copy from or to an address that is not a multiple of 16.
+    if (reinterpret_cast<unsigned long long>(src) % 16 || reinterpret_cast<unsigned long long>(dst) % 16)
+        emu_fault("a 16-byte cp.async with an address that is not 16-byte aligned");
     for (int i = 0; i < 4; ++i) dst[i] = full ? src[i] : 0.0f;
     emu_count_vec4_copy();
 }

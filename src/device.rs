@@ -205,12 +205,12 @@ impl Gpu {
 
     /// Runs kernel `name` on the emulator; `args` point at the arguments' values, in the
     /// kernel's parameter order (what `launch!` builds on the emulator).
-    pub fn emu_launch(&self, name: &str, cfg: LaunchConfig, args: &[*mut c_void]) -> Result<()> {
+    pub fn emu_launch(&self, module: Module, name: &str, cfg: LaunchConfig, args: &[*mut c_void]) -> Result<()> {
         if (cfg.block_dim.1, cfg.block_dim.2) != (1, 1) {
-            return Err(Error::Data(format!("emulator: `{name}` launched with 2-D or 3-D blocks")));
+            return Err(Error::Emulator(format!("`{name}` launched with 2-D or 3-D blocks")));
         }
         // SAFETY: launch! passes the kernel's argument list, as for a CUDA launch.
-        unsafe { ptxgrad_emu::call(name, cfg.grid_dim, cfg.block_dim.0, args) }.map_err(Error::Data)
+        unsafe { ptxgrad_emu::call(module.stem(), name, cfg.grid_dim, cfg.block_dim.0, args) }.map_err(Error::Emulator)
     }
 
     /// A kernel function, loading its module on first use.
@@ -473,7 +473,7 @@ macro_rules! launch {
         let cfg: cudarc::driver::LaunchConfig = $cfg;
         if gpu.is_emu() {
             let args = [$( $crate::device::EmuArg::emu_ptr(&$arg) ),+];
-            gpu.emu_launch($name, cfg, &args)
+            gpu.emu_launch($module, $name, cfg, &args)
         } else {
             let func = gpu.function($module, $name)?;
             let mut builder = gpu.stream().launch_builder(&func);

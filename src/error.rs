@@ -34,6 +34,10 @@ pub enum Error {
     #[error("CUDA error in {context}: {source}")]
     Cuda { context: String, source: DriverError },
 
+    /// The kernel emulator (`--device emu`) refused or failed a launch, as a GPU would have.
+    #[error("emulated kernel launch: {0}")]
+    Emulator(String),
+
     /// Bad input data (dataset files, checkpoints, labels out of range...).
     #[error("{0}")]
     Data(String),

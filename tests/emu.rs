@@ -45,3 +45,48 @@ fn emulated_training_step_matches_the_cpu() {
         }
     }
 }
+
+/// The emulator fails the launches a GPU would fail (a kernel asked of the wrong module, more
+/// threads than its launch bounds, a grid beyond the limits, a misaligned 16-byte copy), so that
+/// such a mistake in the launch glue shows in CI rather than first on a GPU.
+#[test]
+fn emulator_refuses_what_a_gpu_refuses() {
+    use ptxgrad_emu::{call, check_launch_shape, find};
+    use std::ffi::c_void;
+
+    // On a GPU, looking a kernel up in another file's module fails.
+    let e = unsafe { call("dense", "relu_fwd_f32", (1, 1, 1), 32, &[]) }.unwrap_err();
+    assert!(e.contains("in module `relu`"), "{e}");
+    assert!(unsafe { call("relu", "no_such_kernel", (1, 1, 1), 32, &[]) }.is_err());
+
+    // Launch bounds are read from the source: __launch_bounds__(256, 2), (256), (128), none.
+    let bounds = |name: &str| find(name).unwrap_or_else(|| panic!("no kernel {name}")).max_threads;
+    assert_eq!(bounds("conv2d_fwd_f32_t128"), 256);
+    assert_eq!(bounds("conv2d_bwd_bias_f32"), 256);
+    assert_eq!(bounds("winograd_gather_f32_a4"), 128);
+    assert_eq!(bounds("relu_fwd_f32"), 1024);
+    let e = unsafe { call("conv2d", "conv2d_bwd_bias_f32", (1, 1, 1), 512, &[]) }.unwrap_err();
+    assert!(e.contains("launch bounds allow 256"), "{e}");
+
+    // The grid and block limits of every CUDA GPU.
+    assert!(check_launch_shape(((1 << 31) - 1, 65535, 65535), 1024).is_ok());
+    for (grid, threads) in [((1, 65536, 1), 32), ((1, 1, 65536), 32), ((1 << 31, 1, 1), 32), ((0, 1, 1), 32)] {
+        let e = check_launch_shape(grid, threads).unwrap_err();
+        assert!(e.contains("grid"), "{grid:?}: {e}");
+    }
+    assert!(check_launch_shape((1, 1, 1), 1025).is_err());
+    assert!(check_launch_shape((1, 1, 1), 0).is_err());
+
+    // A 16-byte cp.async must read a 16-byte-aligned address.
+    let data = vec![0f32; 8];
+    let first_aligned = (0..4).find(|&i| data[i..].as_ptr() as usize % 16 == 0).unwrap();
+    let copy = |offset: usize| {
+        let mut src = data[offset..].as_ptr() as u64;
+        let args = [&mut src as *mut u64 as *mut c_void];
+        // SAFETY: the kernel takes one pointer and reads 4 floats from it, all inside `data`.
+        unsafe { call("selftest", "emu_selftest_copy_f32x4", (1, 1, 1), 1, &args) }
+    };
+    copy(first_aligned).unwrap();
+    let e = copy(first_aligned + 1).unwrap_err();
+    assert!(e.contains("not 16-byte aligned"), "{e}");
+}

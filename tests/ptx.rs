@@ -255,3 +255,43 @@ fn sass_of(ptxas: &Path, nvdisasm: &Path, dir: &Path, stem: &str, ptx: &str) -> 
     assert!(out.status.success(), "nvdisasm {stem}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// (kernel, max threads per block) of every `.entry` in a PTX module: its `.maxntid`, or 1024.
+fn ptx_entries(ptx: &str) -> Vec<(String, u32)> {
+    ptx.split(".entry ")
+        .skip(1)
+        .map(|e| {
+            let name = e.split('(').next().unwrap_or("").trim().to_string();
+            // The directives between the parameter list and the body.
+            let head = &e[..e.find('{').unwrap_or(e.len())];
+            let max = head
+                .split(".maxntid")
+                .nth(1)
+                .and_then(|r| r.split(',').next())
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(1024);
+            (name, max)
+        })
+        .collect()
+}
+
+/// The emulator's kernel table (module, launch bounds), from which it refuses the launches a
+/// GPU would refuse, equals what the GPU loads: every `.entry` of every PTX module, with its
+/// `.maxntid`. So a launch the emulated tests accept finds its kernel in that module on a GPU.
+#[test]
+fn emulator_kernel_table_matches_the_ptx() {
+    let Some(modules) = modules_or_skip() else { return };
+    let mut ptx: Vec<(String, String, u32)> = modules
+        .iter()
+        .flat_map(|&(stem, ptx)| ptx_entries(ptx).into_iter().map(move |(name, max)| (name, stem.to_string(), max)))
+        .collect();
+    let mut emu: Vec<(String, String, u32)> = ptxgrad_emu::KERNELS
+        .iter()
+        .filter(|k| k.module != "selftest")
+        .map(|k| (k.name.to_string(), k.module.to_string(), k.max_threads))
+        .collect();
+    ptx.sort();
+    emu.sort();
+    assert!(ptx.len() > 40, "found only {} PTX entries", ptx.len());
+    assert_eq!(emu, ptx, "emulator table (left) vs PTX (right)");
+}

@@ -14,10 +14,27 @@ use std::ffi::c_void;
 /// Unpacks an argument array (one pointer per kernel argument) and calls one kernel.
 pub type Trampoline = unsafe extern "C" fn(*const *mut c_void);
 
+/// One kernel of kernels/*.cu.
+pub struct Kernel {
+    pub name: &'static str,
+    /// The stem of the file that defines it: its module on a GPU.
+    pub module: &'static str,
+    /// The most threads per block a GPU launches it with (its `__launch_bounds__`, else 1024).
+    pub max_threads: u32,
+    pub run: Trampoline,
+}
+
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
 extern "C" {
-    fn ptxgrad_emu_run(gx: u32, gy: u32, gz: u32, threads: u32, body: extern "C" fn(*mut c_void), ctx: *mut c_void);
+    fn ptxgrad_emu_run(
+        gx: u32,
+        gy: u32,
+        gz: u32,
+        threads: u32,
+        body: extern "C" fn(*mut c_void),
+        ctx: *mut c_void,
+    ) -> *const std::ffi::c_char;
     fn ptxgrad_emu_vec4_copies() -> u64;
 }
 
@@ -29,36 +46,85 @@ pub fn vec4_copies() -> u64 {
     unsafe { ptxgrad_emu_vec4_copies() }
 }
 
+/// The limits a GPU puts on a launch's shape (every CUDA GPU since compute capability 3.0):
+/// checked here so that a launch the emulator runs is one a GPU accepts.
+const MAX_GRID: (u32, u32, u32) = ((1 << 31) - 1, 65535, 65535);
+const MAX_BLOCK: u32 = 1024;
+
+/// Why a GPU would refuse a launch of `grid` blocks of `threads` threads, if it would.
+pub fn check_launch_shape(grid: (u32, u32, u32), threads: u32) -> Result<(), String> {
+    if threads == 0 || threads > MAX_BLOCK {
+        return Err(format!("{threads} threads per block: a GPU takes 1 to {MAX_BLOCK}"));
+    }
+    let ok = |n: u32, max: u32| (1..=max).contains(&n);
+    if !(ok(grid.0, MAX_GRID.0) && ok(grid.1, MAX_GRID.1) && ok(grid.2, MAX_GRID.2)) {
+        return Err(format!(
+            "a grid of {grid:?} blocks: a GPU takes 1 to {} in x and 1 to {} in y and z",
+            MAX_GRID.0, MAX_GRID.1
+        ));
+    }
+    Ok(())
+}
+
 /// Runs `kernel` (a closure that calls one emulated kernel) as every thread of a `grid` of
 /// 1-D blocks of `threads` threads, like a launch followed by a synchronisation. Runs on the
 /// calling thread; concurrent launches from several threads are independent.
-pub fn launch(grid: (u32, u32, u32), threads: u32, kernel: &(dyn Fn() + Sync)) {
+///
+/// Errors where a GPU would fail the launch: a shape outside its limits, or a kernel that broke
+/// a rule it enforces (a misaligned 16-byte copy).
+pub fn launch(grid: (u32, u32, u32), threads: u32, kernel: &(dyn Fn() + Sync)) -> Result<(), String> {
     extern "C" fn trampoline(ctx: *mut c_void) {
         // SAFETY: ctx is the &&dyn Fn passed below, alive for the whole (blocking) run.
         let f = unsafe { &*(ctx as *const &(dyn Fn() + Sync)) };
         f();
     }
-    assert!(threads > 0 && grid.0 > 0 && grid.1 > 0 && grid.2 > 0, "empty launch");
+    check_launch_shape(grid, threads)?;
     let ctx: &&(dyn Fn() + Sync) = &kernel;
     // SAFETY: ptxgrad_emu_run calls trampoline(ctx) from threads it joins before returning.
-    unsafe { ptxgrad_emu_run(grid.0, grid.1, grid.2, threads, trampoline, ctx as *const _ as *mut c_void) }
+    let fault = unsafe { ptxgrad_emu_run(grid.0, grid.1, grid.2, threads, trampoline, ctx as *const _ as *mut c_void) };
+    if fault.is_null() {
+        Ok(())
+    } else {
+        // SAFETY: a string literal of the kernels' source (emu_fault's argument).
+        Err(unsafe { std::ffi::CStr::from_ptr(fault) }.to_string_lossy().into_owned())
+    }
 }
 
-/// The trampoline of kernel `name`, if kernels/*.cu defines it.
-pub fn find(name: &str) -> Option<Trampoline> {
-    KERNELS.iter().find(|(n, _)| *n == name).map(|&(_, t)| t)
+/// Kernel `name`, if kernels/*.cu defines it.
+pub fn find(name: &str) -> Option<&'static Kernel> {
+    KERNELS.iter().find(|k| k.name == name)
 }
 
-/// Runs kernel `name` on a `grid` of `threads`-thread blocks with `args`, one pointer per
-/// kernel argument pointing at its value (a device pointer's value is a host address here).
+/// Runs kernel `name` of module `module` (a kernels/ file stem) on a `grid` of `threads`-thread
+/// blocks with `args`, one pointer per kernel argument pointing at its value (a device pointer's
+/// value is a host address here). Fails as a GPU launch would: a kernel that is not in that
+/// module, more threads than its launch bounds, a grid beyond the limits, or a misaligned copy.
 ///
 /// # Safety
 /// `args` must match the kernel's parameter list in number and types, and every buffer the
 /// kernel touches must be valid for what it reads and writes, as for a CUDA launch.
-pub unsafe fn call(name: &str, grid: (u32, u32, u32), threads: u32, args: &[*mut c_void]) -> Result<(), String> {
-    let t = find(name).ok_or_else(|| format!("no kernel `{name}` in kernels/*.cu"))?;
+pub unsafe fn call(
+    module: &str,
+    name: &str,
+    grid: (u32, u32, u32),
+    threads: u32,
+    args: &[*mut c_void],
+) -> Result<(), String> {
+    let k = find(name).ok_or_else(|| format!("no kernel `{name}` in kernels/*.cu"))?;
+    if k.module != module {
+        return Err(format!("kernel `{name}` is in module `{}` (kernels/{0}.cu), not in `{module}`", k.module));
+    }
+    if threads > k.max_threads {
+        return Err(format!(
+            "kernel `{name}` launched with {threads} threads per block; its launch bounds allow {}",
+            k.max_threads
+        ));
+    }
     let args = args.as_ptr() as usize; // raw pointers are not Sync; the array outlives the launch
-                                       // SAFETY: as the caller promises.
-    launch(grid, threads, &|| unsafe { t(args as *const *mut c_void) });
-    Ok(())
+    let run = k.run;
+    launch(grid, threads, &|| {
+        // SAFETY: as the caller promises.
+        unsafe { run(args as *const *mut c_void) }
+    })
+    .map_err(|e| format!("kernel `{name}`: {e}"))
 }

@@ -189,5 +189,7 @@ macro_rules! emu_kernel {
 /// are not Sync).
 pub fn emu_launch(cfg: cudarc::driver::LaunchConfig, kernel: &(dyn Fn() + Sync)) {
     assert_eq!((cfg.block_dim.1, cfg.block_dim.2), (1, 1), "1-D blocks");
-    ptxgrad_emu::launch(cfg.grid_dim, cfg.block_dim.0, kernel);
+    if let Err(e) = ptxgrad_emu::launch(cfg.grid_dim, cfg.block_dim.0, kernel) {
+        panic!("emulated launch failed: {e}");
+    }
 }
