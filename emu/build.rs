@@ -120,8 +120,7 @@ fn main() {
         // Each kernel file is its own module on a GPU, but here they link into one library: a
         // namespace per file keeps same-named helpers (FwdEpi in conv2d.cu and dense.cu, say)
         // apart. The kernels and trampolines are extern "C": their symbols stay unqualified.
-        let include =
-            format!("namespace ptxgrad_emu_{k} {{\n#include \"{}\"\n", file.display());
+        let include = format!("namespace ptxgrad_emu_{k} {{\n#include \"{}\"\n", file.display());
         let probe = out.join(format!("emu_{k}_pre.cpp"));
         std::fs::write(&probe, format!("{include}}}\n")).expect("write the probe");
         let pre = Command::new(compiler.path())

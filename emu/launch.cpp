@@ -7,6 +7,10 @@
 // 100,000 blocks runs in about a second.
 #include <sys/mman.h>
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
+
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -184,6 +188,19 @@ unsigned emu_shfl_xor_bits(unsigned bits, int lane_mask) {
     const unsigned got = sched.warp_slots[warp][(lane ^ (unsigned)lane_mask) % 32];
     yield(State::AtWarpBarrier);  // every lane has read before the next shuffle writes
     return got;
+}
+
+// Marks [p, p + bytes) unaddressable (or addressable again) for AddressSanitizer, when the
+// emulator is built with it (PTXGRAD_EMU_ASAN=1); else does nothing.
+extern "C" void ptxgrad_emu_poison(const void* p, size_t bytes, int poison) {
+#if defined(__SANITIZE_ADDRESS__)
+    if (poison)
+        ASAN_POISON_MEMORY_REGION(p, bytes);
+    else
+        ASAN_UNPOISON_MEMORY_REGION(p, bytes);
+#else
+    (void)p, (void)bytes, (void)poison;
+#endif
 }
 
 // 16-byte copies made on this OS thread (launches run on the calling thread).

@@ -15,10 +15,11 @@ out=${OUT:-.gpu/out}; mkdir -p "$out"
 [ -d .gpu/bin ] || tar -C .gpu -xJf .gpu/bundle.tar.xz
 export PTXGRAD_REQUIRE_GPU=1 PTXGRAD_DATA="$PWD/data/fashion-mnist"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-# CUDA tests first (the CPU-only test files are CI's job and are skipped here to save minutes).
-# Emulator and CPU cases (emulated, ::cpu) are CI's work, done without a GPU: skipped here.
-for t in conv2d dense tape tensor add relu maxpool2d dropout softmax_xent sgd resize reshape pool; do
-  echo "== $t"; timeout 120 ".gpu/bin/test-$t" --test-threads=4 --skip emulated --skip ::cpu 2>&1 | grep -E "^test |test result|panicked|SKIPPED" -A3
+# CUDA tests first: every test whose name says cuda (test_device!'s `::cuda` cases and the
+# gpu_or_skip tests, named *_cuda_*), from every test binary. The CPU and emulator cases are CI's
+# work, done without a GPU.
+for b in .gpu/bin/test-*; do
+  echo "== ${b##*/test-}"; timeout 120 "$b" cuda --test-threads=4 2>&1 | grep -E "^test |test result|panicked|SKIPPED" -A3
 done > "$out/tests.txt" 2>&1
 grep -E "test result|FAILED|panicked" "$out/tests.txt"
 algo=${1:-}

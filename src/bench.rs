@@ -83,20 +83,22 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     }
     device.synchronize()?;
     let warmup_s = t0.elapsed().as_secs_f64();
-    let fresh = || match &device {
-        Device::Cuda(g) => Some(g.pool_stats().fresh),
+    // What the timed steps do besides launching kernels: device buffers allocated (not taken
+    // from the cache), host <-> device copies, waits for the device. The goal is none of each.
+    let counters = || match &device {
+        Device::Cuda(g) => Some((g.pool_stats().fresh, g.host_traffic())),
         Device::Cpu => None,
     };
-    let fresh_before = fresh();
+    let mut counted = None;
     let ms = wall_ms(&device, || {
+        let before = counters();
         for step in 0..a.steps {
             train_step(&mut model, &x, &y, (a.warmup + step) as u64, 0.01, None)?;
         }
+        counted = counters().zip(before).map(|((fa, ta), (fb, tb))| (fa - fb, ta - tb));
         Ok(())
     })?;
     let ms_per_step = ms / a.steps as f64;
-    // Device buffers allocated (not taken from the cache) during the timed steps: 0 is the goal.
-    let allocations = fresh().zip(fresh_before).map(|(after, before)| after - before);
     // The driver pool's high-water mark: tensors, workspaces and the buffers held in ptxgrad's
     // cache (src/pool.rs), not the CUDA context; closest to PyTorch's max_memory_reserved.
     let peak_gib = match &device {
@@ -110,7 +112,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             "examples_per_sec": (b as f64 * 1e3 / ms_per_step * 10.0).round() / 10.0,
             "ms_per_step": (ms_per_step * 1e3).round() / 1e3, "warmup_s": (warmup_s * 100.0).round() / 100.0,
             "peak_mem_gib": peak_gib.map(|m| (m * 100.0).round() / 100.0),
-            "allocations_in_timed_steps": allocations,
+            "allocations_in_timed_steps": counted.map(|(fresh, _)| fresh),
+            "host_copies_in_timed_steps": counted.map(|(_, t)| t.uploads + t.downloads),
+            "synchronizations_in_timed_steps": counted.map(|(_, t)| t.synchronizations),
         })
     );
     if let (Device::Cuda(gpu), false) = (&device, a.no_layers) {

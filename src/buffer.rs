@@ -16,23 +16,49 @@ use crate::device::Elem;
 use crate::pool::BufferPool;
 
 /// Host memory standing in for device memory on the emulator.
+///
+/// A guard tail of [`GUARD_BYTES`] follows the elements and is marked unaddressable for
+/// AddressSanitizer when the emulator is built with it (scripts/emu-asan.sh): ASan's own red zones
+/// guard the end of small allocations only, and a kernel that reads one element past a large
+/// buffer would otherwise go unseen.
 pub struct HostMem<T> {
+    /// The elements, then the guard tail (`len..`).
     data: Vec<T>,
+    len: usize,
     /// `data`'s address: the "device pointer" an emulated kernel receives (by reference, as
     /// cuLaunchKernel takes its arguments).
     addr: u64,
 }
 
-impl<T> HostMem<T> {
-    pub fn new(mut data: Vec<T>) -> Self {
+/// The size of a [`HostMem`]'s guard tail: a few elements of any type.
+pub const GUARD_BYTES: usize = 64;
+
+impl<T: Default + Clone> HostMem<T> {
+    /// `len` elements of `T::default()`.
+    pub fn zeroed(len: usize) -> Self {
+        let guard = GUARD_BYTES.div_ceil(std::mem::size_of::<T>().max(1));
+        let mut data = vec![T::default(); len + guard];
         let addr = data.as_mut_ptr() as u64;
-        HostMem { data, addr }
+        // SAFETY: the guard is inside `data`, which lives until drop (which unpoisons it).
+        unsafe { ptxgrad_emu::poison(data[len..].as_ptr().cast(), guard * std::mem::size_of::<T>(), true) };
+        HostMem { data, len, addr }
     }
+}
+
+impl<T> HostMem<T> {
     pub fn data(&self) -> &[T] {
-        &self.data
+        &self.data[..self.len]
     }
     pub fn data_mut(&mut self) -> &mut [T] {
-        &mut self.data
+        &mut self.data[..self.len]
+    }
+}
+
+impl<T> Drop for HostMem<T> {
+    fn drop(&mut self) {
+        let tail = &self.data[self.len..];
+        // SAFETY: the guard poisoned in `zeroed`, still inside `data`.
+        unsafe { ptxgrad_emu::poison(tail.as_ptr().cast(), std::mem::size_of_val(tail), false) };
     }
 }
 
@@ -46,7 +72,7 @@ impl<T> Mem<T> {
     pub fn len(&self) -> usize {
         match self {
             Mem::Cuda(s) => s.len(),
-            Mem::Host(h) => h.data.len(),
+            Mem::Host(h) => h.len,
         }
     }
     pub fn is_empty(&self) -> bool {

@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{
@@ -103,6 +104,44 @@ pub struct Gpu {
     sync_launches: bool,
     /// Dropped buffers, reused by the next request of the same type and length (see pool.rs).
     pool: Arc<BufferPool>,
+    /// Counts of what makes the host wait on or feed the device (see `host_traffic`).
+    traffic: TrafficCounters,
+}
+
+/// How often the host has copied to or from a device, or waited for it: a training step should
+/// do none of these (its batch is uploaded before it, its loss read after the epoch).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostTraffic {
+    /// Host -> device copies (`upload`).
+    pub uploads: u64,
+    /// Device -> host copies (`download`; each waits for the device).
+    pub downloads: u64,
+    /// Explicit waits for the device (`synchronize`, and per launch with PTXGRAD_SYNC_LAUNCHES=1).
+    pub synchronizations: u64,
+}
+
+impl std::ops::Sub for HostTraffic {
+    type Output = HostTraffic;
+    fn sub(self, before: HostTraffic) -> HostTraffic {
+        HostTraffic {
+            uploads: self.uploads - before.uploads,
+            downloads: self.downloads - before.downloads,
+            synchronizations: self.synchronizations - before.synchronizations,
+        }
+    }
+}
+
+#[derive(Default)]
+struct TrafficCounters {
+    uploads: AtomicU64,
+    downloads: AtomicU64,
+    synchronizations: AtomicU64,
+}
+
+impl TrafficCounters {
+    fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 enum Backend {
@@ -155,6 +194,7 @@ impl Gpu {
                 backend: Backend::Emu,
                 sync_launches,
                 pool: Arc::new(BufferPool::new(4 << 30)),
+                traffic: TrafficCounters::default(),
             });
         }
         if ptx::ARCH.is_none() {
@@ -183,7 +223,8 @@ impl Gpu {
         let total = ctx.mem_get_info().map(|(_, total)| total).unwrap_or(16 << 30);
         let pool = Arc::new(BufferPool::new(total / 4));
         let cuda = Cuda { ctx, stream, functions: Mutex::default(), modules: Mutex::default() };
-        Ok(Gpu { ordinal, name, backend: Backend::Cuda(cuda), sync_launches, pool })
+        let traffic = TrafficCounters::default();
+        Ok(Gpu { ordinal, name, backend: Backend::Cuda(cuda), sync_launches, pool, traffic })
     }
 
     /// Whether this is the kernel emulator rather than a GPU.
@@ -256,6 +297,7 @@ impl Gpu {
     pub fn check_launch(&self, kernel: &str, launched: std::result::Result<(), DriverError>) -> Result<()> {
         launched.map_err(|e| Error::cuda(format!("launching `{kernel}`"), e))?;
         if self.sync_launches {
+            TrafficCounters::count(&self.traffic.synchronizations);
             self.stream().synchronize().map_err(|e| Error::cuda(format!("running `{kernel}`"), e))?;
         }
         Ok(())
@@ -263,6 +305,7 @@ impl Gpu {
 
     /// Waits for all queued work on this device.
     pub fn synchronize(&self) -> Result<()> {
+        TrafficCounters::count(&self.traffic.synchronizations);
         if self.is_emu() {
             return Ok(()); // emulated launches run to completion
         }
@@ -291,7 +334,7 @@ impl Gpu {
             return Ok(wrap(mem));
         }
         let stream = match &self.backend {
-            Backend::Emu => return Ok(wrap(Mem::Host(HostMem::new(vec![T::default(); len])))),
+            Backend::Emu => return Ok(wrap(Mem::Host(HostMem::zeroed(len)))),
             Backend::Cuda(c) => &c.stream,
         };
         let bytes = len * std::mem::size_of::<T>();
@@ -348,6 +391,7 @@ impl Gpu {
 
     /// Host -> device copy.
     pub fn upload<T: Elem>(&self, host: &[T]) -> Result<DeviceBuf<T>> {
+        TrafficCounters::count(&self.traffic.uploads);
         let mut buf = self.take::<T>(host.len(), "allocating device memory for a copy to the GPU")?;
         match buf.mem_mut() {
             Mem::Host(h) => h.data_mut().copy_from_slice(host),
@@ -358,6 +402,7 @@ impl Gpu {
 
     /// Device -> host copy (waits for the stream).
     pub fn download<T: Elem>(&self, dev: &DeviceBuf<T>) -> Result<Vec<T>> {
+        TrafficCounters::count(&self.traffic.downloads);
         match dev.mem() {
             Mem::Host(h) => Ok(h.data().to_vec()),
             Mem::Cuda(s) => self.stream().clone_dtoh(s).map_err(|e| {
@@ -393,6 +438,18 @@ impl Gpu {
     /// The buffer cache's counters: after the first training step, `fresh` stays put.
     pub fn pool_stats(&self) -> PoolStats {
         self.pool.stats()
+    }
+
+    /// Copies between host and device and waits for the device so far (on the emulator too:
+    /// it counts the same calls): a training step adds none.
+    pub fn host_traffic(&self) -> HostTraffic {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let t = &self.traffic;
+        HostTraffic {
+            uploads: get(&t.uploads),
+            downloads: get(&t.downloads),
+            synchronizations: get(&t.synchronizations),
+        }
     }
 
     /// Runs `work` (which queues kernels on this device) and returns the GPU time it took, in

@@ -65,3 +65,22 @@ fn missing_data_and_checkpoints_are_named() {
         "/nonexistent/y.safetensors",
     );
 }
+
+/// `ptxgrad bench` on the kernel emulator (the CUDA path, run on the CPU; tiny and slow): the
+/// bench line reports that the timed steps allocated nothing, copied nothing between host and
+/// device, and never waited for the device.
+#[test]
+fn emulated_bench_steps_allocate_copy_and_wait_for_nothing() {
+    let args = ["bench", "--device", "emu", "--resize", "65", "--batch-size", "2", "--warmup", "1", "--steps", "1"];
+    let (code, out, err) = ptxgrad(&[&args[..], &["--no-layers", "--conv-algo", "gemm"]].concat());
+    assert_eq!(code, 0, "{err}");
+    let bench: serde_json::Value = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["kind"] == "bench")
+        .unwrap_or_else(|| panic!("no bench line in: {out}"));
+    for key in ["allocations_in_timed_steps", "host_copies_in_timed_steps", "synchronizations_in_timed_steps"] {
+        assert_eq!(bench[key], 0, "{key} in {bench}");
+    }
+    assert!(bench["examples_per_sec"].as_f64().is_some_and(|e| e > 0.0), "{bench}");
+}

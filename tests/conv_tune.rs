@@ -6,7 +6,7 @@
 mod common;
 use common::*;
 use ptxgrad::nn::alexnet::{AlexNet, Layer, LAYERS};
-use ptxgrad::nn::conv_tune::{candidates, tune, AGREE};
+use ptxgrad::nn::conv_tune::{candidates, tune, LayerTuning};
 use ptxgrad::ops::conv2d::ConvAlgo;
 use ptxgrad::train::train_step;
 use ptxgrad::{Device, Labels, Tensor};
@@ -17,10 +17,11 @@ fn conv_layers() -> Vec<usize> {
     (0..LAYERS.len()).filter(|&i| matches!(LAYERS[i], Layer::Conv2d { .. })).collect()
 }
 
-#[test]
-fn tuning_on_the_emulator_times_every_candidate_and_they_agree() {
-    let dev = Device::parse("emu").unwrap();
-    let tunings = tune(&dev, 2, RES, 1).unwrap();
+/// Tunes every conv layer of AlexNet at `res` on `dev` and checks the report: each layer's
+/// candidates were all tried (timed, compared with the implicit GEMM), and the choice is one that
+/// agrees. Returns the tunings.
+fn check_tuning(dev: &Device, batch: usize, res: usize) -> Vec<LayerTuning> {
+    let tunings = tune(dev, batch, res, 1).unwrap();
     assert_eq!(tunings.iter().map(|t| t.layer).collect::<Vec<_>>(), conv_layers());
     for t in &tunings {
         let cands = candidates(&t.params);
@@ -32,16 +33,38 @@ fn tuning_on_the_emulator_times_every_candidate_and_they_agree() {
             assert_eq!(t.trials.iter().map(|tr| tr.algo).collect::<Vec<_>>(), cands, "{what}: trials");
         }
         for tr in &t.trials {
-            assert!(tr.ms > 0.0 && tr.ms.is_finite(), "{what}: {} took {} ms", tr.algo, tr.ms);
-            assert!(tr.rel_err <= AGREE, "{what}: {} differs from gemm by {:e}", tr.algo, tr.rel_err);
+            eprintln!("{what}: {} {:.3} ms, differs from gemm by {:.1e}", tr.algo, tr.ms, tr.rel_err);
+            if !tr.out_of_memory {
+                assert!(tr.ms > 0.0 && tr.ms.is_finite(), "{what}: {} took {} ms", tr.algo, tr.ms);
+            }
         }
         assert!(cands.contains(&t.chosen), "{what}: chose {} outside {cands:?}", t.chosen);
+        if let Some(tr) = t.trials.iter().find(|tr| tr.algo == t.chosen) {
+            assert!(tr.agrees(), "{what}: chose {}, which differs from gemm by {:e}", tr.algo, tr.rel_err);
+        }
     }
-    // 5x5 and 3x3 layers have Winograd candidates; every Winograd kernel alpha was exercised.
+    tunings
+}
+
+#[test]
+fn tuning_on_the_emulator_times_every_candidate_and_they_agree() {
+    let tunings = check_tuning(&Device::parse("emu").unwrap(), 2, RES);
+    // Every Winograd candidate agrees with the implicit GEMM, and every kernel alpha was exercised.
+    for tr in tunings.iter().flat_map(|t| &t.trials) {
+        assert!(tr.agrees(), "{} differs from gemm by {:e}", tr.algo, tr.rel_err);
+    }
     let algos: Vec<ConvAlgo> = tunings.iter().flat_map(|t| t.trials.iter().map(|tr| tr.algo)).collect();
     for m in [2, 4, 6] {
         assert!(algos.contains(&ConvAlgo::Winograd { tile: Some(m) }), "winograd:{m} never tried");
     }
+}
+
+/// The tuning on a real GPU, at AlexNet's real size (224 x 224) and a small batch: CUDA-event
+/// timings, the comparison with the implicit GEMM, a choice that agrees.
+#[test]
+fn tuning_on_cuda_times_every_candidate_and_picks_one_that_agrees() {
+    let Some(dev) = gpu_or_skip("tuning_on_cuda_times_every_candidate_and_picks_one_that_agrees") else { return };
+    check_tuning(&dev, 16, 224);
 }
 
 #[test]

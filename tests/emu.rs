@@ -78,8 +78,8 @@ fn emulator_refuses_what_a_gpu_refuses() {
     assert!(check_launch_shape((1, 1, 1), 0).is_err());
 
     // A 16-byte cp.async must read a 16-byte-aligned address.
-    let data = vec![0f32; 8];
-    let first_aligned = (0..4).find(|&i| data[i..].as_ptr() as usize % 16 == 0).unwrap();
+    let data = [0f32; 8];
+    let first_aligned = (0..4).find(|&i| (data[i..].as_ptr() as usize).is_multiple_of(16)).unwrap();
     let copy = |offset: usize| {
         let mut src = data[offset..].as_ptr() as u64;
         let args = [&mut src as *mut u64 as *mut c_void];

@@ -1,16 +1,20 @@
 //! The buffer cache (src/pool.rs) in use: after its first step, a training step allocates
 //! nothing, on the kernel emulator (always: it runs the CUDA path's launches and buffers on the
 //! CPU) and on a GPU when there is one. (The cache's bookkeeping is unit-tested in src/pool.rs.)
+//! Nor does a step copy between host and device or wait for the device (`Gpu::host_traffic`):
+//! the batch is uploaded before it, and nothing is read back.
 //! No other test file's allocations can move the counters these read (a test binary each).
 mod common;
 use common::*;
+use ptxgrad::device::HostTraffic;
 use ptxgrad::nn::alexnet::AlexNet;
 use ptxgrad::ops::conv2d::ConvAlgo;
 use ptxgrad::train::{prepare_batch, train_step};
 use ptxgrad::{Device, Tensor};
 
 /// Steps `warm` times, then `more` times, and checks that the later steps took every buffer
-/// from the cache.
+/// from the cache, and that no step (train_step; the batch upload is before it) copied to or
+/// from the host or waited for the device.
 fn steady_state_allocates_nothing(dev: &Device, b: usize, r: usize, warm: u64, more: u64) {
     let Device::Cuda(gpu) = dev else { unreachable!("a CUDA or emulated device") };
     for algo in [ConvAlgo::ImplicitGemm, ConvAlgo::Winograd { tile: None }] {
@@ -22,7 +26,10 @@ fn steady_state_allocates_nothing(dev: &Device, b: usize, r: usize, warm: u64, m
             let pixels: Vec<u8> = (0..b * 784).map(|p| ((p as u64 * 31 + i) % 251) as u8).collect();
             let labels: Vec<u32> = (0..b as u32).map(|l| (l + i as u32) % 10).collect();
             let (x, y) = prepare_batch(pixels, labels, (28, 28), r, dev).unwrap();
+            let before = gpu.host_traffic();
             train_step(&mut model, &x, &y, i, 0.01, Some(&mut stats)).unwrap();
+            let traffic = gpu.host_traffic() - before;
+            assert_eq!(traffic, HostTraffic::default(), "{algo}: step {i} talked to the host");
         };
         (0..warm).for_each(&mut step);
         dev.synchronize().unwrap();

@@ -36,6 +36,19 @@ extern "C" {
         ctx: *mut c_void,
     ) -> *const std::ffi::c_char;
     fn ptxgrad_emu_vec4_copies() -> u64;
+    fn ptxgrad_emu_poison(p: *const c_void, bytes: usize, poison: i32);
+}
+
+/// Marks `bytes` bytes at `p` unaddressable (`poison`) or addressable again for
+/// AddressSanitizer, when the emulator is built with it (PTXGRAD_EMU_ASAN=1): an emulated kernel
+/// that touches poisoned memory stops the process with a report. Otherwise does nothing.
+///
+/// # Safety
+/// The range must lie in one live allocation of the caller's, and be unpoisoned before it is
+/// freed or used by Rust code.
+pub unsafe fn poison(p: *const c_void, bytes: usize, poison: bool) {
+    // SAFETY: as the caller promises.
+    unsafe { ptxgrad_emu_poison(p, bytes, poison as i32) }
 }
 
 /// How many 16-byte `cp.async` copies (the GEMM core's vector loads) the kernels launched from
