@@ -31,16 +31,6 @@
 // / _t64); the host picks by how well each grid fills the GPU's waves (ops::conv2d::gemm_launch).
 #include "gemm.cuh"
 
-// n / d for 0 <= n < 2^31 as (umulhi(n, mul) + n) >> shift, with (mul, shift) made for d by the
-// host (ops::conv2d::FastDiv, which also has the proof obligations in its tests): three
-// instructions instead of a division sequence. Mirrors ops::conv2d::FastDiv.
-struct FastDiv {
-    unsigned mul, shift;
-};
-__device__ __forceinline__ int fast_div(int n, FastDiv d) {
-    return (int)((__umulhi((unsigned)n, d.mul) + (unsigned)n) >> d.shift);
-}
-
 // Mirrors ops::conv2d::Conv2dParams field for field.
 struct Conv2dParams {
     unsigned n, c_in, h, w, c_out, kh, kw, stride, pad, oh, ow;

@@ -6,7 +6,12 @@
 // as the maximum (once the running max is NaN only a later NaN replaces it, so y is NaN).
 //
 // Design:
-//  * forward: one thread per OUTPUT element, grid-stride loop; it scans its k x k window.
+//  * launch: a 2-D grid, x over the N * C planes and y over the elements of one plane (outputs for
+//    the forward, inputs for the backward), both grid-stride so the host may cap either. A
+//    thread's plane is its block's x, its place in the plane 32-bit, and the row and column come
+//    from FastDiv: no division of a 64-bit flat index (the first version's division sequences made
+//    both kernels compute-bound, at about 8x the time their memory traffic takes).
+//  * forward: one thread per OUTPUT element; it scans its k x k window.
 //  * backward: one thread per INPUT element, gathering. With overlapping windows (AlexNet: 3x3,
 //    stride 2) an input may be the argmax of up to ceil(k/s)^2 windows and must get the SUM of
 //    their gradients. Instead of scattering with atomicAdd (whose summation order, hence result,
@@ -15,23 +20,27 @@
 //    same summation order as the CPU reference's scatter loop, so the results are bit-identical.
 //    An argmax index out of range can never match any input: a corrupt argmax cannot make the
 //    kernel read or write out of bounds.
-// Planes are addressed with 64-bit offsets: N * C * H * W may exceed 2^31.
+// A plane has fewer than 2^31 elements and there are fewer than 2^32 planes (the host checks);
+// planes are addressed with 64-bit offsets: N * C * H * W may exceed 2^32.
 #include "common.cuh"
 
 // Mirrors `Maxpool2dParams` in src/ops/maxpool2d.rs, field for field.
 struct Maxpool2dParams {
     unsigned n, c, h, w, oh, ow, k, stride;
+    FastDiv w_div, ow_div, stride_div;  // division by W, by OW and by the stride
 };
+
+// Every (plane, element) pair of `planes` planes of `elems` elements, as described above.
+#define FOR_EACH_PLANE_ELEMENT(plane, e, planes, elems)                           \
+    for (unsigned plane = blockIdx.x; plane < (planes); plane += gridDim.x)      \
+        for (unsigned e = blockIdx.y * blockDim.x + threadIdx.x; e < (elems); e += gridDim.y * blockDim.x)
 
 PTX_KERNEL void maxpool2d_fwd_f32(const float* __restrict__ x, float* __restrict__ y, unsigned* __restrict__ argmax,
                                   Maxpool2dParams p) {
-    const unsigned long long plane_out = (unsigned long long)p.oh * p.ow;
-    const unsigned long long total = (unsigned long long)p.n * p.c * plane_out;
-    FOR_EACH_INDEX(i, total) {
-        const unsigned long long plane = i / plane_out;
-        const unsigned r = (unsigned)(i - plane * plane_out);
-        const unsigned oy = r / p.ow, ox = r - oy * p.ow;
-        const float* xp = x + plane * p.h * p.w;
+    const unsigned plane_in = p.h * p.w, plane_out = p.oh * p.ow;
+    FOR_EACH_PLANE_ELEMENT(plane, o, p.n * p.c, plane_out) {
+        const float* xp = x + (unsigned long long)plane * plane_in;
+        const unsigned oy = fast_div(o, p.ow_div), ox = o - oy * p.ow;
         const unsigned y0 = oy * p.stride, x0 = ox * p.stride;
         float best = __int_as_float(0xff800000);  // -inf
         unsigned arg = y0 * p.w + x0;
@@ -45,27 +54,24 @@ PTX_KERNEL void maxpool2d_fwd_f32(const float* __restrict__ x, float* __restrict
                 }
             }
         }
-        y[i] = best;
-        argmax[i] = arg;
+        const unsigned long long out = (unsigned long long)plane * plane_out + o;
+        y[out] = best;
+        argmax[out] = arg;
     }
 }
 
 PTX_KERNEL void maxpool2d_bwd_f32(const unsigned* __restrict__ argmax, const float* __restrict__ gy,
                                   float* __restrict__ gx, Maxpool2dParams p) {
-    const unsigned long long plane_in = (unsigned long long)p.h * p.w;
-    const unsigned long long plane_out = (unsigned long long)p.oh * p.ow;
-    const unsigned long long total = (unsigned long long)p.n * p.c * plane_in;
-    FOR_EACH_INDEX(i, total) {
-        const unsigned long long plane = i / plane_in;
-        const unsigned me = (unsigned)(i - plane * plane_in);  // iy * W + ix
-        const unsigned iy = me / p.w, ix = me - iy * p.w;
+    const unsigned plane_in = p.h * p.w, plane_out = p.oh * p.ow;
+    FOR_EACH_PLANE_ELEMENT(plane, me, p.n * p.c, plane_in) {  // me = iy * W + ix
+        const unsigned iy = fast_div(me, p.w_div), ix = me - iy * p.w;
         // Windows containing row iy: oy * s <= iy <= oy * s + k - 1, and oy < OH.
-        const unsigned oy_lo = iy < p.k ? 0 : (iy - p.k) / p.stride + 1;
-        const unsigned oy_hi = min(iy / p.stride, p.oh - 1);
-        const unsigned ox_lo = ix < p.k ? 0 : (ix - p.k) / p.stride + 1;
-        const unsigned ox_hi = min(ix / p.stride, p.ow - 1);
-        const unsigned* ap = argmax + plane * plane_out;
-        const float* gp = gy + plane * plane_out;
+        const unsigned oy_lo = iy < p.k ? 0 : fast_div(iy - p.k, p.stride_div) + 1;
+        const unsigned oy_hi = min((unsigned)fast_div(iy, p.stride_div), p.oh - 1);
+        const unsigned ox_lo = ix < p.k ? 0 : fast_div(ix - p.k, p.stride_div) + 1;
+        const unsigned ox_hi = min((unsigned)fast_div(ix, p.stride_div), p.ow - 1);
+        const unsigned* ap = argmax + (unsigned long long)plane * plane_out;
+        const float* gp = gy + (unsigned long long)plane * plane_out;
         float acc = 0.0f;
         for (unsigned oy = oy_lo; oy <= oy_hi; ++oy) {
             for (unsigned ox = ox_lo; ox <= ox_hi; ++ox) {
@@ -73,6 +79,6 @@ PTX_KERNEL void maxpool2d_bwd_f32(const unsigned* __restrict__ argmax, const flo
                 if (ap[o] == me) acc += gp[o];
             }
         }
-        gx[i] = acc;
+        gx[(unsigned long long)plane * plane_in + me] = acc;
     }
 }

@@ -9,6 +9,7 @@ use cudarc::driver::LaunchConfig;
 
 use crate::device::Gpu;
 use crate::error::{Error, Result};
+use crate::ops::fast_div::FastDiv;
 use crate::ops::matmul_cpu::{gemm_acc, transpose};
 use crate::ops::parallel::map_ranges;
 use crate::ops::relu::through_fused_relu;
@@ -40,33 +41,6 @@ pub struct Conv2dParams {
     /// reduction index into (image, oh, ow) once per k-tile).
     pub ohw_div: FastDiv,
     pub ow_div: FastDiv,
-}
-
-/// n / d for 0 <= n < 2^31 as (umulhi(n, mul) + n) >> shift (Granlund and Montgomery's
-/// division by invariant integers): a multiply-high, an add and a shift in the kernels instead of
-/// the ~25 instructions of a division by a runtime value. Mirrored by `struct FastDiv` in
-/// kernels/conv2d.cu.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FastDiv {
-    pub mul: u32,
-    pub shift: u32,
-}
-
-impl FastDiv {
-    /// For a divisor 1 <= d < 2^31 (so that shift < 32): shift = ceil(log2 d),
-    /// mul = floor(2^32 (2^shift - d) / d) + 1. The conv sizes are below 2^31 (checked by `new`).
-    pub fn new(d: u32) -> FastDiv {
-        assert!((1..1 << 31).contains(&d), "FastDiv of {d}: expected 1 <= d < 2^31");
-        let shift = 32 - (d - 1).leading_zeros();
-        let mul = ((1u64 << 32) * ((1u64 << shift) - d as u64) / d as u64 + 1) as u32;
-        FastDiv { mul, shift }
-    }
-    /// What the kernels compute (for n < 2^31).
-    pub fn quotient(self, n: u32) -> u32 {
-        let hi = ((n as u64 * self.mul as u64) >> 32) as u32;
-        (hi + n) >> self.shift
-    }
 }
 
 // SAFETY: #[repr(C)] plain u32 fields, mirrored by the kernel's struct.

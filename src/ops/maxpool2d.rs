@@ -3,8 +3,10 @@
 //! index inside its (n, c) plane); the backward sends each output gradient to that one input and
 //! sums where windows overlap (see kernels/maxpool2d.cu).
 
-use crate::device::grid_1d;
+use cudarc::driver::LaunchConfig;
+
 use crate::error::{Error, Result};
+use crate::ops::fast_div::FastDiv;
 use crate::ptx::Module;
 use crate::tape::Tape;
 use crate::tensor::{common_device, Storage, Tensor};
@@ -21,6 +23,10 @@ pub struct Maxpool2dParams {
     pub ow: u32,
     pub k: u32,
     pub stride: u32,
+    /// Division by W, by OW and by the stride, for the kernels' index math.
+    pub w_div: FastDiv,
+    pub ow_div: FastDiv,
+    pub stride_div: FastDiv,
 }
 
 // SAFETY: #[repr(C)] plain data, mirrored field for field by the kernel's struct.
@@ -43,19 +49,27 @@ impl Maxpool2dParams {
                 format!("{h}x{w} (shape {x_shape:?})"),
             ));
         }
-        let fits = |v: usize| u32::try_from(v).ok();
-        let too_big = || Error::shape("maxpool2d", "dims and a plane size below 2^32", format!("shape {x_shape:?}"));
+        // The kernels index a plane with 32 bits (FastDiv: below 2^31) and count planes in 32.
+        let too_big = || {
+            Error::shape("maxpool2d", "planes below 2^31 elements and N * C below 2^32", format!("shape {x_shape:?}"))
+        };
+        let small = |v: usize, limit: usize| if v < limit { Ok(v as u32) } else { Err(too_big()) };
+        small(h * w, 1 << 31)?;
+        small(n * c, 1 << 32)?;
+        let stride32 = small(stride, 1 << 31)?;
         let (oh, ow) = ((h - k) / stride + 1, (w - k) / stride + 1);
-        fits(h * w).ok_or_else(too_big)?;
         Ok(Maxpool2dParams {
-            n: fits(n).ok_or_else(too_big)?,
-            c: fits(c).ok_or_else(too_big)?,
+            n: n as u32,
+            c: c as u32,
             h: h as u32,
             w: w as u32,
             oh: oh as u32,
             ow: ow as u32,
-            k: k as u32,
-            stride: stride as u32,
+            k: k as u32, // k <= h
+            stride: stride32,
+            w_div: FastDiv::new(w as u32),
+            ow_div: FastDiv::new(ow as u32),
+            stride_div: FastDiv::new(stride32),
         })
     }
 
@@ -65,6 +79,17 @@ impl Maxpool2dParams {
 
     fn planes(&self) -> usize {
         self.n as usize * self.c as usize
+    }
+
+    /// The kernels' launch over `elems` elements per plane (see kernels/maxpool2d.cu): grid x
+    /// over the planes, grid y over one plane's elements, blocks of up to 256 threads (fewer,
+    /// in whole warps, for small planes, which would otherwise leave most of a block idle). Both
+    /// dimensions are capped at CUDA's limits; the kernels loop over what a cap leaves.
+    fn launch(&self, elems: u32) -> LaunchConfig {
+        let threads = elems.div_ceil(32).clamp(1, 8) * 32;
+        let grid_y = elems.div_ceil(threads).clamp(1, 65535);
+        let grid_x = (self.planes() as u64).clamp(1, (1 << 31) - 1) as u32;
+        LaunchConfig { grid_dim: (grid_x, grid_y, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
     }
 }
 
@@ -129,7 +154,8 @@ pub fn maxpool2d_fwd(x: &Tensor, k: usize, stride: usize) -> Result<(Tensor, Ten
         Storage::Cuda { gpu, buf } => {
             let mut y = gpu.uninit::<f32>(n_out)?;
             let mut a = gpu.uninit::<u32>(n_out)?;
-            crate::launch!(gpu, Module::Maxpool2d, "maxpool2d_fwd_f32", grid_1d(n_out, 256), buf, &mut y, &mut a, &p)?;
+            let cfg = p.launch(p.oh * p.ow);
+            crate::launch!(gpu, Module::Maxpool2d, "maxpool2d_fwd_f32", cfg, buf, &mut y, &mut a, &p)?;
             (Storage::Cuda { gpu: gpu.clone(), buf: y }, Storage::Cuda { gpu: gpu.clone(), buf: a })
         }
     };
@@ -151,7 +177,8 @@ pub fn maxpool2d_bwd(argmax: &Tensor<u32>, gy: &Tensor, x_shape: &[usize], k: us
         (Storage::Cpu(a), Storage::Cpu(g)) => Storage::Cpu(maxpool2d_bwd_cpu(a, g, &p)?),
         (Storage::Cuda { gpu, buf: a }, Storage::Cuda { buf: g, .. }) => {
             let mut gx = gpu.uninit::<f32>(n_in)?;
-            crate::launch!(gpu, Module::Maxpool2d, "maxpool2d_bwd_f32", grid_1d(n_in, 256), a, g, &mut gx, &p)?;
+            let cfg = p.launch(p.h * p.w);
+            crate::launch!(gpu, Module::Maxpool2d, "maxpool2d_bwd_f32", cfg, a, g, &mut gx, &p)?;
             Storage::Cuda { gpu: gpu.clone(), buf: gx }
         }
         _ => unreachable!("checked by common_device"),

@@ -7,6 +7,7 @@ pub mod add;
 pub mod conv2d;
 pub mod dense;
 pub mod dropout;
+pub mod fast_div;
 pub mod matmul_cpu;
 pub mod maxpool2d;
 pub mod parallel;
