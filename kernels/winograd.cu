@@ -32,6 +32,7 @@ struct TileParams {
     unsigned relu;             // scatter: max(., 0)
     unsigned splits, split_len;  // scatter: partials to add, split_len elements apart
     unsigned tile_major;         // gather: 1 = write (alpha^2, P, C), else (alpha^2, C, P)
+    FastDiv c_div, tiles_div, per_plane_div, tiles_w_div;  // division by C, P, tiles per plane, tiles_w
     float l[kMaxAlpha * kMaxAlpha];  // L, row pitch kMaxAlpha, zero-padded
 };
 
@@ -65,26 +66,26 @@ __device__ __forceinline__ void sandwich(const float (&t)[A][A], float (&out)[A]
 }
 
 // Thread index -> (c, tile q) and the tile's first pixel (may be negative: padding). The index is
-// the element's position on the alpha^2 side: c * P + q, or q * C + c when TILE_MAJOR (a template
-// parameter: a second 64-bit division in one kernel made ptxas spill).
+// the element's position on the alpha^2 side: c * P + q, or q * C + c when TILE_MAJOR. It is below
+// 2^31 (the host refuses larger buffers), so FastDiv splits it: no division sequence per thread.
 struct TileAt {
     unsigned c, q;
     int row0, col0;
     unsigned long long plane;  // offset of plane (n, c)
 };
 template <bool TILE_MAJOR>
-__device__ __forceinline__ TileAt tile_at(unsigned long long idx, const TileParams& p) {
+__device__ __forceinline__ TileAt tile_at(unsigned idx, const TileParams& p) {
     const unsigned per = p.tiles_h * p.tiles_w, tiles = p.n * per;
     TileAt t;
     if (TILE_MAJOR) {
-        t.q = (unsigned)(idx / p.c);
-        t.c = (unsigned)(idx - (unsigned long long)t.q * p.c);
+        t.q = fast_div(idx, p.c_div);
+        t.c = idx - t.q * p.c;
     } else {
-        t.c = (unsigned)(idx / tiles);
-        t.q = (unsigned)(idx - (unsigned long long)t.c * tiles);
+        t.c = fast_div(idx, p.tiles_div);
+        t.q = idx - t.c * tiles;
     }
-    const unsigned n = t.q / per, r = t.q - n * per;
-    const unsigned th = r / p.tiles_w, tw = r - th * p.tiles_w;
+    const unsigned n = fast_div(t.q, p.per_plane_div), r = t.q - n * per;
+    const unsigned th = fast_div(r, p.tiles_w_div), tw = r - th * p.tiles_w;
     t.row0 = (int)(th * p.step) - (int)p.pad;
     t.col0 = (int)(tw * p.step) - (int)p.pad;
     t.plane = ((unsigned long long)n * p.c + t.c) * p.h * p.w;
@@ -96,7 +97,7 @@ __device__ __forceinline__ void gather(const float* __restrict__ src, float* __r
                                        const TileParams& p) {
     const unsigned long long len = (unsigned long long)p.c * p.n * p.tiles_h * p.tiles_w;
     FOR_EACH_INDEX(idx, len) {
-        const TileAt at = tile_at<TILE_MAJOR>(idx, p);
+        const TileAt at = tile_at<TILE_MAJOR>((unsigned)idx, p);
         float t[A][A];
 #pragma unroll
         for (int a = 0; a < A; ++a)
@@ -120,7 +121,7 @@ __device__ __forceinline__ void scatter(const float* __restrict__ in, const floa
                                         float* __restrict__ dst, const TileParams& p, unsigned has_bias) {
     const unsigned long long len = (unsigned long long)p.c * p.n * p.tiles_h * p.tiles_w;
     FOR_EACH_INDEX(idx, len) {
-        const TileAt at = tile_at<false>(idx, p);
+        const TileAt at = tile_at<false>((unsigned)idx, p);
         float t[A][A];
 #pragma unroll
         for (int i = 0; i < A; ++i)

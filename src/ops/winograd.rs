@@ -35,6 +35,7 @@ use cudarc::driver::LaunchConfig;
 use crate::device::{grid_1d, DeviceBuf, Gpu};
 use crate::error::{Error, Result};
 use crate::ops::conv2d::{gemm_launch, split_chunk, split_count, Conv2dParams, Tile};
+use crate::ops::fast_div::FastDiv;
 use crate::ops::matmul_cpu::{gemm_acc, transpose};
 use crate::ops::parallel::map_ranges;
 use crate::ptx::Module;
@@ -190,11 +191,17 @@ pub struct TileParams {
     /// Gather only: 1 writes (alpha^2, P, C) (consecutive kernel threads take consecutive
     /// channels, so that the stores stay coalesced), 0 writes (alpha^2, C, P).
     pub tile_major: u32,
+    /// Division by C, by P (tiles over the batch), by the tiles per plane and by tiles_w: the
+    /// kernels' index math (see `TileParams::new`).
+    pub c_div: FastDiv,
+    pub tiles_div: FastDiv,
+    pub per_plane_div: FastDiv,
+    pub tiles_w_div: FastDiv,
     /// L, alpha x alpha, row pitch MAX_ALPHA, zero outside (rows, cols) of the actual matrix.
     pub l: [f32; MAX_ALPHA * MAX_ALPHA],
 }
 
-// SAFETY: #[repr(C)] u32 and f32 fields, mirrored by the kernel's struct.
+// SAFETY: #[repr(C)] u32 and f32 fields (FastDiv: two u32), mirrored by the kernel's struct.
 unsafe impl cudarc::driver::DeviceRepr for TileParams {}
 
 impl TileParams {
@@ -386,6 +393,10 @@ pub struct Pass {
 
 fn tile_params(planes: [usize; 4], tiles: [usize; 2], step: usize, pad: usize, extent: usize) -> TileParams {
     let u = |v: usize| v as u32;
+    // Divisors for the kernels. Sizes of 2^31 and more never reach a kernel (Pass::check_size
+    // refuses them first): clamping only keeps FastDiv::new's precondition.
+    let div = |d: usize| FastDiv::new(d.clamp(1, (1 << 31) - 1) as u32);
+    let per_plane = tiles[0] * tiles[1];
     TileParams {
         n: u(planes[0]),
         c: u(planes[1]),
@@ -400,6 +411,10 @@ fn tile_params(planes: [usize; 4], tiles: [usize; 2], step: usize, pad: usize, e
         splits: 1,
         split_len: 0,
         tile_major: 0,
+        c_div: div(planes[1]),
+        tiles_div: div(planes[0] * per_plane),
+        per_plane_div: div(per_plane),
+        tiles_w_div: div(tiles[1]),
         l: [0.0; MAX_ALPHA * MAX_ALPHA],
     }
 }
