@@ -48,6 +48,20 @@ def step_table(bench, peer):
     return "\n".join(rows)
 
 
+def step_hygiene(bench):
+    """What each bench's timed steps did besides computing: allocations, copies, waits, memory."""
+    lines = []
+    for b in (b for b in bench if b.get("kind") == "bench"):
+        counts = [(b.get(k), what) for k, what in [("allocations_in_timed_steps", "allocations"),
+                                                    ("host_copies_in_timed_steps", "host <-> device copies"),
+                                                    ("synchronizations_in_timed_steps", "synchronisations")]]
+        said = ", ".join(f"{n} {what}" for n, what in counts if n is not None) or "not reported"
+        peak = b.get("peak_mem_gib")
+        lines.append(f"- `--conv-algo {b.get('conv_algo', '?')}`, timed steps: {said}"
+                     + (f"; peak device memory {peak} GiB" if peak is not None else ""))
+    return "\n".join(lines)
+
+
 def tune_table(bench):
     tunes = [t for t in bench if t.get("kind") == "conv_tune"]
     if not tunes:
@@ -109,6 +123,7 @@ def main():
     shape = f"batch {first.get('batch', '?')}, {first.get('resolution', '?')}x{first.get('resolution', '?')}"
     print(f"## Training step ({shape}, synthetic input on the GPU; PyTorch at batch 128)\n")
     print(step_table(bench, peer) + "\n")
+    print(step_hygiene(bench) + "\n")
     print("## --conv-algo auto: what each conv layer measured\n")
     print(tune_table(bench) + "\n")
     print("## Per-layer GPU time (the first bench of the run)\n")
