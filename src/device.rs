@@ -108,15 +108,17 @@ pub struct Gpu {
     traffic: TrafficCounters,
 }
 
-/// How often the host has copied to or from a device, or waited for it: a training step should
-/// do none of these (its batch is uploaded before it, its loss read after the epoch).
+/// How often the host has copied to or from a device, or waited for it: a training step does
+/// none of these (its batch is uploaded before it; `train` reads the losses and counts every
+/// PROGRESS_EVERY steps, between steps).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HostTraffic {
     /// Host -> device copies (`upload`).
     pub uploads: u64,
     /// Device -> host copies (`download`; each waits for the device).
     pub downloads: u64,
-    /// Explicit waits for the device (`synchronize`, and per launch with PTXGRAD_SYNC_LAUNCHES=1).
+    /// Explicit waits for the device (`synchronize`; not the per-launch waits of the debugging
+    /// switch PTXGRAD_SYNC_LAUNCHES=1).
     pub synchronizations: u64,
 }
 
@@ -297,7 +299,6 @@ impl Gpu {
     pub fn check_launch(&self, kernel: &str, launched: std::result::Result<(), DriverError>) -> Result<()> {
         launched.map_err(|e| Error::cuda(format!("launching `{kernel}`"), e))?;
         if self.sync_launches {
-            TrafficCounters::count(&self.traffic.synchronizations);
             self.stream().synchronize().map_err(|e| Error::cuda(format!("running `{kernel}`"), e))?;
         }
         Ok(())

@@ -192,7 +192,7 @@ pub struct TileParams {
     /// channels, so that the stores stay coalesced), 0 writes (alpha^2, C, P).
     pub tile_major: u32,
     /// Division by C, by P (tiles over the batch), by the tiles per plane and by tiles_w: the
-    /// kernels' index math (see `TileParams::new`).
+    /// kernels' index math (made by `tile_params`).
     pub c_div: FastDiv,
     pub tiles_div: FastDiv,
     pub per_plane_div: FastDiv,
