@@ -61,3 +61,26 @@ fn sgd_rejects_bad_arguments() {
     drop(held);
     sgd_update(&mut p, &g, 0.1).unwrap();
 }
+
+/// The kernel's element-by-element path, taken where an array is not 16-byte aligned (never
+/// for driver buffers, so only reachable here): the emulated kernel on offset pointers.
+#[test]
+fn sgd_kernel_handles_unaligned_arrays_emulated() {
+    use std::ffi::c_void;
+    let (n, lr) = (37usize, 0.5f32);
+    let p0 = uniform(n + 1, -1.0, 1.0, 1);
+    let g0 = uniform(n + 1, -1.0, 1.0, 2);
+    for (po, go) in [(1, 1), (1, 0), (0, 1), (0, 0)] {
+        let mut p = p0.clone();
+        let mut want = p0[po..po + n].to_vec();
+        sgd_update_cpu(&mut want, &g0[go..go + n], lr);
+        let (mut pp, mut gp) = (p[po..].as_mut_ptr() as u64, g0[go..].as_ptr() as u64);
+        let (mut lr_arg, mut n_arg) = (lr, n as u64);
+        let args = [&mut pp, &mut gp].map(|a| a as *mut u64 as *mut c_void);
+        let args = [args[0], args[1], &mut lr_arg as *mut f32 as *mut c_void, &mut n_arg as *mut u64 as *mut c_void];
+        // SAFETY: the argument list mirrors sgd_update_f32's; both arrays hold n elements from their offsets.
+        unsafe { ptxgrad_emu::call("sgd", "sgd_update_f32", (2, 1, 1), 8, &args) }.unwrap();
+        assert_close(&format!("sgd, offsets {po}, {go}"), &want, &p[po..po + n], 1.2e-7, 0.0);
+        assert_eq!(p[..po], p0[..po], "wrote before the array");
+    }
+}

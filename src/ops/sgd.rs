@@ -30,7 +30,9 @@ pub fn sgd_update(param: &mut Tensor, grad: &Tensor, lr: f32) -> Result<()> {
         (Storage::Cpu(p), Storage::Cpu(g)) => sgd_update_cpu(p, g, lr),
         (Storage::Cuda { gpu, buf }, Storage::Cuda { buf: g, .. }) => {
             let gpu = gpu.clone();
-            crate::launch!(&gpu, Module::Sgd, "sgd_update_f32", grid_1d(n as usize, 256), buf, g, &lr, &n)?;
+            // One thread per group of 4 elements (see kernels/sgd.cu).
+            let cfg = grid_1d((n as usize).div_ceil(4), 256);
+            crate::launch!(&gpu, Module::Sgd, "sgd_update_f32", cfg, buf, g, &lr, &n)?;
         }
         _ => unreachable!("checked by common_device"),
     }
