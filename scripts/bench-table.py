@@ -7,7 +7,9 @@ Reads what the run wrote and nothing else: every figure printed comes from a log
 missing log prints as "not run". Ratios are ptxgrad's examples/sec over PyTorch's, both from
 the same run (same GPU, minutes apart).
 """
+import csv
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -100,6 +102,102 @@ def layer_table(bench):
     return "\n".join(out)
 
 
+def number(text):
+    """A value of ncu's CSV ("1,234.5", "n/a", "") as a float, or None."""
+    try:
+        return float(text.replace(",", ""))
+    except (AttributeError, ValueError):
+        return None
+
+
+def ncu_rows(path):
+    """ncu's raw page (--csv --page raw --print-units base): one dict per profiled kernel launch,
+    metric name -> text. The line after the header gives units and is skipped."""
+    if not path.exists():
+        return None
+    lines = [r for r in csv.reader(path.read_text(errors="replace").splitlines()) if r]
+    start = next((i for i, r in enumerate(lines) if "Kernel Name" in r), None)
+    if start is None:
+        return []
+    header = lines[start]
+    rows = [dict(zip(header, r)) for r in lines[start + 1:] if len(r) == len(header)]
+    return [r for r in rows if number(r.get("ID", "")) is not None]
+
+
+STALL = re.compile(r"smsp__average_warps?_(?:latency_)?issue_stalled_(\w+?)(?:_per_issue_active)?\.ratio$")
+
+
+def first(row, *names):
+    for n in names:
+        v = number(row.get(n))
+        if v is not None:
+            return v
+    return None
+
+
+def ncu_table(path, top=25):
+    """Per kernel (all launches of one name in the profiled step): time, how busy the SM and its
+    issue slots were, achieved FLOP/s, occupancy, the leading warp stall reasons, and shared-memory
+    bank conflicts, as ncu measured them. Columns ncu did not report print as blank."""
+    rows = ncu_rows(path)
+    if rows is None:
+        return "(no ncu.csv: the profile was not run)"
+    if not rows:
+        return "(ncu.csv holds no kernels: see the == ncu lines in bench.txt for why)"
+    kernels = {}
+    for r in rows:
+        kernels.setdefault(r["Kernel Name"], []).append(r)
+    total_ns = sum(first(r, "gpu__time_duration.sum") or 0 for r in rows)
+
+    def mean(rs, *names):  # duration-weighted over the kernel's launches
+        pairs = [(first(r, *names), first(r, "gpu__time_duration.sum") or 0) for r in rs]
+        pairs = [(v, w) for v, w in pairs if v is not None]
+        wsum = sum(w for _, w in pairs)
+        return sum(v * w for v, w in pairs) / wsum if wsum else None
+
+    def fmt(v, spec):
+        return "" if v is None else format(v, spec)
+
+    out = [f"{len(rows)} kernel launches profiled, {total_ns / 1e6:.2f} ms of GPU time under the profiler "
+           "(caches flushed before each kernel, so a little slower than in the step).", "",
+           "| kernel | launches | ms | share | SM % | issue slots % | FMA pipe % | TFLOP/s | occupancy % "
+           "| top stalls (cycles per issued instruction) | shared ld conflicts % |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    by_time = sorted(kernels.items(), key=lambda kv: -sum(first(r, "gpu__time_duration.sum") or 0 for r in kv[1]))
+    for name, rs in by_time[:top]:
+        ns = sum(first(r, "gpu__time_duration.sum") or 0 for r in rs)
+        flop = 0.0
+        for r in rs:
+            ffma = first(r, "smsp__sass_thread_inst_executed_op_ffma_pred_on.sum")
+            if ffma is None:
+                flop = None
+                break
+            flop += 2 * ffma + (first(r, "smsp__sass_thread_inst_executed_op_fadd_pred_on.sum") or 0) \
+                + (first(r, "smsp__sass_thread_inst_executed_op_fmul_pred_on.sum") or 0)
+        stalls = {}
+        for col in rs[0]:
+            m = STALL.match(col)
+            v = mean(rs, col) if m else None
+            if v:
+                stalls[m.group(1)] = v
+        top_stalls = ", ".join(f"{k} {v:.1f}" for k, v in sorted(stalls.items(), key=lambda kv: -kv[1])[:3])
+        conflicts = sum(first(r, "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum") or 0 for r in rs)
+        wavefronts = sum(first(r, "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum") or 0 for r in rs)
+        out.append(" | ".join([
+            f"| {name}", str(len(rs)), f"{ns / 1e6:.3f}", f"{100 * ns / total_ns:.1f}%" if total_ns else "",
+            fmt(mean(rs, "sm__throughput.avg.pct_of_peak_sustained_elapsed"), ".0f"),
+            fmt(mean(rs, "smsp__issue_active.avg.pct_of_peak_sustained_active",
+                     "sm__inst_issued.avg.pct_of_peak_sustained_active"), ".0f"),
+            fmt(mean(rs, "sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active",
+                     "sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active"), ".0f"),
+            fmt(flop / ns / 1e3 if flop is not None and ns else None, ".1f"),
+            fmt(mean(rs, "sm__warps_active.avg.pct_of_peak_sustained_active"), ".0f"),
+            top_stalls, fmt(100 * conflicts / wavefronts if wavefronts else None, ".0f")]) + " |")
+    if len(by_time) > top:
+        out.append(f"| ({len(by_time) - top} more kernels) | | | | | | | | | | |")
+    return "\n".join(out)
+
+
 def train_summary(train):
     epochs = [e for e in train if e.get("kind") == "epoch"]
     final = [e for e in train if e.get("kind") == "final"]
@@ -129,7 +227,12 @@ def main():
     print("## Per-layer GPU time (the first bench of the run)\n")
     print(layer_table(bench) + "\n")
     print("## 10-epoch training\n")
-    print(train_summary(train))
+    print(train_summary(train) + "\n")
+    print("## One training step under Nsight Compute (ncu.csv)\n")
+    try:
+        print(ncu_table(d / "ncu.csv"))
+    except Exception as e:  # a format this script does not know must not cost the other tables
+        print(f"(ncu.csv could not be read: {type(e).__name__}: {e})")
 
 
 if __name__ == "__main__":

@@ -1,27 +1,46 @@
 #!/usr/bin/env bash
-# One prepared device run, sized for a 15-minute GPU lease (about 5-6 minutes of work on an
-# H200): every CUDA test, the conv timing test, ptxgrad's bench with the per-layer table for
-# --conv-algo auto (the per-layer timings it chose by), the implicit GEMM and Winograd, the
-# PyTorch peer's bench, and 10 epochs of training. Build and pack here first:
+# One prepared device run, sized for a 15-minute GPU lease: every CUDA test, ptxgrad's bench with
+# the per-layer table for --conv-algo auto (and the timings it chose by), the PyTorch peer's
+# bench, 10 epochs of training, a hardware-counter profile of one training step (Nsight Compute,
+# where it can read the counters), the conv timing test, and the bench with the implicit GEMM
+# and with Winograd. Build and pack here first:
 #     ../shared/gpu/pack --data --peer
 # then on the device (carry [".gpu"]):   bash scripts/gpu-check.sh [CONV_ALGO]
-# Training uses CONV_ALGO (auto, gemm, winograd, winograd:M); by default auto if every conv2d
-# test passed (they include the Winograd kernels'), else gemm.
-# Logs go to $OUT (at most 8 files come back): gpu.txt, tests.txt, bench.txt, peer-bench.jsonl,
-# train.txt, train.jsonl, and summary.md (scripts/bench-table.py: the BENCHMARKS.md tables).
+# Training and the profile use CONV_ALGO (auto, gemm, winograd, winograd:M); by default auto if
+# every conv2d test passed (they include the Winograd kernels'), else gemm.
+#
+# The whole run keeps within PTXGRAD_CHECK_SECONDS (default 550, under the device tool's
+# 600-second command limit): the stages run in order of what the figures in BENCHMARKS.md need
+# most, each under a cap and under what is left, and a stage with too little time left is
+# skipped with a line saying so. Logs go to $OUT (at most 8 files come back): gpu.txt, tests.txt,
+# bench.txt, peer-bench.jsonl, train.txt, train.jsonl, ncu.csv, and summary.md
+# (scripts/bench-table.py: the BENCHMARKS.md tables).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-.gpu/out}; mkdir -p "$out"
+end=$((SECONDS + ${PTXGRAD_CHECK_SECONDS:-550}))
 [ -d .gpu/bin ] || tar -C .gpu -xJf .gpu/bundle.tar.xz
 export PTXGRAD_REQUIRE_GPU=1 PTXGRAD_DATA="$PWD/data/fashion-mnist"
+bin=.gpu/bin/bin-ptxgrad
+
+# budget CAP [NEED]: prints the seconds a stage may take (CAP, or less if less is left, keeping
+# 10 in hand for the summary); fails if fewer than NEED (default 20) are left.
+budget() {
+  local left=$((end - SECONDS - 10)) need=${2:-20}
+  [ "$left" -ge "$need" ] || { echo "== skipped: ${left}s left" >&2; return 1; }
+  echo $((left < $1 ? left : $1))
+}
+
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-# CUDA tests first: every test whose name says cuda (test_device!'s `::cuda` cases and the
+
+# 1. CUDA tests: every test whose name says cuda (test_device!'s `::cuda` cases and the
 # gpu_or_skip tests, named *_cuda_*), from every test binary. The CPU and emulator cases are CI's
 # work, done without a GPU.
 for b in .gpu/bin/test-*; do
-  echo "== ${b##*/test-}"; timeout 120 "$b" cuda --test-threads=4 2>&1 | grep -E "^test |test result|panicked|SKIPPED" -A3
+  echo "== ${b##*/test-}"
+  t=$(budget 120) && timeout "$t" "$b" cuda --test-threads=4 2>&1 | grep -E "^test |test result|panicked|SKIPPED" -A3
 done > "$out/tests.txt" 2>&1
-grep -E "test result|FAILED|panicked" "$out/tests.txt"
+grep -E "test result|FAILED|panicked|skipped" "$out/tests.txt"
 algo=${1:-}
 if [ -z "$algo" ]; then
   if awk '/^== conv2d$/{f=1; next} /^== /{f=0} f' "$out/tests.txt" | grep -q "test result: ok"; then
@@ -30,12 +49,47 @@ if [ -z "$algo" ]; then
     algo=gemm
   fi
 fi
-{ echo "== conv timing (gemm, winograd, winograd:2, winograd:4, winograd:6)"
-  timeout 120 .gpu/bin/test-conv2d --ignored --nocapture conv2d_cuda_alexnet_timing 2>&1 | grep -vE "^$|running"
-  for a in auto gemm winograd; do echo "== bench --conv-algo $a"; timeout 120 .gpu/bin/bin-ptxgrad bench --conv-algo $a 2>&1; done
-} > "$out/bench.txt"; grep -E '"bench"|"conv_tune"|conv total|^gemm|^winograd' "$out/bench.txt"
-PYTHONUNBUFFERED=1 timeout 150 python3 .gpu/torch_alexnet.py bench > "$out/peer-bench.jsonl" 2>&1; cat "$out/peer-bench.jsonl"
-timeout 300 .gpu/bin/bin-ptxgrad train --device cuda --epochs 10 --quiet --conv-algo "$algo" --checkpoint /tmp/ptxgrad.safetensors \
-  --json "$out/train.jsonl" > "$out/train.txt" 2>&1
+
+# 2. The step rate, with the per-layer table, and the peer's.
+bench() { echo "== bench --conv-algo $1"; t=$(budget 120) && timeout "$t" "$bin" bench --conv-algo "$1" 2>&1; }
+bench "$algo" > "$out/bench.txt" 2>&1
+grep -E '"bench"|"conv_tune"' "$out/bench.txt"
+t=$(budget 150 60 2> "$out/peer-bench.jsonl") &&
+  PYTHONUNBUFFERED=1 timeout "$t" python3 .gpu/torch_alexnet.py bench > "$out/peer-bench.jsonl" 2>&1
+cat "$out/peer-bench.jsonl"
+
+# 3. Ten epochs of the book's recipe (each epoch's figures land in train.jsonl as it ends).
+t=$(budget 300 60 2> "$out/train.txt") && timeout "$t" "$bin" train --device cuda --epochs 10 --quiet --conv-algo "$algo" \
+  --checkpoint /tmp/ptxgrad.safetensors --json "$out/train.jsonl" > "$out/train.txt" 2>&1
 cat "$out/train.txt"
+
+# 4. Hardware counters of one training step (bench --profile-steps 1 brackets it with
+# cuProfilerStart/Stop): per kernel, the sections that say where the time goes (speed of light,
+# issue slots and warp stall reasons, occupancy, shared-memory bank conflicts). Clocks are left
+# alone (--clock-control none), as for the timings. Only the sections this ncu knows are asked
+# for; ncu.csv is its raw page, one row per kernel; its messages go to bench.txt.
+if command -v ncu > /dev/null && t=$(budget 150 60); then
+  want="SpeedOfLight SpeedOfLight_RooflineChart LaunchStats Occupancy WarpStateStats SchedulerStats
+        ComputeWorkloadAnalysis MemoryWorkloadAnalysis_Tables InstructionStats"
+  have=$(ncu --list-sections 2>/dev/null)
+  sections=(); for s in $want; do grep -qw -- "$s" <<< "$have" && sections+=(--section "$s"); done
+  { echo "== ncu ${sections[*]}"
+    timeout "$t" ncu --profile-from-start off --clock-control none "${sections[@]}" \
+      --export /tmp/ptxgrad-step --force-overwrite \
+      "$bin" bench --conv-algo "$algo" --warmup 3 --steps 1 --no-layers --profile-steps 1 2>&1 | tail -n 30
+    ncu --import /tmp/ptxgrad-step.ncu-rep --csv --page raw --print-units base > "$out/ncu.csv" 2>&1
+    echo "ncu.csv: $(wc -l < "$out/ncu.csv") lines"
+  } >> "$out/bench.txt" 2>&1
+else
+  echo "== ncu: not run ($(command -v ncu > /dev/null && echo 'out of time' || echo 'not installed'))" >> "$out/bench.txt"
+fi
+tail -n 3 "$out/bench.txt"
+
+# 5. The algorithms one by one: the conv timing test, and the bench with each.
+{ echo "== conv timing (gemm, winograd, winograd:2, winograd:4, winograd:6)"
+  t=$(budget 120 40) && timeout "$t" .gpu/bin/test-conv2d --ignored --nocapture conv2d_cuda_alexnet_timing 2>&1 | grep -vE "^$|running"
+  for a in gemm winograd; do [ "$a" = "$algo" ] || bench "$a"; done
+} >> "$out/bench.txt" 2>&1
+grep -E '"bench"|conv total|^gemm|^winograd' "$out/bench.txt"
+
 python3 scripts/bench-table.py "$out" > "$out/summary.md" 2>&1; cat "$out/summary.md"

@@ -35,6 +35,11 @@ pub struct BenchArgs {
     /// Skip the per-layer table
     #[arg(long)]
     pub no_layers: bool,
+    /// After the timed steps, run this many more inside a profiler range (cuProfilerStart /
+    /// cuProfilerStop), for a profiler started with `--profile-from-start off`, e.g.
+    /// `ncu --profile-from-start off ptxgrad bench --profile-steps 1` (scripts/gpu-check.sh)
+    #[arg(long, default_value_t = 0)]
+    pub profile_steps: usize,
     /// Convolution algorithm: auto (each conv layer takes the fastest of the others as timed
     /// before the warm-up, among those that agree with gemm), gemm (implicit GEMM), winograd
     /// (F(4x4,3x3) and F(2x2,5x5) where they apply), or winograd:M (output tile M)
@@ -61,6 +66,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let (b, r) = (a.batch_size, a.resize);
     if b == 0 || a.steps == 0 {
         return Err(Error::Data("--batch-size and --steps must be at least 1".into()));
+    }
+    if a.profile_steps > 0 && !device.is_cuda() {
+        return Err(Error::Data(format!("--profile-steps needs a CUDA device (or emu), not {}", device.label())));
     }
     println!(
         "{}",
@@ -117,6 +125,16 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             "synchronizations_in_timed_steps": counted.map(|(_, t)| t.synchronizations),
         })
     );
+    if let (Device::Cuda(gpu), true) = (&device, a.profile_steps > 0) {
+        let first = a.warmup + a.steps;
+        gpu.profiled(|| {
+            for step in first..first + a.profile_steps {
+                train_step(&mut model, &x, &y, step as u64, 0.01, None)?;
+            }
+            Ok(())
+        })?;
+        println!("{}", json!({"kind": "profiled", "steps": a.profile_steps, "first_step": first}));
+    }
     if let (Device::Cuda(gpu), false) = (&device, a.no_layers) {
         layer_table(gpu, &device, b, r, &|i| model.conv_algo_of(i))?;
     }

@@ -471,6 +471,28 @@ impl Gpu {
         start.elapsed_ms(&end).map_err(|e| Error::cuda("timing with CUDA events (a kernel may have faulted)", e))
     }
 
+    /// Runs `work` (which queues kernels on this device) inside a profiler range: between
+    /// cuProfilerStart and cuProfilerStop, after waiting for the work queued before it and
+    /// before returning, so that a profiler started with `--profile-from-start off` (Nsight
+    /// Compute, Nsight Systems) records exactly the kernels `work` queues. On the emulator it
+    /// only runs `work`.
+    pub fn profiled(&self, work: impl FnOnce() -> Result<()>) -> Result<()> {
+        use cudarc::driver::sys;
+        let Backend::Cuda(c) = &self.backend else { return work() };
+        let check = |r: CuErr, what: &str| match r {
+            CuErr::CUDA_SUCCESS => Ok(()),
+            e => Err(Error::cuda(what, DriverError(e))),
+        };
+        self.synchronize()?;
+        c.ctx.bind_to_thread().map_err(|e| Error::cuda("binding the CUDA context", e))?;
+        // SAFETY: plain driver calls on the bound, live context.
+        check(unsafe { sys::cuProfilerStart() }, "starting the profiler range (cuProfilerStart)")?;
+        let done = work().and_then(|()| self.synchronize());
+        // SAFETY: as above; the range is closed whether or not the work succeeded.
+        let stopped = check(unsafe { sys::cuProfilerStop() }, "ending the profiler range (cuProfilerStop)");
+        done.and(stopped)
+    }
+
     /// The most memory the allocation pool has had in use since the context was created, in
     /// bytes (the analogue of PyTorch's `max_memory_reserved`), if the driver reports it.
     pub fn peak_pool_bytes(&self) -> Option<u64> {

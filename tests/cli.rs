@@ -51,6 +51,7 @@ fn bad_flags_are_clear_errors() {
     fails_with(&["train", "--device", "tpu"], "unknown device `tpu`");
     fails_with(&["train", "--bogus"], "unexpected argument '--bogus'");
     fails_with(&["summary", "--resize", "10"], "from 65x65 up");
+    fails_with(&["bench", "--device", "cpu", "--profile-steps", "1"], "--profile-steps needs a CUDA device");
 }
 
 #[test]
@@ -72,8 +73,17 @@ fn missing_data_and_checkpoints_are_named() {
 #[test]
 fn emulated_bench_steps_allocate_copy_and_wait_for_nothing() {
     let args = ["bench", "--device", "emu", "--resize", "65", "--batch-size", "2", "--warmup", "1", "--steps", "1"];
-    let (code, out, err) = ptxgrad(&[&args[..], &["--no-layers", "--conv-algo", "gemm"]].concat());
+    let (code, out, err) =
+        ptxgrad(&[&args[..], &["--no-layers", "--conv-algo", "gemm", "--profile-steps", "1"]].concat());
     assert_eq!(code, 0, "{err}");
+    // The profiled step runs after the warm-up and timed ones (on a GPU, inside
+    // cuProfilerStart/Stop).
+    let profiled = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["kind"] == "profiled")
+        .unwrap_or_else(|| panic!("no profiled line in: {out}"));
+    assert_eq!((profiled["steps"].as_u64(), profiled["first_step"].as_u64()), (Some(1), Some(2)), "{profiled}");
     let bench: serde_json::Value = out
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
