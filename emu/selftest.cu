@@ -1,5 +1,6 @@
-// Kernels of the emulator's own tests (tests/emu.rs), compiled only into the emulator: each breaks
-// one rule a GPU enforces, to check that the emulator fails the launch as the GPU would.
+// Kernels of the emulator's own tests (tests/emu.rs), compiled only into the emulator: kernels that
+// break a rule a GPU enforces, to check that the emulator fails the launch as the GPU would, and
+// kernels that expose a device helper to a test.
 #include "../kernels/gemm.cuh"
 
 // A 16-byte cp.async from `src` (the test passes a misaligned address).
@@ -8,4 +9,11 @@ PTX_KERNEL void emu_selftest_copy_f32x4(const float* src) {
     cp_async_f32x4(tile, src, true);
     cp_async_commit();
     cp_async_wait<0>();
+}
+
+// out[2t], out[2t + 1] = gemm.cuh's (grid_x(t), grid_y(t)) for each thread t of a 256-thread block.
+PTX_KERNEL void emu_selftest_gemm_grid(int* out) {
+    const int t = threadIdx.x;
+    out[2 * t] = grid_x(t);
+    out[2 * t + 1] = grid_y(t);
 }

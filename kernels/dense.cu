@@ -15,6 +15,8 @@
 //       a fixed order and applies the bias and ReLU: deterministic, no atomics.
 // Each GEMM kernel comes in 128 x 128, 128 x 64 and 64 x 64-tile variants (suffix _t128 / _t128x64 /
 // _t64), picked by ops::conv2d::gemm_launch.
+// __launch_bounds__(256, 2): at most 128 registers, so that two blocks fit on an SM, as the split-K
+// sizing in ops::dense assumes (with a bare (256), ptxas gave the t128 forward 130 registers: one block).
 #include "gemm.cuh"
 
 // Mirrors ops::dense::DenseParams field for field.
@@ -82,16 +84,16 @@ __device__ __forceinline__ void dense_bwd_weight(const float* x, const float* gy
 }
 
 #define DENSE_KERNELS(TILE, SUFFIX)                                                                         \
-    PTX_KERNEL void __launch_bounds__(256)                                                               \
-        dense_fwd_f32_##SUFFIX(const float* __restrict__ x, const float* __restrict__ w,                     \
+    PTX_KERNEL void __launch_bounds__(256, 2)                                                               \
+        dense_fwd_f32_##SUFFIX(const float* __restrict__ x, const float* __restrict__ w,                    \
                                const float* __restrict__ b, float* __restrict__ y, DenseParams p) {         \
         dense_fwd<TILE>(x, w, b, y, p);                                                                     \
     }                                                                                                       \
-    PTX_KERNEL void __launch_bounds__(256) dense_bwd_input_f32_##SUFFIX(                                    \
+    PTX_KERNEL void __launch_bounds__(256, 2) dense_bwd_input_f32_##SUFFIX(                                 \
         const float* __restrict__ w, const float* __restrict__ gy, float* __restrict__ gx, DenseParams p) { \
         dense_bwd_input<TILE>(w, gy, gx, p);                                                                \
     }                                                                                                       \
-    PTX_KERNEL void __launch_bounds__(256) dense_bwd_weight_f32_##SUFFIX(                                   \
+    PTX_KERNEL void __launch_bounds__(256, 2) dense_bwd_weight_f32_##SUFFIX(                                \
         const float* __restrict__ x, const float* __restrict__ gy, float* __restrict__ gw, DenseParams p) { \
         dense_bwd_weight<TILE>(x, gy, gw, p);                                                               \
     }

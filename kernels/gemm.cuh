@@ -126,14 +126,27 @@ __device__ __forceinline__ auto vec4_loads(const L& l, int mn0, int MN) {
         return NoVec4Loads{};
 }
 
-// The thread's place (tx, ty) in the 16 x 16 grid. Warp tiling: a warp's 32 threads are 4 rows
-// (ty) x 8 columns (tx), so that per k a warp reads 8 distinct B float4s (128 contiguous bytes,
-// one shared-memory wavefront) and 4 A float4s; a 2 x 16 row of threads would read 16 B float4s
-// (two wavefronts). With lane = t % 32, warp = t / 32: tx = (warp / 4) * 8 + lane % 8 and
-// ty = (warp % 4) * 4 + lane / 8, i.e. bit fields of t < 256. (The other arrangement of the
-// warps, tx = (warp % 2) * 8 + ..., made a 128-tile conv kernel spill on sm_80.)
-__device__ __forceinline__ int grid_x(int t) { return ((t >> 4) & 8) | (t & 7); }
-__device__ __forceinline__ int grid_y(int t) { return (t >> 3) & 15; }
+// The thread's place (tx, ty) in the 16 x 16 grid.
+// - Warp tiling: a warp's 32 threads are a 4 (ty) x 8 (tx) patch, so that per k a warp reads 8
+//   distinct B float4s (128 contiguous bytes) and 4 A float4s; a 2 x 16 row of threads would
+//   read 16 B float4s.
+// - Lanes paired for the shared-memory return path: an LDS.128 returns 4 registers per thread,
+//   and the path carries one register per thread per cycle (128 bytes), so a warp's LDS.128 takes
+//   4 cycles, or 2 when lanes n and n^1 (or n and n^2) read the same address and their returns
+//   can be packed (NVIDIA's description for sm_70/75; the same halving was reported for an H100
+//   by a profiled example, not measured here). Lane bit 0 therefore moves ty and lane bit 1 moves
+//   tx: lanes n and n^1 share tx (the B read), lanes n and n^2 share ty (the A read). With the
+//   row-of-8 layout that this replaces (tx = lane % 8) only the A reads paired: 12 return cycles
+//   per k per warp for 64 FFMAs, now 8.
+// - Bit fields of t < 256, with lane = t % 32 and warp = t / 32:
+//     tx: bits 0-2 = lane bits 1-3, bit 3 = warp bit 2
+//     ty: bit 0 = lane bit 0, bit 1 = lane bit 4, bits 2-3 = warp bits 0-1
+//   Register pressure decides among the layouts that do this: with tx = lane bits (1, 3, 4) and
+//   ty = lane bits (0, 2), ptxas gave the 128-tile dense kernels 130 registers (96 bytes of
+//   spills when held to 128). (Likewise the other arrangement of the warps, tx bit 3 = warp
+//   bit 0, made a 128-tile conv kernel spill on sm_80.)
+__device__ __forceinline__ int grid_x(int t) { return ((t >> 4) & 8) | ((t >> 1) & 7); }
+__device__ __forceinline__ int grid_y(int t) { return ((t >> 3) & 14) | (t & 1); }
 
 // Computes one BM x BN block of C, rows [m0, m0+BM), columns [n0, n0+BN), over k in [k_begin, k_end).
 //

@@ -90,3 +90,31 @@ fn emulator_refuses_what_a_gpu_refuses() {
     let e = copy(first_aligned + 1).unwrap_err();
     assert!(e.contains("not 16-byte aligned"), "{e}");
 }
+
+/// gemm.cuh's thread grid: every (tx, ty) of the 16 x 16 grid once, each warp a 4 (ty) x 8 (tx)
+/// patch, and lanes n, n^1 on one tx (their B float4 is the same) and n, n^2 on one ty (their A
+/// float4 is the same), the pairs whose LDS.128 returns the hardware can pack (see grid_x).
+#[test]
+fn gemm_thread_grid_pairs_lanes_for_shared_memory_reads() {
+    use std::collections::HashSet;
+    use std::ffi::c_void;
+    let mut out = vec![-1i32; 512];
+    let mut ptr = out.as_mut_ptr() as u64;
+    let args = [&mut ptr as *mut u64 as *mut c_void];
+    // SAFETY: the kernel writes 2 ints per thread of its one 256-thread block, all inside `out`.
+    unsafe { ptxgrad_emu::call("selftest", "emu_selftest_gemm_grid", (1, 1, 1), 256, &args) }.unwrap();
+    let at = |t: usize| (out[2 * t], out[2 * t + 1]);
+    let all: HashSet<_> = (0..256).map(at).collect();
+    assert_eq!(all.len(), 256, "not one thread per place: {out:?}");
+    assert!(all.iter().all(|&(x, y)| (0..16).contains(&x) && (0..16).contains(&y)), "{out:?}");
+    for warp in 0..8 {
+        let lanes = warp * 32..warp * 32 + 32;
+        let xs: HashSet<_> = lanes.clone().map(|t| at(t).0).collect();
+        let ys: HashSet<_> = lanes.clone().map(|t| at(t).1).collect();
+        assert_eq!((xs.len(), ys.len()), (8, 4), "warp {warp} is not a 4 x 8 patch: tx {xs:?}, ty {ys:?}");
+        for t in lanes {
+            assert_eq!(at(t).0, at(t ^ 1).0, "threads {t} and {} read different B float4s", t ^ 1);
+            assert_eq!(at(t).1, at(t ^ 2).1, "threads {t} and {} read different A float4s", t ^ 2);
+        }
+    }
+}
