@@ -198,6 +198,20 @@ def ncu_table(path, top=25):
     return "\n".join(out)
 
 
+def timing_lines(path):
+    """The plain-text lines of the timing tests in bench.txt (the GEMM core, the conv layers per
+    algorithm), as they printed them."""
+    if not path.exists():
+        return "(bench.txt missing)"
+    keep, lines = False, []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("== "):
+            keep = line.startswith(("== GEMM core", "== conv timing"))
+        elif keep and line.strip() and not line.startswith(("{", "test ")):
+            lines.append("    " + line)
+    return "\n".join(lines) if lines else "(the timing tests were not run)"
+
+
 def train_summary(train):
     epochs = [e for e in train if e.get("kind") == "epoch"]
     final = [e for e in train if e.get("kind") == "final"]
@@ -228,6 +242,8 @@ def main():
     print(layer_table(bench) + "\n")
     print("## 10-epoch training\n")
     print(train_summary(train) + "\n")
+    print("## The GEMM core and the conv layers, timed by the tests (10 runs each, synchronised)\n")
+    print(timing_lines(d / "bench.txt") + "\n")
     print("## One training step under Nsight Compute (ncu.csv)\n")
     try:
         print(ncu_table(d / "ncu.csv"))

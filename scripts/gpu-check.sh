@@ -2,8 +2,8 @@
 # One prepared device run, sized for a 15-minute GPU lease: every CUDA test, ptxgrad's bench with
 # the per-layer table for --conv-algo auto (and the timings it chose by), the PyTorch peer's
 # bench, 10 epochs of training, a hardware-counter profile of one training step (Nsight Compute,
-# where it can read the counters), the conv timing test, and the bench with the implicit GEMM
-# and with Winograd. Build and pack here first:
+# where it can read the counters), the GEMM core's throughput, the conv timing test, and the
+# bench with the implicit GEMM and with Winograd. Build and pack here first:
 #     ../shared/gpu/pack --data --peer
 # then on the device (carry [".gpu"]):   bash scripts/gpu-check.sh [CONV_ALGO]
 # Training and the profile use CONV_ALGO (auto, gemm, winograd, winograd:M); by default auto if
@@ -85,11 +85,14 @@ else
 fi
 tail -n 3 "$out/bench.txt"
 
-# 5. The algorithms one by one: the conv timing test, and the bench with each.
-{ echo "== conv timing (gemm, winograd, winograd:2, winograd:4, winograd:6)"
+# 5. The GEMM core alone (one large problem per load path), the algorithms one by one (the conv
+# timing test), and the bench with each.
+{ echo "== GEMM core"
+  t=$(budget 60 20) && timeout "$t" .gpu/bin/test-dense --ignored --nocapture dense_cuda_gemm_core_timing 2>&1 | grep -E "GEMM core|panicked|SKIPPED"
+  echo "== conv timing (gemm, winograd, winograd:2, winograd:4, winograd:6)"
   t=$(budget 120 40) && timeout "$t" .gpu/bin/test-conv2d --ignored --nocapture conv2d_cuda_alexnet_timing 2>&1 | grep -vE "^$|running"
   for a in gemm winograd; do [ "$a" = "$algo" ] || bench "$a"; done
 } >> "$out/bench.txt" 2>&1
-grep -E '"bench"|conv total|^gemm|^winograd' "$out/bench.txt"
+grep -E '"bench"|GEMM core|conv total|^gemm|^winograd' "$out/bench.txt"
 
 python3 scripts/bench-table.py "$out" > "$out/summary.md" 2>&1; cat "$out/summary.md"

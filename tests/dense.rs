@@ -202,3 +202,30 @@ fn dense_cuda_alexnet_timing() {
     }
     println!("dense total (fwd + bwd, batch 128): {:.3} ms", total * 1e3);
 }
+
+/// The GEMM core's throughput on one large problem (M = N = K = 4096, 137 GFLOP a pass), for
+/// each way it loads operands: the forward reads both along k (4-byte copies), the weight grad
+/// reads both along m / n (16-byte copies), the input grad one of each. It separates the core
+/// from the conv loaders and from small grids:
+/// `cargo test --test dense -- --ignored --nocapture dense_cuda_gemm_core_timing`.
+#[test]
+#[ignore]
+fn dense_cuda_gemm_core_timing() {
+    let Some(dev) = gpu_or_skip("dense_cuda_gemm_core_timing") else { return };
+    let n = 4096;
+    let x = rand_tensor(&[n, n], 1, &dev);
+    let w = rand_tensor(&[n, n], 2, &dev);
+    let b = rand_tensor(&[n], 3, &dev);
+    let gy = rand_tensor(&[n, n], 4, &dev);
+    let tflop = 2.0 * (n as f64).powi(3) / 1e12;
+    let tf = time_on(&dev, &|| drop(dense_fwd(&x, &w, &b, false).unwrap()));
+    let tw = time_on(&dev, &|| drop(dense_bwd(&x, &w, &gy, false).unwrap()));
+    let tx = time_on(&dev, &|| drop(dense_bwd(&x, &w, &gy, true).unwrap())) - tw;
+    println!(
+        "GEMM core, {n}^3: both operands along k (4-byte copies) {:.1} TFLOP/s, both along m/n (16-byte) {:.1}, \
+         one of each {:.1}",
+        tflop / tf,
+        tflop / tw,
+        tflop / tx
+    );
+}
