@@ -283,14 +283,16 @@ __device__ __forceinline__ void gemm_block_with(const LA& la, const LB& lb, cons
         if (st < n_tiles) issue(k_begin + st * BK, st);
         cp_async_commit();  // one group per tile, empty ones too, so that the counting below holds
     }
+    // st: the stage of tile it; st_next: the stage of tile it + STAGES - 1 (the one before st,
+    // cyclically). Both rotate by a compare instead of a modulo per tile.
+    int st = 0, st_next = STAGES - 1;
     for (int it = 0; it < n_tiles; ++it) {
-        const int st = it % STAGES;
         cp_async_wait<STAGES - 2>();  // this thread's copies of tile it have landed
         // Everyone's copies of tile it are visible, and everyone is done with tile it-1, whose
         // stage the next issue overwrites.
         __syncthreads();
         const int next = it + STAGES - 1;
-        if (next < n_tiles) issue(k_begin + next * BK, next % STAGES);
+        if (next < n_tiles) issue(k_begin + next * BK, st_next);
         cp_async_commit();
 #pragma unroll
         for (int kk = 0; kk < BK; ++kk) {
@@ -314,6 +316,8 @@ __device__ __forceinline__ void gemm_block_with(const LA& la, const LB& lb, cons
                     for (int j = 0; j < TN; ++j) acc[c * 4 + i][j] = fmaf(a[i], b[j], acc[c * 4 + i][j]);
             }
         }
+        st_next = st;
+        st = st + 1 == STAGES ? 0 : st + 1;
     }
     cp_async_wait<0>();
 
