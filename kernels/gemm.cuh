@@ -52,7 +52,13 @@ using Tile64 = GemmTile<64, 64, 4, 4>;
 // wait, which the pipeline's waits then trivially satisfy.
 // cp_async_f32x4 is the 16-byte form, for 4 consecutive elements, both addresses 16-byte aligned;
 // it bypasses L1 (.cg): each element of a plain matrix is read by one block once per k-tile.
+// SmemPtr: a cp.async destination. On a GPU, its 32-bit shared-window address: converting a
+// generic pointer reads the block's cluster id and costs a few instructions per copy, so a loader
+// converts once, outside the k loop, and adds offsets. In the emulation, the pointer itself.
 #ifdef PTXGRAD_HOST_EMU
+using SmemPtr = float*;
+__device__ __forceinline__ SmemPtr smem_ptr(float* p) { return p; }
+__device__ __forceinline__ SmemPtr smem_add(SmemPtr p, int floats) { return p + floats; }
 __device__ __forceinline__ void cp_async_f32(float* dst, const float* src, bool full) { *dst = full ? *src : 0.0f; }
 __device__ __forceinline__ void cp_async_f32x4(float* dst, const float* src, bool full) {
     // A GPU faults on a 16-byte copy from or to an address that is not a multiple of 16.
@@ -65,13 +71,20 @@ __device__ __forceinline__ void cp_async_commit() {}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {}
 #else
+struct SmemPtr {
+    unsigned addr;
+};
+__device__ __forceinline__ SmemPtr smem_ptr(float* p) { return SmemPtr{(unsigned)__cvta_generic_to_shared(p)}; }
+__device__ __forceinline__ SmemPtr smem_add(SmemPtr p, int floats) { return SmemPtr{p.addr + 4u * floats}; }
 __device__ __forceinline__ void cp_async_f32(float* dst, const float* src, bool full) {
     const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(full ? 4 : 0));
 }
+__device__ __forceinline__ void cp_async_f32x4(SmemPtr dst, const float* src, bool full) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst.addr), "l"(src), "r"(full ? 16 : 0));
+}
 __device__ __forceinline__ void cp_async_f32x4(float* dst, const float* src, bool full) {
-    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(full ? 16 : 0));
+    cp_async_f32x4(smem_ptr(dst), src, full);
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
@@ -83,45 +96,52 @@ __device__ __forceinline__ void cp_async_wait() {
 // The 16-byte tile loads of an operand whose mn index is contiguous (a loader with vec4()): the
 // BK x BMN tile is BK * BMN / 4 groups of 4, group e = (k row e / (BMN/4), columns 4 * (e % (BMN/4))
 // + 0..3), so a warp reads whole pieces of k rows (512 bytes for 128-wide tiles). Thread t copies group
-// t (the tiles have at most one group per thread), the same group of every k-tile: its address at
-// k = 0 and its mn bounds test are computed once, and each k-tile adds k * k_stride. A group is
+// t (the tiles have at most one group per thread), the same group of every k-tile. The pipeline
+// issues the k-tiles in order, one BK apart, so the group's source is a running pointer (BK rows
+// further each tile) and its k a running count; its mn bounds test is computed once, and its place
+// in stage 0 is converted to a shared address once (stage st adds st stage sizes). A group is
 // wholly in or wholly out of the matrix (the extent is a multiple of 4); out-of-range groups are
 // zero-filled.
 template <int BMN, int BK, int THREADS>
 struct Vec4Loads {
-    static constexpr int GROUPS = BMN * BK / 4, PER_ROW = BMN / 4;
+    static constexpr int GROUPS = BMN * BK / 4, PER_ROW = BMN / 4, STAGE = BK * (BMN + 4);
     static_assert(GROUPS <= THREADS, "at most one group per thread");
-    const float* col;  // the group's element (mn, k = 0)
+    const float* src;  // the group's element (mn, k) of the next k-tile
     const float* any;  // a valid address (the source of zero-fill copies)
-    int k_stride, kk, mn4;
+    SmemPtr dst;       // the group's place in stage 0
+    int k, step;       // k of the next tile's group; BK rows of the operand
     bool active, in_mn;  // has a group; the group is inside the matrix's mn extent
 
+    // stages: the pipeline's tiles of this operand, [stage][k][mn]; the first issue copies the
+    // k-tile that starts at k_begin.
     template <class L>
-    __device__ __forceinline__ Vec4Loads(const L& l, int mn0, int MN) {
+    __device__ __forceinline__ Vec4Loads(const L& l, int mn0, int MN, float (*stages)[BK][BMN + 4], int k_begin) {
         const int e = threadIdx.x;
         active = GROUPS == THREADS || e < GROUPS;
-        kk = e / PER_ROW;
-        mn4 = (e % PER_ROW) * 4;
+        const int kk = e / PER_ROW, mn4 = (e % PER_ROW) * 4;
         in_mn = active && mn0 + mn4 < MN;
-        col = l.ptr(l.at(in_mn ? mn0 + mn4 : 0), l.kat(0));
+        k = k_begin + kk;
+        src = l.ptr(l.at(in_mn ? mn0 + mn4 : 0), l.kat(0)) + k * l.k_stride;
         any = l.any();
-        k_stride = l.k_stride;
+        dst = smem_ptr(&stages[0][kk][mn4]);
+        step = BK * l.k_stride;
     }
-    // Copies the group of the k-tile starting at k0 into `tile` (one stage).
-    __device__ __forceinline__ void issue(float (*tile)[BMN + 4], int k0, int k_end) const {
+    // Copies the group of the next k-tile into stage st.
+    __device__ __forceinline__ void issue(int st, int k_end) {
         if (!active) return;
-        const int k = k0 + kk;
         const bool in = in_mn && k < k_end;
-        cp_async_f32x4(&tile[kk][mn4], in ? col + k * k_stride : any, in);
+        cp_async_f32x4(smem_add(dst, st * STAGE), in ? src : any, in);
+        src += step;
+        k += BK;
     }
 };
 
 // A Vec4Loads where the operand takes 16-byte loads, else nothing.
 struct NoVec4Loads {};
 template <bool ON, int BMN, int BK, int THREADS, class L>
-__device__ __forceinline__ auto vec4_loads(const L& l, int mn0, int MN) {
+__device__ __forceinline__ auto vec4_loads(const L& l, int mn0, int MN, float (*stages)[BK][BMN + 4], int k_begin) {
     if constexpr (ON)
-        return Vec4Loads<BMN, BK, THREADS>(l, mn0, MN);
+        return Vec4Loads<BMN, BK, THREADS>(l, mn0, MN, stages, k_begin);
     else
         return NoVec4Loads{};
 }
@@ -263,15 +283,16 @@ __device__ __forceinline__ void gemm_block_with(const LA& la, const LB& lb, cons
 
     // With VA (VB), A's (B's) tiles come in 16-byte copies: a quarter of the copy instructions
     // and of their address math.
-    const auto va = vec4_loads<VA, BM, BK, T::THREADS>(la, m0, M);
-    const auto vb = vec4_loads<VB, BN, BK, T::THREADS>(lb, n0, N);
+    // (Their issue() takes the k-tiles in order: the calls below ask for k_begin, k_begin + BK, ...)
+    auto va = vec4_loads<VA, BM, BK, T::THREADS>(la, m0, M, As, k_begin);
+    auto vb = vec4_loads<VB, BN, BK, T::THREADS>(lb, n0, N, Bs, k_begin);
     auto issue = [&](int k0, int st) {
         if constexpr (VA)
-            va.issue(As[st], k0, k_end);
+            va.issue(st, k_end);
         else
             issue_a(k0, st);
         if constexpr (VB)
-            vb.issue(Bs[st], k0, k_end);
+            vb.issue(st, k_end);
         else
             issue_b(k0, st);
     };
