@@ -203,7 +203,8 @@ fn loops_in(sass: &str, min_ffma: usize) -> Vec<Loop> {
 /// checked where the design promises something. The Winograd GEMM (plain row-major operands)
 /// has two k-loops, with 4-byte and with 16-byte loads (gemm.cuh picks one per block); the
 /// 16-byte one must stay lean: one copy instruction per operand and k-tile for the 128-wide
-/// tiles, and FFMA at least 80% (t128) / 70% (t128x64) / 58% (t64) of what it issues.
+/// tiles, and FFMA at least 84% (t128) / 75% (t128x64) / 66% (t64) of what it issues (2-3 points
+/// under what ptxas 12.9 gives).
 #[test]
 fn gemm_k_loops_are_mostly_ffma() {
     let Some(modules) = modules_or_skip() else { return };
@@ -223,7 +224,7 @@ fn gemm_k_loops_are_mostly_ffma() {
         println!("{:<34} {:>12} {:>6} {share:>6.1}% {:>11}", l.kernel, l.instructions, l.ffma, l.vector_copies);
     }
     let mut failures = Vec::new();
-    for (tile, floor, copies) in [("t128", 0.80, 2), ("t128x64", 0.70, 2), ("t64", 0.58, 2)] {
+    for (tile, floor, copies) in [("t128", 0.84, 2), ("t128x64", 0.75, 2), ("t64", 0.66, 2)] {
         let kernel = format!("winograd_gemm_f32_{tile}");
         let ks: Vec<&Loop> = loops.iter().filter(|l| l.kernel == kernel).collect();
         let vector: Vec<&&Loop> = ks.iter().filter(|l| l.vector_copies > 0).collect();
