@@ -4,7 +4,8 @@
 // Model: a launch runs its blocks one after another; within a block every CUDA thread is a fiber
 // (launch.cpp), so __syncthreads is a real barrier and a warp shuffle a real exchange among the
 // 32 lanes of a warp. `__shared__` becomes `static thread_local`: one copy per launching thread,
-// which is right because a thread runs one block at a time. cp.async becomes a plain copy (see gemm.cuh). What this does not model:
+// which is right because a thread runs one block at a time. cp.async lands at the wait that
+// completes its group, not before (launch.cpp), as on a GPU. What this does not model:
 // timing, memory coalescing, bank conflicts, register limits, and races that only a GPU's
 // scheduling would expose (threads run one at a time here, each up to its next barrier: a
 // missing barrier shows as a wrong result, an extra one does not).
@@ -78,6 +79,11 @@ inline unsigned __float_as_uint(float f) { return (unsigned)__float_as_int(f); }
 
 // Block-wide barrier and warp exchange, implemented in launch.cpp.
 void __syncthreads();
+// cp.async of n <= 4 floats (zeros when !full), its commit and its wait_group, with a GPU's
+// ordering: the copy lands in shared memory only at a wait that completes its group (launch.cpp).
+void emu_cp_async(float* dst, const float* src, unsigned n, bool full);
+void emu_cp_async_commit();
+void emu_cp_async_wait(unsigned newest_pending);
 // Counts one 16-byte cp.async (gemm.cuh's vector loads), so that tests can see the path taken.
 void emu_count_vec4_copy();
 // Records that the running kernel broke a rule a GPU enforces (a misaligned vector copy, say):

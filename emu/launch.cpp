@@ -68,10 +68,22 @@ enum class State { Ready, AtBlockBarrier, AtWarpBarrier, Done };
 
 constexpr size_t kStack = 1 << 20;  // per fiber, committed lazily; a guard page below it
 
+// A cp.async the thread issued and has not waited for: its source was read at issue (global
+// memory does not change during a kernel here), its destination is written at the wait that
+// completes its group, as a GPU guarantees no earlier.
+struct PendingCopy {
+    float* dst;
+    float vals[4];
+    unsigned n;
+    unsigned group;  // the commit group: the number of commits before the copy was issued
+};
+
 struct Fiber {
     Context ctx;
     char* stack = nullptr;  // the mapping: guard page, then kStack bytes
     State state = State::Done;
+    std::vector<PendingCopy> copies;  // issued, not yet waited for
+    unsigned commits = 0;             // cp.async groups committed
 };
 
 struct Scheduler {
@@ -128,6 +140,8 @@ void prepare(Fiber& f) {
     makecontext(&f.ctx.uc, reinterpret_cast<void (*)()>(&ptxgrad_emu_fiber_entry), 0);
 #endif
     f.state = State::Ready;
+    f.copies.clear();  // a GPU's next block starts with fresh shared memory and no copies in flight
+    f.commits = 0;
 }
 
 // Runs one block to completion.
@@ -201,6 +215,26 @@ extern "C" void ptxgrad_emu_poison(const void* p, size_t bytes, int poison) {
 #else
     (void)p, (void)bytes, (void)poison;
 #endif
+}
+
+// cp.async as a GPU defines it, so that a kernel that reads a tile before waiting for its copies
+// reads stale shared memory here too: copies join the open group, commit closes it, and
+// wait_group(n) lands every copy of all but the n most recent groups. A barrier lands nothing.
+void emu_cp_async(float* dst, const float* src, unsigned n, bool full) {
+    Fiber& f = sched.fibers[sched.current];
+    PendingCopy c{dst, {0, 0, 0, 0}, n, f.commits};
+    for (unsigned i = 0; i < n; ++i) c.vals[i] = full ? src[i] : 0.0f;
+    f.copies.push_back(c);
+}
+void emu_cp_async_commit() { ++sched.fibers[sched.current].commits; }
+void emu_cp_async_wait(unsigned newest_pending) {
+    Fiber& f = sched.fibers[sched.current];
+    // Groups g with g + newest_pending < commits are complete.
+    auto done = [&](const PendingCopy& c) { return c.group + newest_pending < f.commits; };
+    for (const PendingCopy& c : f.copies)
+        if (done(c))
+            for (unsigned i = 0; i < c.n; ++i) c.dst[i] = c.vals[i];
+    std::erase_if(f.copies, done);
 }
 
 // 16-byte copies made on this OS thread (launches run on the calling thread).

@@ -17,3 +17,23 @@ PTX_KERNEL void emu_selftest_gemm_grid(int* out) {
     out[2 * t] = grid_x(t);
     out[2 * t + 1] = grid_y(t);
 }
+
+// cp.async ordering (one thread): out = [shared word 0 before any wait, words 0 and 1 after
+// wait_group 1 with two groups committed, word 1 after a barrier, word 1 after wait_group 0].
+PTX_KERNEL void emu_selftest_cp_async_order(const float* src, float* out) {
+    __shared__ float s[2];
+    s[0] = -1.0f;
+    s[1] = -1.0f;
+    cp_async_f32(&s[0], src, true);  // group 0
+    cp_async_commit();
+    cp_async_f32(&s[1], src + 1, true);  // group 1
+    cp_async_commit();
+    out[0] = s[0];
+    cp_async_wait<1>();
+    out[1] = s[0];
+    out[2] = s[1];
+    __syncthreads();
+    out[3] = s[1];
+    cp_async_wait<0>();
+    out[4] = s[1];
+}

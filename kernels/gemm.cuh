@@ -48,8 +48,8 @@ using Tile64 = GemmTile<64, 64, 4, 4>;
 
 // cp.async (sm_80+): an asynchronous 4-byte global -> shared copy; with `full` false it copies
 // nothing and writes 0 (src-size 0), which is how padding and out-of-range elements load.
-// The host emulation (emu/, PTXGRAD_HOST_EMU) copies at once: the data is in place before any
-// wait, which the pipeline's waits then trivially satisfy.
+// The host emulation (emu/, PTXGRAD_HOST_EMU) keeps a GPU's ordering: a copy lands only at the
+// cp_async_wait that completes its group, so reading a stage too early reads stale data there too.
 // cp_async_f32x4 is the 16-byte form, for 4 consecutive elements, both addresses 16-byte aligned;
 // it bypasses L1 (.cg): each element of a plain matrix is read by one block once per k-tile.
 // SmemPtr: a cp.async destination. On a GPU, its 32-bit shared-window address: converting a
@@ -59,17 +59,19 @@ using Tile64 = GemmTile<64, 64, 4, 4>;
 using SmemPtr = float*;
 __device__ __forceinline__ SmemPtr smem_ptr(float* p) { return p; }
 __device__ __forceinline__ SmemPtr smem_add(SmemPtr p, int floats) { return p + floats; }
-__device__ __forceinline__ void cp_async_f32(float* dst, const float* src, bool full) { *dst = full ? *src : 0.0f; }
+__device__ __forceinline__ void cp_async_f32(float* dst, const float* src, bool full) { emu_cp_async(dst, src, 1, full); }
 __device__ __forceinline__ void cp_async_f32x4(float* dst, const float* src, bool full) {
     // A GPU faults on a 16-byte copy from or to an address that is not a multiple of 16.
     if (reinterpret_cast<unsigned long long>(src) % 16 || reinterpret_cast<unsigned long long>(dst) % 16)
         emu_fault("a 16-byte cp.async with an address that is not 16-byte aligned");
-    for (int i = 0; i < 4; ++i) dst[i] = full ? src[i] : 0.0f;
+    emu_cp_async(dst, src, 4, full);
     emu_count_vec4_copy();
 }
-__device__ __forceinline__ void cp_async_commit() {}
+__device__ __forceinline__ void cp_async_commit() { emu_cp_async_commit(); }
 template <int N>
-__device__ __forceinline__ void cp_async_wait() {}
+__device__ __forceinline__ void cp_async_wait() {
+    emu_cp_async_wait(N);
+}
 #else
 struct SmemPtr {
     unsigned addr;

@@ -118,3 +118,23 @@ fn gemm_thread_grid_pairs_lanes_for_shared_memory_reads() {
         }
     }
 }
+
+/// The emulator keeps cp.async's ordering: a copy lands in shared memory at the wait that
+/// completes its group (wait_group n: all but the n newest groups), not at issue, commit or a
+/// barrier; so a GEMM pipeline that reads a stage before waiting for it fails the emulated tests
+/// as it would fail on a GPU (a wait one group short was seen to fail tests/dense.rs).
+#[test]
+fn emulated_cp_async_lands_at_the_wait_for_its_group() {
+    use std::ffi::c_void;
+    let src = [7.0f32, 9.0];
+    let mut out = [0.0f32; 5];
+    let (mut s, mut o) = (src.as_ptr() as u64, out.as_mut_ptr() as u64);
+    let args = [&mut s as *mut u64 as *mut c_void, &mut o as *mut u64 as *mut c_void];
+    // SAFETY: one thread reads src[0..2] and writes out[0..5].
+    unsafe { ptxgrad_emu::call("selftest", "emu_selftest_cp_async_order", (1, 1, 1), 1, &args) }.unwrap();
+    assert_eq!(
+        out,
+        [-1.0, 7.0, -1.0, -1.0, 9.0],
+        "[before any wait, after wait 1 (x2), after a barrier, after wait 0]"
+    );
+}
