@@ -53,8 +53,9 @@ using Tile64 = GemmTile<64, 64, 4, 4>;
 // cp_async_f32x4 is the 16-byte form, for 4 consecutive elements, both addresses 16-byte aligned;
 // it bypasses L1 (.cg): each element of a plain matrix is read by one block once per k-tile.
 // SmemPtr: a cp.async destination. On a GPU, its 32-bit shared-window address: converting a
-// generic pointer reads the block's cluster id and costs a few instructions per copy, so a loader
-// converts once, outside the k loop, and adds offsets. In the emulation, the pointer itself.
+// generic pointer reads the block's cluster id and costs a few instructions per copy, so
+// Vec4Loads converts once, outside the k loop, and adds offsets (the 4-byte path still converts
+// per copy). In the emulation, the pointer itself.
 #ifdef PTXGRAD_HOST_EMU
 using SmemPtr = float*;
 __device__ __forceinline__ SmemPtr smem_ptr(float* p) { return p; }
