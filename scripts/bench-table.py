@@ -135,6 +135,10 @@ def first(row, *names):
     return None
 
 
+def duration_ns(row):
+    return first(row, "gpu__time_duration.sum") or 0
+
+
 def ncu_table(path, top=25):
     """Per kernel (all launches of one name in the profiled step): time, how busy the SM and its
     issue slots were, achieved FLOP/s, occupancy, the leading warp stall reasons, and shared-memory
@@ -147,10 +151,10 @@ def ncu_table(path, top=25):
     kernels = {}
     for r in rows:
         kernels.setdefault(r["Kernel Name"], []).append(r)
-    total_ns = sum(first(r, "gpu__time_duration.sum") or 0 for r in rows)
+    total_ns = sum(duration_ns(r) for r in rows)
 
     def mean(rs, *names):  # duration-weighted over the kernel's launches
-        pairs = [(first(r, *names), first(r, "gpu__time_duration.sum") or 0) for r in rs]
+        pairs = [(first(r, *names), duration_ns(r)) for r in rs]
         pairs = [(v, w) for v, w in pairs if v is not None]
         wsum = sum(w for _, w in pairs)
         return sum(v * w for v, w in pairs) / wsum if wsum else None
@@ -163,9 +167,9 @@ def ncu_table(path, top=25):
            "| kernel | launches | ms | share | SM % | issue slots % | FMA pipe % | TFLOP/s | occupancy % "
            "| top stalls (cycles per issued instruction) | shared ld conflicts % |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
-    by_time = sorted(kernels.items(), key=lambda kv: -sum(first(r, "gpu__time_duration.sum") or 0 for r in kv[1]))
+    by_time = sorted(kernels.items(), key=lambda kv: -sum(duration_ns(r) for r in kv[1]))
     for name, rs in by_time[:top]:
-        ns = sum(first(r, "gpu__time_duration.sum") or 0 for r in rs)
+        ns = sum(duration_ns(r) for r in rs)
         flop = 0.0
         for r in rs:
             ffma = first(r, "smsp__sass_thread_inst_executed_op_ffma_pred_on.sum")
