@@ -90,6 +90,20 @@ void emu_count_vec4_copy();
 // the launch then returns this message as its error, as the GPU would fail it.
 void emu_fault(const char* what);
 unsigned emu_shfl_xor_bits(unsigned bits, int lane_mask);
+// mma.sync.m16n8k8 .tf32 for n fragments of B sharing one A (gemm.cuh's mma_tf32_row): d (n x 4
+// floats) += A . B[j], the fragments in the PTX ISA's lane layout; an exchange among the warp's
+// 32 lanes (launch.cpp).
+void emu_mma_tf32_row(float* d, const unsigned* a, const unsigned* b, unsigned n);
+
+// cvt.rna.tf32.f32: x rounded to 10 mantissa bits, to nearest with ties away from zero (adding
+// half an ulp to the magnitude bits and truncating does exactly that, the carry included);
+// infinities and NaNs pass unchanged.
+inline unsigned emu_cvt_rna_tf32(float x) {
+    unsigned bits;
+    std::memcpy(&bits, &x, 4);
+    if ((bits & 0x7f800000u) == 0x7f800000u) return bits;
+    return (bits + 0x1000u) & 0xffffe000u;
+}
 
 template <class T>
 inline T __shfl_xor_sync(unsigned /*mask: all our shuffles are full-warp*/, T v, int lane_mask) {

@@ -84,6 +84,14 @@ struct Fiber {
     State state = State::Done;
     std::vector<PendingCopy> copies;  // issued, not yet waited for
     unsigned commits = 0;             // cp.async groups committed
+    unsigned mmas = 0;                // mma exchanges made (their parity picks the slot buffer)
+};
+
+// One lane's operands of an emulated mma row (emu_mma_tf32_row).
+constexpr unsigned kMaxMmaRow = 8;
+struct MmaSlot {
+    unsigned a[4];
+    unsigned b[kMaxMmaRow][2];
 };
 
 struct Scheduler {
@@ -91,6 +99,7 @@ struct Scheduler {
     Context home;               // the scheduler's own context while a fiber runs
     unsigned current = 0;
     unsigned warp_slots[1024 / 32][32];
+    std::vector<MmaSlot> mma_slots;  // [2][1024 / 32][32], made at the first mma: see emu_mma_tf32_row
     void (*body)(void*) = nullptr;
     void* ctx = nullptr;
 };
@@ -142,6 +151,7 @@ void prepare(Fiber& f) {
     f.state = State::Ready;
     f.copies.clear();  // a GPU's next block starts with fresh shared memory and no copies in flight
     f.commits = 0;
+    f.mmas = 0;
 }
 
 // Runs one block to completion.
@@ -202,6 +212,42 @@ unsigned emu_shfl_xor_bits(unsigned bits, int lane_mask) {
     const unsigned got = sched.warp_slots[warp][(lane ^ (unsigned)lane_mask) % 32];
     yield(State::AtWarpBarrier);  // every lane has read before the next shuffle writes
     return got;
+}
+
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, n times with one A: every lane deposits its
+// fragments, waits for the warp, then computes its own 4 x n results from everyone's fragments,
+// by the PTX ISA's layout (lane = 4 g + t): A element (row r, k) is register (r >= 8) + 2 (k >= 4)
+// of lane 4 (r % 8) + k % 4; B element (k, col c) is register (k >= 4) of lane 4 c + k % 4; result
+// i of lane 4 g + t is C (g + 8 (i >= 2), 2 t + i % 2). Operands are read as TF32: the low 13
+// bits are ignored, as the tensor cores do. Products of two TF32 values are exact in fp32; the
+// emulator adds the 8 of them and the accumulator in double and rounds once (a GPU's order and
+// intermediate rounding differ: tests compare with tolerances).
+// The slots are double-buffered, so one wait suffices: a lane that has read call c's slots and
+// writes call c+1's cannot reach call c+2 (which reuses call c's buffer) before every lane of
+// the warp has arrived at call c+1, i.e. finished reading call c.
+void emu_mma_tf32_row(float* d, const unsigned* a, const unsigned* b, unsigned n) {
+    if (n > kMaxMmaRow) {
+        emu_fault("emu_mma_tf32_row: more fragments per row than the emulator holds");
+        return;
+    }
+    Fiber& f = sched.fibers[sched.current];
+    const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    if (sched.mma_slots.empty()) sched.mma_slots.resize(2 * 32 * 32);
+    MmaSlot* slots = &sched.mma_slots[((f.mmas++ % 2) * 32 + warp) * 32];
+    std::memcpy(slots[lane].a, a, sizeof slots[lane].a);
+    std::memcpy(slots[lane].b, b, 2 * n * sizeof(unsigned));
+    yield(State::AtWarpBarrier);  // every lane has deposited its fragments
+    auto tf32 = [](unsigned bits) { return (double)__uint_as_float(bits & 0xffffe000u); };
+    const unsigned g = lane / 4, t = lane % 4;
+    for (unsigned j = 0; j < n; ++j)
+        for (unsigned i = 0; i < 4; ++i) {
+            const unsigned r = g + 8 * (i / 2), c = 2 * t + i % 2;
+            double s = d[4 * j + i];
+            for (unsigned k = 0; k < 8; ++k)
+                s += tf32(slots[4 * (r % 8) + k % 4].a[(r >= 8) + 2 * (k >= 4)]) *
+                     tf32(slots[4 * c + k % 4].b[j][k >= 4]);
+            d[4 * j + i] = (float)s;
+        }
 }
 
 // Marks [p, p + bytes) unaddressable (or addressable again) for AddressSanitizer, when the

@@ -85,22 +85,22 @@ __device__ __forceinline__ void dense_bwd_weight(const float* x, const float* gy
 
 #define DENSE_KERNELS(TILE, SUFFIX)                                                                         \
     PTX_KERNEL void __launch_bounds__(256, 2)                                                               \
-        dense_fwd_f32_##SUFFIX(const float* __restrict__ x, const float* __restrict__ w,                    \
+        dense_fwd_##SUFFIX(const float* __restrict__ x, const float* __restrict__ w,                    \
                                const float* __restrict__ b, float* __restrict__ y, DenseParams p) {         \
         dense_fwd<TILE>(x, w, b, y, p);                                                                     \
     }                                                                                                       \
-    PTX_KERNEL void __launch_bounds__(256, 2) dense_bwd_input_f32_##SUFFIX(                                 \
+    PTX_KERNEL void __launch_bounds__(256, 2) dense_bwd_input_##SUFFIX(                                 \
         const float* __restrict__ w, const float* __restrict__ gy, float* __restrict__ gx, DenseParams p) { \
         dense_bwd_input<TILE>(w, gy, gx, p);                                                                \
     }                                                                                                       \
-    PTX_KERNEL void __launch_bounds__(256, 2) dense_bwd_weight_f32_##SUFFIX(                                \
+    PTX_KERNEL void __launch_bounds__(256, 2) dense_bwd_weight_##SUFFIX(                                \
         const float* __restrict__ x, const float* __restrict__ gy, float* __restrict__ gw, DenseParams p) { \
         dense_bwd_weight<TILE>(x, gy, gw, p);                                                               \
     }
 
-DENSE_KERNELS(Tile128, t128)
-DENSE_KERNELS(Tile128x64, t128x64)
-DENSE_KERNELS(Tile64, t64)
+GEMM_FOR_EACH_MATH(DENSE_KERNELS, Tile128Of, t128)
+GEMM_FOR_EACH_MATH(DENSE_KERNELS, Tile128x64Of, t128x64)
+GEMM_FOR_EACH_MATH(DENSE_KERNELS, Tile64Of, t64)
 
 // out[i][c] = sum_z ws[z][i][c] (+ b[c] if has_bias, then max(., 0) if p.relu); out: rows x cols.
 PTX_KERNEL void dense_splitk_sum_f32(const float* __restrict__ ws, float* __restrict__ out,

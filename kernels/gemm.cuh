@@ -35,16 +35,45 @@
 #pragma once
 #include "common.cuh"
 
-template <int BM_, int BN_, int TM_, int TN_>
+// The arithmetic of the inner loop. Every variant reads the same fp32 operands and accumulates in
+// fp32; they differ in how each product a * b is formed:
+// - Ffma: fp32 FFMAs on the CUDA cores (FfmaMicro), exact products: PyTorch's "strict fp32".
+// - Tf32: one tensor-core mma.sync per product (MmaMicro), a and b first rounded to TF32 (10
+//   mantissa bits): relative error ~2^-11 per product, like PyTorch's default TF32 convolutions.
+// - Tf32x3: three mma.sync, with a = ab + as split into a TF32 value and a TF32 remainder (and b
+//   alike): a * b ~= ab*bb + ab*bs + as*bb. The dropped as*bs is ~2^-22 of a * b, so the result
+//   is as accurate as fp32 FFMAs (the "3xTF32" of CUTLASS), at tensor-core throughput.
+enum class GemmMath { Ffma, Tf32, Tf32x3 };
+
+template <int BM_, int BN_, int TM_, int TN_, GemmMath MATH_ = GemmMath::Ffma>
 struct GemmTile {
     static constexpr int BM = BM_, BN = BN_, TM = TM_, TN = TN_, BK = 8, THREADS = 256, STAGES = 3;
-    // The 16 x 16 thread grid covers the tile with TM x TN micro-tiles made of float4 chunks 64 apart.
+    static constexpr GemmMath MATH = MATH_;
+    // Row padding of the shared tiles, in floats: a row pitch of 4 mod 32 suits the FFMA loop's
+    // float4 reads and the k-fast loaders' 4-byte stores (32 distinct banks); the mma fragment
+    // reads (k = t or t + 4, m = g + const, for lane 4g + t) need 8 mod 32 to hit 32 distinct banks.
+    static constexpr int PAD = MATH_ == GemmMath::Ffma ? 4 : 8;
+    // The 16 x 16 thread grid covers the tile with TM x TN micro-tiles made of float4 chunks 64
+    // apart (FfmaMicro); MmaMicro keeps the same TM * TN accumulators per thread.
     static_assert(BM == 16 * TM && BN == 16 * TN, "tile = 16 threads x micro-tile");
     static_assert(TM % 4 == 0 && TN % 4 == 0, "micro-tile made of float4 chunks");
 };
-using Tile128 = GemmTile<128, 128, 8, 8>;
-using Tile128x64 = GemmTile<128, 64, 8, 4>;  // for grids whose last 128 x 128 wave would be nearly empty
-using Tile64 = GemmTile<64, 64, 4, 4>;
+template <GemmMath M>
+using Tile128Of = GemmTile<128, 128, 8, 8, M>;
+template <GemmMath M>
+using Tile128x64Of = GemmTile<128, 64, 8, 4, M>;  // for grids whose last 128 x 128 wave would be nearly empty
+template <GemmMath M>
+using Tile64Of = GemmTile<64, 64, 4, 4, M>;
+using Tile128 = Tile128Of<GemmMath::Ffma>;
+using Tile128x64 = Tile128x64Of<GemmMath::Ffma>;
+using Tile64 = Tile64Of<GemmMath::Ffma>;
+
+// Instantiates KERNELS(tile, suffix) once per GemmMath: suffixes f32_<s>, tf32_<s> and 3xtf32_<s>
+// (kernel names such as dense_fwd_3xtf32_t128; ops::gemm_math::kernel_names mirrors them).
+#define GEMM_FOR_EACH_MATH(KERNELS, TILE_OF, SUFFIX) \
+    KERNELS(TILE_OF<GemmMath::Ffma>, f32_##SUFFIX)   \
+    KERNELS(TILE_OF<GemmMath::Tf32>, tf32_##SUFFIX)  \
+    KERNELS(TILE_OF<GemmMath::Tf32x3>, 3xtf32_##SUFFIX)
 
 // cp.async (sm_80+): an asynchronous 4-byte global -> shared copy; with `full` false it copies
 // nothing and writes 0 (src-size 0), which is how padding and out-of-range elements load.
@@ -105,9 +134,9 @@ __device__ __forceinline__ void cp_async_wait() {
 // in stage 0 is converted to a shared address once (stage st adds st stage sizes). A group is
 // wholly in or wholly out of the matrix (the extent is a multiple of 4); out-of-range groups are
 // zero-filled.
-template <int BMN, int BK, int THREADS>
+template <int BMN, int BK, int THREADS, int PAD>
 struct Vec4Loads {
-    static constexpr int GROUPS = BMN * BK / 4, PER_ROW = BMN / 4, STAGE = BK * (BMN + 4);
+    static constexpr int GROUPS = BMN * BK / 4, PER_ROW = BMN / 4, STAGE = BK * (BMN + PAD);
     static_assert(GROUPS <= THREADS, "at most one group per thread");
     const float* src;  // the group's element (mn, k) of the next k-tile
     const float* any;  // a valid address (the source of zero-fill copies)
@@ -118,7 +147,7 @@ struct Vec4Loads {
     // stages: the pipeline's tiles of this operand, [stage][k][mn]; the first issue copies the
     // k-tile that starts at k_begin.
     template <class L>
-    __device__ __forceinline__ Vec4Loads(const L& l, int mn0, int MN, float (*stages)[BK][BMN + 4], int k_begin) {
+    __device__ __forceinline__ Vec4Loads(const L& l, int mn0, int MN, float (*stages)[BK][BMN + PAD], int k_begin) {
         const int e = threadIdx.x;
         active = GROUPS == THREADS || e < GROUPS;
         const int kk = e / PER_ROW, mn4 = (e % PER_ROW) * 4;
@@ -141,10 +170,10 @@ struct Vec4Loads {
 
 // A Vec4Loads where the operand takes 16-byte loads, else nothing.
 struct NoVec4Loads {};
-template <bool ON, int BMN, int BK, int THREADS, class L>
-__device__ __forceinline__ auto vec4_loads(const L& l, int mn0, int MN, float (*stages)[BK][BMN + 4], int k_begin) {
+template <bool ON, int BMN, int BK, int THREADS, int PAD, class L>
+__device__ __forceinline__ auto vec4_loads(const L& l, int mn0, int MN, float (*stages)[BK][BMN + PAD], int k_begin) {
     if constexpr (ON)
-        return Vec4Loads<BMN, BK, THREADS>(l, mn0, MN, stages, k_begin);
+        return Vec4Loads<BMN, BK, THREADS, PAD>(l, mn0, MN, stages, k_begin);
     else
         return NoVec4Loads{};
 }
@@ -170,6 +199,199 @@ __device__ __forceinline__ auto vec4_loads(const L& l, int mn0, int MN, float (*
 //   bit 0, made a 128-tile conv kernel spill on sm_80.)
 __device__ __forceinline__ int grid_x(int t) { return ((t >> 4) & 8) | ((t >> 1) & 7); }
 __device__ __forceinline__ int grid_y(int t) { return ((t >> 3) & 14) | (t & 1); }
+
+// The FFMA micro-kernel: thread (tx, ty) of the 16 x 16 grid owns a TM x TN register tile, rows
+// ty*4 + {0..3} (+ 64), columns tx*4 + {0..3} (+ 64); per k it reads a column of As and a row of Bs
+// as float4s and does TM * TN FFMAs.
+template <class T>
+struct FfmaMicro {
+    static constexpr int TM = T::TM, TN = T::TN;
+    float acc[TM][TN];
+    int tx, ty;
+
+    __device__ __forceinline__ FfmaMicro() : tx(grid_x(threadIdx.x)), ty(grid_y(threadIdx.x)) {
+#pragma unroll
+        for (int i = 0; i < TM; ++i)
+#pragma unroll
+            for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+    }
+
+    // acc += (this thread's part of) As^T . Bs over one k-tile. As: (BK, BM + PAD), Bs: (BK, BN + PAD).
+    __device__ __forceinline__ void tile(const float (&As)[T::BK][T::BM + T::PAD],
+                                         const float (&Bs)[T::BK][T::BN + T::PAD]) {
+#pragma unroll
+        for (int kk = 0; kk < T::BK; ++kk) {
+            float b[TN];
+#pragma unroll
+            for (int c = 0; c < TN / 4; ++c) {
+                const float4 v = *reinterpret_cast<const float4*>(&Bs[kk][c * 64 + tx * 4]);
+                b[c * 4 + 0] = v.x;
+                b[c * 4 + 1] = v.y;
+                b[c * 4 + 2] = v.z;
+                b[c * 4 + 3] = v.w;
+            }
+            // A one float4 (4 rows) at a time: 4 fragment registers instead of TM.
+#pragma unroll
+            for (int c = 0; c < TM / 4; ++c) {
+                const float4 v = *reinterpret_cast<const float4*>(&As[kk][c * 64 + ty * 4]);
+                const float a[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int i = 0; i < 4; ++i)
+#pragma unroll
+                    for (int j = 0; j < TN; ++j) acc[c * 4 + i][j] = fmaf(a[i], b[j], acc[c * 4 + i][j]);
+            }
+        }
+    }
+
+    // Hands every in-range element of the block tile (m0, n0) to the epilogue.
+    template <class EP>
+    __device__ __forceinline__ void store(const EP& ep, int M, int N, int m0, int n0) const {
+        typename EP::Col cols[TN];
+#pragma unroll
+        for (int j = 0; j < TN; ++j) {
+            const int n = n0 + (j / 4) * 64 + tx * 4 + j % 4;
+            cols[j] = ep.col(n < N ? n : 0);
+        }
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+            const int m = m0 + (i / 4) * 64 + ty * 4 + i % 4;
+            if (m >= M) continue;
+#pragma unroll
+            for (int j = 0; j < TN; ++j) {
+                const int n = n0 + (j / 4) * 64 + tx * 4 + j % 4;
+                if (n < N) ep(m, cols[j], acc[i][j]);
+            }
+        }
+    }
+};
+
+// TF32 tensor-core operations (sm_80+). to_tf32: x rounded to TF32 (cvt.rna: to nearest, ties away
+// from zero), as the bits of an fp32 value with the low 13 mantissa bits 0. mma_tf32_row:
+// d[j] += A . B[j] for NF fragments B[j] sharing one A, one mma.sync.m16n8k8 each. In the host
+// emulation, the same operation as one exchange among the warp's 32 lanes (emu/launch.cpp).
+#ifdef PTXGRAD_HOST_EMU
+__device__ __forceinline__ unsigned to_tf32(float x) { return emu_cvt_rna_tf32(x); }
+template <int NF>
+__device__ __forceinline__ void mma_tf32_row(float (&d)[NF][4], const unsigned (&a)[4], const unsigned (&b)[NF][2]) {
+    emu_mma_tf32_row(&d[0][0], a, &b[0][0], NF);
+}
+#else
+__device__ __forceinline__ unsigned to_tf32(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+    return r;
+}
+template <int NF>
+__device__ __forceinline__ void mma_tf32_row(float (&d)[NF][4], const unsigned (&a)[4], const unsigned (&b)[NF][2]) {
+#pragma unroll
+    for (int j = 0; j < NF; ++j)
+        asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%0, %1, %2, %3};\n"
+            : "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[j][0]), "r"(b[j][1]));
+}
+#endif
+
+// The tensor-core micro-kernel (GemmMath::Tf32 and Tf32x3). The 8 warps tile the block
+// WARPS_M x WARPS_N; a warp owns a WM x WN piece of C as MF x NF fragments of 16 x 8, and per
+// k-tile (BK = 8 = the mma's k) issues MF x NF mma.sync (three times that for Tf32x3). Fragment
+// layouts (PTX ISA, mma.m16n8k8 .tf32; lane = 4 g + t):
+//   A (16 x 8):  a0 (row g, k t)   a1 (g + 8, t)   a2 (g, t + 4)   a3 (g + 8, t + 4)
+//   B (8 x 8):   b0 (k t, col g)   b1 (t + 4, g)
+//   C (16 x 8):  c0 (row g, col 2t)   c1 (g, 2t + 1)   c2 (g + 8, 2t)   c3 (g + 8, 2t + 1)
+// Fragments are read from As[k][m] / Bs[k][n] one float each: with the rows' pitch 8 mod 32
+// (T::PAD), a warp's 32 reads fall in 32 distinct banks. Tf32x3 splits each value as it is read
+// (to_tf32 twice and a subtraction; x - big is exact in fp32) and issues the small products first.
+// Registers: the B fragments of the k-tile (NF x 2, twice for Tf32x3) stay live while the A
+// fragments are read one 16-row fragment at a time.
+template <class T>
+struct MmaMicro {
+    static constexpr bool X3 = T::MATH == GemmMath::Tf32x3;
+    static constexpr int WARPS_M = T::BM == 2 * T::BN ? 4 : 2, WARPS_N = T::THREADS / 32 / WARPS_M;
+    static constexpr int WM = T::BM / WARPS_M, WN = T::BN / WARPS_N, MF = WM / 16, NF = WN / 8;
+    static_assert(T::BK == 8, "one mma k-step per k-tile");
+    static_assert(MF * 16 == WM && NF * 8 == WN && WARPS_M * WARPS_N * 32 == T::THREADS, "warps cover the tile");
+    static_assert(MF * NF * 4 == T::TM * T::TN, "as many accumulators per thread as the FFMA tile");
+    static_assert((T::BM + T::PAD) % 32 == 8 && (T::BN + T::PAD) % 32 == 8, "conflict-free fragment reads");
+    float acc[MF][NF][4];
+    int wm, wn, g, t;  // the warp's first row and column in the block tile; the lane's group and rank
+
+    __device__ __forceinline__ MmaMicro() {
+        const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+        wm = (warp % WARPS_M) * WM;
+        wn = (warp / WARPS_M) * WN;
+        g = lane >> 2;
+        t = lane & 3;
+#pragma unroll
+        for (int f = 0; f < MF; ++f)
+#pragma unroll
+            for (int j = 0; j < NF; ++j)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[f][j][i] = 0.0f;
+    }
+
+    // x as big (+ small, for Tf32x3), both TF32.
+    __device__ __forceinline__ static void split(float x, unsigned& big, unsigned& small) {
+        big = to_tf32(x);
+        if constexpr (X3) small = to_tf32(x - __uint_as_float(big));
+    }
+
+    __device__ __forceinline__ void tile(const float (&As)[T::BK][T::BM + T::PAD],
+                                         const float (&Bs)[T::BK][T::BN + T::PAD]) {
+        unsigned bb[NF][2], bs[NF][2];
+#pragma unroll
+        for (int j = 0; j < NF; ++j)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) split(Bs[t + 4 * r][wn + j * 8 + g], bb[j][r], bs[j][r]);
+#pragma unroll
+        for (int f = 0; f < MF; ++f) {
+            unsigned ab[4], as[4];
+#pragma unroll
+            for (int r = 0; r < 4; ++r) split(As[t + 4 * (r >> 1)][wm + f * 16 + g + 8 * (r & 1)], ab[r], as[r]);
+            if constexpr (X3) {
+                mma_tf32_row<NF>(acc[f], as, bb);
+                mma_tf32_row<NF>(acc[f], ab, bs);
+            }
+            mma_tf32_row<NF>(acc[f], ab, bb);
+        }
+    }
+
+    template <class EP>
+    __device__ __forceinline__ void store(const EP& ep, int M, int N, int m0, int n0) const {
+        typename EP::Col cols[NF][2];
+#pragma unroll
+        for (int j = 0; j < NF; ++j)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const int n = n0 + wn + j * 8 + 2 * t + c;
+                cols[j][c] = ep.col(n < N ? n : 0);
+            }
+#pragma unroll
+        for (int f = 0; f < MF; ++f)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int m = m0 + wm + f * 16 + g + 8 * h;
+                if (m >= M) continue;
+#pragma unroll
+                for (int j = 0; j < NF; ++j)
+#pragma unroll
+                    for (int c = 0; c < 2; ++c) {
+                        const int n = n0 + wn + j * 8 + 2 * t + c;
+                        if (n < N) ep(m, cols[j][c], acc[f][j][2 * h + c]);
+                    }
+            }
+    }
+};
+
+// The micro-kernel of a tile's GemmMath.
+template <class T, bool MMA = T::MATH != GemmMath::Ffma>
+struct Micro {
+    using type = FfmaMicro<T>;
+};
+template <class T>
+struct Micro<T, true> {
+    using type = MmaMicro<T>;
+};
 
 // Computes one BM x BN block of C, rows [m0, m0+BM), columns [n0, n0+BN), over k in [k_begin, k_end).
 //
@@ -197,16 +419,15 @@ __device__ __forceinline__ int grid_y(int t) { return ((t >> 3) & 14) | (t & 1);
 template <class T, bool VEC, class LA, class LB, class EP>
 __device__ __forceinline__ void gemm_block_with(const LA& la, const LB& lb, const EP& ep, int M, int N, int k_begin,
                                                 int k_end, int m0, int n0,
-                                                float (&As)[T::STAGES][T::BK][T::BM + 4],
-                                                float (&Bs)[T::STAGES][T::BK][T::BN + 4]) {
-    constexpr int BM = T::BM, BN = T::BN, BK = T::BK, TM = T::TM, TN = T::TN, STAGES = T::STAGES;
+                                                float (&As)[T::STAGES][T::BK][T::BM + T::PAD],
+                                                float (&Bs)[T::STAGES][T::BK][T::BN + T::PAD]) {
+    constexpr int BM = T::BM, BN = T::BN, BK = T::BK, STAGES = T::STAGES;
     constexpr int A_PER = BM * BK / T::THREADS;  // A elements each thread loads per k-tile
     constexpr int B_PER = BN * BK / T::THREADS;
     static_assert(A_PER * T::THREADS == BM * BK && B_PER * T::THREADS == BN * BK, "even tile load");
     constexpr bool VA = VEC && LA::VEC4, VB = VEC && LB::VEC4;
 
     const int t = threadIdx.x;
-    const int tx = grid_x(t), ty = grid_y(t);
 
     // Element (slot) i of this thread's share of a tile: which (row, k) it is, for each loader's
     // contiguity. Consecutive threads take consecutive k (K_FAST) or consecutive rows / columns.
@@ -278,17 +499,13 @@ __device__ __forceinline__ void gemm_block_with(const LA& la, const LB& lb, cons
         }
     };
 
-    float acc[TM][TN];
-#pragma unroll
-    for (int i = 0; i < TM; ++i)
-#pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+    typename Micro<T>::type micro;  // the accumulators and the inner loop (FFMA or mma)
 
     // With VA (VB), A's (B's) tiles come in 16-byte copies: a quarter of the copy instructions
     // and of their address math.
     // (Their issue() takes the k-tiles in order: the calls below ask for k_begin, k_begin + BK, ...)
-    auto va = vec4_loads<VA, BM, BK, T::THREADS>(la, m0, M, As, k_begin);
-    auto vb = vec4_loads<VB, BN, BK, T::THREADS>(lb, n0, N, Bs, k_begin);
+    auto va = vec4_loads<VA, BM, BK, T::THREADS, T::PAD>(la, m0, M, As, k_begin);
+    auto vb = vec4_loads<VB, BN, BK, T::THREADS, T::PAD>(lb, n0, N, Bs, k_begin);
     auto issue = [&](int k0, int st) {
         if constexpr (VA)
             va.issue(st, k_end);
@@ -318,49 +535,13 @@ __device__ __forceinline__ void gemm_block_with(const LA& la, const LB& lb, cons
         const int next = it + STAGES - 1;
         if (next < n_tiles) issue(k_begin + next * BK, st_next);
         cp_async_commit();
-#pragma unroll
-        for (int kk = 0; kk < BK; ++kk) {
-            float b[TN];
-#pragma unroll
-            for (int c = 0; c < TN / 4; ++c) {
-                const float4 v = *reinterpret_cast<const float4*>(&Bs[st][kk][c * 64 + tx * 4]);
-                b[c * 4 + 0] = v.x;
-                b[c * 4 + 1] = v.y;
-                b[c * 4 + 2] = v.z;
-                b[c * 4 + 3] = v.w;
-            }
-            // A one float4 (4 rows) at a time: 4 fragment registers instead of TM.
-#pragma unroll
-            for (int c = 0; c < TM / 4; ++c) {
-                const float4 v = *reinterpret_cast<const float4*>(&As[st][kk][c * 64 + ty * 4]);
-                const float a[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-                for (int i = 0; i < 4; ++i)
-#pragma unroll
-                    for (int j = 0; j < TN; ++j) acc[c * 4 + i][j] = fmaf(a[i], b[j], acc[c * 4 + i][j]);
-            }
-        }
+        micro.tile(As[st], Bs[st]);
         st_next = st;
         st = st + 1 == STAGES ? 0 : st + 1;
     }
     cp_async_wait<0>();
 
-    typename EP::Col cols[TN];
-#pragma unroll
-    for (int j = 0; j < TN; ++j) {
-        const int n = n0 + (j / 4) * 64 + tx * 4 + j % 4;
-        cols[j] = ep.col(n < N ? n : 0);
-    }
-#pragma unroll
-    for (int i = 0; i < TM; ++i) {
-        const int m = m0 + (i / 4) * 64 + ty * 4 + i % 4;
-        if (m >= M) continue;
-#pragma unroll
-        for (int j = 0; j < TN; ++j) {
-            const int n = n0 + (j / 4) * 64 + tx * 4 + j % 4;
-            if (n < N) ep(m, cols[j], acc[i][j]);
-        }
-    }
+    micro.store(ep, M, N, m0, n0);
 }
 
 // The GEMM of one block (see gemm_block_with): with 16-byte loads when every operand that may
@@ -368,8 +549,8 @@ __device__ __forceinline__ void gemm_block_with(const LA& la, const LB& lb, cons
 template <class T, class LA, class LB, class EP>
 __device__ __forceinline__ void gemm_block(const LA& la, const LB& lb, const EP& ep, int M, int N, int k_begin,
                                            int k_end, int m0, int n0) {
-    __shared__ __align__(16) float As[T::STAGES][T::BK][T::BM + 4];
-    __shared__ __align__(16) float Bs[T::STAGES][T::BK][T::BN + 4];
+    __shared__ __align__(16) float As[T::STAGES][T::BK][T::BM + T::PAD];
+    __shared__ __align__(16) float Bs[T::STAGES][T::BK][T::BN + T::PAD];
     if constexpr (LA::VEC4 || LB::VEC4) {
         bool vec = true;
         if constexpr (LA::VEC4) vec = vec && la.vec4();

@@ -186,11 +186,11 @@ __device__ __forceinline__ void batched_gemm(const float* a, const float* b, flo
 }
 
 #define GEMM_KERNEL(TILE, SUFFIX)                                                                             \
-    PTX_KERNEL void __launch_bounds__(256, 2) winograd_gemm_f32_##SUFFIX(                                       \
+    PTX_KERNEL void __launch_bounds__(256, 2) winograd_gemm_##SUFFIX(                                       \
         const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ c, GemmParams p) {      \
         batched_gemm<TILE>(a, b, c, p);                                                                       \
     }
 
-GEMM_KERNEL(Tile128, t128)
-GEMM_KERNEL(Tile128x64, t128x64)
-GEMM_KERNEL(Tile64, t64)
+GEMM_FOR_EACH_MATH(GEMM_KERNEL, Tile128Of, t128)
+GEMM_FOR_EACH_MATH(GEMM_KERNEL, Tile128x64Of, t128x64)
+GEMM_FOR_EACH_MATH(GEMM_KERNEL, Tile64Of, t64)

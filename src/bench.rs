@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::nn::alexnet::{layer_shapes, AlexNet, Layer, LAYERS};
 use crate::nn::conv_tune;
 use crate::ops::conv2d::ConvAlgo;
+use crate::ops::gemm_math::{GemmMath, MathScope};
 use crate::ops::{conv2d, dense, dropout, maxpool2d, relu, resize, sgd, softmax_xent};
 use crate::tensor::{Images, Labels, Tensor};
 use crate::train::train_step;
@@ -45,6 +46,23 @@ pub struct BenchArgs {
     /// (F(4x4,3x3) and F(2x2,5x5) where they apply), or winograd:M (output tile M)
     #[arg(long, default_value = "auto")]
     pub conv_algo: ConvAlgo,
+    /// GEMM arithmetic (CUDA): fp32 (FFMAs, exact products: PyTorch's strict fp32), 3xtf32
+    /// (three TF32 tensor-core products per multiply-add: about fp32's accuracy), or tf32 (one,
+    /// of operands rounded to 10 mantissa bits: PyTorch's default convolutions)
+    #[arg(long, default_value = "fp32")]
+    pub math: GemmMath,
+}
+
+/// Makes `math` this thread's GEMM arithmetic (see ops::gemm_math) for as long as the guard
+/// lives; refused on the CPU, whose path computes in fp32 only.
+pub fn math_scope(math: GemmMath, device: &Device) -> Result<MathScope> {
+    if math != GemmMath::Fp32 && !device.is_cuda() {
+        return Err(Error::Data(format!(
+            "--math {math} needs a CUDA device (or emu); the CPU path computes in fp32 only, found {}",
+            device.label()
+        )));
+    }
+    Ok(math.scope())
 }
 
 /// Pseudo-random values in [-1, 1) for a layer's inputs.
@@ -67,6 +85,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if b == 0 || a.steps == 0 {
         return Err(Error::Data("--batch-size and --steps must be at least 1".into()));
     }
+    let _math = math_scope(a.math, &device)?;
     if a.profile_steps > 0 && !device.is_cuda() {
         return Err(Error::Data(format!("--profile-steps needs a CUDA device (or emu), not {}", device.label())));
     }
@@ -116,7 +135,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     println!(
         "{}",
         json!({
-            "kind": "bench", "config": "ptxgrad-fp32", "conv_algo": a.conv_algo.to_string(), "conv_algos": conv_algos, "batch": b, "resolution": r,
+            "kind": "bench", "config": format!("ptxgrad-{}", a.math), "math": a.math.to_string(), "conv_algo": a.conv_algo.to_string(), "conv_algos": conv_algos, "batch": b, "resolution": r,
             "examples_per_sec": (b as f64 * 1e3 / ms_per_step * 10.0).round() / 10.0,
             "ms_per_step": (ms_per_step * 1e3).round() / 1e3, "warmup_s": (warmup_s * 100.0).round() / 100.0,
             "peak_mem_gib": peak_gib.map(|m| (m * 100.0).round() / 100.0),

@@ -6,10 +6,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use ptxgrad::bench::math_scope;
 use ptxgrad::data::fashion_mnist::{resolve_data_dir, FashionMnist, CLASS_NAMES};
 use ptxgrad::nn::alexnet::{self, AlexNet};
 use ptxgrad::nn::conv_tune;
 use ptxgrad::ops::conv2d::ConvAlgo;
+use ptxgrad::ops::gemm_math::GemmMath;
 use ptxgrad::train::{self, EpochReport, TrainConfig};
 use ptxgrad::Device;
 
@@ -63,6 +65,11 @@ struct DataArgs {
     /// apply), or winograd:M (output tile M)
     #[arg(long, default_value = "auto")]
     conv_algo: ConvAlgo,
+    /// GEMM arithmetic (CUDA): fp32 (FFMAs, exact products: PyTorch's strict fp32), 3xtf32
+    /// (three TF32 tensor-core products per multiply-add: about fp32's accuracy), or tf32 (one,
+    /// of operands rounded to 10 mantissa bits: PyTorch's default convolutions)
+    #[arg(long, default_value = "fp32")]
+    math: GemmMath,
 }
 
 #[derive(Args)]
@@ -155,6 +162,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     }
     alexnet::layer_shapes(&[1, 1, a.resize, a.resize]).context("--resize")?;
     let device = pick_device(&a.data.device)?;
+    let _math = math_scope(a.data.math, &device)?;
     let data = load_data(&a.data, a.max_examples)?;
     if data.train.is_empty() {
         bail!("no training examples (--max-examples 0?)");
@@ -184,7 +192,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         progress: !a.quiet,
     };
     println!(
-        "training AlexNet ({} parameters) on {} ({}), {} train / {} test examples at {}x{}, batch {}, lr {}, {} epochs, {} convolutions",
+        "training AlexNet ({} parameters) on {} ({}), {} train / {} test examples at {}x{}, batch {}, lr {}, {} epochs, {} convolutions, {} GEMMs",
         model.param_count(),
         device.label(),
         device.hardware_name(),
@@ -195,7 +203,8 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         a.batch_size,
         a.lr,
         a.epochs,
-        model.conv_algo
+        model.conv_algo,
+        a.data.math
     );
     // Tuned at the batch the steps will mostly run (no larger than the data).
     let tune_batch = a.batch_size.min(data.train.len());
@@ -283,6 +292,7 @@ fn load_model(checkpoint: &Path, data: &DataArgs, device: &Device) -> Result<(Al
 
 fn cmd_eval(a: CheckpointArgs) -> Result<()> {
     let device = pick_device(&a.data.device)?;
+    let _math = math_scope(a.data.math, &device)?;
     let (model, epoch) = load_model(&a.checkpoint, &a.data, &device)?;
     let data = load_data(&a.data, None)?;
     let acc = train::evaluate(&model, &data.test, model.resolution)?;
@@ -298,6 +308,7 @@ fn cmd_eval(a: CheckpointArgs) -> Result<()> {
 
 fn cmd_predict(a: CheckpointArgs, count: usize) -> Result<()> {
     let device = pick_device(&a.data.device)?;
+    let _math = math_scope(a.data.math, &device)?;
     let (model, _) = load_model(&a.checkpoint, &a.data, &device)?;
     let data = load_data(&a.data, None)?;
     print_predictions(&model, &data, count)

@@ -508,6 +508,7 @@ pub mod plan {
     use super::{gemm_launch, split_chunk, split_count, Conv2dParams, Tile};
     use crate::device::grid_1d;
     use crate::error::Result;
+    use crate::ops::gemm_math::{gemm_kernel_names, GemmMath};
     use cudarc::driver::LaunchConfig;
 
     fn block_256(grid: (usize, usize, usize)) -> LaunchConfig {
@@ -534,20 +535,18 @@ pub mod plan {
     /// The forward GEMM: M = Cout, N = batch*OH*OW.
     pub fn forward(p: &Conv2dParams, tile: Option<Tile>) -> Result<(&'static str, LaunchConfig)> {
         let (cfg, tile) = gemm_launch(p.c_out as usize, p.n as usize * p.ohw(), 1, tile)?;
-        Ok((["conv2d_fwd_f32_t128", "conv2d_fwd_f32_t128x64", "conv2d_fwd_f32_t64"][tile as usize], cfg))
+        Ok((GemmMath::kernel(&gemm_kernel_names!("conv2d_fwd"), tile), cfg))
     }
 
     /// The input-grad GEMM: M = Cin, N = batch*H*W; strides above 1 take the 64-tile kernel that
-    /// handles them.
+    /// handles them (fp32 FFMAs only: AlexNet's one strided layer, conv1, needs no input grad).
     pub fn input_grad(p: &Conv2dParams, tile: Option<Tile>) -> Result<(&'static str, LaunchConfig)> {
         let (m, n) = (p.c_in as usize, p.n as usize * (p.h * p.w) as usize);
         if p.stride != 1 {
             return Ok(("conv2d_bwd_input_f32_t64_strided", block_256((n.div_ceil(64), m.div_ceil(64), 1))));
         }
         let (cfg, tile) = gemm_launch(m, n, 1, tile)?;
-        const NAMES: [&str; 3] =
-            ["conv2d_bwd_input_f32_t128", "conv2d_bwd_input_f32_t128x64", "conv2d_bwd_input_f32_t64"];
-        Ok((NAMES[tile as usize], cfg))
+        Ok((GemmMath::kernel(&gemm_kernel_names!("conv2d_bwd_input"), tile), cfg))
     }
 
     /// The weight-grad GEMM (M = Cout, N = Cin*KH*KW) on the 128 x 128 tile, its reduction over
@@ -558,7 +557,8 @@ pub mod plan {
         let tiles = m.div_ceil(128) * n.div_ceil(128);
         let (splits, chunk) = split_chunk(k_total, split_count(tiles, k_total.div_ceil(512)));
         p.k_chunk = chunk as u32;
-        ("conv2d_bwd_weight_f32_t128", block_256((n.div_ceil(128), m.div_ceil(128), splits)), splits)
+        let name = GemmMath::kernel(&gemm_kernel_names!("conv2d_bwd_weight"), Tile::T128);
+        (name, block_256((n.div_ceil(128), m.div_ceil(128), splits)), splits)
     }
 
     /// The bias grad: blocks (channel, image split), split over images until there are ~8

@@ -6,6 +6,7 @@
 use crate::device::{grid_1d, DeviceBuf, Gpu};
 use crate::error::{Error, Result};
 use crate::ops::conv2d::{dot, gemm_launch, split_chunk, split_count};
+use crate::ops::gemm_math::{gemm_kernel_names, GemmMath};
 use crate::ops::parallel::{for_each_row, map_ranges};
 use crate::ops::relu::through_fused_relu;
 use crate::ptx::Module;
@@ -138,13 +139,13 @@ fn params(x: &Tensor, w: &Tensor) -> Result<DenseParams> {
     Ok(DenseParams { batch: batch as u32, in_f: in_f as u32, out_f: out_f as u32, relu: 0, k_chunk: 0 })
 }
 
-/// C (m x n) = A . B over k on `gpu`, with the `kernels` (_t128, _t128x64, _t64) taking
+/// C (m x n) = A . B over k on `gpu`, with the `kernels` (a `gemm_kernel_names!` table) taking
 /// (in0, in1, out, params): split over K when the grid would leave the GPU (132 SMs, 2 blocks
 /// each) under-filled, then reduced (adding `bias` and applying p.relu) by dense_splitk_sum_f32.
 #[allow(clippy::too_many_arguments)]
 fn gemm_split(
     gpu: &Gpu,
-    kernels: [&'static str; 3],
+    kernels: &[[&'static str; 3]; 3],
     in0: &DeviceBuf<f32>,
     in1: &DeviceBuf<f32>,
     bias: Option<&DeviceBuf<f32>>,
@@ -152,7 +153,7 @@ fn gemm_split(
     (m, n, k): (usize, usize, usize),
 ) -> Result<DeviceBuf<f32>> {
     let (mut cfg, tile) = gemm_launch(m, n, 1, None)?;
-    let name = kernels[tile as usize];
+    let name = GemmMath::kernel(kernels, tile);
     let blocks = (cfg.grid_dim.0 * cfg.grid_dim.1) as usize;
     // ~2 blocks per SM, each split summing at least 256 terms.
     let splits = if blocks >= 264 || k < 1024 { 1 } else { split_count(blocks, k / 256) };
@@ -208,8 +209,7 @@ pub fn dense_fwd(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Result<Tenso
             Storage::Cpu(dense_fwd_cpu(xv, wv, bv, in_f, out_f, relu))
         }
         (Storage::Cuda { gpu, buf: xb }, Storage::Cuda { buf: wb, .. }, Storage::Cuda { buf: bb, .. }) => {
-            let names = ["dense_fwd_f32_t128", "dense_fwd_f32_t128x64", "dense_fwd_f32_t64"];
-            let y = gemm_split(gpu, names, xb, wb, Some(bb), p, (batch, out_f, in_f))?;
+            let y = gemm_split(gpu, &gemm_kernel_names!("dense_fwd"), xb, wb, Some(bb), p, (batch, out_f, in_f))?;
             Storage::Cuda { gpu: gpu.clone(), buf: y }
         }
         _ => unreachable!("checked by common_device"),
@@ -245,17 +245,16 @@ fn dense_grads(
         (Storage::Cuda { gpu, buf: xb }, Storage::Cuda { buf: wb, .. }, Storage::Cuda { buf: gb, .. }) => {
             let wrap = |buf| Storage::Cuda { gpu: gpu.clone(), buf };
             let gx = if need_gx {
-                let names = ["dense_bwd_input_f32_t128", "dense_bwd_input_f32_t128x64", "dense_bwd_input_f32_t64"];
                 let p = DenseParams { relu: 0, ..p };
-                Some(wrap(gemm_split(gpu, names, wb, gb, None, p, (batch, in_f, out_f))?))
+                let names = gemm_kernel_names!("dense_bwd_input");
+                Some(wrap(gemm_split(gpu, &names, wb, gb, None, p, (batch, in_f, out_f))?))
             } else {
                 None
             };
             let gw = if need_gw {
                 let mut gw = gpu.uninit::<f32>(out_f * in_f)?;
                 let (cfg, tile) = gemm_launch(out_f, in_f, 1, None)?;
-                let names = ["dense_bwd_weight_f32_t128", "dense_bwd_weight_f32_t128x64", "dense_bwd_weight_f32_t64"];
-                let name = names[tile as usize];
+                let name = GemmMath::kernel(&gemm_kernel_names!("dense_bwd_weight"), tile);
                 crate::launch!(gpu, Module::Dense, name, cfg, xb, gb, &mut gw, &p)?;
                 Some(wrap(gw))
             } else {

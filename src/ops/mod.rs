@@ -8,6 +8,7 @@ pub mod conv2d;
 pub mod dense;
 pub mod dropout;
 pub mod fast_div;
+pub mod gemm_math;
 pub mod matmul_cpu;
 pub mod maxpool2d;
 pub mod parallel;

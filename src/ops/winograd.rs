@@ -36,6 +36,7 @@ use crate::device::{grid_1d, DeviceBuf, Gpu};
 use crate::error::{Error, Result};
 use crate::ops::conv2d::{gemm_launch, split_chunk, split_count, Conv2dParams, Tile};
 use crate::ops::fast_div::FastDiv;
+use crate::ops::gemm_math::{gemm_kernel_names, GemmMath};
 use crate::ops::matmul_cpu::{gemm_acc, transpose};
 use crate::ops::parallel::map_ranges;
 use crate::ptx::Module;
@@ -518,8 +519,8 @@ impl Pass {
     pub fn gemm_launch(&self, tile: Option<Tile>) -> Result<(&'static str, LaunchConfig)> {
         let g = &self.gemm;
         let (cfg, tile) = gemm_launch(g.m as usize, g.n as usize, g.splits() * g.batch as usize, tile)?;
-        const NAMES: [&str; 3] = ["winograd_gemm_f32_t128", "winograd_gemm_f32_t128x64", "winograd_gemm_f32_t64"];
-        Ok((NAMES[tile as usize], cfg))
+        const NAMES: [[&str; 3]; 3] = gemm_kernel_names!("winograd_gemm");
+        Ok((GemmMath::kernel(&NAMES, tile), cfg))
     }
 
     fn run_cuda(

@@ -1,0 +1,101 @@
+//! Which arithmetic the GEMM kernels use for their products (kernels/gemm.cuh's `GemmMath`):
+//! one choice for every GEMM (implicit-GEMM and Winograd convolutions, dense layers).
+//!
+//! - `fp32` (the default): fp32 FFMAs on the CUDA cores. Exact products, as PyTorch computes
+//!   with TF32 disabled ("strict fp32").
+//! - `3xtf32`: each operand split into a TF32 value and a TF32 remainder, three tensor-core
+//!   products per multiply-add (big*big + big*small + small*big): about fp32's accuracy (the
+//!   dropped small*small is ~2^-22 of the product) at tensor-core throughput. Not what PyTorch
+//!   calls strict fp32, which never uses tensor cores for fp32 data; reported under its own name.
+//! - `tf32`: one tensor-core product of operands rounded to TF32 (10 mantissa bits), as PyTorch's
+//!   default convolutions (`allow_tf32`).
+//!
+//! The choice is per thread, like PyTorch's autocast state: `GemmMath::scope` sets it until the
+//! returned guard is dropped, and every GEMM launched from that thread (forward, and the backward
+//! closures that `Tape::backward` runs on it) uses it. The CPU path always computes in fp32.
+
+use std::cell::Cell;
+
+use crate::error::{Error, Result};
+use crate::ops::conv2d::Tile;
+
+/// The arithmetic of the GEMM kernels' products; the discriminant indexes `gemm_kernel_names!`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GemmMath {
+    #[default]
+    Fp32 = 0,
+    Tf32x3 = 1,
+    Tf32 = 2,
+}
+
+thread_local! {
+    static CURRENT: Cell<GemmMath> = const { Cell::new(GemmMath::Fp32) };
+}
+
+impl GemmMath {
+    pub const ALL: [GemmMath; 3] = [GemmMath::Fp32, GemmMath::Tf32x3, GemmMath::Tf32];
+
+    /// The arithmetic that GEMMs launched from this thread use now.
+    pub fn current() -> GemmMath {
+        CURRENT.with(Cell::get)
+    }
+
+    /// Makes `self` this thread's GEMM arithmetic until the guard is dropped (then the previous
+    /// one again).
+    #[must_use = "the setting lasts only as long as the guard"]
+    pub fn scope(self) -> MathScope {
+        MathScope { previous: CURRENT.with(|c| c.replace(self)) }
+    }
+
+    /// The kernel of `names` (a `gemm_kernel_names!` table) for the current arithmetic and `tile`.
+    pub fn kernel(names: &[[&'static str; 3]; 3], tile: Tile) -> &'static str {
+        names[GemmMath::current() as usize][tile as usize]
+    }
+}
+
+/// Restores the previous GEMM arithmetic when dropped (see `GemmMath::scope`).
+pub struct MathScope {
+    previous: GemmMath,
+}
+
+impl Drop for MathScope {
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.set(self.previous));
+    }
+}
+
+impl std::str::FromStr for GemmMath {
+    type Err = Error;
+    /// "fp32", "3xtf32" or "tf32".
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "fp32" => Ok(GemmMath::Fp32),
+            "3xtf32" => Ok(GemmMath::Tf32x3),
+            "tf32" => Ok(GemmMath::Tf32),
+            _ => Err(Error::Data(format!("GEMM math: expected fp32, 3xtf32 or tf32, found `{s}`"))),
+        }
+    }
+}
+
+impl std::fmt::Display for GemmMath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GemmMath::Fp32 => "fp32",
+            GemmMath::Tf32x3 => "3xtf32",
+            GemmMath::Tf32 => "tf32",
+        })
+    }
+}
+
+/// The names of a GEMM kernel family, `[math][tile]` in the order of `GemmMath` and `Tile`:
+/// `<base>_f32_t128`, `<base>_3xtf32_t128x64`, ... as gemm.cuh's GEMM_FOR_EACH_MATH makes them.
+macro_rules! gemm_kernel_names {
+    ($base:literal) => {
+        [
+            [concat!($base, "_f32_t128"), concat!($base, "_f32_t128x64"), concat!($base, "_f32_t64")],
+            [concat!($base, "_3xtf32_t128"), concat!($base, "_3xtf32_t128x64"), concat!($base, "_3xtf32_t64")],
+            [concat!($base, "_tf32_t128"), concat!($base, "_tf32_t128x64"), concat!($base, "_tf32_t64")],
+        ]
+    };
+}
+pub(crate) use gemm_kernel_names;
