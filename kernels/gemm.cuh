@@ -30,7 +30,9 @@
 //   per group, a quarter of the copy instructions and their address math (Vec4Loads). The block
 //   decides once, outside the k loop (gemm_block instantiates the pipeline both ways). A k-fast
 //   operand cannot take them: its groups of 4 along k are a column of As[k][m].
-// - fp32 accumulation, fmaf.
+// - fp32 accumulation. The products: fp32 FFMAs (FfmaMicro, the default), or tensor-core
+//   mma.sync in TF32, once or three times per product (MmaMicro: GemmMath below). Only the micro-
+//   kernel differs: loaders, pipeline and epilogues are the same code for all three.
 // Indices are 32-bit: the host refuses tensors of 2^31 elements or more.
 #pragma once
 #include "common.cuh"

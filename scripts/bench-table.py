@@ -33,11 +33,11 @@ def step_table(bench, peer):
     ours = [b for b in bench if b.get("kind") == "bench"]
     theirs = [p for p in peer if p.get("kind") == "bench" and p.get("batch") == 128]
     rows = ["| engine / precision | examples/sec | ms/step | " + " | ".join(
-        f"ptxgrad {b.get('conv_algo', '?')} ÷ this" for b in ours) + " |",
+        f"ptxgrad {b.get('math', 'fp32')} {b.get('conv_algo', '?')} ÷ this" for b in ours) + " |",
         "| --- | ---: | ---: |" + " ---: |" * len(ours)]
     for b in ours:
         algos = ", ".join(b.get("conv_algos") or [])
-        name = f"ptxgrad fp32, --conv-algo {b.get('conv_algo', '?')}" + (f" ({algos})" if algos else "")
+        name = f"ptxgrad {b.get('math', 'fp32')}, --conv-algo {b.get('conv_algo', '?')}" + (f" ({algos})" if algos else "")
         ratios = " | ".join(f"{o['examples_per_sec'] / b['examples_per_sec']:.2f}" for o in ours)
         rows.append(f"| {name} | {b['examples_per_sec']:,.1f} | {b['ms_per_step']:.2f} | {ratios} |")
     for p in theirs:
@@ -59,7 +59,7 @@ def step_hygiene(bench):
                                                     ("synchronizations_in_timed_steps", "synchronisations")]]
         said = ", ".join(f"{n} {what}" for n, what in counts if n is not None) or "not reported"
         peak = b.get("peak_mem_gib")
-        lines.append(f"- `--conv-algo {b.get('conv_algo', '?')}`, timed steps: {said}"
+        lines.append(f"- `--conv-algo {b.get('conv_algo', '?')} --math {b.get('math', 'fp32')}`, timed steps: {said}"
                      + (f"; peak device memory {peak} GiB" if peak is not None else ""))
     return "\n".join(lines)
 

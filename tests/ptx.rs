@@ -135,6 +135,8 @@ struct Loop {
     kernel: String,
     instructions: usize,
     ffma: usize,
+    /// Tensor-core TF32 mma.sync (HMMA.1688.F32.TF32) among them.
+    hmma: usize,
     /// 16-byte cp.async (LDGSTS.E.BYPASS.128) among them: the vector loads.
     vector_copies: usize,
 }
@@ -145,7 +147,8 @@ impl Loop {
     }
 }
 
-/// The loops of every kernel in an `nvdisasm -c` listing that hold at least `min_ffma` FFMAs.
+/// The loops of every kernel in an `nvdisasm -c` listing that hold at least `min_ffma` FFMAs or
+/// at least 4 HMMAs.
 /// Listing lines: `.text.<kernel>:` starts a kernel, `.L_x_N:` is a label, and an instruction
 /// is `/*addr*/ [@pred] OPCODE[.mods] operands ;`.
 fn loops_in(sass: &str, min_ffma: usize) -> Vec<Loop> {
@@ -186,11 +189,13 @@ fn loops_in(sass: &str, min_ffma: usize) -> Vec<Loop> {
             let body = &ins[*start..=i];
             let count = |f: &dyn Fn(&str) -> bool| body.iter().filter(|(o, _)| f(o)).count();
             let ffma = count(&|o| o == "FFMA");
-            if ffma >= min_ffma {
+            let hmma = count(&|o| o.starts_with("HMMA") && o.ends_with(".TF32"));
+            if ffma >= min_ffma || hmma >= 4 {
                 out.push(Loop {
                     kernel: kernel.clone(),
                     instructions: body.len(),
                     ffma,
+                    hmma,
                     vector_copies: count(&|o| o.starts_with("LDGSTS") && o.ends_with(".128")),
                 });
             }
@@ -218,12 +223,31 @@ fn gemm_k_loops_are_mostly_ffma() {
     // The GEMM kernels are the ones with a block-tile suffix (the tile transforms loop too).
     loops.retain(|l| ["_t128", "_t128x64", "_t64", "_t64_strided"].iter().any(|t| l.kernel.ends_with(t)));
     std::fs::remove_dir_all(&dir).ok();
-    println!("{:<34} {:>12} {:>6} {:>7} {:>11}", "kernel (sm_90)", "instructions", "FFMA", "share", "16-byte cp");
+    println!(
+        "{:<37} {:>12} {:>6} {:>7} {:>6} {:>11}",
+        "kernel (sm_90)", "instructions", "FFMA", "share", "HMMA", "16-byte cp"
+    );
     for l in &loops {
         let share = 100.0 * l.ffma_share();
-        println!("{:<34} {:>12} {:>6} {share:>6.1}% {:>11}", l.kernel, l.instructions, l.ffma, l.vector_copies);
+        let (i, f, h, v) = (l.instructions, l.ffma, l.hmma, l.vector_copies);
+        println!("{:<37} {i:>12} {f:>6} {share:>6.1}% {h:>6} {v:>11}", l.kernel);
     }
     let mut failures = Vec::new();
+    // The tensor-core kernels: every k-loop issues the mma.sync of whole k-tiles (MF x NF
+    // fragments per warp, three times for 3xtf32: gemm.cuh's MmaMicro) and no FFMA.
+    for (tile, per_tile) in [("t128", 16), ("t128x64", 8), ("t64", 4)] {
+        for (math, times) in [("tf32", 1), ("3xtf32", 3)] {
+            for family in ["winograd_gemm", "dense_fwd", "dense_bwd_weight", "conv2d_fwd", "conv2d_bwd_input"] {
+                let kernel = format!("{family}_{math}_{tile}");
+                let ks: Vec<&Loop> = loops.iter().filter(|l| l.kernel == kernel).collect();
+                let per = per_tile * times;
+                if ks.is_empty() || ks.iter().any(|l| l.ffma > 0 || l.hmma == 0 || l.hmma % per != 0) {
+                    let found: Vec<(usize, usize)> = ks.iter().map(|l| (l.hmma, l.ffma)).collect();
+                    failures.push(format!("{kernel}: expected k-loops of a multiple of {per} HMMA and no FFMA, found (HMMA, FFMA) {found:?}"));
+                }
+            }
+        }
+    }
     for (tile, floor, copies) in [("t128", 0.84, 2), ("t128x64", 0.75, 2), ("t64", 0.66, 2)] {
         let kernel = format!("winograd_gemm_f32_{tile}");
         let ks: Vec<&Loop> = loops.iter().filter(|l| l.kernel == kernel).collect();
@@ -242,7 +266,7 @@ fn gemm_k_loops_are_mostly_ffma() {
             ));
         }
     }
-    assert!(loops.len() >= 27, "found only {} GEMM k-loops: has the listing format changed?", loops.len());
+    assert!(loops.len() >= 81, "found only {} GEMM k-loops: has the listing format changed?", loops.len());
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 

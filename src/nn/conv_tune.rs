@@ -20,6 +20,7 @@ use crate::device::{Device, Gpu};
 use crate::error::{Error, Result};
 use crate::nn::alexnet::{layer_shapes, Layer, LAYERS};
 use crate::ops::conv2d::{conv2d_bwd_with, conv2d_fwd_with, Conv2dParams, ConvAlgo};
+use crate::ops::gemm_math::GemmMath;
 use crate::ops::winograd::output_tile;
 use crate::tensor::Tensor;
 
@@ -30,6 +31,17 @@ pub const REPS: usize = 3;
 /// the same result. Winograd's transforms cost a few 1e-5 of that in fp32 (tests/winograd.rs);
 /// a wrong term costs O(1).
 pub const AGREE: f32 = 1e-3;
+/// `AGREE` for GEMMs in TF32 (ops::gemm_math), whose rounding of both operands to 10 mantissa
+/// bits already costs ~1e-3 of the largest value in each of the two results compared.
+pub const AGREE_TF32: f32 = 1e-2;
+
+/// The agreement tolerance for the GEMM arithmetic of this thread (3xtf32 is fp32-accurate).
+fn agree_tolerance() -> f32 {
+    match GemmMath::current() {
+        GemmMath::Tf32 => AGREE_TF32,
+        GemmMath::Fp32 | GemmMath::Tf32x3 => AGREE,
+    }
+}
 
 /// One candidate's measurement on one layer.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,6 +52,8 @@ pub struct Trial {
     /// Largest disagreement with the implicit GEMM over y, gx and gw (relative, see `AGREE`;
     /// infinite if it ran out of memory).
     pub rel_err: f32,
+    /// The largest `rel_err` that agrees: `AGREE`, or `AGREE_TF32` when tuned with TF32 GEMMs.
+    pub tolerance: f32,
     /// Set when the candidate could not run for want of device memory (its workspaces: the
     /// transformed tensors of Winograd's larger tiles are big); it is then never picked.
     pub out_of_memory: bool,
@@ -47,7 +61,7 @@ pub struct Trial {
 
 impl Trial {
     pub fn agrees(&self) -> bool {
-        self.rel_err <= AGREE
+        self.rel_err <= self.tolerance
     }
 }
 
@@ -151,15 +165,19 @@ fn time_layer(
             }
             let reps = reps.max(1);
             let ms = gpu.time_ms(|| (0..reps).try_for_each(|_| run(algo).map(drop)))? / reps as f32;
-            Ok(Trial { algo, ms, rel_err, out_of_memory: false })
+            Ok(Trial { algo, ms, rel_err, tolerance: agree_tolerance(), out_of_memory: false })
         };
         match measure() {
             Ok(t) => trials.push(t),
             // Memory is the one failure a candidate may have that training would not: skip it.
             // Anything else (a fault, a launch error) is a real error and stops here.
-            Err(Error::OutOfMemory { .. }) if algo != ConvAlgo::ImplicitGemm => {
-                trials.push(Trial { algo, ms: f32::NAN, rel_err: f32::INFINITY, out_of_memory: true })
-            }
+            Err(Error::OutOfMemory { .. }) if algo != ConvAlgo::ImplicitGemm => trials.push(Trial {
+                algo,
+                ms: f32::NAN,
+                rel_err: f32::INFINITY,
+                tolerance: agree_tolerance(),
+                out_of_memory: true,
+            }),
             Err(e) => return Err(e),
         }
     }
@@ -228,7 +246,7 @@ mod tests {
     use super::*;
 
     fn trial(algo: ConvAlgo, ms: f32, rel_err: f32) -> Trial {
-        Trial { algo, ms, rel_err, out_of_memory: false }
+        Trial { algo, ms, rel_err, tolerance: AGREE, out_of_memory: false }
     }
 
     #[test]
@@ -239,7 +257,7 @@ mod tests {
         let tie = [trial(ConvAlgo::ImplicitGemm, 2.0, 0.0), trial(w(2), 2.0, 1e-5)];
         assert_eq!(choose(&tie), Some(ConvAlgo::ImplicitGemm), "ties go to the implicit GEMM");
         assert_eq!(choose(&[trial(w(2), 1.0, f32::INFINITY)]), None);
-        let oom = Trial { algo: w(4), ms: f32::NAN, rel_err: f32::INFINITY, out_of_memory: true };
+        let oom = Trial { algo: w(4), ms: f32::NAN, rel_err: f32::INFINITY, tolerance: AGREE, out_of_memory: true };
         assert_eq!(choose(&[trial(ConvAlgo::ImplicitGemm, 3.0, 0.0), oom]), Some(ConvAlgo::ImplicitGemm));
     }
 
