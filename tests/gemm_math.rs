@@ -126,8 +126,17 @@ const DENSE_SHAPES: [(usize, usize, usize); 3] = [(65, 129, 257), (2048, 33, 217
 fn dense_math_body(dev: Device) {
     for (i, &shape) in DENSE_SHAPES.iter().enumerate() {
         let seed = 70 + 10 * i as u64;
+        let f32 = dense_errors(&dev, GemmMath::Fp32, shape, seed);
         let x3 = dense_errors(&dev, GemmMath::Tf32x3, shape, seed);
         let tf = dense_errors(&dev, GemmMath::Tf32, shape, seed);
+        let e = |v: [f64; 3]| format!("{:.1e} / {:.1e} / {:.1e}", v[0], v[1], v[2]);
+        println!(
+            "{shape:?} on {}: largest |error| of y / gx / gw: fp32 {}, 3xtf32 {}, tf32 {}",
+            dev.label(),
+            e(f32),
+            e(x3),
+            e(tf)
+        );
         // Sums of >= 33 products: TF32's rounding shows well above 3xTF32's error.
         for j in 0..3 {
             let k = [shape.1, shape.2, shape.0][j];
