@@ -246,21 +246,21 @@ __device__ __forceinline__ void conv_bwd_weight(const float* x, const float* gy,
 }
 
 // The tables arrive as unsigned* (the host's u32 buffers) and are read as int2 / int.
-#define CONV_KERNELS(TILE, SUFFIX)                                                                          \
-    PTX_KERNEL void __launch_bounds__(256, 2) conv2d_fwd_##SUFFIX(                                         \
-        const float* __restrict__ x, const float* __restrict__ wt, const float* __restrict__ b,             \
-        float* __restrict__ y, const unsigned* __restrict__ tab, Conv2dParams p) {                          \
-        conv_fwd<TILE>(x, wt, b, y, reinterpret_cast<const int2*>(tab), p);                                 \
-    }                                                                                                       \
-    PTX_KERNEL void __launch_bounds__(256, 2) conv2d_bwd_input_##SUFFIX(                                   \
-        const float* __restrict__ wt, const float* __restrict__ gy, float* __restrict__ gx,                 \
-        const unsigned* __restrict__ tab, Conv2dParams p) {                                                 \
-        conv_bwd_input<TILE, true>(wt, gy, gx, reinterpret_cast<const int2*>(tab), p);                      \
-    }                                                                                                       \
-    PTX_KERNEL void __launch_bounds__(256, 2) conv2d_bwd_weight_##SUFFIX(                                  \
-        const float* __restrict__ x, const float* __restrict__ gy, float* __restrict__ ws,                  \
-        const unsigned* __restrict__ tab, Conv2dParams p) {                                                 \
-        conv_bwd_weight<TILE>(x, gy, ws, reinterpret_cast<const int2*>(tab), p);                            \
+#define CONV_KERNELS(TILE, SUFFIX)                                                              \
+    PTX_KERNEL void __launch_bounds__(256, 2) conv2d_fwd_##SUFFIX(                              \
+        const float* __restrict__ x, const float* __restrict__ wt, const float* __restrict__ b, \
+        float* __restrict__ y, const unsigned* __restrict__ tab, Conv2dParams p) {              \
+        conv_fwd<TILE>(x, wt, b, y, reinterpret_cast<const int2*>(tab), p);                     \
+    }                                                                                           \
+    PTX_KERNEL void __launch_bounds__(256, 2) conv2d_bwd_input_##SUFFIX(                        \
+        const float* __restrict__ wt, const float* __restrict__ gy, float* __restrict__ gx,     \
+        const unsigned* __restrict__ tab, Conv2dParams p) {                                     \
+        conv_bwd_input<TILE, true>(wt, gy, gx, reinterpret_cast<const int2*>(tab), p);          \
+    }                                                                                           \
+    PTX_KERNEL void __launch_bounds__(256, 2) conv2d_bwd_weight_##SUFFIX(                       \
+        const float* __restrict__ x, const float* __restrict__ gy, float* __restrict__ ws,      \
+        const unsigned* __restrict__ tab, Conv2dParams p) {                                     \
+        conv_bwd_weight<TILE>(x, gy, ws, reinterpret_cast<const int2*>(tab), p);                \
     }
 
 GEMM_FOR_EACH_MATH(CONV_KERNELS, Tile128Of, t128)

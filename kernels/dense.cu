@@ -85,15 +85,15 @@ __device__ __forceinline__ void dense_bwd_weight(const float* x, const float* gy
 
 #define DENSE_KERNELS(TILE, SUFFIX)                                                                         \
     PTX_KERNEL void __launch_bounds__(256, 2)                                                               \
-        dense_fwd_##SUFFIX(const float* __restrict__ x, const float* __restrict__ w,                    \
+        dense_fwd_##SUFFIX(const float* __restrict__ x, const float* __restrict__ w,                        \
                                const float* __restrict__ b, float* __restrict__ y, DenseParams p) {         \
         dense_fwd<TILE>(x, w, b, y, p);                                                                     \
     }                                                                                                       \
-    PTX_KERNEL void __launch_bounds__(256, 2) dense_bwd_input_##SUFFIX(                                 \
+    PTX_KERNEL void __launch_bounds__(256, 2) dense_bwd_input_##SUFFIX(                                     \
         const float* __restrict__ w, const float* __restrict__ gy, float* __restrict__ gx, DenseParams p) { \
         dense_bwd_input<TILE>(w, gy, gx, p);                                                                \
     }                                                                                                       \
-    PTX_KERNEL void __launch_bounds__(256, 2) dense_bwd_weight_##SUFFIX(                                \
+    PTX_KERNEL void __launch_bounds__(256, 2) dense_bwd_weight_##SUFFIX(                                    \
         const float* __restrict__ x, const float* __restrict__ gy, float* __restrict__ gw, DenseParams p) { \
         dense_bwd_weight<TILE>(x, gy, gw, p);                                                               \
     }

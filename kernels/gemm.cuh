@@ -41,10 +41,12 @@
 // fp32; they differ in how each product a * b is formed:
 // - Ffma: fp32 FFMAs on the CUDA cores (FfmaMicro), exact products: PyTorch's "strict fp32".
 // - Tf32: one tensor-core mma.sync per product (MmaMicro), a and b first rounded to TF32 (10
-//   mantissa bits): relative error ~2^-11 per product, like PyTorch's default TF32 convolutions.
+//   mantissa bits, 2^-11 relative each): up to ~2^-10 per product, like PyTorch's default TF32
+//   convolutions.
 // - Tf32x3: three mma.sync, with a = ab + as split into a TF32 value and a TF32 remainder (and b
-//   alike): a * b ~= ab*bb + ab*bs + as*bb. The dropped as*bs is ~2^-22 of a * b, so the result
-//   is as accurate as fp32 FFMAs (the "3xTF32" of CUTLASS), at tensor-core throughput.
+//   alike): a * b ~= ab*bb + ab*bs + as*bb. What is lost (as*bs, and as's own truncation) is
+//   ~2^-21 of a * b, so the result is about as accurate as fp32 FFMAs (the "3xTF32" of CUTLASS),
+//   at tensor-core throughput (tests/gemm_math.rs holds it to the FFMA kernels' tolerance).
 enum class GemmMath { Ffma, Tf32, Tf32x3 };
 
 template <int BM_, int BN_, int TM_, int TN_, GemmMath MATH_ = GemmMath::Ffma>
@@ -71,7 +73,7 @@ using Tile128x64 = Tile128x64Of<GemmMath::Ffma>;
 using Tile64 = Tile64Of<GemmMath::Ffma>;
 
 // Instantiates KERNELS(tile, suffix) once per GemmMath: suffixes f32_<s>, tf32_<s> and 3xtf32_<s>
-// (kernel names such as dense_fwd_3xtf32_t128; ops::gemm_math::kernel_names mirrors them).
+// (kernel names such as dense_fwd_3xtf32_t128; ops::gemm_math's gemm_kernel_names! mirrors them).
 #define GEMM_FOR_EACH_MATH(KERNELS, TILE_OF, SUFFIX) \
     KERNELS(TILE_OF<GemmMath::Ffma>, f32_##SUFFIX)   \
     KERNELS(TILE_OF<GemmMath::Tf32>, tf32_##SUFFIX)  \
@@ -332,14 +334,14 @@ struct MmaMicro {
                 for (int i = 0; i < 4; ++i) acc[f][j][i] = 0.0f;
     }
 
-    // x as big (+ small, for Tf32x3), both TF32. Tf32: cvt.rna, which sm_90 implements as five
-    // instructions (a test for infinity and NaN, whose bits must not be rounded, then the add and
-    // mask below). Tf32x3 rounds big the same way with integer operations alone: adding half a
+    // x as big (+ small, for Tf32x3), both TF32. Tf32: cvt.rna, which is up to four instructions
+    // on sm_90 (a test for infinity and NaN, whose bits must not be rounded, the add, a select and
+    // the mask below). Tf32x3 rounds big the same way with integer operations alone: adding half a
     // TF32 ulp (0x1000) to the bits rounds the magnitude to nearest, ties away, and since the mma
     // ignores the 13 low bits of its operands only the subtraction needs them cleared. small is
     // left for the mma to truncate: |small| <= 2^-11 |x|, so that costs < 2^-21 |x|, the order of
-    // the product small*small that 3xTF32 drops anyway. 3 instructions per value instead of 10
-    // (two cvt.rna and the subtraction), on 24 values per thread and k-tile (t128).
+    // the product small*small that 3xTF32 drops anyway. 3 instructions per value instead of the 7
+    // that two cvt.rna and the subtraction took, on 24 values per thread and k-tile (t128).
     // The one difference is at infinity: small = inf - inf is NaN, so an infinite operand gives
     // NaN instead of inf (a NaN operand stays NaN in small); either way the step has diverged.
     __device__ __forceinline__ static void split(float x, unsigned& big, unsigned& small) {

@@ -153,18 +153,18 @@ __device__ __forceinline__ void scatter(const float* __restrict__ in, const floa
     }
 }
 
-#define TILE_KERNELS(A)                                                                                     \
-    PTX_KERNEL void __launch_bounds__(128) winograd_gather_f32_a##A(const float* __restrict__ src,          \
+#define TILE_KERNELS(A)                                                                                      \
+    PTX_KERNEL void __launch_bounds__(128) winograd_gather_f32_a##A(const float* __restrict__ src,           \
                                                                     float* __restrict__ out, TileParams p) { \
-        if (p.tile_major)                                                                                   \
-            gather<A, true>(src, out, p);                                                                   \
-        else                                                                                                \
-            gather<A, false>(src, out, p);                                                                  \
-    }                                                                                                       \
-    PTX_KERNEL void __launch_bounds__(128)                                                                  \
-        winograd_scatter_f32_a##A(const float* __restrict__ in, const float* __restrict__ bias,             \
-                                  float* __restrict__ dst, TileParams p, unsigned has_bias) {               \
-        scatter<A>(in, bias, dst, p, has_bias);                                                             \
+        if (p.tile_major)                                                                                    \
+            gather<A, true>(src, out, p);                                                                    \
+        else                                                                                                 \
+            gather<A, false>(src, out, p);                                                                   \
+    }                                                                                                        \
+    PTX_KERNEL void __launch_bounds__(128)                                                                   \
+        winograd_scatter_f32_a##A(const float* __restrict__ in, const float* __restrict__ bias,              \
+                                  float* __restrict__ dst, TileParams p, unsigned has_bias) {                \
+        scatter<A>(in, bias, dst, p, has_bias);                                                              \
     }
 
 TILE_KERNELS(4)
@@ -185,10 +185,10 @@ __device__ __forceinline__ void batched_gemm(const float* a, const float* b, flo
                   blockIdx.y * T::BM, blockIdx.x * T::BN);
 }
 
-#define GEMM_KERNEL(TILE, SUFFIX)                                                                             \
-    PTX_KERNEL void __launch_bounds__(256, 2) winograd_gemm_##SUFFIX(                                       \
-        const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ c, GemmParams p) {      \
-        batched_gemm<TILE>(a, b, c, p);                                                                       \
+#define GEMM_KERNEL(TILE, SUFFIX)                                                                        \
+    PTX_KERNEL void __launch_bounds__(256, 2) winograd_gemm_##SUFFIX(                                    \
+        const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ c, GemmParams p) { \
+        batched_gemm<TILE>(a, b, c, p);                                                                  \
     }
 
 GEMM_FOR_EACH_MATH(GEMM_KERNEL, Tile128Of, t128)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One prepared device run, sized for a 15-minute GPU lease: every CUDA test, ptxgrad's bench with
 # the per-layer table for --conv-algo auto (and the timings it chose by), the PyTorch peer's
-# bench, the bench with the tensor-core GEMMs (--math 3xtf32, tf32), 10 epochs of training, a hardware-counter profile of one training step (Nsight Compute,
-# where it can read the counters), the GEMM core's throughput, the conv timing test, and the
-# bench with the implicit GEMM and with Winograd. Build and pack here first:
+# bench, the bench with the tensor-core GEMMs (--math 3xtf32, tf32), 10 epochs of training, a
+# hardware-counter profile of one training step (Nsight Compute, where it can read the
+# counters), the GEMM core's throughput, the conv timing test, and the bench with the implicit
+# GEMM and with Winograd. Build and pack here first:
 #     ../shared/gpu/pack --data --peer
 # then on the device (carry [".gpu"]):   bash scripts/gpu-check.sh [CONV_ALGO]
 # Training and the profile use CONV_ALGO (auto, gemm, winograd, winograd:M); by default auto if

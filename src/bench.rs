@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::nn::alexnet::{layer_shapes, AlexNet, Layer, LAYERS};
 use crate::nn::conv_tune;
 use crate::ops::conv2d::ConvAlgo;
-use crate::ops::gemm_math::{GemmMath, MathScope};
+use crate::ops::gemm_math::GemmMath;
 use crate::ops::{conv2d, dense, dropout, maxpool2d, relu, resize, sgd, softmax_xent};
 use crate::tensor::{Images, Labels, Tensor};
 use crate::train::train_step;
@@ -53,18 +53,6 @@ pub struct BenchArgs {
     pub math: GemmMath,
 }
 
-/// Makes `math` this thread's GEMM arithmetic (see ops::gemm_math) for as long as the guard
-/// lives; refused on the CPU, whose path computes in fp32 only.
-pub fn math_scope(math: GemmMath, device: &Device) -> Result<MathScope> {
-    if math != GemmMath::Fp32 && !device.is_cuda() {
-        return Err(Error::Data(format!(
-            "--math {math} needs a CUDA device (or emu); the CPU path computes in fp32 only, found {}",
-            device.label()
-        )));
-    }
-    Ok(math.scope())
-}
-
 /// Pseudo-random values in [-1, 1) for a layer's inputs.
 fn rand_tensor(shape: &[usize], salt: u64, device: &Device) -> Result<Tensor> {
     Tensor::synthetic(shape, -1.0, 1.0, salt, device)
@@ -85,7 +73,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if b == 0 || a.steps == 0 {
         return Err(Error::Data("--batch-size and --steps must be at least 1".into()));
     }
-    let _math = math_scope(a.math, &device)?;
+    let _math = a.math.scope_on(&device)?;
     if a.profile_steps > 0 && !device.is_cuda() {
         return Err(Error::Data(format!("--profile-steps needs a CUDA device (or emu), not {}", device.label())));
     }

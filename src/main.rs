@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use ptxgrad::bench::math_scope;
 use ptxgrad::data::fashion_mnist::{resolve_data_dir, FashionMnist, CLASS_NAMES};
 use ptxgrad::nn::alexnet::{self, AlexNet};
 use ptxgrad::nn::conv_tune;
@@ -162,7 +161,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     }
     alexnet::layer_shapes(&[1, 1, a.resize, a.resize]).context("--resize")?;
     let device = pick_device(&a.data.device)?;
-    let _math = math_scope(a.data.math, &device)?;
+    let _math = a.data.math.scope_on(&device)?;
     let data = load_data(&a.data, a.max_examples)?;
     if data.train.is_empty() {
         bail!("no training examples (--max-examples 0?)");
@@ -292,7 +291,7 @@ fn load_model(checkpoint: &Path, data: &DataArgs, device: &Device) -> Result<(Al
 
 fn cmd_eval(a: CheckpointArgs) -> Result<()> {
     let device = pick_device(&a.data.device)?;
-    let _math = math_scope(a.data.math, &device)?;
+    let _math = a.data.math.scope_on(&device)?;
     let (model, epoch) = load_model(&a.checkpoint, &a.data, &device)?;
     let data = load_data(&a.data, None)?;
     let acc = train::evaluate(&model, &data.test, model.resolution)?;
@@ -308,7 +307,7 @@ fn cmd_eval(a: CheckpointArgs) -> Result<()> {
 
 fn cmd_predict(a: CheckpointArgs, count: usize) -> Result<()> {
     let device = pick_device(&a.data.device)?;
-    let _math = math_scope(a.data.math, &device)?;
+    let _math = a.data.math.scope_on(&device)?;
     let (model, _) = load_model(&a.checkpoint, &a.data, &device)?;
     let data = load_data(&a.data, None)?;
     print_predictions(&model, &data, count)

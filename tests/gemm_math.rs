@@ -8,7 +8,6 @@
 //!   remainder products, fails one of the two.
 mod common;
 use common::*;
-use ptxgrad::bench::math_scope;
 use ptxgrad::ops::conv2d::{
     conv2d_bwd_input_cpu, conv2d_bwd_weight_cpu, conv2d_bwd_with, conv2d_fwd_cpu, conv2d_fwd_with, Conv2dParams,
     ConvAlgo,
@@ -38,9 +37,9 @@ fn gemm_math_parses_prints_and_scopes() {
     }
     assert_eq!(GemmMath::current(), GemmMath::Fp32);
     // The CPU path computes in fp32 only: asking it for tensor-core math is an error, not ignored.
-    let err = math_scope(GemmMath::Tf32, &Device::Cpu).err().expect("refused on the CPU").to_string();
+    let err = GemmMath::Tf32.scope_on(&Device::Cpu).err().expect("refused on the CPU").to_string();
     assert!(err.contains("--math tf32 needs a CUDA device"), "{err}");
-    assert!(math_scope(GemmMath::Fp32, &Device::Cpu).is_ok());
+    assert!(GemmMath::Fp32.scope_on(&Device::Cpu).is_ok());
 }
 
 /// C (m x n) = A . B exactly (f64) and S = sum_k |A(i,k) B(k,j)|, for the error bounds.

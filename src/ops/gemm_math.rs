@@ -16,6 +16,7 @@
 
 use std::cell::Cell;
 
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::conv2d::Tile;
 
@@ -45,6 +46,18 @@ impl GemmMath {
     #[must_use = "the setting lasts only as long as the guard"]
     pub fn scope(self) -> MathScope {
         MathScope { previous: CURRENT.with(|c| c.replace(self)) }
+    }
+
+    /// `scope` for the GEMMs on `device`: refused on the CPU, whose path computes in fp32 only
+    /// (asking it for tensor-core arithmetic is a mistake to report, not to ignore).
+    pub fn scope_on(self, device: &Device) -> Result<MathScope> {
+        if self != GemmMath::Fp32 && !device.is_cuda() {
+            return Err(Error::Data(format!(
+                "--math {self} needs a CUDA device (or emu); the CPU path computes in fp32 only, found {}",
+                device.label()
+            )));
+        }
+        Ok(self.scope())
     }
 
     /// The kernel of `names` (a `gemm_kernel_names!` table) for the current arithmetic and `tile`.
