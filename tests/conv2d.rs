@@ -6,6 +6,7 @@ use ptxgrad::ops::conv2d::{
     conv2d, conv2d_bwd, conv2d_bwd_bias_cpu, conv2d_bwd_input_cpu, conv2d_bwd_weight_cpu, conv2d_bwd_with, conv2d_fwd,
     conv2d_fwd_cpu, conv2d_fwd_with, conv2d_out_size, conv2d_with, plan, Conv2dParams, ConvAlgo, Tile,
 };
+use ptxgrad::ops::gemm_math::GemmMath;
 use ptxgrad::ops::relu::relu_bwd_cpu;
 use ptxgrad::{Device, Tape, Tensor};
 
@@ -401,6 +402,12 @@ fn conv2d_cuda_alexnet_timing() {
         .map(|w| w.map_or(ConvAlgo::ImplicitGemm, |tile| ConvAlgo::Winograd { tile }));
     for algo in algos {
         println!("{algo}:");
+        time_alexnet_convs(&dev, algo);
+    }
+    // The tensor-core GEMMs (ops::gemm_math), fp32-accurate 3xtf32, with gemm and Winograd.
+    let _m = GemmMath::Tf32x3.scope();
+    for algo in [ConvAlgo::ImplicitGemm, ConvAlgo::Winograd { tile: None }] {
+        println!("{algo} (3xtf32):");
         time_alexnet_convs(&dev, algo);
     }
 }

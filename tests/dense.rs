@@ -5,6 +5,7 @@ use common::*;
 use ptxgrad::ops::dense::{
     dense, dense_bwd, dense_bwd_bias_cpu, dense_bwd_input_cpu, dense_bwd_weight_cpu, dense_fwd, dense_fwd_cpu,
 };
+use ptxgrad::ops::gemm_math::GemmMath;
 use ptxgrad::ops::relu::relu_bwd_cpu;
 use ptxgrad::{Device, Tape, Tensor};
 
@@ -205,8 +206,8 @@ fn dense_cuda_alexnet_timing() {
 
 /// The GEMM core's throughput on one large problem (M = N = K = 4096, 137 GFLOP a pass), for
 /// each way it loads operands: the forward reads both along k (4-byte copies), the weight grad
-/// reads both along m / n (16-byte copies), the input grad one of each. It separates the core
-/// from the conv loaders and from small grids:
+/// reads both along m / n (16-byte copies), the input grad one of each; and each GEMM arithmetic
+/// (fp32 FFMAs, 3xtf32, tf32). It separates the core from the conv loaders and from small grids:
 /// `cargo test --test dense -- --ignored --nocapture dense_cuda_gemm_core_timing`.
 #[test]
 #[ignore]
@@ -218,14 +219,18 @@ fn dense_cuda_gemm_core_timing() {
     let b = rand_tensor(&[n], 3, &dev);
     let gy = rand_tensor(&[n, n], 4, &dev);
     let tflop = 2.0 * (n as f64).powi(3) / 1e12;
-    let tf = time_on(&dev, &|| drop(dense_fwd(&x, &w, &b, false).unwrap()));
-    let tw = time_on(&dev, &|| drop(dense_bwd(&x, &w, &gy, false).unwrap()));
-    let tx = time_on(&dev, &|| drop(dense_bwd(&x, &w, &gy, true).unwrap())) - tw;
-    println!(
-        "GEMM core, {n}^3: both operands along k (4-byte copies) {:.1} TFLOP/s, both along m/n (16-byte) {:.1}, \
-         one of each {:.1}",
-        tflop / tf,
-        tflop / tw,
-        tflop / tx
-    );
+    // Each GEMM arithmetic (ops::gemm_math): the FFMA core and the tensor-core ones.
+    for math in GemmMath::ALL {
+        let _m = math.scope();
+        let tf = time_on(&dev, &|| drop(dense_fwd(&x, &w, &b, false).unwrap()));
+        let tw = time_on(&dev, &|| drop(dense_bwd(&x, &w, &gy, false).unwrap()));
+        let tx = time_on(&dev, &|| drop(dense_bwd(&x, &w, &gy, true).unwrap())) - tw;
+        println!(
+            "GEMM core ({math}), {n}^3: both operands along k (4-byte copies) {:.1} TFLOP/s, both along m/n \
+             (16-byte) {:.1}, one of each {:.1}",
+            tflop / tf,
+            tflop / tw,
+            tflop / tx
+        );
+    }
 }
