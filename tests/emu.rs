@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use ptxgrad::nn::alexnet::AlexNet;
 use ptxgrad::ops::conv2d::ConvAlgo;
+use ptxgrad::ops::gemm_math::GemmMath;
 use ptxgrad::train::{prepare_batch, train_step};
 use ptxgrad::Device;
 
@@ -43,6 +44,24 @@ fn emulated_training_step_matches_the_cpu() {
             assert!(c.iter().any(|&d| d != 0.0), "{algo}: parameter {i} did not change on the CPU");
             assert_close(&format!("{algo}: change of parameter {i} in one step"), c, e, 2e-7, 1e-3);
         }
+    }
+}
+
+/// The same step with the tensor-core GEMMs in 3xtf32 (ops::gemm_math): every GEMM kernel of the
+/// step through its mma.sync variant, held to the fp32 step's tolerances (3xtf32 is
+/// fp32-accurate; a wrong fragment index or a missing product term is not). The implicit GEMM
+/// only: an emulated mma step takes about ten times an FFMA one.
+#[test]
+fn emulated_training_step_with_3xtf32_gemms_matches_the_cpu() {
+    let algo = ConvAlgo::ImplicitGemm;
+    let (cpu_loss, cpu_deltas) = one_step(&Device::Cpu, algo);
+    let (emu_loss, emu_deltas) = {
+        let _m = GemmMath::Tf32x3.scope();
+        one_step(&Device::parse("emu").unwrap(), algo)
+    };
+    assert!((cpu_loss - emu_loss).abs() <= 1e-4 * cpu_loss.abs().max(1.0), "loss {cpu_loss} vs {emu_loss}");
+    for (i, (c, e)) in cpu_deltas.iter().zip(&emu_deltas).enumerate() {
+        assert_close(&format!("3xtf32: change of parameter {i} in one step"), c, e, 2e-7, 1e-3);
     }
 }
 
