@@ -6,6 +6,7 @@
 mod common;
 use common::*;
 use ptxgrad::ops::conv2d::{conv2d_bwd_input_cpu, conv2d_bwd_weight_cpu, conv2d_fwd_cpu, Conv2dParams, ConvAlgo, Tile};
+use ptxgrad::ops::gemm_math::GemmMath;
 use ptxgrad::ops::winograd::{
     output_tile, weight_grad_splits, winograd_bwd_input_cpu, winograd_bwd_weight_cpu, winograd_fwd_cpu, GemmParams,
     Pass, TileParams, KERNEL_ALPHAS,
@@ -104,6 +105,9 @@ extern "C" {
     fn winograd_gemm_f32_t128(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
     fn winograd_gemm_f32_t128x64(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
     fn winograd_gemm_f32_t64(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
+    fn winograd_gemm_3xtf32_t128(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
+    fn winograd_gemm_3xtf32_t128x64(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
+    fn winograd_gemm_3xtf32_t64(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
 }
 
 type Gather = unsafe extern "C" fn(*const f32, *mut f32, TileParams);
@@ -119,7 +123,15 @@ fn scatter_fn(name: &str) -> Scatter {
 }
 
 fn gemm_fn(name: &str) -> Gemm {
-    emu_kernel!(name, winograd_gemm_f32_t128, winograd_gemm_f32_t128x64, winograd_gemm_f32_t64)
+    emu_kernel!(
+        name,
+        winograd_gemm_f32_t128,
+        winograd_gemm_f32_t128x64,
+        winograd_gemm_f32_t64,
+        winograd_gemm_3xtf32_t128,
+        winograd_gemm_3xtf32_t128x64,
+        winograd_gemm_3xtf32_t64,
+    )
 }
 
 /// The pass's four launches, as Pass::run_cuda makes them, on the emulator; `tile` overrides the
@@ -156,7 +168,8 @@ fn run_pass_emu(pass: &Pass, a_src: &[f32], b_src: &[f32], bias: Option<&[f32]>,
 
 /// Every Winograd kernel (gather and scatter for tiles of 4, 6 and 8; the GEMM in all three block
 /// tiles, with 4- and 16-byte loads; the weight grad's split-K) through its real launch, on small
-/// awkward shapes, against the direct convolution.
+/// awkward shapes, against the direct convolution. The GEMMs run in fp32 and, on the cases with
+/// several blocks and the 16-byte loads, in 3xtf32 too (tensor cores; the same tolerances).
 #[test]
 fn winograd_kernels_emulated_match_direct_convolution() {
     // (n, cin, h, w, cout, r, pad, m): alphas 4, 6, 8; channels across 64-row tiles; channels and
@@ -183,8 +196,12 @@ fn winograd_kernels_emulated_match_direct_convolution() {
         let gw_ref = conv2d_bwd_weight_cpu(&x, &gy, &p);
         // The weight grad split as the GPU would, and in 3 (more splits than tiles per split).
         let splits = [weight_grad_splits(&p, m), 3];
-        for tile in Tile::ALL {
-            let tag = |s: &str| format!("{s}: F({m}, {r}), x {:?}, pad {pad}, {tile:?} (emulated)", [n, cin, h, w]);
+        let maths: &[GemmMath] =
+            if (1..=3).contains(&i) { &[GemmMath::Fp32, GemmMath::Tf32x3] } else { &[GemmMath::Fp32] };
+        for (&math, tile) in maths.iter().flat_map(|m| Tile::ALL.map(|t| (m, t))) {
+            let _m = math.scope();
+            let tag =
+                |s: &str| format!("{s}: F({m}, {r}), x {:?}, pad {pad}, {tile:?}, {math} (emulated)", [n, cin, h, w]);
             let y = run_pass_emu(&Pass::forward(&p, m).unwrap(), &wt, &x, Some(&b), Some(tile));
             assert_close(&tag("y"), &y_ref, &y, wino_atol(cin * r * r), 0.0);
             let gx = run_pass_emu(&Pass::input_grad(&p, m).unwrap(), &wt, &gy, None, Some(tile));
