@@ -7,7 +7,8 @@
 //!   `cargo bench` measures something on machines without a GPU.
 //! - `train_step/cuda_b128_224px_winograd`: the CUDA step with Winograd convolutions (conv2-5);
 //!   `_auto`: with each conv layer's algorithm picked by timing (`--conv-algo auto`, tuned
-//!   before the timed iterations).
+//!   before the timed iterations); `_auto_3xtf32` / `_auto_tf32`: `_auto` with the tensor-core
+//!   GEMMs (`--math 3xtf32`, fp32-accurate, and `--math tf32`; see ops::gemm_math).
 //!
 //! Each iteration ends with a device synchronisation inside the timed region: kernels are
 //! asynchronous, and timing only their launch would overstate the speed.
@@ -16,6 +17,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ptxgrad::nn::alexnet::AlexNet;
 use ptxgrad::nn::conv_tune;
 use ptxgrad::ops::conv2d::ConvAlgo;
+use ptxgrad::ops::gemm_math::GemmMath;
 use ptxgrad::train::train_step;
 use ptxgrad::{Device, Labels, Tensor};
 
@@ -51,6 +53,10 @@ fn benches(c: &mut Criterion) {
             bench_step(c, "cuda_b128_224px", &gpu, 128, 224, ConvAlgo::ImplicitGemm);
             bench_step(c, "cuda_b128_224px_winograd", &gpu, 128, 224, wino);
             bench_step(c, "cuda_b128_224px_auto", &gpu, 128, 224, ConvAlgo::Auto);
+            for math in [GemmMath::Tf32x3, GemmMath::Tf32] {
+                let _m = math.scope();
+                bench_step(c, &format!("cuda_b128_224px_auto_{math}"), &gpu, 128, 224, ConvAlgo::Auto);
+            }
         }
         Err(e) if std::env::var("PTXGRAD_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
             panic!("PTXGRAD_REQUIRE_GPU=1 but no GPU: {e}")
