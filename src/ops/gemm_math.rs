@@ -4,8 +4,9 @@
 //! - `fp32` (the default): fp32 FFMAs on the CUDA cores. Exact products, as PyTorch computes
 //!   with TF32 disabled ("strict fp32").
 //! - `3xtf32`: each operand split into a TF32 value and a TF32 remainder, three tensor-core
-//!   products per multiply-add (big*big + big*small + small*big): about fp32's accuracy (the
-//!   dropped small*small is ~2^-22 of the product) at tensor-core throughput. Not what PyTorch
+//!   products per multiply-add (big*big + big*small + small*big): about fp32's accuracy (what is
+//!   lost, small*small and the remainder's own truncation, is ~2^-21 of the product) at
+//!   tensor-core throughput. Not what PyTorch
 //!   calls strict fp32, which never uses tensor cores for fp32 data; reported under its own name.
 //! - `tf32`: one tensor-core product of operands rounded to TF32 (10 mantissa bits), as PyTorch's
 //!   default convolutions (`cudnn.allow_tf32`; PyTorch keeps its matmuls in fp32 by default, while
