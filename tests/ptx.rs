@@ -237,7 +237,8 @@ fn gemm_k_loops_are_mostly_ffma() {
     // fragments per warp, three times for 3xtf32: gemm.cuh's MmaMicro) and no FFMA.
     for (tile, per_tile) in [("t128", 16), ("t128x64", 8), ("t64", 4)] {
         for (math, times) in [("tf32", 1), ("3xtf32", 3)] {
-            for family in ["winograd_gemm", "dense_fwd", "dense_bwd_weight", "conv2d_fwd", "conv2d_bwd_input"] {
+            let families = ["winograd_gemm", "dense_fwd", "dense_bwd_input", "dense_bwd_weight"];
+            for family in families.into_iter().chain(["conv2d_fwd", "conv2d_bwd_input", "conv2d_bwd_weight"]) {
                 let kernel = format!("{family}_{math}_{tile}");
                 let ks: Vec<&Loop> = loops.iter().filter(|l| l.kernel == kernel).collect();
                 let per = per_tile * times;
