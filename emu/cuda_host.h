@@ -39,6 +39,9 @@ extern thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
 struct alignas(8) int2 {
     int x, y;
 };
+struct alignas(8) float2 {
+    float x, y;
+};
 struct alignas(16) float4 {
     float x, y, z, w;
 };

@@ -27,8 +27,9 @@
 // gemm.cuh then copies them 16 bytes at a time (w itself is read along k, which its shared-memory
 // layout cannot take in 16-byte copies). The permutation costs one pass over the filters (at most
 // a few MB) per GEMM.
-// Every GEMM kernel comes in 128 x 128, 128 x 64 and 64 x 64-tile variants (suffix _t128 / _t128x64
-// / _t64); the host picks by how well each grid fills the GPU's waves (ops::conv2d::gemm_launch).
+// Every GEMM kernel comes in 128 x 128, 128 x 64, 64 x 64, 96 x 128 and 128 x 96-tile variants
+// (suffix _t128 / _t128x64 / _t64 / _t96 / _t128x96); the host picks by how well each grid fills
+// the GPU's waves and M and N the tile (ops::conv2d::gemm_launch).
 #include "gemm.cuh"
 
 // Mirrors ops::conv2d::Conv2dParams field for field.
@@ -266,6 +267,8 @@ __device__ __forceinline__ void conv_bwd_weight(const float* x, const float* gy,
 GEMM_FOR_EACH_MATH(CONV_KERNELS, Tile128Of, t128)
 GEMM_FOR_EACH_MATH(CONV_KERNELS, Tile128x64Of, t128x64)
 GEMM_FOR_EACH_MATH(CONV_KERNELS, Tile64Of, t64)
+GEMM_FOR_EACH_MATH(CONV_KERNELS, Tile96Of, t96)
+GEMM_FOR_EACH_MATH(CONV_KERNELS, Tile128x96Of, t128x96)
 
 // The input grad for any stride (the _t128 / _t128x64 / _t64 ones above require stride 1).
 PTX_KERNEL void __launch_bounds__(256, 2)

@@ -13,10 +13,12 @@
 // - 256 threads per block, viewed as a 16 x 16 grid (tx, ty); each warp is a 4 x 8 patch of it
 //   (warp tiling: fewer distinct shared-memory reads per warp than a 2 x 16 row).
 // - Block tile BM x BN (128 x 128; 128 x 64 or 64 x 64 where 128 x 128 blocks fill the GPU's
-//   waves badly: see ops::conv2d::gemm_launch), k-tile BK = 8.
-// - Each thread owns a TM x TN register micro-tile (8 x 8, 8 x 4 or 4 x 4): rows ty*4 + {0..3} (+ 64),
-//   columns tx*4 + {0..3} (+ 64), so that its operands are float4 reads from shared memory and
-//   the 8 threads of a warp that share ty read the same A float4 (a broadcast).
+//   waves badly; 96 x 128 or 128 x 96 where M or N leaves a 128-wide tile a quarter empty, as
+//   AlexNet's 96 channels do: see ops::conv2d::gemm_launch), k-tile BK = 8.
+// - Each thread owns a TM x TN register micro-tile (8 x 8, 8 x 4, 6 x 8, 8 x 6 or 4 x 4): rows ty*4 + {0..3}
+//   (+ 64 + ty*4 + {0..3}, or + 64 + ty*2 + {0, 1} when TM is 6), columns likewise with tx, so that
+//   its operands are float4 (float2) reads from shared memory and the 8 threads of a warp that
+//   share ty read the same A float4 (a broadcast).
 // - Shared memory holds A transposed (As[k][m]) and B as Bs[k][n]: the inner loop reads a column
 //   of A and a row of B per k. Rows are padded by 4 floats: stores from k-fast loaders then hit
 //   32 distinct banks, and float4 alignment is kept (row pitch 4*(BM+4) bytes is a multiple of 16).
@@ -57,10 +59,11 @@ struct GemmTile {
     // float4 reads and the k-fast loaders' 4-byte stores (32 distinct banks); the mma fragment
     // reads (k = t or t + 4, m = g + const, for lane 4g + t) need 8 mod 32 to hit 32 distinct banks.
     static constexpr int PAD = MATH_ == GemmMath::Ffma ? 4 : 8;
-    // The 16 x 16 thread grid covers the tile with TM x TN micro-tiles made of float4 chunks 64
-    // apart (FfmaMicro); MmaMicro keeps the same TM * TN accumulators per thread.
+    // The 16 x 16 thread grid covers the tile with TM x TN micro-tiles made of a float4 chunk and,
+    // 64 further, a float4 or float2 chunk (FfmaMicro: micro_at); MmaMicro keeps the same TM * TN
+    // accumulators per thread.
     static_assert(BM == 16 * TM && BN == 16 * TN, "tile = 16 threads x micro-tile");
-    static_assert(TM % 4 == 0 && TN % 4 == 0, "micro-tile made of float4 chunks");
+    static_assert((TM == 4 || TM == 6 || TM == 8) && (TN == 4 || TN == 6 || TN == 8), "chunks of 4 (+ 4 or 2)");
 };
 template <GemmMath M>
 using Tile128Of = GemmTile<128, 128, 8, 8, M>;
@@ -68,6 +71,12 @@ template <GemmMath M>
 using Tile128x64Of = GemmTile<128, 64, 8, 4, M>;  // for grids whose last 128 x 128 wave would be nearly empty
 template <GemmMath M>
 using Tile64Of = GemmTile<64, 64, 4, 4, M>;
+// For a side of 96 (AlexNet's conv1 output and conv2 input channels), which 128-wide tiles leave a
+// quarter empty: M = 96 rows, or N = 96 columns.
+template <GemmMath M>
+using Tile96Of = GemmTile<96, 128, 6, 8, M>;
+template <GemmMath M>
+using Tile128x96Of = GemmTile<128, 96, 8, 6, M>;
 using Tile128 = Tile128Of<GemmMath::Ffma>;
 using Tile128x64 = Tile128x64Of<GemmMath::Ffma>;
 using Tile64 = Tile64Of<GemmMath::Ffma>;
@@ -204,9 +213,37 @@ __device__ __forceinline__ auto vec4_loads(const L& l, int mn0, int MN, float (*
 __device__ __forceinline__ int grid_x(int t) { return ((t >> 4) & 8) | ((t >> 1) & 7); }
 __device__ __forceinline__ int grid_y(int t) { return ((t >> 3) & 14) | (t & 1); }
 
+// A micro-tile side of T = TM or TN elements, for the thread at grid position pos (ty or tx): chunk
+// c = i / 4 of element i starts at 64 c and gives each of the 16 threads W = min(4, T - 4c)
+// consecutive elements (4; 2 in the 6-wide side's second chunk, which so covers 64..95).
+template <int T>
+__device__ __forceinline__ constexpr int micro_width(int c) {
+    return T - 4 * c < 4 ? T - 4 * c : 4;
+}
+template <int T>
+__device__ __forceinline__ int micro_at(int i, int pos) {
+    return (i / 4) * 64 + pos * micro_width<T>(i / 4) + i % 4;
+}
+// Chunk c of the side from a shared-memory row: one 16-byte (or 8-byte) read into v[0..W).
+template <int T>
+__device__ __forceinline__ void micro_chunk(const float* row, int c, int pos, float (&v)[4]) {
+    if (micro_width<T>(c) == 4) {
+        const float4 q = *reinterpret_cast<const float4*>(row + c * 64 + pos * 4);
+        v[0] = q.x;
+        v[1] = q.y;
+        v[2] = q.z;
+        v[3] = q.w;
+    } else {
+        const float2 q = *reinterpret_cast<const float2*>(row + c * 64 + pos * 2);
+        v[0] = q.x;
+        v[1] = q.y;
+        v[2] = v[3] = 0.0f;  // not part of the tile
+    }
+}
+
 // The FFMA micro-kernel: thread (tx, ty) of the 16 x 16 grid owns a TM x TN register tile, rows
-// ty*4 + {0..3} (+ 64), columns tx*4 + {0..3} (+ 64); per k it reads a column of As and a row of Bs
-// as float4s and does TM * TN FFMAs.
+// micro_at<TM>(i, ty), columns micro_at<TN>(j, tx); per k it reads a column of As and a row of Bs
+// in those chunks and does TM * TN FFMAs.
 template <class T>
 struct FfmaMicro {
     static constexpr int TM = T::TM, TN = T::TN;
@@ -227,20 +264,19 @@ struct FfmaMicro {
         for (int kk = 0; kk < T::BK; ++kk) {
             float b[TN];
 #pragma unroll
-            for (int c = 0; c < TN / 4; ++c) {
-                const float4 v = *reinterpret_cast<const float4*>(&Bs[kk][c * 64 + tx * 4]);
-                b[c * 4 + 0] = v.x;
-                b[c * 4 + 1] = v.y;
-                b[c * 4 + 2] = v.z;
-                b[c * 4 + 3] = v.w;
+            for (int c = 0; c * 4 < TN; ++c) {
+                float v[4];
+                micro_chunk<TN>(Bs[kk], c, tx, v);
+#pragma unroll
+                for (int j = 0; j < micro_width<TN>(c); ++j) b[c * 4 + j] = v[j];
             }
-            // A one float4 (4 rows) at a time: 4 fragment registers instead of TM.
+            // A one chunk (4 rows) at a time: 4 fragment registers instead of TM.
 #pragma unroll
-            for (int c = 0; c < TM / 4; ++c) {
-                const float4 v = *reinterpret_cast<const float4*>(&As[kk][c * 64 + ty * 4]);
-                const float a[4] = {v.x, v.y, v.z, v.w};
+            for (int c = 0; c * 4 < TM; ++c) {
+                float a[4];
+                micro_chunk<TM>(As[kk], c, ty, a);
 #pragma unroll
-                for (int i = 0; i < 4; ++i)
+                for (int i = 0; i < micro_width<TM>(c); ++i)
 #pragma unroll
                     for (int j = 0; j < TN; ++j) acc[c * 4 + i][j] = fmaf(a[i], b[j], acc[c * 4 + i][j]);
             }
@@ -253,16 +289,16 @@ struct FfmaMicro {
         typename EP::Col cols[TN];
 #pragma unroll
         for (int j = 0; j < TN; ++j) {
-            const int n = n0 + (j / 4) * 64 + tx * 4 + j % 4;
+            const int n = n0 + micro_at<TN>(j, tx);
             cols[j] = ep.col(n < N ? n : 0);
         }
 #pragma unroll
         for (int i = 0; i < TM; ++i) {
-            const int m = m0 + (i / 4) * 64 + ty * 4 + i % 4;
+            const int m = m0 + micro_at<TM>(i, ty);
             if (m >= M) continue;
 #pragma unroll
             for (int j = 0; j < TN; ++j) {
-                const int n = n0 + (j / 4) * 64 + tx * 4 + j % 4;
+                const int n = n0 + micro_at<TN>(j, tx);
                 if (n < N) ep(m, cols[j], acc[i][j]);
             }
         }

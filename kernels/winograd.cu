@@ -7,7 +7,7 @@
 //   plane) into registers, computes L T L^T there and writes alpha^2 values, each to its own
 //   (C, P) slab: consecutive threads take consecutive tiles (consecutive channels when
 //   tile-major), so every one of those writes is coalesced.
-// - winograd_gemm_f32_{t128, t128x64, t64}: C[z][xi] (M, N) = A[xi]^T . B[xi] over the k range
+// - winograd_gemm_f32_{t128, t128x64, t64, t96, t128x96}: C[z][xi] (M, N) = A[xi]^T . B[xi] over the k range
 //   of split z, A[xi] (K, M) and B[xi] (K, N) row-major, on the shared core in gemm.cuh
 //   (blockIdx.z = split * batch + xi). Both operands are read along their rows, so that the core
 //   takes 16-byte loads whenever M and N are multiples of 4 (the host's layouts are chosen so).
@@ -194,3 +194,5 @@ __device__ __forceinline__ void batched_gemm(const float* a, const float* b, flo
 GEMM_FOR_EACH_MATH(GEMM_KERNEL, Tile128Of, t128)
 GEMM_FOR_EACH_MATH(GEMM_KERNEL, Tile128x64Of, t128x64)
 GEMM_FOR_EACH_MATH(GEMM_KERNEL, Tile64Of, t64)
+GEMM_FOR_EACH_MATH(GEMM_KERNEL, Tile96Of, t96)
+GEMM_FOR_EACH_MATH(GEMM_KERNEL, Tile128x96Of, t128x96)

@@ -4,10 +4,11 @@ mod common;
 use common::*;
 use ptxgrad::ops::conv2d::{
     conv2d, conv2d_bwd, conv2d_bwd_bias_cpu, conv2d_bwd_input_cpu, conv2d_bwd_weight_cpu, conv2d_bwd_with, conv2d_fwd,
-    conv2d_fwd_cpu, conv2d_fwd_with, conv2d_out_size, conv2d_with, plan, Conv2dParams, ConvAlgo, Tile,
+    conv2d_fwd_cpu, conv2d_fwd_with, conv2d_out_size, conv2d_with, gemm_launch, plan, Conv2dParams, ConvAlgo, Tile,
 };
 use ptxgrad::ops::gemm_math::GemmMath;
 use ptxgrad::ops::relu::relu_bwd_cpu;
+use ptxgrad::ops::winograd::{weight_grad_splits, Pass};
 use ptxgrad::{Device, Tape, Tensor};
 
 /// A convolution to test: x (n, cin, h, w), w (cout, cin, kh, kw).
@@ -370,6 +371,44 @@ fn conv2d_out_size_matches_alexnet() {
     assert!(conv2d_out_size(4, 3, 0, 1).is_err());
 }
 
+/// The block tiles the plans pick for AlexNet at batch 128: 96 x 128 wherever M is 96 (conv1's
+/// forward and weight grad, conv2's input grad, also through Winograd), where 128-row tiles would
+/// compute a quarter of empty rows; elsewhere the 128-row tiles that the wave model picked before
+/// the 96-row tile existed (128 x 64 where a 128 x 128 grid's last wave is nearly empty).
+#[test]
+fn conv2d_plans_fit_alexnets_96_channels() {
+    let tile = |name: &str| name.rsplit('_').next().unwrap_or("").to_string();
+    let mut picked = Vec::new();
+    for c in ALEXNET {
+        let mut p = c.params();
+        let fwd = tile(plan::forward(&p, None).unwrap().0);
+        let gx = if c.need_gx { tile(plan::input_grad(&p, None).unwrap().0) } else { "-".into() };
+        let gw = tile(plan::weight_grad(&mut p, None).0);
+        picked.push([fwd, gx, gw]);
+    }
+    let s = |v: [&str; 3]| v.map(String::from);
+    let expected = [
+        s(["t96", "-", "t96"]),
+        s(["t128", "t96", "t128"]),
+        s(["t128", "t128x64", "t128"]),
+        s(["t128", "t128", "t128"]),
+        s(["t128x64", "t128", "t128"]),
+    ];
+    assert_eq!(picked, expected, "(forward, input grad, weight grad) tiles per layer");
+    // conv2 through Winograd: the input grad's GEMMs are (Cin, tiles) = (96, .), the weight
+    // grad's (Cout, Cin) = (256, 96).
+    let p = ALEXNET[1].params();
+    for m in [2, 3] {
+        let (name, _) = Pass::input_grad(&p, m).unwrap().gemm_launch(None).unwrap();
+        assert_eq!(tile(name), "t96", "conv2's Winograd F({m}x{m}, 5x5) input grad");
+        let (name, _) = Pass::weight_grad(&p, m, weight_grad_splits(&p, m)).unwrap().gemm_launch(None).unwrap();
+        assert_eq!(tile(name), "t128x96", "conv2's Winograd F({m}x{m}, 5x5) weight grad");
+    }
+    // tests/gemm_math.rs's dense shapes for the 96-wide tiles: y (96, 33792) and (33792, 96).
+    assert_eq!(gemm_launch(96, 33792, 1, None).unwrap().1, Tile::T96);
+    assert_eq!(gemm_launch(33792, 96, 1, None).unwrap().1, Tile::T128x96);
+}
+
 #[test]
 fn conv2d_rejects_bad_shapes() {
     let e = fwd_err(&[2, 1, 224, 224], &[96, 3, 11, 11], &[96], 4, 1);
@@ -457,11 +496,26 @@ extern "C" {
         p: Conv2dParams,
     );
     fn conv2d_fwd_f32_t64(x: *const f32, w: *const f32, b: *const f32, y: *mut f32, tab: *const u32, p: Conv2dParams);
+    fn conv2d_fwd_f32_t96(x: *const f32, w: *const f32, b: *const f32, y: *mut f32, tab: *const u32, p: Conv2dParams);
+    fn conv2d_fwd_f32_t128x96(
+        x: *const f32,
+        w: *const f32,
+        b: *const f32,
+        y: *mut f32,
+        tab: *const u32,
+        p: Conv2dParams,
+    );
     fn conv2d_bwd_input_f32_t128(w: *const f32, gy: *const f32, gx: *mut f32, tab: *const u32, p: Conv2dParams);
     fn conv2d_bwd_input_f32_t128x64(w: *const f32, gy: *const f32, gx: *mut f32, tab: *const u32, p: Conv2dParams);
     fn conv2d_bwd_input_f32_t64(w: *const f32, gy: *const f32, gx: *mut f32, tab: *const u32, p: Conv2dParams);
+    fn conv2d_bwd_input_f32_t96(w: *const f32, gy: *const f32, gx: *mut f32, tab: *const u32, p: Conv2dParams);
+    fn conv2d_bwd_input_f32_t128x96(w: *const f32, gy: *const f32, gx: *mut f32, tab: *const u32, p: Conv2dParams);
     fn conv2d_bwd_input_f32_t64_strided(w: *const f32, gy: *const f32, gx: *mut f32, tab: *const u32, p: Conv2dParams);
     fn conv2d_bwd_weight_f32_t128(x: *const f32, gy: *const f32, ws: *mut f32, tab: *const u32, p: Conv2dParams);
+    fn conv2d_bwd_weight_f32_t128x64(x: *const f32, gy: *const f32, ws: *mut f32, tab: *const u32, p: Conv2dParams);
+    fn conv2d_bwd_weight_f32_t64(x: *const f32, gy: *const f32, ws: *mut f32, tab: *const u32, p: Conv2dParams);
+    fn conv2d_bwd_weight_f32_t96(x: *const f32, gy: *const f32, ws: *mut f32, tab: *const u32, p: Conv2dParams);
+    fn conv2d_bwd_weight_f32_t128x96(x: *const f32, gy: *const f32, ws: *mut f32, tab: *const u32, p: Conv2dParams);
     fn conv2d_splitk_sum_f32(ws: *const f32, out: *mut f32, len: u32, splits: u32);
     fn conv2d_bwd_bias_f32(gy: *const f32, part: *mut f32, p: Conv2dParams);
 }
@@ -470,7 +524,14 @@ type ConvFwd = unsafe extern "C" fn(*const f32, *const f32, *const f32, *mut f32
 type ConvBwd = unsafe extern "C" fn(*const f32, *const f32, *mut f32, *const u32, Conv2dParams);
 
 fn fwd_fn(name: &str) -> ConvFwd {
-    emu_kernel!(name, conv2d_fwd_f32_t128, conv2d_fwd_f32_t128x64, conv2d_fwd_f32_t64)
+    emu_kernel!(
+        name,
+        conv2d_fwd_f32_t128,
+        conv2d_fwd_f32_t128x64,
+        conv2d_fwd_f32_t64,
+        conv2d_fwd_f32_t96,
+        conv2d_fwd_f32_t128x96,
+    )
 }
 
 fn bwd_fn(name: &str) -> ConvBwd {
@@ -479,8 +540,14 @@ fn bwd_fn(name: &str) -> ConvBwd {
         conv2d_bwd_input_f32_t128,
         conv2d_bwd_input_f32_t128x64,
         conv2d_bwd_input_f32_t64,
+        conv2d_bwd_input_f32_t96,
+        conv2d_bwd_input_f32_t128x96,
         conv2d_bwd_input_f32_t64_strided,
         conv2d_bwd_weight_f32_t128,
+        conv2d_bwd_weight_f32_t128x64,
+        conv2d_bwd_weight_f32_t64,
+        conv2d_bwd_weight_f32_t96,
+        conv2d_bwd_weight_f32_t128x96,
     )
 }
 
@@ -567,11 +634,12 @@ fn conv2d_kernels_emulated_match_cpu() {
             assert_close(&what("gx"), &conv2d_bwd_input_cpu(&w, &gy, &p), &gx, atol(c.cout * c.kh * c.kw), 1e-5);
             assert_eq!(vec_taken(before), c.cin % 4 == 0 && pwi % 16 == 0, "{}", what("16-byte loads, gx"));
         }
-        // The weight grad as planned, then split into chunks of 8 and 24 terms.
+        // The weight grad as planned, then split into chunks of 8 and 24 terms; on every tile.
         let gw_ref = conv2d_bwd_weight_cpu(&x, &gy, &p);
-        for chunk in [None, Some(8), Some(24)] {
+        let runs = [None, Some(8), Some(24)].map(|chunk| (chunk, None)).into_iter();
+        for (chunk, tile) in runs.chain(Tile::ALL.map(|t| (None, Some(t)))) {
             let mut pp = p;
-            let (name, mut cfg, mut splits) = plan::weight_grad(&mut pp);
+            let (name, mut cfg, mut splits) = plan::weight_grad(&mut pp, tile);
             if let Some(k) = chunk {
                 pp.k_chunk = k;
                 splits = (c.n * p.ohw()).div_ceil(k as usize);
@@ -583,7 +651,8 @@ fn conv2d_kernels_emulated_match_cpu() {
                 f(px as *const f32, pgy as *const f32, pws as *mut f32, tf as *const u32, pp)
             });
             let gw = splitk_emu(ws, p.w_len(), splits);
-            assert_close(&format!("gw {c:?}, {splits} splits (emulated)"), &gw_ref, &gw, atol(c.n * p.ohw()), 1e-5);
+            let what = format!("gw {c:?}, {splits} splits, {name} (emulated)");
+            assert_close(&what, &gw_ref, &gw, atol(c.n * p.ohw()), 1e-5);
         }
         let (cfg, splits) = plan::bias_grad(&p);
         let mut part = emu_uninit(splits * c.cout);

@@ -119,8 +119,11 @@ fn dense_errors(dev: &Device, math: GemmMath, (batch, in_f, out_f): (usize, usiz
 }
 
 /// Forward grids that take each tile (gemm_launch): 64 x 64, 128 x 64 (2048 x 2176: 272
-/// 128-blocks) and 128 x 128 (1536 x 2816: exactly one wave of 264 128-blocks).
-const DENSE_SHAPES: [(usize, usize, usize); 3] = [(65, 129, 257), (2048, 33, 2176), (1536, 8, 2816)];
+/// 128-blocks), 128 x 128 (1536 x 2816: exactly one wave of 264 128-blocks), 96 x 128 (a batch
+/// of 96: one wave of 264 blocks, each a quarter smaller than a 128 x 128 one) and 128 x 96 (96
+/// outputs).
+const DENSE_SHAPES: [(usize, usize, usize); 5] =
+    [(65, 129, 257), (2048, 33, 2176), (1536, 8, 2816), (96, 8, 33792), (33792, 8, 96)];
 
 fn dense_math_body(dev: Device) {
     for (i, &shape) in DENSE_SHAPES.iter().enumerate() {

@@ -105,9 +105,13 @@ extern "C" {
     fn winograd_gemm_f32_t128(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
     fn winograd_gemm_f32_t128x64(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
     fn winograd_gemm_f32_t64(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
+    fn winograd_gemm_f32_t96(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
+    fn winograd_gemm_f32_t128x96(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
     fn winograd_gemm_3xtf32_t128(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
     fn winograd_gemm_3xtf32_t128x64(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
     fn winograd_gemm_3xtf32_t64(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
+    fn winograd_gemm_3xtf32_t96(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
+    fn winograd_gemm_3xtf32_t128x96(a: *const f32, b: *const f32, c: *mut f32, p: GemmParams);
 }
 
 type Gather = unsafe extern "C" fn(*const f32, *mut f32, TileParams);
@@ -128,9 +132,13 @@ fn gemm_fn(name: &str) -> Gemm {
         winograd_gemm_f32_t128,
         winograd_gemm_f32_t128x64,
         winograd_gemm_f32_t64,
+        winograd_gemm_f32_t96,
+        winograd_gemm_f32_t128x96,
         winograd_gemm_3xtf32_t128,
         winograd_gemm_3xtf32_t128x64,
         winograd_gemm_3xtf32_t64,
+        winograd_gemm_3xtf32_t96,
+        winograd_gemm_3xtf32_t128x96,
     )
 }
 

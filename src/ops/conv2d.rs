@@ -410,22 +410,46 @@ fn params(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Conv2dPar
 }
 
 /// The block tile of a GEMM launch; kernels come in one variant per tile (suffixes _t128,
-/// _t128x64, _t64), listed in this order wherever a kernel is picked by `tile as usize`.
+/// _t128x64, _t64, _t96, _t128x96), listed in this order wherever a kernel is picked by
+/// `tile as usize`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tile {
     T128 = 0,
     T128x64 = 1,
     T64 = 2,
+    /// 96 x 128: for M = 96 (AlexNet's conv1 output and conv2 input channels), which leaves a
+    /// quarter of every 128-row tile (and of two 64-row tiles) empty.
+    T96 = 3,
+    /// 128 x 96: the same for N = 96 (conv2's Winograd weight grad, (Cout, Cin) = (256, 96)).
+    T128x96 = 4,
 }
 
 impl Tile {
-    pub const ALL: [Tile; 3] = [Tile::T128, Tile::T128x64, Tile::T64];
+    pub const ALL: [Tile; 5] = [Tile::T128, Tile::T128x64, Tile::T64, Tile::T96, Tile::T128x96];
     /// (BM, BN): rows and columns of C per block.
     pub fn size(self) -> (usize, usize) {
         match self {
             Tile::T128 => (128, 128),
             Tile::T128x64 => (128, 64),
             Tile::T64 => (64, 64),
+            Tile::T96 => (96, 128),
+            Tile::T128x96 => (128, 96),
+        }
+    }
+
+    /// Whether a side of `len` leaves fewer elements empty in 96-wide tiles than in 128-wide
+    /// ones (96, 192; not 256 or 384).
+    pub fn fits_96(len: usize) -> bool {
+        len.div_ceil(96) * 96 < len.div_ceil(128) * 128
+    }
+
+    /// The 128-row tile or the 96-row one for an M-row output with 128-wide columns, whichever
+    /// computes fewer empty rows.
+    pub fn rows_for(m: usize) -> Tile {
+        if Tile::fits_96(m) {
+            Tile::T96
+        } else {
+            Tile::T128
         }
     }
 }
@@ -434,18 +458,36 @@ impl Tile {
 /// SMs x 2 blocks of 256 threads = 264 blocks per wave, and the time is (waves) x (time of one
 /// block). 128 x 128 by default; 64 x 64 when the 128 grid would not fill one wave; 128 x 64 when
 /// the 128 grid's last wave is nearly empty (AlexNet's conv5 forward: 288 blocks = 1.09 waves) and
-/// half-size blocks (taken at 90% of the 128 tile's efficiency) would finish sooner.
+/// half-size blocks would finish sooner; 96 x 128 (128 x 96) where M (N) leaves fewer rows
+/// (columns) empty in 96-wide tiles (`Tile::fits_96`: 96, AlexNet's conv1 forward, conv2 input
+/// grad and conv2's Winograd weight grad) and that takes less time. A smaller block is taken at 90% of the 128 tile's efficiency (fewer FFMAs per
+/// shared-memory read and per barrier; the SASS k-loops agree: 1.42 instructions per FFMA for
+/// 128 x 128, 1.55 for 96 x 128).
 /// `tile` Some(t) uses t instead (the emulated kernel tests reach every variant so).
 pub fn gemm_launch(m: usize, n: usize, z: usize, tile: Option<Tile>) -> Result<(LaunchConfig, Tile)> {
     const WAVE: usize = 264;
+    // The model's time of each tile's grid, in 1/36 of a 128 x 128 block's time (exact integers,
+    // so that ties are ties): waves x (block's share of 128 x 128, in quarters) x (9, or 10 for
+    // the smaller blocks' 90%).
+    let time = |tile: Tile| {
+        let (bm, bn) = tile.size();
+        let blocks = m.div_ceil(bm) * n.div_ceil(bn) * z;
+        let quarters = bm * bn / (64 * 64);
+        blocks.div_ceil(WAVE) * quarters * if quarters == 4 { 9 } else { 10 }
+    };
     let b128 = m.div_ceil(128) * n.div_ceil(128) * z;
-    let b_half = m.div_ceil(128) * n.div_ceil(64) * z;
     let tile = tile.unwrap_or(if b128 < WAVE {
         Tile::T64
-    } else if (b_half.div_ceil(WAVE) as f64) * 0.5 / 0.9 < b128.div_ceil(WAVE) as f64 {
-        Tile::T128x64
     } else {
-        Tile::T128
+        let mut candidates = vec![Tile::T128, Tile::T128x64];
+        if Tile::fits_96(m) {
+            candidates.push(Tile::T96);
+        }
+        if Tile::fits_96(n) {
+            candidates.push(Tile::T128x96);
+        }
+        // The first of the fastest: ties keep the earlier (larger) tile.
+        candidates.into_iter().min_by_key(|&t| time(t)).unwrap_or(Tile::T128)
     });
     let (bm, bn) = tile.size();
     let (gx, gy) = (n.div_ceil(bn), m.div_ceil(bm));
@@ -549,16 +591,19 @@ pub mod plan {
         Ok((GemmMath::kernel(&gemm_kernel_names!("conv2d_bwd_input"), tile), cfg))
     }
 
-    /// The weight-grad GEMM (M = Cout, N = Cin*KH*KW) on the 128 x 128 tile, its reduction over
+    /// The weight-grad GEMM (M = Cout, N = Cin*KH*KW) on the 128 x 128 tile (96 x 128 where
+    /// that leaves fewer rows empty: `Tile::rows_for`; `tile` Some(t) uses t), its reduction over
     /// N*OH*OW split so that the grid has ~4 blocks per SM (H100: 132 SMs), each split summing at
     /// least 512 terms. Sets p.k_chunk; returns the number of splits (partials to add up).
-    pub fn weight_grad(p: &mut Conv2dParams) -> (&'static str, LaunchConfig, usize) {
+    pub fn weight_grad(p: &mut Conv2dParams, tile: Option<Tile>) -> (&'static str, LaunchConfig, usize) {
         let (m, n, k_total) = (p.c_out as usize, p.k(), p.n as usize * p.ohw());
-        let tiles = m.div_ceil(128) * n.div_ceil(128);
+        let tile = tile.unwrap_or(Tile::rows_for(m));
+        let (bm, bn) = tile.size();
+        let tiles = m.div_ceil(bm) * n.div_ceil(bn);
         let (splits, chunk) = split_chunk(k_total, split_count(tiles, k_total.div_ceil(512)));
         p.k_chunk = chunk as u32;
-        let name = GemmMath::kernel(&gemm_kernel_names!("conv2d_bwd_weight"), Tile::T128);
-        (name, block_256((n.div_ceil(128), m.div_ceil(128), splits)), splits)
+        let name = GemmMath::kernel(&gemm_kernel_names!("conv2d_bwd_weight"), tile);
+        (name, block_256((n.div_ceil(bn), m.div_ceil(bm), splits)), splits)
     }
 
     /// The bias grad: blocks (channel, image split), split over images until there are ~8
@@ -707,7 +752,7 @@ fn conv2d_grads(
         let gw = winograd::winograd_bwd_weight_cuda(gpu, xb, gb_buf, &p, m)?;
         Some(Tensor::from_storage(w.shape().to_vec(), wrap(gw)))
     } else if need_gw {
-        let (name, cfg, splits) = plan::weight_grad(&mut p);
+        let (name, cfg, splits) = plan::weight_grad(&mut p, None);
         let tab = ktable(gpu, &p, false)?;
         let mut gw = gpu.uninit::<f32>(p.w_len())?;
         if splits == 1 {

@@ -63,7 +63,7 @@ impl GemmMath {
     }
 
     /// The kernel of `names` (a `gemm_kernel_names!` table) for the current arithmetic and `tile`.
-    pub fn kernel(names: &[[&'static str; 3]; 3], tile: Tile) -> &'static str {
+    pub fn kernel(names: &[[&'static str; 5]; 3], tile: Tile) -> &'static str {
         names[GemmMath::current() as usize][tile as usize]
     }
 }
@@ -107,9 +107,27 @@ impl std::fmt::Display for GemmMath {
 macro_rules! gemm_kernel_names {
     ($base:literal) => {
         [
-            [concat!($base, "_f32_t128"), concat!($base, "_f32_t128x64"), concat!($base, "_f32_t64")],
-            [concat!($base, "_3xtf32_t128"), concat!($base, "_3xtf32_t128x64"), concat!($base, "_3xtf32_t64")],
-            [concat!($base, "_tf32_t128"), concat!($base, "_tf32_t128x64"), concat!($base, "_tf32_t64")],
+            [
+                concat!($base, "_f32_t128"),
+                concat!($base, "_f32_t128x64"),
+                concat!($base, "_f32_t64"),
+                concat!($base, "_f32_t96"),
+                concat!($base, "_f32_t128x96"),
+            ],
+            [
+                concat!($base, "_3xtf32_t128"),
+                concat!($base, "_3xtf32_t128x64"),
+                concat!($base, "_3xtf32_t64"),
+                concat!($base, "_3xtf32_t96"),
+                concat!($base, "_3xtf32_t128x96"),
+            ],
+            [
+                concat!($base, "_tf32_t128"),
+                concat!($base, "_tf32_t128x64"),
+                concat!($base, "_tf32_t64"),
+                concat!($base, "_tf32_t96"),
+                concat!($base, "_tf32_t128x96"),
+            ],
         ]
     };
 }
