@@ -270,7 +270,7 @@ GEMM_FOR_EACH_MATH(CONV_KERNELS, Tile64Of, t64)
 GEMM_FOR_EACH_MATH(CONV_KERNELS, Tile96Of, t96)
 GEMM_FOR_EACH_MATH(CONV_KERNELS, Tile128x96Of, t128x96)
 
-// The input grad for any stride (the _t128 / _t128x64 / _t64 ones above require stride 1).
+// The input grad for any stride (the tiled ones above, _t128 to _t128x96, require stride 1).
 PTX_KERNEL void __launch_bounds__(256, 2)
     conv2d_bwd_input_f32_t64_strided(const float* __restrict__ wt, const float* __restrict__ gy, float* __restrict__ gx,
                                      const unsigned* __restrict__ tab, Conv2dParams p) {

@@ -15,10 +15,10 @@
 // - Block tile BM x BN (128 x 128; 128 x 64 or 64 x 64 where 128 x 128 blocks fill the GPU's
 //   waves badly; 96 x 128 or 128 x 96 where M or N leaves a 128-wide tile a quarter empty, as
 //   AlexNet's 96 channels do: see ops::conv2d::gemm_launch), k-tile BK = 8.
-// - Each thread owns a TM x TN register micro-tile (8 x 8, 8 x 4, 6 x 8, 8 x 6 or 4 x 4): rows ty*4 + {0..3}
-//   (+ 64 + ty*4 + {0..3}, or + 64 + ty*2 + {0, 1} when TM is 6), columns likewise with tx, so that
-//   its operands are float4 (float2) reads from shared memory and the 8 threads of a warp that
-//   share ty read the same A float4 (a broadcast).
+// - Each thread owns a TM x TN register micro-tile (8 x 8, 8 x 4, 6 x 8, 8 x 6 or 4 x 4): rows
+//   ty*4 + {0..3} (+ 64 + ty*4 + {0..3}, or + 64 + ty*2 + {0, 1} when TM is 6), columns likewise
+//   with tx, so that its operands are float4 (float2) reads from shared memory and the 8 threads
+//   of a warp that share ty read the same A float4 (a broadcast).
 // - Shared memory holds A transposed (As[k][m]) and B as Bs[k][n]: the inner loop reads a column
 //   of A and a row of B per k. Rows are padded by 4 floats: stores from k-fast loaders then hit
 //   32 distinct banks, and float4 alignment is kept (row pitch 4*(BM+4) bytes is a multiple of 16).

@@ -7,8 +7,8 @@
 //   plane) into registers, computes L T L^T there and writes alpha^2 values, each to its own
 //   (C, P) slab: consecutive threads take consecutive tiles (consecutive channels when
 //   tile-major), so every one of those writes is coalesced.
-// - winograd_gemm_f32_{t128, t128x64, t64, t96, t128x96}: C[z][xi] (M, N) = A[xi]^T . B[xi] over the k range
-//   of split z, A[xi] (K, M) and B[xi] (K, N) row-major, on the shared core in gemm.cuh
+// - winograd_gemm_f32_{t128, t128x64, t64, t96, t128x96}: C[z][xi] (M, N) = A[xi]^T . B[xi]
+//   over the k range of split z, A[xi] (K, M) and B[xi] (K, N) row-major, on the shared core in gemm.cuh
 //   (blockIdx.z = split * batch + xi). Both operands are read along their rows, so that the core
 //   takes 16-byte loads whenever M and N are multiples of 4 (the host's layouts are chosen so).
 // - winograd_scatter_f32_a{4,6,8}: (splits x) (alpha^2, C, P) -> planes. One thread per

@@ -372,9 +372,10 @@ fn conv2d_out_size_matches_alexnet() {
 }
 
 /// The block tiles the plans pick for AlexNet at batch 128: 96 x 128 wherever M is 96 (conv1's
-/// forward and weight grad, conv2's input grad, also through Winograd), where 128-row tiles would
-/// compute a quarter of empty rows; elsewhere the 128-row tiles that the wave model picked before
-/// the 96-row tile existed (128 x 64 where a 128 x 128 grid's last wave is nearly empty).
+/// forward and weight grad, conv2's input grad, also through Winograd) and 128 x 96 where N is
+/// (conv2's Winograd weight grad), where 128-wide tiles would compute a quarter of empty rows or
+/// columns; elsewhere the tiles that the wave model picked before the 96-wide ones existed (128 x
+/// 64 where a 128 x 128 grid's last wave is nearly empty).
 #[test]
 fn conv2d_plans_fit_alexnets_96_channels() {
     let tile = |name: &str| name.rsplit('_').next().unwrap_or("").to_string();

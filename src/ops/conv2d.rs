@@ -460,9 +460,9 @@ impl Tile {
 /// the 128 grid's last wave is nearly empty (AlexNet's conv5 forward: 288 blocks = 1.09 waves) and
 /// half-size blocks would finish sooner; 96 x 128 (128 x 96) where M (N) leaves fewer rows
 /// (columns) empty in 96-wide tiles (`Tile::fits_96`: 96, AlexNet's conv1 forward, conv2 input
-/// grad and conv2's Winograd weight grad) and that takes less time. A smaller block is taken at 90% of the 128 tile's efficiency (fewer FFMAs per
-/// shared-memory read and per barrier; the SASS k-loops agree: 1.42 instructions per FFMA for
-/// 128 x 128, 1.55 for 96 x 128).
+/// grad and conv2's Winograd weight grad) and that takes less time. A smaller block is taken at
+/// 90% of the 128 tile's efficiency (fewer FFMAs per shared-memory read and per barrier; the
+/// SASS k-loops agree: 1.42 instructions per FFMA for 128 x 128, 1.55 for 96 x 128).
 /// `tile` Some(t) uses t instead (the emulated kernel tests reach every variant so).
 pub fn gemm_launch(m: usize, n: usize, z: usize, tile: Option<Tile>) -> Result<(LaunchConfig, Tile)> {
     const WAVE: usize = 264;
