@@ -98,7 +98,7 @@ tail -n 3 "$out/bench.txt"
 # timing test), and the bench with each.
 { echo "== GEMM core"
   t=$(budget 60 20) && timeout "$t" .gpu/bin/test-dense --ignored --nocapture dense_cuda_gemm_core_timing 2>&1 | grep -E "GEMM core|panicked|SKIPPED"
-  echo "== conv timing (gemm, winograd, winograd:2, winograd:4, winograd:6)"
+  echo "== conv timing (gemm, winograd, both without the 96-wide tiles, winograd:2, winograd:4, winograd:6, 3xtf32)"
   t=$(budget 120 40) && timeout "$t" .gpu/bin/test-conv2d --ignored --nocapture conv2d_cuda_alexnet_timing 2>&1 | grep -vE "^$|running"
   for a in gemm winograd; do [ "$a" = "$algo" ] || bench "$a"; done
 } >> "$out/bench.txt" 2>&1

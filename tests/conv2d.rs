@@ -408,6 +408,11 @@ fn conv2d_plans_fit_alexnets_96_channels() {
     // tests/gemm_math.rs's dense shapes for the 96-wide tiles: y (96, 33792) and (33792, 96).
     assert_eq!(gemm_launch(96, 33792, 1, None).unwrap().1, Tile::T96);
     assert_eq!(gemm_launch(33792, 96, 1, None).unwrap().1, Tile::T128x96);
+    // Without them (for timing what they change), the tiles of before.
+    let _t = Tile::without_96();
+    assert_eq!(tile(plan::forward(&ALEXNET[0].params(), None).unwrap().0), "t128");
+    assert_eq!(tile(plan::weight_grad(&mut ALEXNET[0].params(), None).0), "t128");
+    assert_eq!(gemm_launch(33792, 96, 1, None).unwrap().1, Tile::T128);
 }
 
 #[test]
@@ -440,9 +445,17 @@ fn conv2d_cuda_alexnet_timing() {
     // gemm; Winograd with alpha 6 (F(4,3), F(2,5)), 4 (F(2,3); F(2,5) again), 8 (F(4,5); F(6,3)).
     let algos = [None, Some(None), Some(Some(2)), Some(Some(4)), Some(Some(6))]
         .map(|w| w.map_or(ConvAlgo::ImplicitGemm, |tile| ConvAlgo::Winograd { tile }));
-    for algo in algos {
+    for (i, algo) in algos.into_iter().enumerate() {
         println!("{algo}:");
         time_alexnet_convs(&dev, algo);
+        if i == 1 {
+            // What the 96-wide tiles change (conv1, conv2): gemm and Winograd without them.
+            let _t = Tile::without_96();
+            for algo in &algos[..2] {
+                println!("{algo} (no 96-wide tiles):");
+                time_alexnet_convs(&dev, *algo);
+            }
+        }
     }
     // The tensor-core GEMMs (ops::gemm_math), fp32-accurate 3xtf32, with gemm and Winograd.
     let _m = GemmMath::Tf32x3.scope();

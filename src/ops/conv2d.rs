@@ -5,6 +5,8 @@
 //! CPU reference: im2col + a plain matmul per image (see `im2col_cpu`). CUDA: implicit GEMMs on
 //! the shared core in `kernels/gemm.cuh` (see the header of `kernels/conv2d.cu`).
 
+use std::cell::Cell;
+
 use cudarc::driver::LaunchConfig;
 
 use crate::device::Gpu;
@@ -438,9 +440,16 @@ impl Tile {
     }
 
     /// Whether a side of `len` leaves fewer elements empty in 96-wide tiles than in 128-wide
-    /// ones (96, 192; not 256 or 384).
+    /// ones (96, 192; not 256 or 384), unless this thread is in a `Tile::without_96` scope.
     pub fn fits_96(len: usize) -> bool {
-        len.div_ceil(96) * 96 < len.div_ceil(128) * 128
+        WIDE_96.with(Cell::get) && len.div_ceil(96) * 96 < len.div_ceil(128) * 128
+    }
+
+    /// Until the guard drops, this thread's plans take only the 128- and 64-wide tiles, as before
+    /// the 96-wide ones existed: for timing what they change (tests/conv2d.rs,
+    /// `conv2d_cuda_alexnet_timing`).
+    pub fn without_96() -> Without96 {
+        Without96 { previous: WIDE_96.with(|w| w.replace(false)) }
     }
 
     /// The 128-row tile or the 96-row one for an M-row output with 128-wide columns, whichever
@@ -451,6 +460,21 @@ impl Tile {
         } else {
             Tile::T128
         }
+    }
+}
+
+thread_local! {
+    static WIDE_96: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Restores the 96-wide tiles' use when dropped (see `Tile::without_96`).
+pub struct Without96 {
+    previous: bool,
+}
+
+impl Drop for Without96 {
+    fn drop(&mut self) {
+        WIDE_96.with(|w| w.set(self.previous));
     }
 }
 
