@@ -4,7 +4,8 @@
 // Model: a launch runs its blocks one after another; within a block every CUDA thread is a fiber
 // (launch.cpp), so __syncthreads is a real barrier and a warp shuffle a real exchange among the
 // 32 lanes of a warp. `__shared__` becomes `static thread_local`: one copy per launching thread,
-// which is right because a thread runs one block at a time. cp.async lands at the wait that
+// which is right because a thread runs one block at a time. (gemm.cuh's large tiles come from
+// emu_block_smem instead: static TLS is carved out of every thread's stack.) cp.async lands at the wait that
 // completes its group, not before (launch.cpp), as on a GPU. What this does not model:
 // timing, memory coalescing, bank conflicts, register limits, and races that only a GPU's
 // scheduling would expose (threads run one at a time here, each up to its next barrier: a
@@ -87,6 +88,12 @@ void __syncthreads();
 void emu_cp_async(float* dst, const float* src, unsigned n, bool full);
 void emu_cp_async_commit();
 void emu_cp_async_wait(unsigned newest_pending);
+// A block's shared memory of `bytes` (16-byte aligned), one buffer per OS thread, reused by every
+// block it runs: for gemm.cuh's tiles. As `static thread_local` arrays (what `__shared__` becomes),
+// the ~20 KB of each of the hundred GEMM kernels would sum to over 2 MB of static TLS, which glibc
+// takes from the stack of every thread of a program that links the emulator (a Rust thread's
+// default stack is 2 MiB). More than a GPU's 48 KB of static shared memory is a fault.
+void* emu_block_smem(unsigned long long bytes);
 // Counts one 16-byte cp.async (gemm.cuh's vector loads), so that tests can see the path taken.
 void emu_count_vec4_copy();
 // Records that the running kernel broke a rule a GPU enforces (a misaligned vector copy, say):

@@ -283,6 +283,17 @@ void emu_cp_async_wait(unsigned newest_pending) {
     std::erase_if(f.copies, done);
 }
 
+// The shared-memory buffer of the blocks this OS thread runs (see cuda_host.h): allocated on
+// first use, at the 48 KB a GPU allows, so that its address never changes within a block.
+void* emu_block_smem(unsigned long long bytes) {
+    constexpr unsigned long long kStaticLimit = 48 * 1024;
+    thread_local std::vector<float4> buf;
+    if (bytes > kStaticLimit) emu_fault("a block asks for more than 48 KB of static shared memory");
+    const unsigned long long want = (bytes > kStaticLimit ? bytes : kStaticLimit) + 15;
+    if (buf.size() * sizeof(float4) < want) buf.resize(want / sizeof(float4));
+    return buf.data();
+}
+
 // 16-byte copies made on this OS thread (launches run on the calling thread).
 thread_local unsigned long long vec4_copies = 0;
 void emu_count_vec4_copy() { ++vec4_copies; }

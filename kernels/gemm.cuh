@@ -602,8 +602,17 @@ __device__ __forceinline__ void gemm_block_with(const LA& la, const LB& lb, cons
 template <class T, class LA, class LB, class EP>
 __device__ __forceinline__ void gemm_block(const LA& la, const LB& lb, const EP& ep, int M, int N, int k_begin,
                                            int k_end, int m0, int n0) {
-    __shared__ __align__(16) float As[T::STAGES][T::BK][T::BM + T::PAD];
-    __shared__ __align__(16) float Bs[T::STAGES][T::BK][T::BN + T::PAD];
+    using AsT = float[T::STAGES][T::BK][T::BM + T::PAD];
+    using BsT = float[T::STAGES][T::BK][T::BN + T::PAD];
+#ifdef PTXGRAD_HOST_EMU
+    // The emulator's per-thread block buffer, not `static thread_local` arrays (cuda_host.h).
+    char* smem = static_cast<char*>(emu_block_smem(sizeof(AsT) + sizeof(BsT)));
+    AsT& As = *reinterpret_cast<AsT*>(smem);
+    BsT& Bs = *reinterpret_cast<BsT*>(smem + sizeof(AsT));  // sizeof(AsT) is a multiple of 16
+#else
+    __shared__ __align__(16) AsT As;
+    __shared__ __align__(16) BsT Bs;
+#endif
     if constexpr (LA::VEC4 || LB::VEC4) {
         bool vec = true;
         if constexpr (LA::VEC4) vec = vec && la.vec4();

@@ -157,3 +157,21 @@ fn emulated_cp_async_lands_at_the_wait_for_its_group() {
         "[before any wait, after wait 1 (x2), after a barrier, after wait 0]"
     );
 }
+
+/// The emulator's static thread-local storage stays small. glibc carves a program's static TLS
+/// out of the stack of every thread it starts, and every binary here links the emulator (the
+/// `ptxgrad` binary too, for `--device emu`): when its GEMM tiles were `thread_local` arrays, the
+/// TLS grew past 2 MB and threads with Rust's default 2 MiB stack overflowed at once (the CPU
+/// training tests did). A fresh thread must still have 1 MiB of stack to use.
+#[test]
+fn threads_keep_their_stack_beside_the_emulator() {
+    // 256 frames of 4 KiB each, each frame's buffer read after the call below it returns (so
+    // that no frame can be folded away).
+    fn deep(n: usize) -> u64 {
+        let buf = std::hint::black_box([n as u8; 4096]);
+        let below = if n == 0 { 0 } else { deep(n - 1) };
+        below + u64::from(buf[n % 4096])
+    }
+    let sum = std::thread::spawn(|| deep(256)).join().expect("the thread ran");
+    assert_eq!(sum, (0..=256u64).map(|n| n % 256).sum::<u64>());
+}
