@@ -4,6 +4,10 @@
 //
 // Semantics (as PyTorch): the first maximum in row-major window order wins a tie; a NaN is taken
 // as the maximum (once the running max is NaN only a later NaN replaces it, so y is NaN).
+// With drop_nonpositive set (the host sets it when x is a ReLU's output), a window whose maximum
+// is not positive stores NO_GRAD as its argmax, so the backward routes its gradient nowhere: the
+// ReLU's backward would have zeroed it (its input was <= 0 there), and this way the gradient
+// leaves max-pool already masked, with no pass of its own (ops::relu). y is unchanged.
 //
 // Design:
 //  * launch: a 2-D grid, x over the N * C planes and y over the elements of one plane (outputs for
@@ -18,15 +22,19 @@
 //    varies run to run), each input visits the windows that contain it, in ascending (oy, ox)
 //    order, and adds gy where that window's argmax is itself. Deterministic, no atomics, and the
 //    same summation order as the CPU reference's scatter loop, so the results are bit-identical.
-//    An argmax index out of range can never match any input: a corrupt argmax cannot make the
-//    kernel read or write out of bounds.
+//    An argmax index out of range (NO_GRAD, or a corrupt one) never matches any input, so it
+//    routes nothing and cannot make the kernel read or write out of bounds.
 // A plane has fewer than 2^31 elements and there are fewer than 2^32 planes (the host checks);
 // planes are addressed with 64-bit offsets: N * C * H * W may exceed 2^32.
 #include "common.cuh"
 
+// The argmax of a window that routes no gradient: no input's index (a plane has < 2^31 elements).
+#define NO_GRAD 0xffffffffu
+
 // Mirrors `Maxpool2dParams` in src/ops/maxpool2d.rs, field for field.
 struct Maxpool2dParams {
     unsigned n, c, h, w, oh, ow, k, stride;
+    unsigned drop_nonpositive;          // 1: windows with max <= 0 route no gradient (above)
     FastDiv w_div, ow_div, stride_div;  // division by W, by OW and by the stride
 };
 
@@ -56,7 +64,8 @@ PTX_KERNEL void maxpool2d_fwd_f32(const float* __restrict__ x, float* __restrict
         }
         const unsigned long long out = (unsigned long long)plane * plane_out + o;
         y[out] = best;
-        argmax[out] = arg;
+        const bool routes = !p.drop_nonpositive || best > 0.0f;  // NaN: not positive
+        argmax[out] = routes ? arg : NO_GRAD;
     }
 }
 

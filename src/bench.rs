@@ -15,7 +15,7 @@ use crate::nn::conv_tune;
 use crate::ops::conv2d::ConvAlgo;
 use crate::ops::gemm_math::GemmMath;
 use crate::ops::{conv2d, dense, dropout, maxpool2d, relu, resize, sgd, softmax_xent};
-use crate::tensor::{Images, Labels, Tensor};
+use crate::tensor::{Images, Labels, ReluFact, Tensor};
 use crate::train::train_step;
 
 #[derive(Args, Debug, Clone)]
@@ -179,7 +179,12 @@ pub fn layer_cases(device: &Device, b: usize, r: usize, algo_of: &dyn Fn(usize) 
     while i < LAYERS.len() {
         let input = if i == 0 { vec![b, 1, r, r] } else { shapes[i - 1].clone() };
         let fused = LAYERS.get(i + 1) == Some(&Layer::Relu);
+        // As in training: a max-pool after a ReLU masks the gradient it returns, so the layer
+        // before it gets gy already masked (ops::relu), and the pool's input is a ReLU's output.
+        let pooled = fused && matches!(LAYERS.get(i + 2), Some(Layer::MaxPool2d { .. }));
+        let after_relu = i > 0 && LAYERS[i - 1] == Layer::Relu;
         let x = rand_tensor(&input, i as u64, device)?;
+        let x = if after_relu { relu::relu_fwd(&x)? } else { x };
         let gy = rand_tensor(&shapes[i], 100 + i as u64, device)?;
         let (fwd, bwd): (Work, Option<Work>) = match LAYERS[i] {
             Layer::Conv2d { out, kernel, stride, pad } => {
@@ -187,6 +192,7 @@ pub fn layer_cases(device: &Device, b: usize, r: usize, algo_of: &dyn Fn(usize) 
                 let w = rand_tensor(&[out, input[1], kernel, kernel], 200 + i as u64, device)?;
                 let bias = Tensor::zeros(&[out], device)?;
                 let y = conv2d::conv2d_fwd_with(&x, &w, &bias, stride, pad, fused, algo)?;
+                let gy = if pooled { gy.with_relu_fact(ReluFact::MaskedFor(y.id())) } else { gy };
                 let (x2, w2) = (x.clone(), w.clone());
                 // The first layer's input needs no gradient (as in training).
                 let need_gx = i > 0;
@@ -212,10 +218,10 @@ pub fn layer_cases(device: &Device, b: usize, r: usize, algo_of: &dyn Fn(usize) 
                 )
             }
             Layer::MaxPool2d { kernel, stride } => {
-                let (_, argmax) = maxpool2d::maxpool2d_fwd(&x, kernel, stride)?;
+                let (_, argmax) = maxpool2d::maxpool2d_fwd_with(&x, kernel, stride, after_relu)?;
                 let shape = input.clone();
                 (
-                    Box::new(move || maxpool2d::maxpool2d_fwd(&x, kernel, stride).map(drop)),
+                    Box::new(move || maxpool2d::maxpool2d_fwd_with(&x, kernel, stride, after_relu).map(drop)),
                     Some(Box::new(move || maxpool2d::maxpool2d_bwd(&argmax, &gy, &shape, kernel, stride).map(drop))),
                 )
             }

@@ -24,4 +24,4 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 pub use device::{Device, Gpu};
 pub use error::{Error, Result};
 pub use tape::{Gradients, Tape};
-pub use tensor::{Images, Labels, Tensor};
+pub use tensor::{Images, Labels, ReluFact, Tensor};

@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::error::{Error, Result};
 use crate::ops::add::add_assign;
-use crate::tensor::{Tensor, TensorId};
+use crate::tensor::{ReluFact, Tensor, TensorId};
 
 /// Maps the gradient of an op's output to gradients of its inputs (added into `Gradients`).
 type BackwardFn = Box<dyn FnOnce(&Tensor, &mut Gradients) -> Result<()>>;
@@ -117,14 +117,21 @@ pub struct Gradients {
 }
 
 impl Gradients {
-    /// Adds `g` into the gradient of tensor `id` (see the convention above).
+    /// Adds `g` into the gradient of tensor `id` (see the convention above). A sum keeps a
+    /// `ReluFact` only where both terms have it (a masked term plus an unmasked one is unmasked).
     pub fn accumulate(&mut self, id: TensorId, g: Tensor) -> Result<()> {
         match self.map.entry(id) {
             Entry::Vacant(v) => {
                 v.insert(g);
                 Ok(())
             }
-            Entry::Occupied(mut o) => add_assign(o.get_mut(), &g),
+            Entry::Occupied(mut o) => {
+                let sum = o.get_mut();
+                let fact = if sum.relu_fact() == g.relu_fact() { g.relu_fact() } else { ReluFact::None };
+                add_assign(sum, &g)?;
+                sum.set_relu_fact(fact);
+                Ok(())
+            }
         }
     }
 

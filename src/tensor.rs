@@ -32,11 +32,38 @@ pub struct Tensor<T: Elem = f32> {
     id: TensorId,
     shape: Vec<usize>,
     data: Arc<Storage<T>>,
+    relu: ReluFact,
+}
+
+/// What is known of a tensor's values with respect to a ReLU, so that a backward pass can skip
+/// the ReLU's masking pass where a consumer has already masked (see `ops::relu`). Ops set it;
+/// a fresh tensor, and one whose data was changed in place, has `None`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReluFact {
+    #[default]
+    None,
+    /// The output of a ReLU (standalone or fused into a conv or linear layer): every value is
+    /// max(., 0), so the ReLU's gradient is zero exactly where the value is not positive.
+    Output,
+    /// A gradient with respect to the ReLU output of this id, already zero wherever that ReLU's
+    /// gradient is (max-pool's backward makes it so): the ReLU's backward passes it through.
+    MaskedFor(TensorId),
+}
+
+impl ReluFact {
+    /// `Output` for the output of a layer with a fused ReLU (`relu`), else `None`.
+    pub fn output_if(relu: bool) -> ReluFact {
+        if relu {
+            ReluFact::Output
+        } else {
+            ReluFact::None
+        }
+    }
 }
 
 impl<T: Elem> Clone for Tensor<T> {
     fn clone(&self) -> Self {
-        Tensor { id: self.id, shape: self.shape.clone(), data: self.data.clone() }
+        Tensor { id: self.id, shape: self.shape.clone(), data: self.data.clone(), relu: self.relu }
     }
 }
 
@@ -55,7 +82,22 @@ impl<T: Elem> Tensor<T> {
     /// Wraps storage that an op produced. `storage` must hold `shape.iter().product()` elements.
     pub fn from_storage(shape: Vec<usize>, storage: Storage<T>) -> Self {
         debug_assert_eq!(storage_len(&storage), shape.iter().product::<usize>());
-        Tensor { id: TensorId::fresh(), shape, data: Arc::new(storage) }
+        Tensor { id: TensorId::fresh(), shape, data: Arc::new(storage), relu: ReluFact::None }
+    }
+
+    /// This tensor, with `fact` known of its values (see `ReluFact`; only the op that made the
+    /// values can know it).
+    pub fn with_relu_fact(mut self, fact: ReluFact) -> Self {
+        self.set_relu_fact(fact);
+        self
+    }
+
+    pub fn set_relu_fact(&mut self, fact: ReluFact) {
+        self.relu = fact;
+    }
+
+    pub fn relu_fact(&self) -> ReluFact {
+        self.relu
     }
 
     /// A tensor holding `data` on `device` (copied there if it is a GPU).
@@ -114,7 +156,9 @@ impl<T: Elem> Tensor<T> {
 
     /// Mutable access to the data, for in-place updates (SGD). Fails while a clone of this
     /// tensor is alive elsewhere (for example on a tape that was not dropped).
+    /// The tensor's `ReluFact` is dropped: new values may not keep it.
     pub fn storage_mut(&mut self) -> Result<&mut Storage<T>> {
+        self.relu = ReluFact::None;
         let id = self.id;
         Arc::get_mut(&mut self.data).ok_or_else(|| {
             Error::Data(format!("tensor {id:?} is shared (a tape still holds it) and cannot be updated in place"))
@@ -162,7 +206,7 @@ impl<T: Elem> Tensor<T> {
         if shape.iter().product::<usize>() != self.len() {
             return Err(Error::shape("view", format!("a shape of {} elements", self.len()), format!("{shape:?}")));
         }
-        Ok(Tensor { id: self.id, shape: shape.to_vec(), data: self.data.clone() })
+        Ok(Tensor { id: self.id, shape: shape.to_vec(), data: self.data.clone(), relu: self.relu })
     }
 
     /// A new tensor (fresh id) sharing this one's data under another shape with as many

@@ -1,12 +1,14 @@
 //! Max pooling: CPU backward vs finite differences, CUDA vs the CPU reference (bit-exact), ties,
-//! NaN, overlapping windows, and argument errors.
+//! NaN, overlapping windows, the ReLU mask it applies after a ReLU, and argument errors.
 mod common;
 use common::*;
 use ptxgrad::ops::maxpool2d::{
-    maxpool2d, maxpool2d_bwd, maxpool2d_bwd_cpu, maxpool2d_fwd, maxpool2d_fwd_cpu, Maxpool2dParams,
+    maxpool2d, maxpool2d_bwd, maxpool2d_bwd_cpu, maxpool2d_fwd, maxpool2d_fwd_cpu, maxpool2d_fwd_with, Maxpool2dParams,
+    NO_GRAD,
 };
+use ptxgrad::ops::relu::{relu, relu_bwd, relu_fwd};
 use ptxgrad::ops::reshape::reshape;
-use ptxgrad::{Device, Tape, Tensor};
+use ptxgrad::{Device, ReluFact, Tape, Tensor};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 
 /// (x shape, k, stride)
@@ -164,6 +166,87 @@ test_device!(maxpool2d_records_its_backward, |dev| {
     let imax = (0..xs.len()).fold(0, |b, i| if xs[i] > xs[b] { i } else { b });
     assert_eq!(gx.iter().filter(|&&g| g != 0.0).count(), 1);
     assert_eq!(gx[imax], 1.0);
+});
+
+/// A ReLU's output of `shape` (N, C, H, W): about half zeros, and in every plane a k x k corner
+/// of zeros, so that every plane has a window (the first) with no positive value.
+fn relu_output(shape: &[usize], k: usize, seed: u64, dev: &Device) -> Tensor {
+    let w = shape[3];
+    let mut v = uniform(shape.iter().product(), -1.0, 1.0, seed);
+    for plane in v.chunks_exact_mut(shape[2] * w) {
+        for r in 0..k {
+            plane[r * w..r * w + k].fill(-0.5);
+        }
+    }
+    relu_fwd(&Tensor::from_vec(shape, v, dev).unwrap()).unwrap()
+}
+
+test_device!(maxpool2d_after_relu_routes_only_what_the_relu_passes, |dev| {
+    for (i, &(shape, k, s)) in CASES.iter().enumerate() {
+        if dev.label() == "emu" && shape.iter().product::<usize>() > EMULATED_MAX {
+            continue;
+        }
+        let x = relu_output(shape, k, 70 + i as u64, &dev);
+        assert_eq!(x.relu_fact(), ReluFact::Output);
+        let (y0, arg0) = maxpool2d_fwd(&x, k, s).unwrap();
+        let (y, arg) = maxpool2d_fwd_with(&x, k, s, true).unwrap();
+        // The values are those of plain pooling; the argmax differs exactly where the max is 0.
+        assert_close("pooled after relu", &y0.to_vec().unwrap(), &y.to_vec().unwrap(), 0.0, 0.0);
+        let (yv, a0, a) = (y.to_vec().unwrap(), arg0.to_vec().unwrap(), arg.to_vec().unwrap());
+        for j in 0..yv.len() {
+            assert_eq!(a[j], if yv[j] > 0.0 { a0[j] } else { NO_GRAD }, "case {shape:?}, window {j}");
+        }
+        assert!(a.contains(&NO_GRAD), "case {shape:?}: the zero corner makes windows with nothing to route");
+        // The kernels (CUDA, emulated) agree with the CPU reference's argmax.
+        let mut p = Maxpool2dParams::new(shape, k, s).unwrap();
+        p.drop_nonpositive = 1;
+        assert_eq!(maxpool2d_fwd_cpu(&x.to_vec().unwrap(), &p).1, a, "case {shape:?}");
+        // The gradient is the ReLU-masked gradient of plain pooling, bit for bit.
+        let gy = rand_tensor(y.shape(), 80 + i as u64, &dev);
+        let masked = relu_bwd(&x, &maxpool2d_bwd(&arg0, &gy, shape, k, s).unwrap()).unwrap();
+        let gx = maxpool2d_bwd(&arg, &gy, shape, k, s).unwrap();
+        assert_close("maxpool bwd after relu", &masked.to_vec().unwrap(), &gx.to_vec().unwrap(), 0.0, 0.0);
+    }
+});
+
+test_device!(maxpool2d_recorded_after_relu_marks_its_gradient_masked, |dev| {
+    // pre -> relu -> maxpool -> global max (another pool): pre's gradient through the masked path
+    // equals the plain chain rule, and the gradient max-pool hands the ReLU says it is masked.
+    let pre = Tensor::from_vec(&[2, 2, 7, 7], uniform(196, -1.0, 1.0, 21), &dev).unwrap();
+    let mut tape = Tape::train();
+    tape.watch(&pre);
+    let h = relu(&mut tape, &pre).unwrap();
+    let y = maxpool2d(&mut tape, &h, 3, 2).unwrap();
+    let y = reshape(&mut tape, &y, &[1, 1, 6, 6]).unwrap();
+    let loss = maxpool2d(&mut tape, &y, 6, 1).unwrap();
+    let grads = tape.backward(&loss).unwrap();
+    let g = grads.get(&pre).expect("pre has a gradient").to_vec().unwrap();
+    let xs = pre.to_vec().unwrap();
+    let imax = (0..xs.len()).fold(0, |b, i| if xs[i] > xs[b] { i } else { b });
+    assert!(xs[imax] > 0.0);
+    assert_eq!(g.iter().filter(|&&v| v != 0.0).count(), 1);
+    assert_eq!(g[imax], 1.0);
+
+    // What the producer of the pool's input receives: a stand-in op records h (a ReLU's output,
+    // or not) and keeps the fact of the gradient handed to it.
+    for relu_input in [true, false] {
+        let h = if relu_input { relu_fwd(&pre) } else { Tensor::from_vec(pre.shape(), pre.to_vec().unwrap(), &dev) };
+        let h = h.unwrap();
+        let seen = std::rc::Rc::new(std::cell::Cell::new(None));
+        let mut tape = Tape::train();
+        tape.watch(&pre);
+        let probe = seen.clone();
+        tape.record(&h, &[&pre], move |gh, _| {
+            probe.set(Some(gh.relu_fact()));
+            Ok(())
+        });
+        let y = maxpool2d(&mut tape, &h, 3, 2).unwrap();
+        let y = reshape(&mut tape, &y, &[1, 1, 6, 6]).unwrap();
+        let loss = maxpool2d(&mut tape, &y, 6, 1).unwrap();
+        tape.backward(&loss).unwrap();
+        let want = if relu_input { ReluFact::MaskedFor(h.id()) } else { ReluFact::None };
+        assert_eq!(seen.get(), Some(want), "relu input: {relu_input}");
+    }
 });
 
 #[test]

@@ -1,8 +1,8 @@
 //! ReLU: CPU reference against finite differences, CUDA against the CPU reference.
 mod common;
 use common::*;
-use ptxgrad::ops::relu::{relu_bwd, relu_bwd_cpu, relu_fwd, relu_fwd_cpu};
-use ptxgrad::{Device, Tensor};
+use ptxgrad::ops::relu::{relu_bwd, relu_bwd_cpu, relu_fwd, relu_fwd_cpu, through_fused_relu};
+use ptxgrad::{Device, ReluFact, Tensor};
 
 const SHAPES: &[&[usize]] = &[
     &[128, 96, 54, 54], // after conv1 (AlexNet, batch 128)
@@ -52,3 +52,22 @@ fn relu_bwd_rejects_mismatched_shapes() {
     let err = relu_bwd(&y, &gy).unwrap_err().to_string();
     assert!(err.contains("[2, 3]") && err.contains("[3, 2]"), "{err}");
 }
+
+test_device!(relu_backward_passes_through_a_gradient_already_masked_for_its_output, |dev| {
+    let y = relu_fwd(&rand_tensor(&[3, 5, 7, 9], 5, &dev)).unwrap();
+    assert_eq!(y.relu_fact(), ReluFact::Output);
+    let gy = rand_tensor(y.shape(), 6, &dev);
+    let want = relu_bwd_cpu(&y.to_vec().unwrap(), &gy.to_vec().unwrap());
+    // Unmarked, or marked for another tensor: masked here.
+    for fact in [ReluFact::None, ReluFact::Output, ReluFact::MaskedFor(gy.id())] {
+        let g = through_fused_relu(Some(&y), &gy.clone().with_relu_fact(fact)).unwrap();
+        assert_ne!(g.id(), gy.id(), "{fact:?}: a new, masked gradient");
+        assert_close("masked here", &want, &g.to_vec().unwrap(), 0.0, 0.0);
+    }
+    // Marked as masked for y: the same tensor, untouched (no pass runs).
+    let g = through_fused_relu(Some(&y), &gy.clone().with_relu_fact(ReluFact::MaskedFor(y.id()))).unwrap();
+    assert_eq!(g.id(), gy.id());
+    assert_close("passed through", &gy.to_vec().unwrap(), &g.to_vec().unwrap(), 0.0, 0.0);
+    // No ReLU: passed through whatever the mark.
+    assert_eq!(through_fused_relu(None, &gy).unwrap().id(), gy.id());
+});

@@ -6,7 +6,7 @@ use common::*;
 
 use ptxgrad::ops::{conv2d::conv2d, dense::dense, dropout::dropout, maxpool2d::maxpool2d, reshape::reshape};
 use ptxgrad::ops::{relu::relu, softmax_xent::softmax_xent};
-use ptxgrad::{Device, Labels, Tape, Tensor};
+use ptxgrad::{Device, Gradients, Labels, ReluFact, Tape, Tensor};
 
 /// Parameters of the small net, as host vectors: conv w (4,2,3,3), conv b (4), dense1 w (6, 16),
 /// dense1 b (6), dense2 w (3, 6), dense2 b (3).
@@ -138,3 +138,22 @@ fn backward_needs_a_scalar() {
     let err = tape.backward(&y).err().unwrap().to_string();
     assert!(err.contains("scalar") && err.contains("[2]"), "{err}");
 }
+
+test_device!(accumulated_gradients_keep_a_relu_mark_only_when_every_term_has_it, |dev| {
+    // A gradient marked as already masked for a ReLU output (ops::relu) may skip that ReLU's
+    // masking pass; a sum with any unmasked term must not.
+    let relu_out = Tensor::from_vec(&[4], vec![0.0, 1.0, 0.0, 2.0], &dev).unwrap();
+    let masked =
+        |v: Vec<f32>| Tensor::from_vec(&[4], v, &dev).unwrap().with_relu_fact(ReluFact::MaskedFor(relu_out.id()));
+    let id = relu_out.id();
+    let mut grads = Gradients::default();
+    grads.accumulate(id, masked(vec![0.0, 1.0, 0.0, 1.0])).unwrap();
+    grads.accumulate(id, masked(vec![0.0, 2.0, 0.0, 3.0])).unwrap();
+    let g = grads.get(&relu_out).unwrap();
+    assert_eq!(g.relu_fact(), ReluFact::MaskedFor(id), "masked + masked is masked");
+    assert_eq!(g.to_vec().unwrap(), vec![0.0, 3.0, 0.0, 4.0]);
+    grads.accumulate(id, Tensor::from_vec(&[4], vec![1.0; 4], &dev).unwrap()).unwrap();
+    let g = grads.get(&relu_out).unwrap();
+    assert_eq!(g.relu_fact(), ReluFact::None, "masked + unmasked is not");
+    assert_eq!(g.to_vec().unwrap(), vec![1.0, 4.0, 1.0, 5.0]);
+});

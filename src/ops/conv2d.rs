@@ -18,7 +18,7 @@ use crate::ops::relu::through_fused_relu;
 use crate::ops::winograd;
 use crate::ptx::Module;
 use crate::tape::Tape;
-use crate::tensor::{common_device, Storage, Tensor};
+use crate::tensor::{common_device, ReluFact, Storage, Tensor};
 
 /// Kernel parameters; mirrored field for field by `struct Conv2dParams` in kernels/conv2d.cu.
 #[repr(C)]
@@ -687,7 +687,7 @@ pub fn conv2d_fwd_with(
         }
         _ => unreachable!("checked by common_device"),
     };
-    Ok(Tensor::from_storage(shape, storage))
+    Ok(Tensor::from_storage(shape, storage).with_relu_fact(ReluFact::output_if(relu)))
 }
 
 /// Gradients given gy = dL/dy (of the pre-ReLU output: the caller has applied any ReLU mask).

@@ -11,7 +11,7 @@ use crate::ops::parallel::{for_each_row, map_ranges};
 use crate::ops::relu::through_fused_relu;
 use crate::ptx::Module;
 use crate::tape::Tape;
-use crate::tensor::{common_device, Storage, Tensor};
+use crate::tensor::{common_device, ReluFact, Storage, Tensor};
 
 /// Kernel parameters; mirrored field for field by `struct DenseParams` in kernels/dense.cu.
 #[repr(C)]
@@ -214,7 +214,7 @@ pub fn dense_fwd(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Result<Tenso
         }
         _ => unreachable!("checked by common_device"),
     };
-    Ok(Tensor::from_storage(vec![batch, out_f], storage))
+    Ok(Tensor::from_storage(vec![batch, out_f], storage).with_relu_fact(ReluFact::output_if(relu)))
 }
 
 /// Gradients given gy = dL/dy (B, OUT) of the pre-ReLU output. Returns (gx if `need_gx`,

@@ -2,6 +2,11 @@
 //! OH = (H - k) / s + 1. The forward also returns the argmax of each window (a flat `h * W + w`
 //! index inside its (n, c) plane); the backward sends each output gradient to that one input and
 //! sums where windows overlap (see kernels/maxpool2d.cu).
+//!
+//! After a ReLU (x marked `ReluFact::Output`), the recorded op also applies the ReLU's gradient
+//! mask for free: a window whose maximum is not positive routes no gradient (its argmax is
+//! `NO_GRAD`), so x's gradient comes out already masked and is marked `ReluFact::MaskedFor(x)`:
+//! the ReLU's backward then has nothing to do (see `ops::relu`).
 
 use cudarc::driver::LaunchConfig;
 
@@ -9,7 +14,10 @@ use crate::error::{Error, Result};
 use crate::ops::fast_div::FastDiv;
 use crate::ptx::Module;
 use crate::tape::Tape;
-use crate::tensor::{common_device, Storage, Tensor};
+use crate::tensor::{common_device, ReluFact, Storage, Tensor};
+
+/// The argmax of a window that routes no gradient (`drop_nonpositive`): no input's index.
+pub const NO_GRAD: u32 = u32::MAX;
 
 /// Mirrors `Maxpool2dParams` in kernels/maxpool2d.cu, field for field.
 #[repr(C)]
@@ -23,6 +31,9 @@ pub struct Maxpool2dParams {
     pub ow: u32,
     pub k: u32,
     pub stride: u32,
+    /// 1: a window whose maximum is not positive routes no gradient (argmax `NO_GRAD`), which
+    /// is the ReLU's mask when x is a ReLU's output. 0 (what `new` sets): every window routes.
+    pub drop_nonpositive: u32,
     /// Division by W, by OW and by the stride, for the kernels' index math.
     pub w_div: FastDiv,
     pub ow_div: FastDiv,
@@ -67,6 +78,7 @@ impl Maxpool2dParams {
             ow: ow as u32,
             k: k as u32, // k <= h
             stride: stride32,
+            drop_nonpositive: 0,
             w_div: FastDiv::new(w as u32),
             ow_div: FastDiv::new(ow as u32),
             stride_div: FastDiv::new(stride32),
@@ -94,7 +106,8 @@ impl Maxpool2dParams {
 }
 
 /// CPU reference, forward: (y, argmax). The same scan as the kernel: row-major over the window,
-/// `v > best || v.is_nan()` (the first maximum wins a tie; NaN counts as the maximum).
+/// `v > best || v.is_nan()` (the first maximum wins a tie; NaN counts as the maximum); with
+/// `p.drop_nonpositive`, `NO_GRAD` for a window whose maximum is not positive.
 pub fn maxpool2d_fwd_cpu(x: &[f32], p: &Maxpool2dParams) -> (Vec<f32>, Vec<u32>) {
     let (h, w, oh, ow, k, s) =
         (p.h as usize, p.w as usize, p.oh as usize, p.ow as usize, p.k as usize, p.stride as usize);
@@ -115,7 +128,8 @@ pub fn maxpool2d_fwd_cpu(x: &[f32], p: &Maxpool2dParams) -> (Vec<f32>, Vec<u32>)
                     }
                 }
                 y.push(best);
-                arg.push(best_i as u32);
+                let routes = p.drop_nonpositive == 0 || best > 0.0; // NaN: not positive
+                arg.push(if routes { best_i as u32 } else { NO_GRAD });
             }
         }
     }
@@ -123,15 +137,15 @@ pub fn maxpool2d_fwd_cpu(x: &[f32], p: &Maxpool2dParams) -> (Vec<f32>, Vec<u32>)
 }
 
 /// CPU reference, backward: scatters each gy to its argmax, in ascending output order (the
-/// order in which the kernel's gather adds them, so the sums are bit-identical). Errors on an
-/// argmax outside the plane.
+/// order in which the kernel's gather adds them, so the sums are bit-identical). `NO_GRAD`
+/// routes nothing; any other argmax outside the plane is an error.
 pub fn maxpool2d_bwd_cpu(argmax: &[u32], gy: &[f32], p: &Maxpool2dParams) -> Result<Vec<f32>> {
     let (plane_in, plane_out) = (p.h as usize * p.w as usize, p.oh as usize * p.ow as usize);
     let mut gx = vec![0.0f32; p.planes() * plane_in];
     for ((gxp, ap), gp) in
         gx.chunks_exact_mut(plane_in).zip(argmax.chunks_exact(plane_out)).zip(gy.chunks_exact(plane_out))
     {
-        for (&a, &g) in ap.iter().zip(gp) {
+        for (&a, &g) in ap.iter().zip(gp).filter(|&(&a, _)| a != NO_GRAD) {
             let slot = gxp
                 .get_mut(a as usize)
                 .ok_or_else(|| Error::Data(format!("maxpool2d_bwd: argmax {a} outside a {}x{} plane", p.h, p.w)))?;
@@ -143,7 +157,19 @@ pub fn maxpool2d_bwd_cpu(argmax: &[u32], gy: &[f32], p: &Maxpool2dParams) -> Res
 
 /// y = maxpool(x) and the argmax of each window, both (N, C, OH, OW).
 pub fn maxpool2d_fwd(x: &Tensor, k: usize, stride: usize) -> Result<(Tensor, Tensor<u32>)> {
-    let p = Maxpool2dParams::new(x.shape(), k, stride)?;
+    maxpool2d_fwd_with(x, k, stride, false)
+}
+
+/// `maxpool2d_fwd`, where `drop_nonpositive` gives the windows whose maximum is not positive the
+/// argmax `NO_GRAD`: their gradient then goes nowhere (x a ReLU's output: see the module comment).
+pub fn maxpool2d_fwd_with(
+    x: &Tensor,
+    k: usize,
+    stride: usize,
+    drop_nonpositive: bool,
+) -> Result<(Tensor, Tensor<u32>)> {
+    let mut p = Maxpool2dParams::new(x.shape(), k, stride)?;
+    p.drop_nonpositive = drop_nonpositive as u32;
     let out_shape = p.out_shape();
     let n_out: usize = out_shape.iter().product();
     let (y, arg) = match x.storage() {
@@ -186,10 +212,16 @@ pub fn maxpool2d_bwd(argmax: &Tensor<u32>, gy: &Tensor, x_shape: &[usize], k: us
     Ok(Tensor::from_storage(x_shape.to_vec(), storage))
 }
 
-/// Recorded max pooling. The tape keeps only the argmax (u32, the size of y), not x.
+/// Recorded max pooling. The tape keeps only the argmax (u32, the size of y), not x. After a
+/// ReLU, x's gradient comes out masked (see the module comment).
 pub fn maxpool2d(tape: &mut Tape, x: &Tensor, k: usize, stride: usize) -> Result<Tensor> {
-    let (y, argmax) = maxpool2d_fwd(x, k, stride)?;
+    let after_relu = x.relu_fact() == ReluFact::Output;
+    let (y, argmax) = maxpool2d_fwd_with(x, k, stride, after_relu)?;
     let (x_id, x_shape) = (x.id(), x.shape().to_vec());
-    tape.record(&y, &[x], move |gy, grads| grads.accumulate(x_id, maxpool2d_bwd(&argmax, gy, &x_shape, k, stride)?));
+    let fact = if after_relu { ReluFact::MaskedFor(x_id) } else { ReluFact::None };
+    tape.record(&y, &[x], move |gy, grads| {
+        let gx = maxpool2d_bwd(&argmax, gy, &x_shape, k, stride)?;
+        grads.accumulate(x_id, gx.with_relu_fact(fact))
+    });
     Ok(y)
 }
