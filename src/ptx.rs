@@ -1,8 +1,31 @@
 //! The PTX of every `kernels/*.cu`, embedded at build time (see build.rs), and the enum that
 //! names each module. Modules are loaded lazily, once per device, by `device::Gpu`.
+//!
+//! The texts are embedded zlib-compressed (every binary carries all of them: 1.7 MB instead of
+//! 9.3 MB) and inflated once per process, when a module's text is first asked for.
+
+use std::io::Read as _;
+use std::sync::OnceLock;
 
 mod generated {
     include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
+}
+
+/// The inflated text of `generated::MODULES[i]`, made on first use.
+static TEXTS: [OnceLock<String>; generated::COUNT] = [const { OnceLock::new() }; generated::COUNT];
+
+/// The PTX of `generated::MODULES[i]`, or None in a CPU-only build.
+fn text(i: usize) -> Option<&'static str> {
+    let (stem, (z, len)) = (generated::MODULES[i].0, generated::MODULES[i].1?);
+    let text = TEXTS[i].get_or_init(|| {
+        let mut text = String::with_capacity(len);
+        // build.rs wrote these bytes from the PTX it compiled: they inflate, to valid UTF-8.
+        flate2::read::ZlibDecoder::new(z)
+            .read_to_string(&mut text)
+            .unwrap_or_else(|e| panic!("the embedded PTX of kernels/{stem}.cu does not inflate: {e}"));
+        text
+    });
+    Some(text.as_str())
 }
 
 pub use generated::{ARCH, COMPILER};
@@ -54,11 +77,11 @@ impl Module {
 
     /// The module's PTX, or None in a CPU-only build (no CUDA compiler was found).
     pub fn ptx(self) -> Option<&'static str> {
-        generated::MODULES.iter().find(|(stem, _)| *stem == self.stem()).and_then(|(_, ptx)| *ptx)
+        generated::MODULES.iter().position(|(stem, _)| *stem == self.stem()).and_then(text)
     }
 }
 
 /// Every (stem, PTX) pair that was built, for the ptxas test.
-pub fn all() -> &'static [(&'static str, Option<&'static str>)] {
-    generated::MODULES
+pub fn all() -> Vec<(&'static str, Option<&'static str>)> {
+    (0..generated::COUNT).map(|i| (generated::MODULES[i].0, text(i))).collect()
 }
