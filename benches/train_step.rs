@@ -7,8 +7,9 @@
 //!   `cargo bench` measures something on machines without a GPU.
 //! - `train_step/cuda_b128_224px_winograd`: the CUDA step with Winograd convolutions (conv2-5);
 //!   `_auto`: with each conv layer's algorithm picked by timing (`--conv-algo auto`, tuned
-//!   before the timed iterations); `_auto_3xtf32` / `_auto_tf32`: `_auto` with the tensor-core
-//!   GEMMs (`--math 3xtf32`, fp32-accurate, and `--math tf32`; see ops::gemm_math).
+//!   before the timed iterations); `_auto_3xtf32` / `_auto_tf32` / `_auto_bf16`: `_auto` with the
+//!   tensor-core GEMMs (`--math 3xtf32`, fp32-accurate, `--math tf32` and `--math bf16`; see
+//!   ops::gemm_math).
 //!
 //! Each iteration ends with a device synchronisation inside the timed region: kernels are
 //! asynchronous, and timing only their launch would overstate the speed.
@@ -53,7 +54,7 @@ fn benches(c: &mut Criterion) {
             bench_step(c, "cuda_b128_224px", &gpu, 128, 224, ConvAlgo::ImplicitGemm);
             bench_step(c, "cuda_b128_224px_winograd", &gpu, 128, 224, wino);
             bench_step(c, "cuda_b128_224px_auto", &gpu, 128, 224, ConvAlgo::Auto);
-            for math in [GemmMath::Tf32x3, GemmMath::Tf32] {
+            for math in [GemmMath::Tf32x3, GemmMath::Tf32, GemmMath::Bf16] {
                 let _m = math.scope();
                 bench_step(c, &format!("cuda_b128_224px_auto_{math}"), &gpu, 128, 224, ConvAlgo::Auto);
             }

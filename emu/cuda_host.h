@@ -104,6 +104,9 @@ unsigned emu_shfl_xor_bits(unsigned bits, int lane_mask);
 // floats) += A . B[j], the fragments in the PTX ISA's lane layout; an exchange among the warp's
 // 32 lanes (launch.cpp).
 void emu_mma_tf32_row(float* d, const unsigned* a, const unsigned* b, unsigned n);
+// mma.sync.m16n8k8 .bf16 alike (gemm.cuh's mma_bf16_row): A two registers, each B[j] one, every
+// register two bfloat16 values, the lower k in the low half.
+void emu_mma_bf16_row(float* d, const unsigned* a, const unsigned* b, unsigned n);
 
 // cvt.rna.tf32.f32: x rounded to 10 mantissa bits, to nearest with ties away from zero (adding
 // half an ulp to the magnitude bits and truncating does exactly that, the carry included);
@@ -114,6 +117,16 @@ inline unsigned emu_cvt_rna_tf32(float x) {
     if ((bits & 0x7f800000u) == 0x7f800000u) return bits;
     return (bits + 0x1000u) & 0xffffe000u;
 }
+
+// cvt.rn.bf16x2.f32: lo and hi rounded to bfloat16 (the upper 16 bits of an fp32), to nearest
+// even, packed with lo in the low half; a NaN stays a (quiet) NaN, infinities stay infinite.
+inline unsigned emu_cvt_rn_bf16(float x) {
+    unsigned bits;
+    std::memcpy(&bits, &x, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (bits >> 16) | 0x40u;  // NaN: keep it quiet
+    return (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+}
+inline unsigned emu_cvt_rn_bf16x2(float lo, float hi) { return emu_cvt_rn_bf16(lo) | (emu_cvt_rn_bf16(hi) << 16); }
 
 template <class T>
 inline T __shfl_xor_sync(unsigned /*mask: all our shuffles are full-warp*/, T v, int lane_mask) {

@@ -87,7 +87,8 @@ struct Fiber {
     unsigned mmas = 0;                // mma exchanges made (their parity picks the slot buffer)
 };
 
-// One lane's operands of an emulated mma row (emu_mma_tf32_row).
+// One lane's operands of an emulated mma row (emu_mma_tf32_row, emu_mma_bf16_row: a BF16 row uses
+// a[0..2) and b[j][0]).
 constexpr unsigned kMaxMmaRow = 8;
 struct MmaSlot {
     unsigned a[4];
@@ -214,40 +215,60 @@ unsigned emu_shfl_xor_bits(unsigned bits, int lane_mask) {
     return got;
 }
 
-// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, n times with one A: every lane deposits its
-// fragments, waits for the warp, then computes its own 4 x n results from everyone's fragments,
-// by the PTX ISA's layout (lane = 4 g + t): A element (row r, k) is register (r >= 8) + 2 (k >= 4)
-// of lane 4 (r % 8) + k % 4; B element (k, col c) is register (k >= 4) of lane 4 c + k % 4; result
-// i of lane 4 g + t is C (g + 8 (i >= 2), 2 t + i % 2). Operands are read as TF32: the low 13
-// bits are ignored, as the tensor cores do. Products of two TF32 values are exact in fp32; the
-// emulator adds the 8 of them and the accumulator in double and rounds once (a GPU's order and
-// intermediate rounding differ: tests compare with tolerances).
+// mma.sync.aligned.m16n8k8.row.col.f32.<type>.<type>.f32, n times with one A: every lane deposits
+// its fragments, waits for the warp, then computes its own 4 x n results from everyone's
+// fragments, by the PTX ISA's layout (lane = 4 g + t): result i of lane 4 g + t is C (g + 8 (i >= 2),
+// 2 t + i % 2); `a_at(slots, r, k)` and `b_at(slots, j, k, c)` read element (row r, k) of A and
+// (k, col c) of B[j] from the deposited registers, as doubles. Products of two TF32 (or BF16)
+// values are exact in fp32; the emulator adds the 8 of them and the accumulator in double and
+// rounds once (a GPU's order and intermediate rounding differ: tests compare with tolerances).
 // The slots are double-buffered, so one wait suffices: a lane that has read call c's slots and
 // writes call c+1's cannot reach call c+2 (which reuses call c's buffer) before every lane of
 // the warp has arrived at call c+1, i.e. finished reading call c.
-void emu_mma_tf32_row(float* d, const unsigned* a, const unsigned* b, unsigned n) {
+template <class AAt, class BAt>
+static void mma_row(float* d, const unsigned* a, unsigned a_regs, const unsigned* b, unsigned b_regs, unsigned n,
+                    AAt a_at, BAt b_at) {
     if (n > kMaxMmaRow) {
-        emu_fault("emu_mma_tf32_row: more fragments per row than the emulator holds");
+        emu_fault("emulated mma row: more fragments per row than the emulator holds");
         return;
     }
     Fiber& f = sched.fibers[sched.current];
     const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     if (sched.mma_slots.empty()) sched.mma_slots.resize(2 * 32 * 32);
     MmaSlot* slots = &sched.mma_slots[((f.mmas++ % 2) * 32 + warp) * 32];
-    std::memcpy(slots[lane].a, a, sizeof slots[lane].a);
-    std::memcpy(slots[lane].b, b, 2 * n * sizeof(unsigned));
+    std::memcpy(slots[lane].a, a, a_regs * sizeof(unsigned));
+    for (unsigned j = 0; j < n; ++j) std::memcpy(slots[lane].b[j], b + j * b_regs, b_regs * sizeof(unsigned));
     yield(State::AtWarpBarrier);  // every lane has deposited its fragments
-    auto tf32 = [](unsigned bits) { return (double)__uint_as_float(bits & 0xffffe000u); };
     const unsigned g = lane / 4, t = lane % 4;
     for (unsigned j = 0; j < n; ++j)
         for (unsigned i = 0; i < 4; ++i) {
             const unsigned r = g + 8 * (i / 2), c = 2 * t + i % 2;
             double s = d[4 * j + i];
-            for (unsigned k = 0; k < 8; ++k)
-                s += tf32(slots[4 * (r % 8) + k % 4].a[(r >= 8) + 2 * (k >= 4)]) *
-                     tf32(slots[4 * c + k % 4].b[j][k >= 4]);
+            for (unsigned k = 0; k < 8; ++k) s += a_at(slots, r, k) * b_at(slots, j, k, c);
             d[4 * j + i] = (float)s;
         }
+}
+
+// .tf32: A element (row r, k) is register (r >= 8) + 2 (k >= 4) of lane 4 (r % 8) + k % 4; B
+// element (k, col c) is register (k >= 4) of lane 4 c + k % 4. Operands are read as TF32: the low
+// 13 bits are ignored, as the tensor cores do.
+void emu_mma_tf32_row(float* d, const unsigned* a, const unsigned* b, unsigned n) {
+    auto tf32 = [](unsigned bits) { return (double)__uint_as_float(bits & 0xffffe000u); };
+    mma_row(
+        d, a, 4, b, 2, n,
+        [&](const MmaSlot* s, unsigned r, unsigned k) { return tf32(s[4 * (r % 8) + k % 4].a[(r >= 8) + 2 * (k >= 4)]); },
+        [&](const MmaSlot* s, unsigned j, unsigned k, unsigned c) { return tf32(s[4 * c + k % 4].b[j][k >= 4]); });
+}
+
+// .bf16: A element (row r, k) is half k % 2 (0: the low 16 bits) of register (r >= 8) of lane
+// 4 (r % 8) + k / 2; B element (k, col c) is half k % 2 of the register of lane 4 c + k / 2. A
+// bfloat16 is the upper half of an fp32.
+void emu_mma_bf16_row(float* d, const unsigned* a, const unsigned* b, unsigned n) {
+    auto bf16 = [](unsigned reg, unsigned half) { return (double)__uint_as_float(((reg >> (16 * half)) & 0xffffu) << 16); };
+    mma_row(
+        d, a, 2, b, 1, n,
+        [&](const MmaSlot* s, unsigned r, unsigned k) { return bf16(s[4 * (r % 8) + k / 2].a[r >= 8], k % 2); },
+        [&](const MmaSlot* s, unsigned j, unsigned k, unsigned c) { return bf16(s[4 * c + k / 2].b[j][0], k % 2); });
 }
 
 // Marks [p, p + bytes) unaddressable (or addressable again) for AddressSanitizer, when the

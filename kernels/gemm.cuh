@@ -33,8 +33,8 @@
 //   decides once, outside the k loop (gemm_block instantiates the pipeline both ways). A k-fast
 //   operand cannot take them: its groups of 4 along k are a column of As[k][m].
 // - fp32 accumulation. The products: fp32 FFMAs (FfmaMicro, the default), or tensor-core
-//   mma.sync in TF32, once or three times per product (MmaMicro: GemmMath below). Only the micro-
-//   kernel differs: loaders, pipeline and epilogues are the same code for all three.
+//   mma.sync in TF32, once or three times per product, or in BF16 (MmaMicro: GemmMath below).
+//   Only the micro-kernel differs: loaders, pipeline and epilogues are the same code for all four.
 // Indices are 32-bit: the host refuses tensors of 2^31 elements or more.
 #pragma once
 #include "common.cuh"
@@ -49,16 +49,20 @@
 //   alike): a * b ~= ab*bb + ab*bs + as*bb. What is lost (as*bs, and as's own truncation) is
 //   ~2^-21 of a * b, so the result is about as accurate as fp32 FFMAs (the "3xTF32" of CUTLASS),
 //   at tensor-core throughput (tests/gemm_math.rs holds it to the FFMA kernels' tolerance).
-enum class GemmMath { Ffma, Tf32, Tf32x3 };
+// - Bf16: one tensor-core mma.sync per product, a and b rounded to bfloat16 (8 mantissa bits,
+//   2^-9 relative each, to nearest even): up to ~2^-8 per product, as under PyTorch's bf16
+//   autocast (which also stores activations in bf16; here every tensor stays fp32).
+enum class GemmMath { Ffma, Tf32, Tf32x3, Bf16 };
 
 template <int BM_, int BN_, int TM_, int TN_, GemmMath MATH_ = GemmMath::Ffma>
 struct GemmTile {
     static constexpr int BM = BM_, BN = BN_, TM = TM_, TN = TN_, BK = 8, THREADS = 256, STAGES = 3;
     static constexpr GemmMath MATH = MATH_;
     // Row padding of the shared tiles, in floats: a row pitch of 4 mod 32 suits the FFMA loop's
-    // float4 reads and the k-fast loaders' 4-byte stores (32 distinct banks); the mma fragment
-    // reads (k = t or t + 4, m = g + const, for lane 4g + t) need 8 mod 32 to hit 32 distinct banks.
-    static constexpr int PAD = MATH_ == GemmMath::Ffma ? 4 : 8;
+    // float4 reads and the k-fast loaders' 4-byte stores (32 distinct banks); the TF32 fragment
+    // reads (k = t or t + 4, m = g + const, for lane 4g + t) need 8 mod 32 to hit 32 distinct
+    // banks, the BF16 ones (k = 2t or 2t + 1) 4 mod 32.
+    static constexpr int PAD = MATH_ == GemmMath::Tf32 || MATH_ == GemmMath::Tf32x3 ? 8 : 4;
     // The 16 x 16 thread grid covers the tile with TM x TN micro-tiles made of a float4 chunk and,
     // 64 further, a float4 or float2 chunk (FfmaMicro: micro_at); MmaMicro keeps the same TM * TN
     // accumulators per thread.
@@ -81,12 +85,14 @@ using Tile128 = Tile128Of<GemmMath::Ffma>;
 using Tile128x64 = Tile128x64Of<GemmMath::Ffma>;
 using Tile64 = Tile64Of<GemmMath::Ffma>;
 
-// Instantiates KERNELS(tile, suffix) once per GemmMath: suffixes f32_<s>, tf32_<s> and 3xtf32_<s>
-// (kernel names such as dense_fwd_3xtf32_t128; ops::gemm_math's gemm_kernel_names! mirrors them).
-#define GEMM_FOR_EACH_MATH(KERNELS, TILE_OF, SUFFIX) \
-    KERNELS(TILE_OF<GemmMath::Ffma>, f32_##SUFFIX)   \
-    KERNELS(TILE_OF<GemmMath::Tf32>, tf32_##SUFFIX)  \
-    KERNELS(TILE_OF<GemmMath::Tf32x3>, 3xtf32_##SUFFIX)
+// Instantiates KERNELS(tile, suffix) once per GemmMath: suffixes f32_<s>, tf32_<s>, 3xtf32_<s> and
+// bf16_<s> (kernel names such as dense_fwd_3xtf32_t128; ops::gemm_math's gemm_kernel_names!
+// mirrors them).
+#define GEMM_FOR_EACH_MATH(KERNELS, TILE_OF, SUFFIX)    \
+    KERNELS(TILE_OF<GemmMath::Ffma>, f32_##SUFFIX)      \
+    KERNELS(TILE_OF<GemmMath::Tf32>, tf32_##SUFFIX)     \
+    KERNELS(TILE_OF<GemmMath::Tf32x3>, 3xtf32_##SUFFIX) \
+    KERNELS(TILE_OF<GemmMath::Bf16>, bf16_##SUFFIX)
 
 // cp.async (sm_80+): an asynchronous 4-byte global -> shared copy; with `full` false it copies
 // nothing and writes 0 (src-size 0), which is how padding and out-of-range elements load.
@@ -305,15 +311,22 @@ struct FfmaMicro {
     }
 };
 
-// TF32 tensor-core operations (sm_80+). to_tf32: x rounded to TF32 (cvt.rna: to nearest, ties away
-// from zero), as the bits of an fp32 value with the low 13 mantissa bits 0. mma_tf32_row:
-// d[j] += A . B[j] for NF fragments B[j] sharing one A, one mma.sync.m16n8k8 each. In the host
-// emulation, the same operation as one exchange among the warp's 32 lanes (emu/launch.cpp).
+// Tensor-core operations (sm_80+). to_tf32: x rounded to TF32 (cvt.rna: to nearest, ties away
+// from zero), as the bits of an fp32 value with the low 13 mantissa bits 0. to_bf16x2: lo and hi
+// rounded to bfloat16 (cvt.rn: to nearest even) and packed, lo in the low half, as an mma operand
+// register holds two consecutive k. mma_tf32_row / mma_bf16_row: d[j] += A . B[j] for NF
+// fragments B[j] sharing one A, one mma.sync.m16n8k8 each. In the host emulation, the same
+// operation as one exchange among the warp's 32 lanes (emu/launch.cpp).
 #ifdef PTXGRAD_HOST_EMU
 __device__ __forceinline__ unsigned to_tf32(float x) { return emu_cvt_rna_tf32(x); }
+__device__ __forceinline__ unsigned to_bf16x2(float lo, float hi) { return emu_cvt_rn_bf16x2(lo, hi); }
 template <int NF>
 __device__ __forceinline__ void mma_tf32_row(float (&d)[NF][4], const unsigned (&a)[4], const unsigned (&b)[NF][2]) {
     emu_mma_tf32_row(&d[0][0], a, &b[0][0], NF);
+}
+template <int NF>
+__device__ __forceinline__ void mma_bf16_row(float (&d)[NF][4], const unsigned (&a)[2], const unsigned (&b)[NF]) {
+    emu_mma_bf16_row(&d[0][0], a, b, NF);
 }
 #else
 __device__ __forceinline__ unsigned to_tf32(float x) {
@@ -330,29 +343,50 @@ __device__ __forceinline__ void mma_tf32_row(float (&d)[NF][4], const unsigned (
             : "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[j][0]), "r"(b[j][1]));
 }
+__device__ __forceinline__ unsigned to_bf16x2(float lo, float hi) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));  // the first source goes high
+    return r;
+}
+template <int NF>
+__device__ __forceinline__ void mma_bf16_row(float (&d)[NF][4], const unsigned (&a)[2], const unsigned (&b)[NF]) {
+#pragma unroll
+    for (int j = 0; j < NF; ++j)
+        asm("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
+            "{%0, %1, %2, %3};\n"
+            : "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+            : "r"(a[0]), "r"(a[1]), "r"(b[j]));
+}
 #endif
 
-// The tensor-core micro-kernel (GemmMath::Tf32 and Tf32x3). The 8 warps tile the block
+// The tensor-core micro-kernel (GemmMath::Tf32, Tf32x3 and Bf16). The 8 warps tile the block
 // WARPS_M x WARPS_N; a warp owns a WM x WN piece of C as MF x NF fragments of 16 x 8, and per
 // k-tile (BK = 8 = the mma's k) issues MF x NF mma.sync (three times that for Tf32x3). Fragment
-// layouts (PTX ISA, mma.m16n8k8 .tf32; lane = 4 g + t):
+// layouts (PTX ISA, mma.m16n8k8; lane = 4 g + t):
+//   .tf32, one value per register:
 //   A (16 x 8):  a0 (row g, k t)   a1 (g + 8, t)   a2 (g, t + 4)   a3 (g + 8, t + 4)
 //   B (8 x 8):   b0 (k t, col g)   b1 (t + 4, g)
+//   .bf16, two per register, the lower k in the low half:
+//   A (16 x 8):  a0 (row g, k 2t and 2t + 1)   a1 (g + 8, 2t and 2t + 1)
+//   B (8 x 8):   b0 (k 2t and 2t + 1, col g)
 //   C (16 x 8):  c0 (row g, col 2t)   c1 (g, 2t + 1)   c2 (g + 8, 2t)   c3 (g + 8, 2t + 1)
-// Fragments are read from As[k][m] / Bs[k][n] one float each: with the rows' pitch 8 mod 32
-// (T::PAD), a warp's 32 reads fall in 32 distinct banks. Tf32x3 splits each value as it is read
-// (see split; x - big is exact in fp32) and issues the small products first.
-// Registers: the B fragments of the k-tile (NF x 2, twice for Tf32x3) stay live while the A
-// fragments are read one 16-row fragment at a time.
+// Fragments are read from As[k][m] / Bs[k][n] one float each: with the rows' pitch 8 mod 32 for
+// TF32, 4 mod 32 for BF16 (T::PAD), a warp's 32 reads of one register fall in 32 distinct banks.
+// Tf32x3 splits each value as it is read (see split; x - big is exact in fp32) and issues the
+// small products first; Bf16 rounds and packs two values per cvt.
+// Registers: the B fragments of the k-tile (NF x 2, twice for Tf32x3; NF for Bf16) stay live
+// while the A fragments are read one 16-row fragment at a time.
 template <class T>
 struct MmaMicro {
-    static constexpr bool X3 = T::MATH == GemmMath::Tf32x3;
+    static constexpr bool X3 = T::MATH == GemmMath::Tf32x3, BF16 = T::MATH == GemmMath::Bf16;
     static constexpr int WARPS_M = T::BM == 2 * T::BN ? 4 : 2, WARPS_N = T::THREADS / 32 / WARPS_M;
     static constexpr int WM = T::BM / WARPS_M, WN = T::BN / WARPS_N, MF = WM / 16, NF = WN / 8;
     static_assert(T::BK == 8, "one mma k-step per k-tile");
     static_assert(MF * 16 == WM && NF * 8 == WN && WARPS_M * WARPS_N * 32 == T::THREADS, "warps cover the tile");
     static_assert(MF * NF * 4 == T::TM * T::TN, "as many accumulators per thread as the FFMA tile");
-    static_assert((T::BM + T::PAD) % 32 == 8 && (T::BN + T::PAD) % 32 == 8, "conflict-free fragment reads");
+    static constexpr int PITCH_MOD_32 = BF16 ? 4 : 8;
+    static_assert((T::BM + T::PAD) % 32 == PITCH_MOD_32 && (T::BN + T::PAD) % 32 == PITCH_MOD_32,
+                  "conflict-free fragment reads");
     float acc[MF][NF][4];
     int wm, wn, g, t;  // the warp's first row and column in the block tile; the lane's group and rank
 
@@ -389,8 +423,17 @@ struct MmaMicro {
         }
     }
 
+    // acc += (this warp's part of) As^T . Bs over one k-tile.
     __device__ __forceinline__ void tile(const float (&As)[T::BK][T::BM + T::PAD],
                                          const float (&Bs)[T::BK][T::BN + T::PAD]) {
+        if constexpr (BF16)
+            tile_bf16(As, Bs);
+        else
+            tile_tf32(As, Bs);
+    }
+
+    __device__ __forceinline__ void tile_tf32(const float (&As)[T::BK][T::BM + T::PAD],
+                                              const float (&Bs)[T::BK][T::BN + T::PAD]) {
         unsigned bb[NF][2], bs[NF][2];
 #pragma unroll
         for (int j = 0; j < NF; ++j)
@@ -406,6 +449,26 @@ struct MmaMicro {
                 mma_tf32_row<NF>(acc[f], ab, bs);
             }
             mma_tf32_row<NF>(acc[f], ab, bb);
+        }
+    }
+
+    __device__ __forceinline__ void tile_bf16(const float (&As)[T::BK][T::BM + T::PAD],
+                                              const float (&Bs)[T::BK][T::BN + T::PAD]) {
+        unsigned b[NF];
+#pragma unroll
+        for (int j = 0; j < NF; ++j) {
+            const int n = wn + j * 8 + g;
+            b[j] = to_bf16x2(Bs[2 * t][n], Bs[2 * t + 1][n]);
+        }
+#pragma unroll
+        for (int f = 0; f < MF; ++f) {
+            unsigned a[2];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int m = wm + f * 16 + g + 8 * r;
+                a[r] = to_bf16x2(As[2 * t][m], As[2 * t + 1][m]);
+            }
+            mma_bf16_row<NF>(acc[f], a, b);
         }
     }
 

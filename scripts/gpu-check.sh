@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared device run, sized for a 15-minute GPU lease: every CUDA test, ptxgrad's bench with
 # the per-layer table for --conv-algo auto (and the timings it chose by), the PyTorch peer's
-# bench, the bench with the tensor-core GEMMs (--math 3xtf32, tf32), 10 epochs of training, a
+# bench, the bench with the tensor-core GEMMs (--math 3xtf32, tf32, bf16), 10 epochs of training, a
 # hardware-counter profile of one training step (Nsight Compute, where it can read the
 # counters), the GEMM core's throughput, the conv timing test, and the bench with the implicit
 # GEMM and with Winograd. Build and pack here first:
@@ -58,9 +58,9 @@ grep -E '"bench"|"conv_tune"' "$out/bench.txt"
 t=$(budget 150 60 2> "$out/peer-bench.jsonl") &&
   PYTHONUNBUFFERED=1 timeout "$t" python3 .gpu/torch_alexnet.py bench > "$out/peer-bench.jsonl" 2>&1
 cat "$out/peer-bench.jsonl"
-# The tensor-core GEMMs: 3xtf32 (fp32-accurate) and tf32, without the per-layer table.
-for m in 3xtf32 tf32; do bench "$algo" --math "$m" --no-layers >> "$out/bench.txt" 2>&1; done
-grep -E '"bench"' "$out/bench.txt" | tail -n 2
+# The tensor-core GEMMs: 3xtf32 (fp32-accurate), tf32 and bf16, without the per-layer table.
+for m in 3xtf32 tf32 bf16; do bench "$algo" --math "$m" --no-layers >> "$out/bench.txt" 2>&1; done
+grep -E '"bench"' "$out/bench.txt" | tail -n 3
 
 # 3. Ten epochs of the book's recipe (each epoch's figures land in train.jsonl as it ends).
 t=$(budget 300 60 2> "$out/train.txt") && timeout "$t" "$bin" train --device cuda --epochs 10 --quiet --conv-algo "$algo" \

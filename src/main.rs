@@ -65,8 +65,9 @@ struct DataArgs {
     #[arg(long, default_value = "auto")]
     conv_algo: ConvAlgo,
     /// GEMM arithmetic (CUDA): fp32 (FFMAs, exact products: PyTorch's strict fp32), 3xtf32
-    /// (three TF32 tensor-core products per multiply-add: about fp32's accuracy), or tf32 (one,
-    /// of operands rounded to 10 mantissa bits: PyTorch's default convolutions)
+    /// (three TF32 tensor-core products per multiply-add: about fp32's accuracy), tf32 (one,
+    /// of operands rounded to 10 mantissa bits: PyTorch's default convolutions), or bf16 (one,
+    /// of operands rounded to 8 bits: the products of PyTorch's bf16 autocast)
     #[arg(long, default_value = "fp32")]
     math: GemmMath,
 }

@@ -7,6 +7,16 @@
 use std::io::Read as _;
 use std::sync::OnceLock;
 
+/// One kernel file's embedded PTX (build.rs writes the table).
+struct Embedded {
+    /// The file stem in `kernels/`.
+    stem: &'static str,
+    /// The PTX, zlib-compressed; None in a CPU-only build.
+    zlib: Option<&'static [u8]>,
+    /// The PTX's length in bytes.
+    len: usize,
+}
+
 mod generated {
     include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
 }
@@ -16,13 +26,14 @@ static TEXTS: [OnceLock<String>; generated::COUNT] = [const { OnceLock::new() };
 
 /// The PTX of `generated::MODULES[i]`, or None in a CPU-only build.
 fn text(i: usize) -> Option<&'static str> {
-    let (stem, (z, len)) = (generated::MODULES[i].0, generated::MODULES[i].1?);
+    let m = &generated::MODULES[i];
+    let zlib = m.zlib?;
     let text = TEXTS[i].get_or_init(|| {
-        let mut text = String::with_capacity(len);
+        let mut text = String::with_capacity(m.len);
         // build.rs wrote these bytes from the PTX it compiled: they inflate, to valid UTF-8.
-        flate2::read::ZlibDecoder::new(z)
+        flate2::read::ZlibDecoder::new(zlib)
             .read_to_string(&mut text)
-            .unwrap_or_else(|e| panic!("the embedded PTX of kernels/{stem}.cu does not inflate: {e}"));
+            .unwrap_or_else(|e| panic!("the embedded PTX of kernels/{}.cu does not inflate: {e}", m.stem));
         text
     });
     Some(text.as_str())
@@ -77,11 +88,11 @@ impl Module {
 
     /// The module's PTX, or None in a CPU-only build (no CUDA compiler was found).
     pub fn ptx(self) -> Option<&'static str> {
-        generated::MODULES.iter().position(|(stem, _)| *stem == self.stem()).and_then(text)
+        generated::MODULES.iter().position(|m| m.stem == self.stem()).and_then(text)
     }
 }
 
 /// Every (stem, PTX) pair that was built, for the ptxas test.
 pub fn all() -> Vec<(&'static str, Option<&'static str>)> {
-    (0..generated::COUNT).map(|i| (generated::MODULES[i].0, text(i))).collect()
+    (0..generated::COUNT).map(|i| (generated::MODULES[i].stem, text(i))).collect()
 }

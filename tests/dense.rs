@@ -207,7 +207,7 @@ fn dense_cuda_alexnet_timing() {
 /// The GEMM core's throughput on one large problem (M = N = K = 4096, 137 GFLOP a pass), for
 /// each way it loads operands: the forward reads both along k (4-byte copies), the weight grad
 /// reads both along m / n (16-byte copies), the input grad one of each; and each GEMM arithmetic
-/// (fp32 FFMAs, 3xtf32, tf32). It separates the core from the conv loaders and from small grids:
+/// (fp32 FFMAs, 3xtf32, tf32, bf16). It separates the core from the conv loaders and from small grids:
 /// `cargo test --test dense -- --ignored --nocapture dense_cuda_gemm_core_timing`.
 #[test]
 #[ignore]

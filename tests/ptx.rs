@@ -135,7 +135,7 @@ struct Loop {
     kernel: String,
     instructions: usize,
     ffma: usize,
-    /// Tensor-core TF32 mma.sync (HMMA.1688.F32.TF32) among them.
+    /// Tensor-core mma.sync (HMMA.1688.F32.TF32 or .BF16) among them.
     hmma: usize,
     /// 16-byte cp.async (LDGSTS.E.BYPASS.128) among them: the vector loads.
     vector_copies: usize,
@@ -189,7 +189,7 @@ fn loops_in(sass: &str, min_ffma: usize) -> Vec<Loop> {
             let body = &ins[*start..=i];
             let count = |f: &dyn Fn(&str) -> bool| body.iter().filter(|(o, _)| f(o)).count();
             let ffma = count(&|o| o == "FFMA");
-            let hmma = count(&|o| o.starts_with("HMMA") && o.ends_with(".TF32"));
+            let hmma = count(&|o| o.starts_with("HMMA") && (o.ends_with(".TF32") || o.ends_with(".BF16")));
             if ffma >= min_ffma || hmma >= 4 {
                 out.push(Loop {
                     kernel: kernel.clone(),
@@ -237,8 +237,9 @@ fn gemm_k_loops_are_mostly_ffma() {
     let mut failures = Vec::new();
     // The tensor-core kernels: every k-loop issues the mma.sync of whole k-tiles (MF x NF
     // fragments per warp, three times for 3xtf32: gemm.cuh's MmaMicro) and no FFMA.
+    // (ptxas 12.9 turns bf16 conversions into F2FP.BF16.F32.PACK_AB, not FFMA.)
     for (tile, per_tile) in [("t128", 16), ("t128x64", 8), ("t64", 4), ("t96", 12), ("t128x96", 12)] {
-        for (math, times) in [("tf32", 1), ("3xtf32", 3)] {
+        for (math, times) in [("tf32", 1), ("3xtf32", 3), ("bf16", 1)] {
             let families = ["winograd_gemm", "dense_fwd", "dense_bwd_input", "dense_bwd_weight"];
             for family in families.into_iter().chain(["conv2d_fwd", "conv2d_bwd_input", "conv2d_bwd_weight"]) {
                 let kernel = format!("{family}_{math}_{tile}");

@@ -145,7 +145,7 @@ fn params(x: &Tensor, w: &Tensor) -> Result<DenseParams> {
 #[allow(clippy::too_many_arguments)]
 fn gemm_split(
     gpu: &Gpu,
-    kernels: &[[&'static str; 5]; 3],
+    kernels: &[[&'static str; 5]; 4],
     in0: &DeviceBuf<f32>,
     in1: &DeviceBuf<f32>,
     bias: Option<&DeviceBuf<f32>>,

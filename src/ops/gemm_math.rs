@@ -11,6 +11,10 @@
 //! - `tf32`: one tensor-core product of operands rounded to TF32 (10 mantissa bits), as PyTorch's
 //!   default convolutions (`cudnn.allow_tf32`; PyTorch keeps its matmuls in fp32 by default, while
 //!   ptxgrad's setting covers the dense layers too: ~4% of a step's time in session 1's profile).
+//! - `bf16`: one tensor-core product of operands rounded to bfloat16 (8 mantissa bits, to nearest
+//!   even), accumulated in fp32: the products of PyTorch's bf16 autocast. Autocast also stores
+//!   the activations in bf16 (half the memory traffic); here every tensor stays fp32, and only
+//!   the GEMMs' operands are rounded, as they are read from shared memory.
 //!
 //! The choice is per thread, like PyTorch's autocast state: `GemmMath::scope` sets it until the
 //! returned guard is dropped, and every GEMM launched from that thread (forward, and the backward
@@ -29,6 +33,7 @@ pub enum GemmMath {
     Fp32 = 0,
     Tf32x3 = 1,
     Tf32 = 2,
+    Bf16 = 3,
 }
 
 thread_local! {
@@ -36,7 +41,7 @@ thread_local! {
 }
 
 impl GemmMath {
-    pub const ALL: [GemmMath; 3] = [GemmMath::Fp32, GemmMath::Tf32x3, GemmMath::Tf32];
+    pub const ALL: [GemmMath; 4] = [GemmMath::Fp32, GemmMath::Tf32x3, GemmMath::Tf32, GemmMath::Bf16];
 
     /// The arithmetic that GEMMs launched from this thread use now.
     pub fn current() -> GemmMath {
@@ -63,7 +68,7 @@ impl GemmMath {
     }
 
     /// The kernel of `names` (a `gemm_kernel_names!` table) for the current arithmetic and `tile`.
-    pub fn kernel(names: &[[&'static str; 5]; 3], tile: Tile) -> &'static str {
+    pub fn kernel(names: &[[&'static str; 5]; 4], tile: Tile) -> &'static str {
         names[GemmMath::current() as usize][tile as usize]
     }
 }
@@ -81,13 +86,14 @@ impl Drop for MathScope {
 
 impl std::str::FromStr for GemmMath {
     type Err = Error;
-    /// "fp32", "3xtf32" or "tf32".
+    /// "fp32", "3xtf32", "tf32" or "bf16".
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "fp32" => Ok(GemmMath::Fp32),
             "3xtf32" => Ok(GemmMath::Tf32x3),
             "tf32" => Ok(GemmMath::Tf32),
-            _ => Err(Error::Data(format!("GEMM math: expected fp32, 3xtf32 or tf32, found `{s}`"))),
+            "bf16" => Ok(GemmMath::Bf16),
+            _ => Err(Error::Data(format!("GEMM math: expected fp32, 3xtf32, tf32 or bf16, found `{s}`"))),
         }
     }
 }
@@ -98,6 +104,7 @@ impl std::fmt::Display for GemmMath {
             GemmMath::Fp32 => "fp32",
             GemmMath::Tf32x3 => "3xtf32",
             GemmMath::Tf32 => "tf32",
+            GemmMath::Bf16 => "bf16",
         })
     }
 }
@@ -127,6 +134,13 @@ macro_rules! gemm_kernel_names {
                 concat!($base, "_tf32_t64"),
                 concat!($base, "_tf32_t96"),
                 concat!($base, "_tf32_t128x96"),
+            ],
+            [
+                concat!($base, "_bf16_t128"),
+                concat!($base, "_bf16_t128x64"),
+                concat!($base, "_bf16_t64"),
+                concat!($base, "_bf16_t96"),
+                concat!($base, "_bf16_t128x96"),
             ],
         ]
     };

@@ -519,7 +519,7 @@ impl Pass {
     pub fn gemm_launch(&self, tile: Option<Tile>) -> Result<(&'static str, LaunchConfig)> {
         let g = &self.gemm;
         let (cfg, tile) = gemm_launch(g.m as usize, g.n as usize, g.splits() * g.batch as usize, tile)?;
-        const NAMES: [[&str; 5]; 3] = gemm_kernel_names!("winograd_gemm");
+        const NAMES: [[&str; 5]; 4] = gemm_kernel_names!("winograd_gemm");
         Ok((GemmMath::kernel(&NAMES, tile), cfg))
     }
 
