@@ -12,7 +12,9 @@ use ptxgrad::train::{prepare_batch, train_step};
 use ptxgrad::Device;
 
 /// The loss of one step and each parameter's change (after - before).
-fn one_step(dev: &Device, algo: ConvAlgo) -> (f32, Vec<Vec<f32>>) {
+type Step = (f32, Vec<Vec<f32>>);
+
+fn one_step(dev: &Device, algo: ConvAlgo) -> Step {
     let (b, r) = (2, 65);
     let mut model = AlexNet::new(r, 7, dev).unwrap();
     model.conv_algo = algo;
@@ -26,6 +28,14 @@ fn one_step(dev: &Device, algo: ConvAlgo) -> (f32, Vec<Vec<f32>>) {
         .zip(before)
         .map(|(p, b)| p.value.to_vec().unwrap().iter().zip(b).map(|(a, b)| a - b).collect());
     (loss.to_vec().unwrap()[0], deltas.collect())
+}
+
+/// `one_step` with the implicit GEMM on the CPU, then on the emulator with the GEMMs in `math`.
+fn cpu_and_emulated_steps(math: GemmMath) -> (Step, Step) {
+    let algo = ConvAlgo::ImplicitGemm;
+    let cpu = one_step(&Device::Cpu, algo);
+    let _m = math.scope();
+    (cpu, one_step(&Device::parse("emu").unwrap(), algo))
 }
 
 #[test]
@@ -53,12 +63,7 @@ fn emulated_training_step_matches_the_cpu() {
 /// only: an emulated mma step takes about ten times an FFMA one.
 #[test]
 fn emulated_training_step_with_3xtf32_gemms_matches_the_cpu() {
-    let algo = ConvAlgo::ImplicitGemm;
-    let (cpu_loss, cpu_deltas) = one_step(&Device::Cpu, algo);
-    let (emu_loss, emu_deltas) = {
-        let _m = GemmMath::Tf32x3.scope();
-        one_step(&Device::parse("emu").unwrap(), algo)
-    };
+    let ((cpu_loss, cpu_deltas), (emu_loss, emu_deltas)) = cpu_and_emulated_steps(GemmMath::Tf32x3);
     assert!((cpu_loss - emu_loss).abs() <= 1e-4 * cpu_loss.abs().max(1.0), "loss {cpu_loss} vs {emu_loss}");
     for (i, (c, e)) in cpu_deltas.iter().zip(&emu_deltas).enumerate() {
         assert_close(&format!("3xtf32: change of parameter {i} in one step"), c, e, 2e-7, 1e-3);
@@ -74,12 +79,7 @@ fn emulated_training_step_with_3xtf32_gemms_matches_the_cpu() {
 /// fragment index or a missing term costs 100% or more.
 #[test]
 fn emulated_training_step_with_bf16_gemms_is_close_to_the_cpu() {
-    let algo = ConvAlgo::ImplicitGemm;
-    let (cpu_loss, cpu_deltas) = one_step(&Device::Cpu, algo);
-    let (emu_loss, emu_deltas) = {
-        let _m = GemmMath::Bf16.scope();
-        one_step(&Device::parse("emu").unwrap(), algo)
-    };
+    let ((cpu_loss, cpu_deltas), (emu_loss, emu_deltas)) = cpu_and_emulated_steps(GemmMath::Bf16);
     assert!((cpu_loss - emu_loss).abs() <= 1e-3 * cpu_loss.abs().max(1.0), "loss {cpu_loss} vs {emu_loss}");
     let norm = |v: &mut dyn Iterator<Item = f32>| v.map(|x| x as f64 * x as f64).sum::<f64>().sqrt();
     for (i, (c, e)) in cpu_deltas.iter().zip(&emu_deltas).enumerate() {

@@ -160,13 +160,17 @@ test_device!(maxpool2d_records_its_backward, |dev| {
     let y = reshape(&mut tape, &y, &[1, 1, 4, 4]).unwrap();
     let loss = maxpool2d(&mut tape, &y, 4, 1).unwrap();
     let grads = tape.backward(&loss).unwrap();
-    let gx = grads.get(&x).expect("x has a gradient").to_vec().unwrap();
-    // Exactly one input, the global max of x, receives the gradient 1.
+    only_the_global_max_gets_1(&grads.get(&x).expect("x has a gradient").to_vec().unwrap(), &x);
+});
+
+/// Asserts that of `g`, dL/dx for a loss that is the global max of x, exactly one element, the
+/// place of that max, is non-zero, and is 1.
+fn only_the_global_max_gets_1(g: &[f32], x: &Tensor) {
     let xs = x.to_vec().unwrap();
     let imax = (0..xs.len()).fold(0, |b, i| if xs[i] > xs[b] { i } else { b });
-    assert_eq!(gx.iter().filter(|&&g| g != 0.0).count(), 1);
-    assert_eq!(gx[imax], 1.0);
-});
+    assert_eq!(g.iter().filter(|&&v| v != 0.0).count(), 1);
+    assert_eq!(g[imax], 1.0);
+}
 
 /// A ReLU's output of `shape` (N, C, H, W): about half zeros, and in every plane a k x k corner
 /// of zeros, so that every plane has a window (the first) with no positive value.
@@ -220,12 +224,8 @@ test_device!(maxpool2d_recorded_after_relu_marks_its_gradient_masked, |dev| {
     let y = reshape(&mut tape, &y, &[1, 1, 6, 6]).unwrap();
     let loss = maxpool2d(&mut tape, &y, 6, 1).unwrap();
     let grads = tape.backward(&loss).unwrap();
-    let g = grads.get(&pre).expect("pre has a gradient").to_vec().unwrap();
-    let xs = pre.to_vec().unwrap();
-    let imax = (0..xs.len()).fold(0, |b, i| if xs[i] > xs[b] { i } else { b });
-    assert!(xs[imax] > 0.0);
-    assert_eq!(g.iter().filter(|&&v| v != 0.0).count(), 1);
-    assert_eq!(g[imax], 1.0);
+    // The global max is positive (uniform values in [-1, 1)), so the ReLU passes its gradient.
+    only_the_global_max_gets_1(&grads.get(&pre).expect("pre has a gradient").to_vec().unwrap(), &pre);
 
     // What the producer of the pool's input receives: a stand-in op records h (a ReLU's output,
     // or not) and keeps the fact of the gradient handed to it.
