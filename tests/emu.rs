@@ -14,6 +14,7 @@ use ptxgrad::Device;
 /// The loss of one step and each parameter's change (after - before).
 type Step = (f32, Vec<Vec<f32>>);
 
+/// One AlexNet training step (batch 2, 65x65 inputs) on `dev` with the conv algorithm `algo`.
 fn one_step(dev: &Device, algo: ConvAlgo) -> Step {
     let (b, r) = (2, 65);
     let mut model = AlexNet::new(r, 7, dev).unwrap();
