@@ -49,9 +49,9 @@
 //   alike): a * b ~= ab*bb + ab*bs + as*bb. What is lost (as*bs, and as's own truncation) is
 //   ~2^-21 of a * b, so the result is about as accurate as fp32 FFMAs (the "3xTF32" of CUTLASS),
 //   at tensor-core throughput (tests/gemm_math.rs holds it to the FFMA kernels' tolerance).
-// - Bf16: one tensor-core mma.sync per product, a and b rounded to bfloat16 (8 mantissa bits,
-//   2^-9 relative each, to nearest even): up to ~2^-8 per product, as under PyTorch's bf16
-//   autocast (which also stores activations in bf16; here every tensor stays fp32).
+// - Bf16: one tensor-core mma.sync per product, a and b rounded to bfloat16 (8 significant bits,
+//   7 stored; to nearest even: 2^-8 relative each): up to ~2^-7 per product, as under PyTorch's
+//   bf16 autocast (which also stores activations in bf16; here every tensor stays fp32).
 enum class GemmMath { Ffma, Tf32, Tf32x3, Bf16 };
 
 template <int BM_, int BN_, int TM_, int TN_, GemmMath MATH_ = GemmMath::Ffma>

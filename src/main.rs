@@ -67,7 +67,7 @@ struct DataArgs {
     /// GEMM arithmetic (CUDA): fp32 (FFMAs, exact products: PyTorch's strict fp32), 3xtf32
     /// (three TF32 tensor-core products per multiply-add: about fp32's accuracy), tf32 (one,
     /// of operands rounded to 10 mantissa bits: PyTorch's default convolutions), or bf16 (one,
-    /// of operands rounded to 8 bits: the products of PyTorch's bf16 autocast)
+    /// of operands rounded to bfloat16: the products of PyTorch's bf16 autocast)
     #[arg(long, default_value = "fp32")]
     math: GemmMath,
 }
