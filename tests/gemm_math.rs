@@ -171,8 +171,9 @@ fn dense_tensor_core_math_meets_its_bounds_cuda() {
 /// The convolutions (implicit GEMM and Winograd) under each tensor-core math: 3xtf32 within the
 /// fp32 kernels' tolerances of tests/conv2d.rs and tests/winograd.rs, tf32 within 1% of the
 /// largest value (Winograd's transforms widen the range that TF32 rounds), bf16 within 1% with
-/// the implicit GEMM (the emulator: ~2e-3) and 15% with Winograd (~6e-2: 8 significant bits of
-/// transformed operands are too few, which is why `--conv-algo auto` rejects Winograd under bf16).
+/// the implicit GEMM (the emulator: ~2e-3) and 15% with Winograd's default tiles (~6e-2: 8
+/// significant bits of transformed operands are few, which is why `--conv-algo auto` under bf16
+/// rejects the larger Winograd tiles).
 /// A wrong fragment layout costs O(1) of the largest value in any of them.
 fn conv_math_body(dev: Device) {
     // (n, cin, h, w, cout, r, pad): conv2's 5x5 and conv3-5's 3x3, small.
