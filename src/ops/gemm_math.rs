@@ -12,9 +12,9 @@
 //!   default convolutions (`cudnn.allow_tf32`; PyTorch keeps its matmuls in fp32 by default, while
 //!   ptxgrad's setting covers the dense layers too: ~4% of a step's time in session 1's profile).
 //! - `bf16`: one tensor-core product of operands rounded to bfloat16 (8 significant bits, to
-//!   nearest even), accumulated in fp32: the products of PyTorch's bf16 autocast. Autocast also stores
-//!   the activations in bf16 (half the memory traffic); here every tensor stays fp32, and only
-//!   the GEMMs' operands are rounded, as they are read from shared memory.
+//!   nearest even), accumulated in fp32: the products of PyTorch's bf16 autocast. Autocast also
+//!   stores the activations in bf16 (half the memory traffic); here every tensor stays fp32, and
+//!   only the GEMMs' operands are rounded, as they are read from shared memory.
 //!
 //! The choice is per thread, like PyTorch's autocast state: `GemmMath::scope` sets it until the
 //! returned guard is dropped, and every GEMM launched from that thread (forward, and the backward
