@@ -256,7 +256,9 @@ void emu_mma_tf32_row(float* d, const unsigned* a, const unsigned* b, unsigned n
     auto tf32 = [](unsigned bits) { return (double)__uint_as_float(bits & 0xffffe000u); };
     mma_row(
         d, a, 4, b, 2, n,
-        [&](const MmaSlot* s, unsigned r, unsigned k) { return tf32(s[4 * (r % 8) + k % 4].a[(r >= 8) + 2 * (k >= 4)]); },
+        [&](const MmaSlot* s, unsigned r, unsigned k) {
+            return tf32(s[4 * (r % 8) + k % 4].a[(r >= 8) + 2 * (k >= 4)]);
+        },
         [&](const MmaSlot* s, unsigned j, unsigned k, unsigned c) { return tf32(s[4 * c + k % 4].b[j][k >= 4]); });
 }
 
@@ -264,7 +266,9 @@ void emu_mma_tf32_row(float* d, const unsigned* a, const unsigned* b, unsigned n
 // 4 (r % 8) + k / 2; B element (k, col c) is half k % 2 of the register of lane 4 c + k / 2. A
 // bfloat16 is the upper half of an fp32.
 void emu_mma_bf16_row(float* d, const unsigned* a, const unsigned* b, unsigned n) {
-    auto bf16 = [](unsigned reg, unsigned half) { return (double)__uint_as_float(((reg >> (16 * half)) & 0xffffu) << 16); };
+    auto bf16 = [](unsigned reg, unsigned half) {
+        return (double)__uint_as_float(((reg >> (16 * half)) & 0xffffu) << 16);
+    };
     mma_row(
         d, a, 2, b, 1, n,
         [&](const MmaSlot* s, unsigned r, unsigned k) { return bf16(s[4 * (r % 8) + k / 2].a[r >= 8], k % 2); },
