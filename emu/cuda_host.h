@@ -3,13 +3,13 @@
 //
 // Model: a launch runs its blocks one after another; within a block every CUDA thread is a fiber
 // (launch.cpp), so __syncthreads is a real barrier and a warp shuffle a real exchange among the
-// 32 lanes of a warp. `__shared__` becomes `static thread_local`: one copy per launching thread,
-// which is right because a thread runs one block at a time. (gemm.cuh's large tiles come from
-// emu_block_smem instead: static TLS is carved out of every thread's stack.) cp.async lands at the wait that
-// completes its group, not before (launch.cpp), as on a GPU. What this does not model:
-// timing, memory coalescing, bank conflicts, register limits, and races that only a GPU's
-// scheduling would expose (threads run one at a time here, each up to its next barrier: a
-// missing barrier shows as a wrong result, an extra one does not).
+// 32 lanes of a warp. Shared arrays come from one buffer per launching thread (emu_shared), NaN
+// at each block's start. cp.async lands at the wait that completes its group, not before
+// (launch.cpp), as on a GPU. Threads run one at a time, each up to its next barrier, and blocks
+// one after another, in ascending or (PTXGRAD_EMU_SCHEDULE=reverse) descending order: a race
+// gives different results in the two orders, so it shows as a failure in one of them. What this does not model: timing, memory
+// coalescing, bank conflicts, register limits, races among threads that meet at no barrier (a
+// GPU interleaves them at any instruction), and the relaxed ordering of global memory.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -19,8 +19,8 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-// Per OS thread: launches from several threads (parallel tests) do not share it.
-#define __shared__ static thread_local
+// No `__shared__` here: kernels declare shared arrays with PTX_SHARED_ARRAY (common.cuh), which
+// the emulator serves from emu_shared, so a `__shared__` left in a kernel fails to compile.
 #define __align__(n) __attribute__((aligned(n)))
 // A kernel's launch bounds do nothing here, except in build.rs's scan of the kernels' signatures
 // (PTXGRAD_EMU_PROBE), which records the most threads per block each kernel may be launched with:
@@ -88,12 +88,14 @@ void __syncthreads();
 void emu_cp_async(float* dst, const float* src, unsigned n, bool full);
 void emu_cp_async_commit();
 void emu_cp_async_wait(unsigned newest_pending);
-// A block's shared memory of `bytes` (16-byte aligned), one buffer per OS thread, reused by every
-// block it runs: for gemm.cuh's tiles. As `static thread_local` arrays (what `__shared__` becomes),
-// the ~20 KB of each of the hundred GEMM kernels would sum to over 2 MB of static TLS, which glibc
-// takes from the stack of every thread of a program that links the emulator (a Rust thread's
-// default stack is 2 MiB). More than a GPU's 48 KB of static shared memory is a fault.
-void* emu_block_smem(unsigned long long bytes);
+// `bytes` of the running block's shared memory, 16-byte aligned: the thread's next shared array
+// (PTX_SHARED_ARRAY in common.cuh, gemm.cuh's tiles), the same place for every thread of the
+// block, NaN until written (launch.cpp). One buffer per OS thread, reused by every block it runs;
+// `static thread_local` arrays would keep the last block's values and, for the hundred GEMM
+// kernels' ~20 KB tiles, take over 2 MB of static TLS, which glibc carves out of the stack of
+// every thread of a program that links the emulator. More than a GPU's 48 KB of static shared
+// memory per block is a fault.
+void* emu_shared(unsigned long long bytes);
 // Counts one 16-byte cp.async (gemm.cuh's vector loads), so that tests can see the path taken.
 void emu_count_vec4_copy();
 // Records that the running kernel broke a rule a GPU enforces (a misaligned vector copy, say):

@@ -5,6 +5,17 @@
 // arrived (the whole block for __syncthreads, the 32 lanes of a warp for a shuffle). Switching
 // costs tens of nanoseconds on x86-64 (six registers and the stack pointer), so even a grid of
 // 100,000 blocks runs in about a second.
+//
+// Two things a GPU leaves undefined are made hostile here, so that a kernel relying on them fails
+// its tests instead of passing them by luck:
+// - the order in which threads reach the next barrier, and blocks run: each round runs the ready
+//   threads in ascending order, and blocks run in ascending order, or both descending with the
+//   reverse schedule (PTXGRAD_EMU_SCHEDULE=reverse, or ptxgrad_emu_set_reverse). A read of a
+//   word that another thread writes before the same barrier (or another block in the same
+//   launch) returns the old value in one order and the new one in the other, so a race changes
+//   the result between the two (CI runs the suite once in each);
+// - the contents of shared memory when a block starts: every shared array (emu_shared) is NaN
+//   then, so a read of a word nobody wrote, or before its copy landed, is a NaN.
 #include <sys/mman.h>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -85,6 +96,8 @@ struct Fiber {
     std::vector<PendingCopy> copies;  // issued, not yet waited for
     unsigned commits = 0;             // cp.async groups committed
     unsigned mmas = 0;                // mma exchanges made (their parity picks the slot buffer)
+    unsigned smem_claims = 0;         // shared arrays declared so far in this block
+    unsigned long long smem_used = 0;  // bytes of the block's shared memory they take
 };
 
 // One lane's operands of an emulated mma row (emu_mma_tf32_row, emu_mma_bf16_row: a BF16 row uses
@@ -97,6 +110,11 @@ struct MmaSlot {
 
 struct Scheduler {
     std::vector<Fiber> fibers;  // one per CUDA thread of a block; stacks kept across launches
+    bool reverse = false;       // run each round's ready threads in descending order
+    // The running block's shared arrays (emu_shared): their sizes in declaration order, and how
+    // many bytes have been claimed (and filled with NaN) so far.
+    std::vector<unsigned long long> smem_claims;
+    unsigned long long smem_filled = 0;
     Context home;               // the scheduler's own context while a fiber runs
     unsigned current = 0;
     unsigned warp_slots[1024 / 32][32];
@@ -104,7 +122,21 @@ struct Scheduler {
     void (*body)(void*) = nullptr;
     void* ctx = nullptr;
 };
-thread_local Scheduler sched;
+// PTXGRAD_EMU_SCHEDULE: unset or "forward", or "reverse"; anything else is refused, so that a
+// misspelt setting does not silently run the default.
+bool schedule_from_env() {
+    const char* v = std::getenv("PTXGRAD_EMU_SCHEDULE");
+    if (!v || !*v || std::strcmp(v, "forward") == 0) return false;
+    if (std::strcmp(v, "reverse") == 0) return true;
+    std::fprintf(stderr, "ptxgrad-emu: PTXGRAD_EMU_SCHEDULE is `%s`; expected `forward` or `reverse`\n", v);
+    std::exit(2);
+}
+
+thread_local Scheduler sched = [] {
+    Scheduler s;
+    s.reverse = schedule_from_env();
+    return s;
+}();
 
 void yield(State why) {
     Fiber& f = sched.fibers[sched.current];
@@ -153,14 +185,19 @@ void prepare(Fiber& f) {
     f.copies.clear();  // a GPU's next block starts with fresh shared memory and no copies in flight
     f.commits = 0;
     f.mmas = 0;
+    f.smem_claims = 0;
+    f.smem_used = 0;
 }
 
 // Runs one block to completion.
 void run_block(unsigned threads) {
+    sched.smem_claims.clear();
+    sched.smem_filled = 0;
     for (unsigned t = 0; t < threads; ++t) prepare(sched.fibers[t]);
     for (;;) {
         bool ran = false;
-        for (unsigned t = 0; t < threads; ++t) {
+        for (unsigned i = 0; i < threads; ++i) {
+            const unsigned t = sched.reverse ? threads - 1 - i : i;
             if (sched.fibers[t].state != State::Ready) continue;
             sched.current = t;
             threadIdx = dim3{t, 0, 0};
@@ -308,15 +345,42 @@ void emu_cp_async_wait(unsigned newest_pending) {
     std::erase_if(f.copies, done);
 }
 
-// The shared-memory buffer of the blocks this OS thread runs (see cuda_host.h): allocated on
-// first use, at the 48 KB a GPU allows, so that its address never changes within a block.
-void* emu_block_smem(unsigned long long bytes) {
-    constexpr unsigned long long kStaticLimit = 48 * 1024;
-    thread_local std::vector<float4> buf;
-    if (bytes > kStaticLimit) emu_fault("a block asks for more than 48 KB of static shared memory");
-    const unsigned long long want = (bytes > kStaticLimit ? bytes : kStaticLimit) + 15;
-    if (buf.size() * sizeof(float4) < want) buf.resize(want / sizeof(float4));
-    return buf.data();
+// Shared memory: one buffer per OS thread, reused by every block it runs (its address never
+// changes within a block). Each thread claims the block's arrays in the order it declares them
+// (PTX_SHARED_ARRAY, common.cuh): the k-th claim of every thread is the same place, as a
+// __shared__ variable is one for the block. Bytes are filled with NaN (all bits set) when a
+// block first claims them, since a GPU gives a block shared memory with unspecified contents.
+// A block's arrays together may take the 48 KB of static shared memory a GPU allows.
+constexpr unsigned long long kSmemLimit = 48 * 1024;
+void* emu_shared(unsigned long long bytes) {
+    thread_local std::vector<float4> buf(2 * kSmemLimit / sizeof(float4));  // room past the limit
+    Fiber& f = sched.fibers[sched.current];
+    const unsigned long long at = f.smem_used, end = at + (bytes + 15) / 16 * 16;
+    if (f.smem_claims == sched.smem_claims.size()) {
+        sched.smem_claims.push_back(bytes);  // this thread declares the block's next array
+    } else if (sched.smem_claims[f.smem_claims] != bytes) {
+        emu_fault("threads of a block declared different shared arrays (a PTX_SHARED_ARRAY under a branch?)");
+    }
+    ++f.smem_claims;
+    f.smem_used = end;
+    if (end > kSmemLimit) emu_fault("a block asks for more than 48 KB of static shared memory");
+    if (end > 2 * kSmemLimit) {
+        std::fprintf(stderr, "ptxgrad-emu: a block asks for %llu bytes of shared memory\n", end);
+        std::abort();
+    }
+    char* base = reinterpret_cast<char*>(buf.data());
+    if (end > sched.smem_filled) {
+        std::memset(base + sched.smem_filled, 0xff, end - sched.smem_filled);
+        sched.smem_filled = end;
+    }
+    return base + at;
+}
+
+// Sets this OS thread's schedule (nonzero: reverse) and returns the previous one.
+extern "C" int ptxgrad_emu_set_reverse(int reverse) {
+    const bool previous = sched.reverse;
+    sched.reverse = reverse != 0;
+    return previous;
 }
 
 // 16-byte copies made on this OS thread (launches run on the calling thread).
@@ -342,11 +406,14 @@ extern "C" const char* ptxgrad_emu_run(unsigned gx, unsigned gy, unsigned gz, un
     sched.ctx = ctx;
     blockDim = dim3{threads, 1, 1};
     gridDim = dim3{gx, gy, gz};
-    for (unsigned z = 0; z < gz; ++z)
-        for (unsigned y = 0; y < gy; ++y)
-            for (unsigned x = 0; x < gx; ++x) {
-                blockIdx = dim3{x, y, z};
-                run_block(threads);
-            }
+    // Blocks one after another, in the schedule's order too: a block that reads what another
+    // block of the same launch writes (which a GPU may run in either order, or at once) then
+    // sees the old value in one order and the new one in the other.
+    const unsigned long long blocks = (unsigned long long)gx * gy * gz;
+    for (unsigned long long i = 0; i < blocks; ++i) {
+        const unsigned long long b = sched.reverse ? blocks - 1 - i : i;
+        blockIdx = dim3{(unsigned)(b % gx), (unsigned)(b / gx % gy), (unsigned)(b / gx / gy)};
+        run_block(threads);
+    }
     return fault;
 }

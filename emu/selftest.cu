@@ -5,7 +5,7 @@
 
 // A 16-byte cp.async from `src` (the test passes a misaligned address).
 PTX_KERNEL void emu_selftest_copy_f32x4(const float* src) {
-    __shared__ __align__(16) float tile[4];
+    PTX_SHARED_ARRAY(float, tile, 4);
     cp_async_f32x4(tile, src, true);
     cp_async_commit();
     cp_async_wait<0>();
@@ -21,7 +21,7 @@ PTX_KERNEL void emu_selftest_gemm_grid(int* out) {
 // cp.async ordering (one thread): out = [shared word 0 before any wait, words 0 and 1 after
 // wait_group 1 with two groups committed, word 1 after a barrier, word 1 after wait_group 0].
 PTX_KERNEL void emu_selftest_cp_async_order(const float* src, float* out) {
-    __shared__ float s[2];
+    PTX_SHARED_ARRAY(float, s, 2);
     s[0] = -1.0f;
     s[1] = -1.0f;
     cp_async_f32(&s[0], src, true);  // group 0
@@ -36,4 +36,17 @@ PTX_KERNEL void emu_selftest_cp_async_order(const float* src, float* out) {
     out[3] = s[1];
     cp_async_wait<0>();
     out[4] = s[1];
+}
+
+// A race, or not: every thread writes its word of shared memory, then (with `barrier`, after a
+// __syncthreads) reads its left neighbour's: out[t] = t - 1 for t > 0 (out[0] = 0). Without the
+// barrier, thread t reads a word that thread t - 1 writes before the same barrier: ascending
+// order happens to run the writer first, descending order does not (and reads the NaN that the
+// block started with). The buffer is the GEMM tiles' one, as it is filled at a block's start.
+PTX_KERNEL void emu_selftest_left_neighbour(float* out, int barrier) {
+    PTX_SHARED_ARRAY(float, s, 1024);
+    const unsigned t = threadIdx.x;
+    s[t] = (float)t;
+    if (barrier) __syncthreads();
+    out[t] = t > 0 ? s[t - 1] : 0.0f;
 }

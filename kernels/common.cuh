@@ -5,6 +5,16 @@
 // Kernels are looked up by name from Rust: no C++ name mangling.
 #define PTX_KERNEL extern "C" __global__
 
+// A block's shared array `T name[n]`, 16-byte aligned. On a GPU a plain __shared__ array; on the
+// emulator (emu/cuda_host.h) memory from the block's shared buffer that starts as NaN, as a GPU
+// gives a block shared memory with unspecified contents. Declare it where every thread of the
+// block passes once (the emulator gives each thread's k-th array the same place).
+#ifdef PTXGRAD_HOST_EMU
+#define PTX_SHARED_ARRAY(T, name, n) T* const name = static_cast<T*>(emu_shared(sizeof(T) * (n)))
+#else
+#define PTX_SHARED_ARRAY(T, name, n) __shared__ __align__(16) T name[n]
+#endif
+
 __device__ __forceinline__ unsigned ceil_div(unsigned a, unsigned b) { return (a + b - 1) / b; }
 
 // Grid-stride loop over [0, n): correct for any grid size, so the host may cap the grid.

@@ -295,7 +295,7 @@ PTX_KERNEL void __launch_bounds__(256) conv2d_bwd_bias_f32(const float* __restri
         const float* row = gy + (unsigned long long)(n * p.c_out + co) * ohw;
         for (unsigned i = threadIdx.x; i < ohw; i += blockDim.x) s += row[i];
     }
-    __shared__ float warp_part[8];
+    PTX_SHARED_ARRAY(float, warp_part, 8);
     s = warp_sum(s);
     if (threadIdx.x % 32 == 0) warp_part[threadIdx.x / 32] = s;
     __syncthreads();

@@ -668,10 +668,9 @@ __device__ __forceinline__ void gemm_block(const LA& la, const LB& lb, const EP&
     using AsT = float[T::STAGES][T::BK][T::BM + T::PAD];
     using BsT = float[T::STAGES][T::BK][T::BN + T::PAD];
 #ifdef PTXGRAD_HOST_EMU
-    // The emulator's per-thread block buffer, not `static thread_local` arrays (cuda_host.h).
-    char* smem = static_cast<char*>(emu_block_smem(sizeof(AsT) + sizeof(BsT)));
-    AsT& As = *reinterpret_cast<AsT*>(smem);
-    BsT& Bs = *reinterpret_cast<BsT*>(smem + sizeof(AsT));  // sizeof(AsT) is a multiple of 16
+    // The emulator's block buffer (PTX_SHARED_ARRAY's, for multi-dimensional arrays).
+    AsT& As = *static_cast<AsT*>(emu_shared(sizeof(AsT)));
+    BsT& Bs = *static_cast<BsT*>(emu_shared(sizeof(BsT)));
 #else
     __shared__ __align__(16) AsT As;
     __shared__ __align__(16) BsT Bs;

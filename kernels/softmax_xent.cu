@@ -103,7 +103,7 @@ __device__ __forceinline__ float block_sum(const float* __restrict__ v, unsigned
 
 // loss[0] = mean of row_loss[0..n). Launch: 1 block of SXE_BLOCK threads.
 PTX_KERNEL void softmax_xent_mean_f32(const float* __restrict__ row_loss, float* __restrict__ loss, unsigned n) {
-    __shared__ float sh[SXE_BLOCK];
+    PTX_SHARED_ARRAY(float, sh, SXE_BLOCK);
     const float total = block_sum(row_loss, n, sh);
     if (threadIdx.x == 0) loss[0] = total / (float)n;
 }
@@ -111,7 +111,7 @@ PTX_KERNEL void softmax_xent_mean_f32(const float* __restrict__ row_loss, float*
 // stats[0] += sum of row_loss, stats[1] += number correct. Launch: 1 block of SXE_BLOCK threads.
 PTX_KERNEL void softmax_xent_stats_add_f32(const float* __restrict__ row_loss, const float* __restrict__ row_correct,
                                            float* __restrict__ stats, unsigned n) {
-    __shared__ float sh[SXE_BLOCK];
+    PTX_SHARED_ARRAY(float, sh, SXE_BLOCK);
     const float loss = block_sum(row_loss, n, sh);
     const float correct = block_sum(row_correct, n, sh);
     if (threadIdx.x == 0) {

@@ -162,10 +162,21 @@ struct Cuda {
 const EMU_ORDINAL: usize = usize::MAX;
 
 /// Element types that live in device buffers.
-pub trait Elem: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + std::fmt::Debug + 'static {}
-impl Elem for f32 {}
-impl Elem for u32 {}
-impl Elem for u8 {}
+pub trait Elem: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + std::fmt::Debug + 'static {
+    /// What the emulator fills a buffer from `Gpu::uninit` with, as a GPU gives such a buffer
+    /// unspecified contents: a NaN, or an index far out of any buffer (not `u32::MAX`, which
+    /// max-pool's argmax takes to mean "no gradient").
+    const POISON: Self;
+}
+impl Elem for f32 {
+    const POISON: f32 = f32::from_bits(0xffff_ffff);
+}
+impl Elem for u32 {
+    const POISON: u32 = 0xa5a5_a5a5;
+}
+impl Elem for u8 {
+    const POISON: u8 = 0xa5;
+}
 
 /// Whether libcuda can be loaded at all, checked before any cudarc call (cudarc panics when
 /// the library is missing).
@@ -364,9 +375,15 @@ impl Gpu {
     }
 
     /// A buffer of `len` elements whose contents are unspecified: only for outputs that the
-    /// next kernel writes in full.
+    /// next kernel writes in full. On the emulator they are `T::POISON`, so that a kernel that
+    /// reads what it did not write fails its tests there, as it may on a GPU (where the buffer
+    /// holds whatever the memory last held).
     pub fn uninit<T: Elem>(&self, len: usize) -> Result<DeviceBuf<T>> {
-        self.take::<T>(len, "allocating device memory")
+        let mut buf = self.take::<T>(len, "allocating device memory")?;
+        if let Mem::Host(h) = buf.mem_mut() {
+            h.data_mut().fill(T::POISON);
+        }
+        Ok(buf)
     }
 
     /// A buffer of `len` copies of `value`, set on the device (a 32-bit memset: no kernel and

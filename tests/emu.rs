@@ -89,6 +89,77 @@ fn emulated_training_step_with_bf16_gemms_is_close_to_the_cpu() {
     }
 }
 
+/// A training step gives bit-identical results whichever order the emulator runs a block's
+/// threads in between barriers, and a launch's blocks (ascending or descending:
+/// ptxgrad_emu::Schedule). A GPU promises
+/// no order, so every kernel of the step must be free of races: a thread reading a word that
+/// another writes before the same barrier sees the old value in one order and the new one in the
+/// other (`emulator_reverse_schedule_exposes_a_missing_barrier`). Both conv algorithms, so the
+/// implicit-GEMM and Winograd kernels all run; no tolerance, since nothing else changes.
+#[test]
+fn emulated_training_step_does_not_depend_on_thread_order() {
+    use ptxgrad_emu::{set_schedule, Schedule};
+    let emu = Device::parse("emu").unwrap();
+    for algo in [ConvAlgo::ImplicitGemm, ConvAlgo::Winograd { tile: None }] {
+        let previous = set_schedule(Schedule::Forward);
+        let forward = one_step(&emu, algo);
+        set_schedule(Schedule::Reverse);
+        let reverse = one_step(&emu, algo);
+        set_schedule(previous);
+        assert_eq!(forward.0.to_bits(), reverse.0.to_bits(), "{algo}: loss {} vs {}", forward.0, reverse.0);
+        for (i, (f, r)) in forward.1.iter().zip(&reverse.1).enumerate() {
+            let differ = f.iter().zip(r).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(differ, 0, "{algo}: parameter {i}'s change differs in {differ} of {} elements", f.len());
+        }
+    }
+}
+
+/// The two things the emulator makes hostile (launch.cpp) catch a missing barrier that the
+/// ascending order alone would hide: with the barrier, both orders give every thread its left
+/// neighbour's word; without it, the ascending order still does (the writer happens to run first),
+/// the descending order reads the NaN that the block's shared memory starts with, even right
+/// after a launch that left the right values there.
+#[test]
+fn emulator_reverse_schedule_exposes_a_missing_barrier() {
+    use ptxgrad_emu::{set_schedule, Schedule};
+    use std::ffi::c_void;
+    let run = |schedule: Schedule, barrier: bool| {
+        let mut out = vec![-1.0f32; 64];
+        let mut ptr = out.as_mut_ptr() as u64;
+        let mut barrier = barrier as i32;
+        let args = [&mut ptr as *mut u64 as *mut c_void, &mut barrier as *mut i32 as *mut c_void];
+        let previous = set_schedule(schedule);
+        // SAFETY: one 64-thread block; thread t writes out[t] only.
+        let done = unsafe { ptxgrad_emu::call("selftest", "emu_selftest_left_neighbour", (1, 1, 1), 64, &args) };
+        set_schedule(previous);
+        done.unwrap();
+        out
+    };
+    let want: Vec<f32> = (0..64).map(|t: i32| (t - 1).max(0) as f32).collect();
+    assert_eq!(run(Schedule::Forward, true), want);
+    assert_eq!(run(Schedule::Reverse, true), want);
+    assert_eq!(run(Schedule::Forward, false), want, "ascending order hides this race");
+    let racy = run(Schedule::Reverse, false);
+    assert_eq!(racy[0], 0.0);
+    assert!(racy[1..].iter().all(|v| v.is_nan()), "descending order: {racy:?}");
+}
+
+/// A buffer the engine asks for without initialising (`uninit`, for outputs a kernel writes in
+/// full) holds NaN on the emulator, not the zeros of a fresh allocation or the last user's values,
+/// so a kernel that leaves part of its output unwritten fails its tests.
+#[test]
+fn emulated_uninit_buffers_hold_poison() {
+    let Device::Cuda(gpu) = Device::parse("emu").unwrap() else { panic!("emu is a CUDA-path device") };
+    for round in 0..2 {
+        // The second round takes the first round's buffers back from the cache.
+        let f = gpu.uninit::<f32>(1000).unwrap();
+        let u = gpu.uninit::<u32>(1000).unwrap();
+        let (fv, uv) = (gpu.download(&f).unwrap(), gpu.download(&u).unwrap());
+        assert!(fv.iter().all(|v| v.is_nan()), "round {round}: {:?}", &fv[..4]);
+        assert!(uv.iter().all(|&v| v == 0xa5a5_a5a5), "round {round}: {:?}", &uv[..4]);
+    }
+}
+
 /// The emulator fails the launches a GPU would fail (a kernel asked of the wrong module, more
 /// threads than its launch bounds, a grid beyond the limits, a misaligned 16-byte copy), so that
 /// such a mistake in the launch glue shows in CI rather than first on a GPU.

@@ -37,6 +37,31 @@ extern "C" {
     ) -> *const std::ffi::c_char;
     fn ptxgrad_emu_vec4_copies() -> u64;
     fn ptxgrad_emu_poison(p: *const c_void, bytes: usize, poison: i32);
+    fn ptxgrad_emu_set_reverse(reverse: i32) -> i32;
+}
+
+/// The order in which the emulator runs a block's threads between two barriers, and a launch's
+/// blocks, for the launches made from the calling OS thread (see launch.cpp). A GPU promises no
+/// order; a kernel whose result depends on it has a race, and gives different results under the
+/// two schedules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// Ascending thread and block index (the default).
+    Forward,
+    /// Descending thread and block index (also the default of every thread when `PTXGRAD_EMU_SCHEDULE`
+    /// is `reverse`).
+    Reverse,
+}
+
+/// Sets the calling OS thread's schedule; returns the previous one.
+pub fn set_schedule(schedule: Schedule) -> Schedule {
+    // SAFETY: sets a thread-local flag.
+    let previous = unsafe { ptxgrad_emu_set_reverse((schedule == Schedule::Reverse) as i32) };
+    if previous != 0 {
+        Schedule::Reverse
+    } else {
+        Schedule::Forward
+    }
 }
 
 /// Marks `bytes` bytes at `p` unaddressable (`poison`) or addressable again for
