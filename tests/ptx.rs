@@ -94,6 +94,17 @@ fn parse_report(stderr: &str) -> Vec<(String, u32, u32)> {
     out
 }
 
+/// A block's registers must fit in one SM's register file (64K 32-bit registers on sm_80 and
+/// sm_90, allocated per warp in units of 256, i.e. a thread's count rounded up to a multiple of
+/// 8): a launch whose block needs more fails on a GPU ("too many resources requested"), which
+/// neither the emulator nor ptxas reports. Checked at the most threads the kernel may be launched
+/// with, its `.maxntid` (or 1024 without launch bounds).
+const REGISTER_FILE: u32 = 65536;
+
+fn block_registers(regs: u32, threads: u32) -> u32 {
+    regs.div_ceil(8) * 8 * threads
+}
+
 #[test]
 fn every_kernel_assembles_for_sm80_and_sm90_without_spills() {
     let Some(modules) = modules_or_skip() else { return };
@@ -101,10 +112,11 @@ fn every_kernel_assembles_for_sm80_and_sm90_without_spills() {
     let dir = scratch_dir("ptxas");
     let mut failures = Vec::new();
     let mut kernels = 0;
-    println!("{:<32} {:>6} {:>10} {:>7}", "kernel", "arch", "registers", "spills");
+    println!("{:<32} {:>6} {:>10} {:>7} {:>11}", "kernel", "arch", "registers", "spills", "max threads");
     for (stem, ptx) in modules {
         let src = dir.join(format!("{stem}.ptx"));
         std::fs::write(&src, ptx).unwrap();
+        let max_threads: std::collections::HashMap<String, u32> = ptx_entries(ptx).into_iter().collect();
         for arch in ["sm_80", "sm_90"] {
             let out = Command::new(&ptxas)
                 .args(["-v", &format!("-arch={arch}"), "-o", "/dev/null"])
@@ -117,10 +129,18 @@ fn every_kernel_assembles_for_sm80_and_sm90_without_spills() {
                 continue;
             }
             for (kernel, regs, spills) in parse_report(&stderr) {
-                println!("{kernel:<32} {arch:>6} {regs:>10} {spills:>7}");
+                let threads = max_threads.get(&kernel).copied().unwrap_or(1024);
+                println!("{kernel:<32} {arch:>6} {regs:>10} {spills:>7} {threads:>11}");
                 kernels += 1;
                 if spills > 0 {
                     failures.push(format!("{kernel} ({arch}): {spills} bytes of register spills"));
+                }
+                if block_registers(regs, threads) > REGISTER_FILE {
+                    failures.push(format!(
+                        "{kernel} ({arch}): {regs} registers x {threads} threads = {} registers per block, more \
+                         than an SM's {REGISTER_FILE}: give it launch bounds of the threads it is launched with",
+                        block_registers(regs, threads)
+                    ));
                 }
             }
         }
@@ -128,6 +148,16 @@ fn every_kernel_assembles_for_sm80_and_sm90_without_spills() {
     std::fs::remove_dir_all(&dir).ok();
     assert!(failures.is_empty(), "ptxas problems:\n{}", failures.join("\n"));
     assert!(kernels > 0, "ptxas reported no kernels at all");
+}
+
+/// The rounding the register check assumes: 255 registers (the most a thread may have) fit a
+/// 256-thread block, 65 at 1024 threads (72 after rounding) do not, 64 do.
+#[test]
+fn block_register_rounding() {
+    assert!(block_registers(255, 256) <= REGISTER_FILE);
+    assert!(block_registers(64, 1024) <= REGISTER_FILE);
+    assert!(block_registers(65, 1024) > REGISTER_FILE);
+    assert_eq!(block_registers(121, 256), 128 * 256);
 }
 
 /// One loop of a kernel's SASS: the instructions from a label to the branch back to it.
