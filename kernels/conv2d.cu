@@ -29,7 +29,7 @@
 // a few MB) per GEMM.
 // Every GEMM kernel comes in 128 x 128, 128 x 64, 64 x 64, 96 x 128 and 128 x 96-tile variants
 // (suffix _t128 / _t128x64 / _t64 / _t96 / _t128x96); the host picks by how well each grid fills
-// the GPU's waves and M and N the tile (ops::conv2d::gemm_launch).
+// the GPU's waves and M and N the tile (ops::gemm_plan::gemm_launch).
 #include "gemm.cuh"
 
 // Mirrors ops::conv2d::Conv2dParams field for field.
@@ -264,11 +264,7 @@ __device__ __forceinline__ void conv_bwd_weight(const float* x, const float* gy,
         conv_bwd_weight<TILE>(x, gy, ws, reinterpret_cast<const int2*>(tab), p);                \
     }
 
-GEMM_FOR_EACH_MATH(CONV_KERNELS, Tile128Of, t128)
-GEMM_FOR_EACH_MATH(CONV_KERNELS, Tile128x64Of, t128x64)
-GEMM_FOR_EACH_MATH(CONV_KERNELS, Tile64Of, t64)
-GEMM_FOR_EACH_MATH(CONV_KERNELS, Tile96Of, t96)
-GEMM_FOR_EACH_MATH(CONV_KERNELS, Tile128x96Of, t128x96)
+GEMM_FOR_EACH_TILE(CONV_KERNELS)
 
 // The input grad for any stride (the tiled ones above, _t128 to _t128x96, require stride 1).
 PTX_KERNEL void __launch_bounds__(256, 2)

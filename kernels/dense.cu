@@ -14,7 +14,7 @@
 //       then writes its raw partial to a workspace, and dense_splitk_sum_f32 adds the partials in
 //       a fixed order and applies the bias and ReLU: deterministic, no atomics.
 // Each GEMM kernel comes in 128 x 128, 128 x 64, 64 x 64, 96 x 128 and 128 x 96-tile variants
-// (suffix _t128 / _t128x64 / _t64 / _t96 / _t128x96), picked by ops::conv2d::gemm_launch.
+// (suffix _t128 / _t128x64 / _t64 / _t96 / _t128x96), picked by ops::gemm_plan::gemm_launch.
 // __launch_bounds__(256, 2): at most 128 registers, so that two blocks fit on an SM, as the split-K
 // sizing in ops::dense assumes (with a bare (256), ptxas gave the t128 forward 130 registers: one block).
 #include "gemm.cuh"
@@ -98,11 +98,7 @@ __device__ __forceinline__ void dense_bwd_weight(const float* x, const float* gy
         dense_bwd_weight<TILE>(x, gy, gw, p);                                                               \
     }
 
-GEMM_FOR_EACH_MATH(DENSE_KERNELS, Tile128Of, t128)
-GEMM_FOR_EACH_MATH(DENSE_KERNELS, Tile128x64Of, t128x64)
-GEMM_FOR_EACH_MATH(DENSE_KERNELS, Tile64Of, t64)
-GEMM_FOR_EACH_MATH(DENSE_KERNELS, Tile96Of, t96)
-GEMM_FOR_EACH_MATH(DENSE_KERNELS, Tile128x96Of, t128x96)
+GEMM_FOR_EACH_TILE(DENSE_KERNELS)
 
 // out[i][c] = sum_z ws[z][i][c] (+ b[c] if has_bias, then max(., 0) if p.relu); out: rows x cols.
 PTX_KERNEL void dense_splitk_sum_f32(const float* __restrict__ ws, float* __restrict__ out,

@@ -191,8 +191,4 @@ __device__ __forceinline__ void batched_gemm(const float* a, const float* b, flo
         batched_gemm<TILE>(a, b, c, p);                                                                  \
     }
 
-GEMM_FOR_EACH_MATH(GEMM_KERNEL, Tile128Of, t128)
-GEMM_FOR_EACH_MATH(GEMM_KERNEL, Tile128x64Of, t128x64)
-GEMM_FOR_EACH_MATH(GEMM_KERNEL, Tile64Of, t64)
-GEMM_FOR_EACH_MATH(GEMM_KERNEL, Tile96Of, t96)
-GEMM_FOR_EACH_MATH(GEMM_KERNEL, Tile128x96Of, t128x96)
+GEMM_FOR_EACH_TILE(GEMM_KERNEL)

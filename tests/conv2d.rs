@@ -4,9 +4,10 @@ mod common;
 use common::*;
 use ptxgrad::ops::conv2d::{
     conv2d, conv2d_bwd, conv2d_bwd_bias_cpu, conv2d_bwd_input_cpu, conv2d_bwd_weight_cpu, conv2d_bwd_with, conv2d_fwd,
-    conv2d_fwd_cpu, conv2d_fwd_with, conv2d_out_size, conv2d_with, gemm_launch, plan, Conv2dParams, ConvAlgo, Tile,
+    conv2d_fwd_cpu, conv2d_fwd_with, conv2d_out_size, conv2d_with, plan, Conv2dParams, ConvAlgo,
 };
 use ptxgrad::ops::gemm_math::GemmMath;
+use ptxgrad::ops::gemm_plan::{gemm_launch, Tile};
 use ptxgrad::ops::relu::relu_bwd_cpu;
 use ptxgrad::ops::winograd::{weight_grad_splits, Pass};
 use ptxgrad::{Device, Tape, Tensor};

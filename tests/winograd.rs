@@ -5,8 +5,9 @@
 //! against the same reference. On a GPU, tests/conv2d.rs checks them on AlexNet's shapes.
 mod common;
 use common::*;
-use ptxgrad::ops::conv2d::{conv2d_bwd_input_cpu, conv2d_bwd_weight_cpu, conv2d_fwd_cpu, Conv2dParams, ConvAlgo, Tile};
+use ptxgrad::ops::conv2d::{conv2d_bwd_input_cpu, conv2d_bwd_weight_cpu, conv2d_fwd_cpu, Conv2dParams, ConvAlgo};
 use ptxgrad::ops::gemm_math::GemmMath;
+use ptxgrad::ops::gemm_plan::Tile;
 use ptxgrad::ops::winograd::{
     output_tile, weight_grad_splits, winograd_bwd_input_cpu, winograd_bwd_weight_cpu, winograd_fwd_cpu, GemmParams,
     Pass, TileParams, KERNEL_ALPHAS,

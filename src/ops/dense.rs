@@ -5,8 +5,9 @@
 
 use crate::device::{grid_1d, DeviceBuf, Gpu};
 use crate::error::{Error, Result};
-use crate::ops::conv2d::{dot, gemm_launch, split_chunk, split_count};
 use crate::ops::gemm_math::{gemm_kernel_names, GemmMath};
+use crate::ops::gemm_plan::{gemm_launch, split_chunk, split_count};
+use crate::ops::matmul_cpu::dot;
 use crate::ops::parallel::{for_each_row, map_ranges};
 use crate::ops::relu::through_fused_relu;
 use crate::ptx::Module;

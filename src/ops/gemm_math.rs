@@ -24,7 +24,7 @@ use std::cell::Cell;
 
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::ops::conv2d::Tile;
+use crate::ops::gemm_plan::Tile;
 
 /// The arithmetic of the GEMM kernels' products; the discriminant indexes `gemm_kernel_names!`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

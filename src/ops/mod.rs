@@ -9,6 +9,7 @@ pub mod dense;
 pub mod dropout;
 pub mod fast_div;
 pub mod gemm_math;
+pub mod gemm_plan;
 pub mod matmul_cpu;
 pub mod maxpool2d;
 pub mod parallel;

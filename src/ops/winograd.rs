@@ -34,9 +34,10 @@ use cudarc::driver::LaunchConfig;
 
 use crate::device::{grid_1d, DeviceBuf, Gpu};
 use crate::error::{Error, Result};
-use crate::ops::conv2d::{gemm_launch, split_chunk, split_count, Conv2dParams, Tile};
+use crate::ops::conv2d::Conv2dParams;
 use crate::ops::fast_div::FastDiv;
 use crate::ops::gemm_math::{gemm_kernel_names, GemmMath};
+use crate::ops::gemm_plan::{gemm_launch, split_chunk, split_count, Tile};
 use crate::ops::matmul_cpu::{gemm_acc, transpose};
 use crate::ops::parallel::map_ranges;
 use crate::ptx::Module;
