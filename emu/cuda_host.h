@@ -3,13 +3,14 @@
 //
 // Model: a launch runs its blocks one after another; within a block every CUDA thread is a fiber
 // (launch.cpp), so __syncthreads is a real barrier and a warp shuffle a real exchange among the
-// 32 lanes of a warp. Shared arrays come from one buffer per launching thread (emu_shared), NaN
-// at each block's start. cp.async lands at the wait that completes its group, not before
-// (launch.cpp), as on a GPU. Threads run one at a time, each up to its next barrier, and blocks
-// one after another, in ascending or (PTXGRAD_EMU_SCHEDULE=reverse) descending order: a race
-// gives different results in the two orders, so it shows as a failure in one of them. What this does not model: timing, memory
-// coalescing, bank conflicts, register limits, races among threads that meet at no barrier (a
-// GPU interleaves them at any instruction), and the relaxed ordering of global memory.
+// 32 lanes of a warp (all 32 must take part). Shared arrays come from one buffer per launching
+// thread (emu_shared), NaN at each block's start. cp.async lands at the wait that completes its
+// group, not before (launch.cpp), as on a GPU. Threads run one at a time, each up to its next
+// barrier, and blocks one after another, in ascending or (PTXGRAD_EMU_SCHEDULE=reverse)
+// descending order: a race gives different results in the two orders, so it shows as a failure
+// in one of them. What this does not model: timing, memory coalescing, bank conflicts, register
+// limits, interleavings finer than barrier to barrier (two threads that both read a word before
+// either writes it back: a lost update), and the relaxed ordering of global memory.
 #pragma once
 #include <cmath>
 #include <cstdint>

@@ -206,17 +206,24 @@ void run_block(unsigned threads) {
         }
         if (ran) continue;
         // Nobody can run: release a warp whose live lanes all wait at its exchange, else the
-        // block if every live thread waits at __syncthreads.
+        // block if every live thread waits at __syncthreads. Our exchanges (full-mask shuffles,
+        // mma.sync.aligned) need all 32 lanes on a GPU: one in a warp with lanes that have
+        // exited, or that a block of threads % 32 != 0 does not have, is a fault (released
+        // anyway, so that the launch ends and reports it).
         bool released = false, live = false, all_at_block = true;
         for (unsigned w = 0; w * 32 < threads; ++w) {
-            bool any = false, all = true;
+            bool any = false, all = true, whole = w * 32 + 32 <= threads;
             for (unsigned t = w * 32; t < threads && t < w * 32 + 32; ++t) {
                 const State s = sched.fibers[t].state;
-                if (s == State::Done) continue;
+                if (s == State::Done) {
+                    whole = false;
+                    continue;
+                }
                 any = true;
                 all = all && s == State::AtWarpBarrier;
             }
             if (any && all) {
+                if (!whole) emu_fault("a warp exchange (shuffle or mma) without all 32 lanes of the warp");
                 for (unsigned t = w * 32; t < threads && t < w * 32 + 32; ++t)
                     if (sched.fibers[t].state == State::AtWarpBarrier) sched.fibers[t].state = State::Ready;
                 released = true;

@@ -42,11 +42,19 @@ PTX_KERNEL void emu_selftest_cp_async_order(const float* src, float* out) {
 // __syncthreads) reads its left neighbour's: out[t] = t - 1 for t > 0 (out[0] = 0). Without the
 // barrier, thread t reads a word that thread t - 1 writes before the same barrier: ascending
 // order happens to run the writer first, descending order does not (and reads the NaN that the
-// block started with). The buffer is the GEMM tiles' one, as it is filled at a block's start.
+// block's shared memory starts with).
 PTX_KERNEL void emu_selftest_left_neighbour(float* out, int barrier) {
     PTX_SHARED_ARRAY(float, s, 1024);
     const unsigned t = threadIdx.x;
     s[t] = (float)t;
     if (barrier) __syncthreads();
     out[t] = t > 0 ? s[t - 1] : 0.0f;
+}
+
+// A warp sum among the lanes that remain after lanes >= `live` of each warp return. A GPU's
+// full-mask shuffle needs all 32 lanes, so the emulator fails the launch unless every warp is
+// whole: live == 32 and a block of a multiple of 32 threads.
+PTX_KERNEL void emu_selftest_warp_sum(float* out, int live) {
+    if ((int)(threadIdx.x % 32) >= live) return;
+    out[threadIdx.x] = warp_sum(1.0f);
 }

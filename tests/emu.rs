@@ -144,6 +144,26 @@ fn emulator_reverse_schedule_exposes_a_missing_barrier() {
     assert!(racy[1..].iter().all(|v| v.is_nan()), "descending order: {racy:?}");
 }
 
+/// A warp exchange needs the whole warp: a full-mask shuffle (or mma.sync.aligned) in a warp
+/// whose other lanes have exited, or in the partial last warp of a block of 48 threads, is
+/// undefined on a GPU, and the emulator fails the launch.
+#[test]
+fn emulator_refuses_a_warp_exchange_without_all_lanes() {
+    use std::ffi::c_void;
+    let run = |threads: u32, live: i32| {
+        let mut out = vec![0.0f32; 64];
+        let (mut ptr, mut live) = (out.as_mut_ptr() as u64, live);
+        let args = [&mut ptr as *mut u64 as *mut c_void, &mut live as *mut i32 as *mut c_void];
+        // SAFETY: at most 64 threads, thread t writes out[t] only.
+        unsafe { ptxgrad_emu::call("selftest", "emu_selftest_warp_sum", (1, 1, 1), threads, &args) }.map(|()| out)
+    };
+    assert_eq!(run(64, 32).unwrap(), vec![32.0; 64]);
+    for (threads, live) in [(32, 16), (64, 31), (48, 32)] {
+        let e = run(threads, live).unwrap_err();
+        assert!(e.contains("all 32 lanes"), "{threads} threads, {live} live lanes: {e}");
+    }
+}
+
 /// A buffer the engine asks for without initialising (`uninit`, for outputs a kernel writes in
 /// full) holds NaN on the emulator, not the zeros of a fresh allocation or the last user's values,
 /// so a kernel that leaves part of its output unwritten fails its tests.

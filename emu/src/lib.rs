@@ -48,8 +48,8 @@ extern "C" {
 pub enum Schedule {
     /// Ascending thread and block index (the default).
     Forward,
-    /// Descending thread and block index (also the default of every thread when `PTXGRAD_EMU_SCHEDULE`
-    /// is `reverse`).
+    /// Descending thread and block index (the default of every thread when
+    /// `PTXGRAD_EMU_SCHEDULE` is `reverse`).
     Reverse,
 }
 
