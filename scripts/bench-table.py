@@ -216,6 +216,28 @@ def timing_lines(path):
     return "\n".join(lines) if lines else "(the timing tests were not run)"
 
 
+def test_summary(path):
+    """The CUDA tests' totals and failures, and the compute-sanitizer runs, from tests.txt."""
+    if not path.exists():
+        return "(tests.txt missing)"
+    passed = failed = 0
+    notes, sanitizer = [], False
+    for line in path.read_text(errors="replace").splitlines():
+        m = re.match(r"test result: \w+\. (\d+) passed; (\d+) failed", line)
+        if m:
+            passed, failed = passed + int(m[1]), failed + int(m[2])
+        elif line.startswith("== skipped"):
+            notes.append("    " + line)
+        elif line.startswith("== "):
+            sanitizer = line.startswith("== compute-sanitizer")
+            if sanitizer:
+                notes.append("    " + line)
+        elif (line.startswith("test ") and line.endswith("FAILED")) or (
+                sanitizer and (re.match(r"(=+ )?ERROR SUMMARY|exit \d|not installed", line))):
+            notes.append("    " + line)
+    return "\n".join([f"CUDA tests: {passed} passed, {failed} failed"] + notes)
+
+
 def train_summary(train):
     epochs = [e for e in train if e.get("kind") == "epoch"]
     final = [e for e in train if e.get("kind") == "final"]
@@ -244,6 +266,8 @@ def main():
     print(tune_table(bench) + "\n")
     print("## Per-layer GPU time (the first bench of the run)\n")
     print(layer_table(bench) + "\n")
+    print("## CUDA tests and compute-sanitizer (tests.txt)\n")
+    print(test_summary(d / "tests.txt") + "\n")
     print("## 10-epoch training\n")
     print(train_summary(train) + "\n")
     print("## The GEMM core and the conv layers, timed by the tests (10 runs each, synchronised)\n")

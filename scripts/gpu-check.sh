@@ -3,8 +3,9 @@
 # the per-layer table for --conv-algo auto (and the timings it chose by), the PyTorch peer's
 # bench, the bench with the tensor-core GEMMs (--math 3xtf32, tf32, bf16), 10 epochs of training, a
 # hardware-counter profile of one training step (Nsight Compute, where it can read the
-# counters), the GEMM core's throughput, the conv timing test, and the bench with the implicit
-# GEMM and with Winograd. Build and pack here first:
+# counters), the GEMM core's throughput, the conv timing test, the bench with the implicit
+# GEMM and with Winograd, and, if time is left, one small step under compute-sanitizer's
+# racecheck and initcheck. Build and pack here first:
 #     ../shared/gpu/pack --data --peer
 # then on the device (carry [".gpu"]):   bash scripts/gpu-check.sh [CONV_ALGO]
 # Training and the profile use CONV_ALGO (auto, gemm, winograd, winograd:M); by default auto if
@@ -103,5 +104,22 @@ tail -n 3 "$out/bench.txt"
   for a in gemm winograd; do [ "$a" = "$algo" ] || bench "$a"; done
 } >> "$out/bench.txt" 2>&1
 grep -E '"bench"|GEMM core|conv total|^gemm|^winograd' "$out/bench.txt"
+
+# 6. If time is left: one small training step under compute-sanitizer's racecheck (shared-memory
+# hazards at any interleaving, where the emulator's two schedules see only barrier-to-barrier
+# orders) and initcheck (reads of device memory nothing wrote), every kernel of the step and of
+# the conv algorithm trials. Its lines go to tests.txt.
+sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2> /dev/null)
+for tool in racecheck initcheck; do
+  { echo "== compute-sanitizer --tool $tool"
+    if [ -z "$sanitizer" ]; then echo "not installed"; continue; fi
+    if t=$(budget 60 30); then
+      timeout "$t" "$sanitizer" --tool "$tool" --error-exitcode 1 \
+        "$bin" bench --conv-algo "$algo" --resize 65 --batch-size 2 --warmup 1 --steps 1 --no-layers 2>&1 | tail -n 20
+      echo "exit ${PIPESTATUS[0]}"
+    fi
+  } >> "$out/tests.txt" 2>&1
+done
+grep -A22 "== compute-sanitizer" "$out/tests.txt" | grep -E "== |ERROR SUMMARY|exit|skipped|not installed"
 
 python3 scripts/bench-table.py "$out" > "$out/summary.md" 2>&1; cat "$out/summary.md"
