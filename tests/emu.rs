@@ -91,11 +91,11 @@ fn emulated_training_step_with_bf16_gemms_is_close_to_the_cpu() {
 
 /// A training step gives bit-identical results whichever order the emulator runs a block's
 /// threads in between barriers, and a launch's blocks (ascending or descending:
-/// ptxgrad_emu::Schedule). A GPU promises
-/// no order, so every kernel of the step must be free of races: a thread reading a word that
-/// another writes before the same barrier sees the old value in one order and the new one in the
-/// other (`emulator_reverse_schedule_exposes_a_missing_barrier`). Both conv algorithms, so the
-/// implicit-GEMM and Winograd kernels all run; no tolerance, since nothing else changes.
+/// ptxgrad_emu::Schedule). A GPU promises no order, so every kernel of the step must be free of
+/// races: a thread reading a word that another writes before the same barrier sees the old value
+/// in one order and the new one in the other (`emulator_reverse_schedule_exposes_a_missing_barrier`).
+/// Both conv algorithms, so the implicit-GEMM and Winograd kernels all run; no tolerance, since
+/// nothing else changes.
 #[test]
 fn emulated_training_step_does_not_depend_on_thread_order() {
     use ptxgrad_emu::{set_schedule, Schedule};
