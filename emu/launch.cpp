@@ -97,7 +97,6 @@ struct Fiber {
     unsigned commits = 0;             // cp.async groups committed
     unsigned mmas = 0;                // mma exchanges made (their parity picks the slot buffer)
     unsigned smem_claims = 0;         // shared arrays declared so far in this block
-    unsigned long long smem_used = 0;  // bytes of the block's shared memory they take
 };
 
 // One lane's operands of an emulated mma row (emu_mma_tf32_row, emu_mma_bf16_row: a BF16 row uses
@@ -111,10 +110,13 @@ struct MmaSlot {
 struct Scheduler {
     std::vector<Fiber> fibers;  // one per CUDA thread of a block; stacks kept across launches
     bool reverse = false;       // run each round's ready threads in descending order
-    // The running block's shared arrays (emu_shared): their sizes in declaration order, and how
-    // many bytes have been claimed (and filled with NaN) so far.
-    std::vector<unsigned long long> smem_claims;
-    unsigned long long smem_filled = 0;
+    // The running block's shared arrays (emu_shared), in declaration order, and the bytes they
+    // take together (filled with NaN as each was first claimed).
+    struct SmemArray {
+        unsigned long long bytes, at;
+    };
+    std::vector<SmemArray> smem_arrays;
+    unsigned long long smem_end = 0;
     Context home;               // the scheduler's own context while a fiber runs
     unsigned current = 0;
     unsigned warp_slots[1024 / 32][32];
@@ -186,13 +188,12 @@ void prepare(Fiber& f) {
     f.commits = 0;
     f.mmas = 0;
     f.smem_claims = 0;
-    f.smem_used = 0;
 }
 
 // Runs one block to completion.
 void run_block(unsigned threads) {
-    sched.smem_claims.clear();
-    sched.smem_filled = 0;
+    sched.smem_arrays.clear();
+    sched.smem_end = 0;
     for (unsigned t = 0; t < threads; ++t) prepare(sched.fibers[t]);
     for (;;) {
         bool ran = false;
@@ -361,25 +362,24 @@ void emu_cp_async_wait(unsigned newest_pending) {
 constexpr unsigned long long kSmemLimit = 48 * 1024;
 void* emu_shared(unsigned long long bytes) {
     thread_local std::vector<float4> buf(2 * kSmemLimit / sizeof(float4));  // room past the limit
+    char* base = reinterpret_cast<char*>(buf.data());
     Fiber& f = sched.fibers[sched.current];
-    const unsigned long long at = f.smem_used, end = at + (bytes + 15) / 16 * 16;
-    if (f.smem_claims == sched.smem_claims.size()) {
-        sched.smem_claims.push_back(bytes);  // this thread declares the block's next array
-    } else if (sched.smem_claims[f.smem_claims] != bytes) {
-        emu_fault("threads of a block declared different shared arrays (a PTX_SHARED_ARRAY under a branch?)");
+    const unsigned k = f.smem_claims++;
+    if (k < sched.smem_arrays.size()) {  // another thread of the block declared it first
+        if (sched.smem_arrays[k].bytes != bytes)
+            emu_fault("threads of a block declared different shared arrays (a PTX_SHARED_ARRAY under a branch?)");
+        return base + sched.smem_arrays[k].at;
     }
-    ++f.smem_claims;
-    f.smem_used = end;
+    // The block's next array, after the others.
+    const unsigned long long at = sched.smem_end, end = at + (bytes + 15) / 16 * 16;
     if (end > kSmemLimit) emu_fault("a block asks for more than 48 KB of static shared memory");
     if (end > 2 * kSmemLimit) {
         std::fprintf(stderr, "ptxgrad-emu: a block asks for %llu bytes of shared memory\n", end);
         std::abort();
     }
-    char* base = reinterpret_cast<char*>(buf.data());
-    if (end > sched.smem_filled) {
-        std::memset(base + sched.smem_filled, 0xff, end - sched.smem_filled);
-        sched.smem_filled = end;
-    }
+    std::memset(base + at, 0xff, end - at);
+    sched.smem_arrays.push_back({bytes, at});
+    sched.smem_end = end;
     return base + at;
 }
 
