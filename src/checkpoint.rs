@@ -65,7 +65,7 @@ pub fn save(path: &Path, tensors: &[NamedTensor], metadata: &BTreeMap<String, St
 /// back in file order (for an all-f32 file: sorted by name).
 pub fn load(path: &Path) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>)> {
     let name = path.display().to_string();
-    let bytes = fs::read(path).map_err(|source| Error::Io { path: name.clone(), source })?;
+    let bytes = fs::read(path).map_err(|reason| Error::Io { path: name.clone(), reason })?;
     let invalid = |e: safetensors::SafeTensorError| {
         Error::Data(format!("{name}: not a valid safetensors checkpoint ({} bytes): {e}", bytes.len()))
     };
@@ -96,7 +96,7 @@ fn tmp_path(path: &Path) -> PathBuf {
 fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     let io = |p: &Path| {
         let p = p.display().to_string();
-        move |source| Error::Io { path: p, source }
+        move |reason| Error::Io { path: p, reason }
     };
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
     if let Some(dir) = parent {

@@ -42,8 +42,10 @@ pub enum Error {
     #[error("{0}")]
     Data(String),
 
-    #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    /// A file could not be read or written. (`reason`, not `source`: the message already holds
+    /// it, and an error chain printed with `{:#}` would repeat a source.)
+    #[error("{path}: {reason}")]
+    Io { path: String, reason: std::io::Error },
 }
 
 impl Error {

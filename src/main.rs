@@ -168,8 +168,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         bail!("no training examples (--max-examples 0?)");
     }
     let (mut model, start_epoch) = if a.resume {
-        let (m, epoch) = train::load_checkpoint(&a.checkpoint, &device)
-            .with_context(|| format!("--resume: loading {}", a.checkpoint.display()))?;
+        let (m, epoch) = open_checkpoint(&a.checkpoint, &device, "--resume: ")?;
         if m.resolution != a.resize {
             bail!("--resume: the checkpoint was trained at {0}x{0}, but --resize is {1}", m.resolution, a.resize);
         }
@@ -245,7 +244,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
                 "test_acc": r.test_acc, "examples_per_sec": r.examples_per_sec(),
                 "end_to_end_examples_per_sec": r.end_to_end_examples_per_sec(),
             });
-            writeln!(f, "{line}").map_err(|e| ptxgrad::Error::Io { path: "--json".into(), source: e })?;
+            writeln!(f, "{line}").map_err(|e| ptxgrad::Error::Io { path: "--json".into(), reason: e })?;
         }
         Ok(())
     })?;
@@ -283,9 +282,21 @@ fn print_predictions(model: &AlexNet, data: &FashionMnist, count: usize) -> Resu
     Ok(())
 }
 
+/// The model and epoch of a checkpoint; `what` prefixes the errors (the flag that asked for it).
+fn open_checkpoint(checkpoint: &Path, device: &Device, what: &str) -> Result<(AlexNet, usize)> {
+    if !checkpoint.exists() {
+        bail!(
+            "{what}no checkpoint at {}: `ptxgrad train` writes one after every epoch (--checkpoint PATH names \
+             another file)",
+            checkpoint.display()
+        );
+    }
+    // The errors of `load_checkpoint` name the file already.
+    train::load_checkpoint(checkpoint, device).with_context(|| format!("{what}loading a checkpoint"))
+}
+
 fn load_model(checkpoint: &Path, data: &DataArgs, device: &Device) -> Result<(AlexNet, usize)> {
-    let (mut model, epoch) = train::load_checkpoint(checkpoint, device)
-        .with_context(|| format!("loading checkpoint {}", checkpoint.display()))?;
+    let (mut model, epoch) = open_checkpoint(checkpoint, device, "")?;
     model.conv_algo = data.conv_algo;
     Ok((model, epoch))
 }

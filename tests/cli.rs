@@ -63,8 +63,15 @@ fn missing_data_and_checkpoints_are_named() {
     );
     fails_with(
         &["train", "--device", "cpu", "--resume", "--checkpoint", "/nonexistent/y.safetensors"],
-        "/nonexistent/y.safetensors",
+        "--resume: no checkpoint at /nonexistent/y.safetensors: `ptxgrad train` writes one",
     );
+    // A path that exists but cannot be read as a file: the OS's reason, said once (an error
+    // chain printed with `{:#}` repeats a `source` that the message already holds).
+    let dir = std::env::temp_dir();
+    let (code, _, err) = ptxgrad(&["eval", "--device", "cpu", "--checkpoint", &dir.display().to_string()]);
+    assert_ne!(code, 0);
+    assert_eq!(err.matches("os error").count(), 1, "{err}");
+    assert!(err.contains(&format!("{}: ", dir.display())), "{err}");
 }
 
 /// `ptxgrad bench` on the kernel emulator (the CUDA path, run on the CPU; tiny and slow): the

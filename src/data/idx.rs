@@ -172,7 +172,7 @@ fn be_u32(bytes: &[u8], at: usize) -> usize {
 /// so the 47 MB train images are decompressed straight into one allocation.
 fn decompress(path: &Path) -> Result<Vec<u8>> {
     let name = path.display().to_string();
-    let compressed = fs::read(path).map_err(|source| Error::Io { path: name.clone(), source })?;
+    let compressed = fs::read(path).map_err(|reason| Error::Io { path: name.clone(), reason })?;
     if compressed.len() < 2 || compressed[..2] != [0x1f, 0x8b] {
         return Err(Error::Data(format!(
             "{name}: not a gzip file: expected the gzip magic bytes 1f 8b, found {}",
