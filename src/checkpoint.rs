@@ -5,11 +5,16 @@
 //! Saving is atomic: the file is written to `<path>.tmp` in the same directory, fsynced, then
 //! renamed over `path`. A crash mid-save leaves the previous checkpoint intact (and at worst a
 //! stale `.tmp`, which the next save overwrites).
+//!
+//! Training saves through a [`Writer`]: the tensors are copied to the host at once, and the
+//! serialising, writing and fsyncing (hundreds of milliseconds for AlexNet's 187 MB) run on a
+//! thread while the next epoch trains.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
@@ -82,6 +87,65 @@ pub fn load(path: &Path) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>)>
     }
     let metadata = header.metadata().iter().flatten().map(|(k, v)| (k.clone(), v.clone())).collect();
     Ok((tensors, metadata))
+}
+
+/// Saves checkpoints on a background thread, one at a time: [`Writer::start`] waits for the save
+/// in flight (if any) before it starts the next, so saves land in order and at most one copy of
+/// the tensors waits in memory. Nothing is lost on failure: a failed save is reported by the next
+/// `start`, `poll` or `finish`, and dropping the writer still waits for the save in flight (a
+/// failure then can only be printed), so the file is whole when training stops on an error.
+#[derive(Default)]
+pub struct Writer {
+    pending: Option<(PathBuf, JoinHandle<Result<()>>)>,
+}
+
+impl Writer {
+    /// Waits for the save in flight, then saves `tensors` to `path` on a new thread.
+    pub fn start(&mut self, path: &Path, tensors: Vec<NamedTensor>, metadata: BTreeMap<String, String>) -> Result<()> {
+        self.finish()?;
+        let owned = path.to_path_buf();
+        let handle = std::thread::Builder::new()
+            .name("checkpoint".into())
+            .spawn(move || save(&owned, &tensors, &metadata))
+            .map_err(|reason| Error::Io { path: format!("{} (starting its writer thread)", path.display()), reason })?;
+        self.pending = Some((path.to_path_buf(), handle));
+        Ok(())
+    }
+
+    /// The outcome of the save in flight if it has ended (its error, if it failed); Ok while it
+    /// runs or when there is none. Never waits.
+    pub fn poll(&mut self) -> Result<()> {
+        match &self.pending {
+            Some((_, handle)) if handle.is_finished() => self.finish(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Waits for the save in flight, if any: Ok once it is on disk.
+    pub fn finish(&mut self) -> Result<()> {
+        let Some((path, handle)) = self.pending.take() else { return Ok(()) };
+        handle.join().unwrap_or_else(|panic| {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(Error::Data(format!("{}: the checkpoint writer thread panicked: {why}", path.display())))
+        })
+    }
+
+    /// Whether a save has been started and not yet waited for.
+    pub fn in_flight(&self) -> bool {
+        self.pending.is_some()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Err(e) = self.finish() {
+            eprintln!("error: saving a checkpoint: {e}");
+        }
+    }
 }
 
 /// `<path>.tmp`: same directory, so the final rename never crosses filesystems.

@@ -6,6 +6,7 @@
 //! accumulated on the device and read back every `PROGRESS_EVERY` steps (for the progress bar
 //! and the non-finite check) and at the end of the epoch.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -49,7 +50,10 @@ pub struct EpochReport {
     /// Training steps only (the book's timer).
     pub train_seconds: f64,
     pub examples: usize,
-    /// The whole epoch: batching, copies, training steps, evaluation and checkpoint.
+    /// The whole epoch: batching, copies, training steps, evaluation and checkpoint. A checkpoint
+    /// is written while the next epoch trains, so an epoch counts the copy of its parameters to
+    /// the host and any wait for the previous epoch's save; the last epoch waits for its own. The
+    /// epochs' sum is the run's wall time either way.
     pub epoch_seconds: f64,
 }
 
@@ -115,6 +119,8 @@ pub fn train(
     let device = model.device();
     let hw = (train.images.h, train.images.w);
     let mut reports = Vec::new();
+    // Each epoch's checkpoint is written while the next one trains (the last one is waited for).
+    let mut writer = checkpoint::Writer::default();
     for epoch in start_epoch + 1..=cfg.epochs {
         let epoch_start = Instant::now();
         let batches = epoch_batches(train.len(), cfg.batch_size, cfg.seed, epoch);
@@ -139,10 +145,15 @@ pub fn train(
                 let recent = &losses.to_vec()?[checked..=step];
                 if let Some(bad) = recent.iter().position(|l| !l.is_finite()) {
                     bar.abandon();
-                    let kept = match (&cfg.checkpoint, epoch - 1) {
-                        (Some(p), 0) => format!("nothing was written to {}", p.display()),
-                        (Some(p), done) => format!("{} (after epoch {done}) is intact", p.display()),
-                        (None, _) => "no checkpoint was being written".to_string(),
+                    // The previous epoch's save may still be running: what is on disk is only
+                    // known once it has ended.
+                    let kept = match (&cfg.checkpoint, epoch - 1, writer.finish()) {
+                        (Some(p), _, Err(e)) => {
+                            format!("the save of the previous epoch's checkpoint to {} failed too: {e}", p.display())
+                        }
+                        (Some(p), 0, Ok(())) => format!("nothing was written to {}", p.display()),
+                        (Some(p), done, Ok(())) => format!("{} (after epoch {done}) is intact", p.display()),
+                        (None, _, _) => "no checkpoint was being written".to_string(),
                     };
                     return Err(Error::Data(format!(
                         "training diverged: non-finite loss ({}) in epoch {epoch} at step {} of {} (lr {}); {kept}",
@@ -152,6 +163,7 @@ pub fn train(
                         cfg.lr,
                     )));
                 }
+                writer.poll()?; // a failed save stops training now, not an epoch later
                 checked = step + 1;
                 bar.set_position(step as u64 + 1);
                 bar.set_message(format!("loss {:.3}, train acc {:.3}", s[0] / seen as f32, s[1] / seen as f32));
@@ -163,7 +175,11 @@ pub fn train(
         let s = stats.to_vec()?;
         let test_acc = evaluate(model, test, cfg.resolution)?;
         if let Some(path) = &cfg.checkpoint {
-            save_checkpoint(model, path, epoch, cfg)?;
+            let (tensors, metadata) = checkpoint_contents(model, epoch, cfg)?;
+            writer.start(path, tensors, metadata)?;
+            if epoch == cfg.epochs {
+                writer.finish()?; // on disk before training returns, and inside this epoch's time
+            }
         }
         let report = EpochReport {
             epoch,
@@ -227,16 +243,22 @@ pub fn evaluate(model: &AlexNet, split: &Split, resolution: usize) -> Result<f64
 pub const META_EPOCH: &str = "epoch";
 pub const META_RESOLUTION: &str = "resolution";
 
-pub fn save_checkpoint(model: &AlexNet, path: &std::path::Path, epoch: usize, cfg: &TrainConfig) -> Result<()> {
+/// What the checkpoint after `epoch` holds: the parameters, copied to the host (so that training
+/// may go on while they are written), and the metadata `load_checkpoint` needs.
+pub fn checkpoint_contents(
+    model: &AlexNet,
+    epoch: usize,
+    cfg: &TrainConfig,
+) -> Result<(Vec<checkpoint::NamedTensor>, BTreeMap<String, String>)> {
     let tensors = model.to_named()?;
-    let mut meta = std::collections::BTreeMap::new();
+    let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), "ptxgrad alexnet v1 (torch nn.Sequential state_dict names)".to_string());
     meta.insert(META_EPOCH.to_string(), epoch.to_string());
     meta.insert(META_RESOLUTION.to_string(), model.resolution.to_string());
     meta.insert("seed".to_string(), cfg.seed.to_string());
     meta.insert("lr".to_string(), cfg.lr.to_string());
     meta.insert("batch_size".to_string(), cfg.batch_size.to_string());
-    checkpoint::save(path, &tensors, &meta)
+    Ok((tensors, meta))
 }
 
 /// Loads a checkpoint: (model, epochs completed).

@@ -1,11 +1,12 @@
-//! safetensors checkpoints: round trip, atomic writes, and clear errors for bad files.
+//! safetensors checkpoints: round trip, atomic writes, clear errors for bad files, and the
+//! background writer that training saves through.
 mod common;
 use common::{assert_mentions, err_msg, TempDir};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use ptxgrad::checkpoint::{load, save, NamedTensor};
+use ptxgrad::checkpoint::{load, save, NamedTensor, Writer};
 use safetensors::tensor::{Dtype, TensorView};
 
 fn temp_dir(test: &str) -> TempDir {
@@ -160,4 +161,48 @@ fn non_f32_tensor_is_rejected_by_name_and_dtype() {
     ];
     safetensors::tensor::serialize_to_file(views, None::<HashMap<String, String>>, &path).unwrap();
     assert_mentions(&err_msg(load(&path)), &["mixed.safetensors", "`step`", "I64", "expected F32"]);
+}
+
+#[test]
+fn writer_saves_in_order_and_finish_waits() {
+    let dir = temp_dir("writer_order");
+    let path = dir.join("ckpt.safetensors");
+    let mut writer = Writer::default();
+    assert!(!writer.in_flight());
+    // A tensor big enough (4 MB) that the first save is still running when the second starts.
+    writer.start(&path, vec![tensor("w", &[1 << 20], 1.0)], meta(&[("epoch", "1")])).unwrap();
+    assert!(writer.in_flight());
+    writer.start(&path, vec![tensor("w", &[1 << 20], 2.0)], meta(&[("epoch", "2")])).unwrap();
+    writer.finish().unwrap();
+    assert!(!writer.in_flight());
+    let (tensors, metadata) = load(&path).unwrap();
+    assert_eq!((tensors, metadata["epoch"].as_str()), (vec![tensor("w", &[1 << 20], 2.0)], "2"), "the later save wins");
+    assert_eq!(listing(&dir), ["ckpt.safetensors"], "no temp file left behind");
+    writer.finish().unwrap(); // nothing in flight: nothing to wait for
+}
+
+#[test]
+fn writer_reports_a_failed_save_and_drop_waits() {
+    let dir = temp_dir("writer_fail");
+    // A regular file where the checkpoint's directory should be: the save cannot create it.
+    std::fs::write(dir.join("not-a-dir"), b"").unwrap();
+    let bad = dir.join("not-a-dir/ckpt.safetensors");
+    let mut writer = Writer::default();
+    writer.start(&bad, vec![tensor("a", &[3], 1.0)], BTreeMap::new()).unwrap();
+    // poll never waits: it reports the failure once the save has ended.
+    let started = std::time::Instant::now();
+    let err = loop {
+        match writer.poll() {
+            Err(e) => break e,
+            Ok(()) if !writer.in_flight() => panic!("the save into a file's path succeeded"),
+            Ok(()) => assert!(started.elapsed().as_secs() < 30, "the failing save never ended"),
+        }
+        std::thread::yield_now();
+    };
+    assert_mentions(&err.to_string(), &["not-a-dir"]);
+    // The writer is usable after a failure; dropping it waits for the save in flight.
+    let good = dir.join("ckpt.safetensors");
+    writer.start(&good, vec![tensor("b", &[1 << 20], 3.0)], BTreeMap::new()).unwrap();
+    drop(writer);
+    assert_eq!(load(&good).unwrap().0, vec![tensor("b", &[1 << 20], 3.0)]);
 }

@@ -88,3 +88,25 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
     assert!(msg.contains("non-finite loss (NaN) in epoch 2 at step 1 of 8"), "{msg}");
     assert_eq!(std::fs::read(&ckpt).unwrap(), before, "the last good checkpoint is untouched");
 }
+
+#[test]
+fn a_checkpoint_that_cannot_be_written_stops_training_with_its_path() {
+    // Checkpoints are written on a background thread while the next epoch trains; a failure
+    // must still stop training with the path and the reason, not vanish with the thread.
+    let d = data(32, 10);
+    let dir = TempDir::new("train-cpu-unwritable");
+    std::fs::write(dir.join("file"), b"").unwrap();
+    let ckpt = dir.join("file/alexnet.safetensors"); // a regular file where a directory should be
+    let mut model = AlexNet::new(RES, 4, &Device::Cpu).unwrap();
+    let mut epochs_seen = Vec::new();
+    let err = train::train(&mut model, &d.train, &d.test, &config(2, 16, 0.01, Some(ckpt.clone())), 0, |r| {
+        epochs_seen.push(r.epoch);
+        Ok(())
+    })
+    .expect_err("an unwritable checkpoint must stop training");
+    let msg = err.to_string();
+    assert!(msg.contains(&dir.join("file").display().to_string()), "{msg}");
+    // Epoch 1's save fails while epoch 2 trains, and is reported then (at the latest when epoch
+    // 2's save starts): epoch 2 never completes.
+    assert_eq!(epochs_seen, [1], "epoch 1 is reported (its save has only started), epoch 2 is not");
+}
