@@ -245,9 +245,13 @@ def train_summary(train):
         return "(training not run or no epoch finished)"
     last = epochs[-1]
     rate = final[0]["examples_per_sec"] if final else last["examples_per_sec"]
+    if final and "end_to_end_examples_per_sec" in final[0]:
+        e2e = (f"{final[0]['end_to_end_examples_per_sec']:,.1f} end to end over the run, "
+               f"{final[0]['seconds']:,.1f} s")
+    else:
+        e2e = f"{last['end_to_end_examples_per_sec']:,.1f} end to end in the last epoch"
     return (f"{len(epochs)} epochs: loss {last['loss']:.3f}, train acc {last['train_acc']:.3f}, "
-            f"test acc {last['test_acc']:.3f}, {rate:,.1f} examples/sec "
-            f"({last['end_to_end_examples_per_sec']:,.1f} end to end in the last epoch)")
+            f"test acc {last['test_acc']:.3f}, {rate:,.1f} examples/sec ({e2e})")
 
 
 def main():

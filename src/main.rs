@@ -252,12 +252,21 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     let examples: usize = reports.iter().map(|r| r.examples).sum();
     let seconds: f64 = reports.iter().map(|r| r.train_seconds).sum();
     let rate = examples as f64 / seconds;
+    // The whole run's wall time: batching, copies, evaluation and checkpoints included.
+    let wall: f64 = reports.iter().map(|r| r.epoch_seconds).sum();
+    let end_to_end = examples as f64 / wall;
     println!("loss {:.3}, train acc {:.3}, test acc {:.3}", last.loss, last.train_acc, last.test_acc);
-    println!("{rate:.1} examples/sec on {} ({})", device.label(), device.hardware_name());
+    println!(
+        "{rate:.1} examples/sec on {} ({}); {end_to_end:.1} end to end ({} epochs in {wall:.1} s, evaluation and checkpoints included)",
+        device.label(),
+        device.hardware_name(),
+        reports.len()
+    );
     if let Some(f) = json.as_mut() {
         let line = serde_json::json!({
             "kind": "final", "loss": last.loss, "train_acc": last.train_acc, "test_acc": last.test_acc,
-            "examples_per_sec": rate, "device": device.label(), "device_name": device.hardware_name(),
+            "examples_per_sec": rate, "end_to_end_examples_per_sec": end_to_end, "seconds": wall,
+            "device": device.label(), "device_name": device.hardware_name(),
         });
         writeln!(f, "{line}")?;
     }

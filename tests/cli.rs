@@ -1,4 +1,6 @@
-//! The `ptxgrad` command: bad flags and bad paths give a clear error and exit status 1, never a panic.
+//! The `ptxgrad` command: bad flags and bad paths give a clear error and exit status 1, never a
+//! panic; `train` runs end to end and says what it measured.
+mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -100,4 +102,31 @@ fn emulated_bench_steps_allocate_copy_and_wait_for_nothing() {
         assert_eq!(bench[key], 0, "{key} in {bench}");
     }
     assert!(bench["examples_per_sec"].as_f64().is_some_and(|e| e > 0.0), "{bench}");
+}
+
+/// The main command end to end on the CPU (tiny: 64 examples at 65x65, two epochs): per-epoch
+/// and final JSON lines, the whole run's end-to-end rate beside the step rate, the checkpoint.
+#[test]
+fn train_on_the_cpu_reports_epochs_and_writes_its_checkpoint() {
+    let dir = common::TempDir::new("cli-train");
+    let (ckpt, json) = (dir.join("a.safetensors"), dir.join("train.jsonl"));
+    let (ckpt_s, json_s) = (ckpt.display().to_string(), json.display().to_string());
+    let args = ["train", "--device", "cpu", "--resize", "65", "--max-examples", "64", "--epochs", "2"];
+    let rest = ["--batch-size", "32", "--quiet", "--checkpoint", &ckpt_s, "--json", &json_s];
+    let (code, out, err) = ptxgrad(&[&args[..], &rest[..]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("epoch 2: loss"), "{out}");
+    assert!(out.contains("end to end (2 epochs in "), "{out}");
+    let lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(&json).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let epochs: Vec<_> = lines.iter().filter(|v| v["kind"] == "epoch").map(|v| v["epoch"].as_u64()).collect();
+    assert_eq!(epochs, [Some(1), Some(2)]);
+    let last = lines.last().unwrap();
+    assert_eq!(last["kind"], "final", "{last}");
+    let (rate, e2e) =
+        (last["examples_per_sec"].as_f64().unwrap(), last["end_to_end_examples_per_sec"].as_f64().unwrap());
+    assert!(e2e > 0.0 && e2e <= rate, "end to end {e2e} counts more than the steps' {rate}");
+    assert!(last["seconds"].as_f64().is_some_and(|s| s > 0.0), "{last}");
+    // Written on the checkpoint thread, complete when the command returns.
+    assert!(ckpt.is_file() && !dir.join("a.safetensors.tmp").exists());
 }
