@@ -48,6 +48,7 @@ struct alignas(16) float4 {
     float x, y, z, w;
 };
 inline int2 make_int2(int x, int y) { return int2{x, y}; }
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 
 template <class T>
@@ -99,6 +100,8 @@ void emu_cp_async_wait(unsigned newest_pending);
 void* emu_shared(unsigned long long bytes);
 // Counts one 16-byte cp.async (gemm.cuh's vector loads), so that tests can see the path taken.
 void emu_count_vec4_copy();
+// Counts one vector store of 2 or 4 floats (gemm.cuh's epilogue stores), likewise.
+void emu_count_vec_store();
 // Records that the running kernel broke a rule a GPU enforces (a misaligned vector copy, say):
 // the launch then returns this message as its error, as the GPU would fail it.
 void emu_fault(const char* what);

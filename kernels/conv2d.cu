@@ -121,15 +121,23 @@ struct FwdEpi {  // y[n][co][pix] = v + b[co], optionally max(., 0)
     const float* __restrict__ b;
     Conv2dParams p;
     using Col = int;  // offset of (n, 0, pix) in y
+    // Columns q .. q + 3 (q % 4 == 0) are one image's consecutive pixels when OH*OW % 4 == 0.
+    static constexpr bool VEC = true;
+    __device__ __forceinline__ bool vec() const { return (p.oh * p.ow) % 4 == 0 && aligned16(y); }
     __device__ __forceinline__ int col(int q) const {
         const int ohw = p.oh * p.ow;
         const int n = fast_div(q, p.ohw_div);
         return q + n * ((int)p.c_out - 1) * ohw;
     }
-    __device__ __forceinline__ void operator()(int co, int c, float v) const {
+    __device__ __forceinline__ float value(int co, float v) const {
         v += __ldg(b + co);
-        if (p.relu) v = fmaxf(v, 0.0f);
-        y[c + co * (int)(p.oh * p.ow)] = v;
+        return p.relu ? fmaxf(v, 0.0f) : v;
+    }
+    __device__ __forceinline__ void operator()(int co, int c, float v) const {
+        y[c + co * (int)(p.oh * p.ow)] = value(co, v);
+    }
+    __device__ __forceinline__ void store2(int co, int c, float v0, float v1) const {
+        store_f32x2(y + c + co * (int)(p.oh * p.ow), value(co, v0), value(co, v1));
     }
 };
 
@@ -181,16 +189,23 @@ struct BwdInB {  // B((co, kh, kw), (n, ih, iw)) = gy[n][co][oh][ow] with ih = o
         return gy + g.base + e.x + oh * (int)p.ow + ow;
     }
 };
+template <bool VEC_>  // vec_unless_ffma
 struct BwdInEpi {  // gx[n][ci][pix]
     float* __restrict__ gx;
     Conv2dParams p;
     using Col = int;  // offset of (n, 0, pix) in gx
+    // Columns q .. q + 3 (q % 4 == 0) are one image's consecutive pixels when H*W % 4 == 0.
+    static constexpr bool VEC = VEC_;
+    __device__ __forceinline__ bool vec() const { return (p.h * p.w) % 4 == 0 && aligned16(gx); }
     __device__ __forceinline__ int col(int q) const {
         const int hw = p.h * p.w;
         const int n = q / hw;
         return q + n * ((int)p.c_in - 1) * hw;
     }
     __device__ __forceinline__ void operator()(int ci, int c, float v) const { gx[c + ci * (int)(p.h * p.w)] = v; }
+    __device__ __forceinline__ void store2(int ci, int c, float v0, float v1) const {
+        store_f32x2(gx + c + ci * (int)(p.h * p.w), v0, v1);
+    }
 };
 
 template <class T, bool UNIT_STRIDE>
@@ -198,8 +213,8 @@ __device__ __forceinline__ void conv_bwd_input(const float* wt, const float* gy,
                                                const Conv2dParams& p) {
     const int M = p.c_in, N = p.n * p.h * p.w, K = p.c_out * p.kh * p.kw;
     // A(ci, (co, kh, kw)) = wt[(co, kh, kw)][ci]: read along m.
-    gemm_block<T>(strided_loader<false>(wt, 1, M, M), BwdInB<UNIT_STRIDE>{gy, tab, p}, BwdInEpi{gx, p}, M, N, 0, K,
-                  blockIdx.y * T::BM, blockIdx.x * T::BN);
+    gemm_block<T>(strided_loader<false>(wt, 1, M, M), BwdInB<UNIT_STRIDE>{gy, tab, p},
+                  BwdInEpi<vec_unless_ffma<T>>{gx, p}, M, N, 0, K, blockIdx.y * T::BM, blockIdx.x * T::BN);
 }
 
 // ---- weight grad (split-K) ----
@@ -242,8 +257,8 @@ __device__ __forceinline__ void conv_bwd_weight(const float* x, const float* gy,
     const int k_begin = blockIdx.z * p.k_chunk;
     const int k_end = min(K, k_begin + (int)p.k_chunk);
     float* part = ws + (unsigned long long)blockIdx.z * M * N;
-    gemm_block<T>(BwdWA{gy, p}, BwdWB{x, tab, p}, StoreEpi{part, N}, M, N, k_begin, k_end, blockIdx.y * T::BM,
-                  blockIdx.x * T::BN);
+    gemm_block<T>(BwdWA{gy, p}, BwdWB{x, tab, p}, StoreEpi<vec_unless_ffma<T>>{part, N}, M, N, k_begin, k_end,
+                  blockIdx.y * T::BM, blockIdx.x * T::BN);
 }
 
 // The tables arrive as unsigned* (the host's u32 buffers) and are read as int2 / int.

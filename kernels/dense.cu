@@ -37,6 +37,7 @@ __device__ __forceinline__ KRange k_range(const DenseParams& p, int K, float* ou
     return KRange{begin, min(K, begin + (int)p.k_chunk), out + (unsigned long long)blockIdx.z * M * N};
 }
 
+template <bool VEC_>  // vec_unless_ffma
 struct FwdEpi {
     float* __restrict__ y;
     const float* __restrict__ b;
@@ -44,13 +45,17 @@ struct FwdEpi {
     bool relu;
     bool partial;  // split-K: store the raw partial sum (bias and ReLU come in the reduction)
     using Col = int;
+    static constexpr bool VEC = VEC_;
+    __device__ __forceinline__ bool vec() const { return out_f % 4 == 0 && aligned16(y); }
     __device__ __forceinline__ int col(int o) const { return o; }
-    __device__ __forceinline__ void operator()(int i, int o, float v) const {
-        if (!partial) {
-            v += __ldg(b + o);
-            if (relu) v = fmaxf(v, 0.0f);
-        }
-        y[i * out_f + o] = v;
+    __device__ __forceinline__ float value(int o, float v) const {
+        if (partial) return v;
+        v += __ldg(b + o);
+        return relu ? fmaxf(v, 0.0f) : v;
+    }
+    __device__ __forceinline__ void operator()(int i, int o, float v) const { y[i * out_f + o] = value(o, v); }
+    __device__ __forceinline__ void store2(int i, int o, float v0, float v1) const {
+        store_f32x2(y + i * out_f + o, value(o, v0), value(o + 1, v1));
     }
 };
 
@@ -62,8 +67,8 @@ __device__ __forceinline__ void dense_fwd(const float* x, const float* w, const 
     const int in_f = p.in_f;
     const KRange r = k_range(p, in_f, y, p.batch, p.out_f);
     gemm_block<T>(strided_loader<true>(x, in_f, 1, p.batch), strided_loader<true>(w, in_f, 1, p.out_f),
-                  FwdEpi{r.out, b, (int)p.out_f, p.relu != 0, p.k_chunk != 0}, p.batch, p.out_f, r.begin, r.end,
-                  blockIdx.y * T::BM, blockIdx.x * T::BN);
+                  FwdEpi<vec_unless_ffma<T>>{r.out, b, (int)p.out_f, p.relu != 0, p.k_chunk != 0}, p.batch, p.out_f,
+                  r.begin, r.end, blockIdx.y * T::BM, blockIdx.x * T::BN);
 }
 
 template <class T>
@@ -71,15 +76,16 @@ __device__ __forceinline__ void dense_bwd_input(const float* w, const float* gy,
     // A(i, o) = gy[i][o]: along k.  B(o, j) = w[o][j]: along n.
     const int in_f = p.in_f, out_f = p.out_f;
     const KRange r = k_range(p, out_f, gx, p.batch, in_f);
-    gemm_block<T>(strided_loader<true>(gy, out_f, 1, p.batch), strided_loader<false>(w, 1, in_f, in_f), StoreEpi{r.out, in_f},
-                  p.batch, p.in_f, r.begin, r.end, blockIdx.y * T::BM, blockIdx.x * T::BN);
+    gemm_block<T>(strided_loader<true>(gy, out_f, 1, p.batch), strided_loader<false>(w, 1, in_f, in_f),
+                  StoreEpi<vec_unless_ffma<T>>{r.out, in_f}, p.batch, p.in_f, r.begin, r.end, blockIdx.y * T::BM,
+                  blockIdx.x * T::BN);
 }
 
 template <class T>
 __device__ __forceinline__ void dense_bwd_weight(const float* x, const float* gy, float* gw, const DenseParams& p) {
     // A(o, i) = gy[i][o]: along m.  B(i, j) = x[i][j]: along n.
     const int in_f = p.in_f, out_f = p.out_f;
-    gemm_block<T>(strided_loader<false>(gy, 1, out_f, out_f), strided_loader<false>(x, 1, in_f, in_f), StoreEpi{gw, in_f}, p.out_f,
+    gemm_block<T>(strided_loader<false>(gy, 1, out_f, out_f), strided_loader<false>(x, 1, in_f, in_f), StoreEpi<>{gw, in_f}, p.out_f,
                   p.in_f, 0, p.batch, blockIdx.y * T::BM, blockIdx.x * T::BN);
 }
 

@@ -32,6 +32,8 @@
 //   per group, a quarter of the copy instructions and their address math (Vec4Loads). The block
 //   decides once, outside the k loop (gemm_block instantiates the pipeline both ways). A k-fast
 //   operand cannot take them: its groups of 4 along k are a column of As[k][m].
+// - The epilogue gets the results two columns at a time where its layout allows (Epilogue
+//   concept below: one 8-byte store per pair), else one by one.
 // - fp32 accumulation. The products: fp32 FFMAs (FfmaMicro, the default), or tensor-core
 //   mma.sync in TF32, once or three times per product, or in BF16 (MmaMicro: GemmMath below).
 //   Only the micro-kernel differs: loaders, pipeline and epilogues are the same code for all four.
@@ -152,6 +154,32 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 #endif
+
+// An epilogue's paired store: v0, v1 at p, p + 1 in one 8-byte store. A GPU faults on a vector
+// access whose address is not a multiple of its size; so does the emulation, which also counts the
+// store (ptxgrad_emu::vec_stores), so that tests see which path ran.
+__device__ __forceinline__ void store_f32x2(float* p, float v0, float v1) {
+#ifdef PTXGRAD_HOST_EMU
+    if (reinterpret_cast<unsigned long long>(p) % 8) {
+        emu_fault("an 8-byte store to an address that is not a multiple of 8");
+        return;
+    }
+    emu_count_vec_store();
+#endif
+    *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
+}
+
+// Whether the epilogue takes paired stores in this block (EP::VEC and its uniform vec()).
+template <class EP>
+__device__ __forceinline__ bool epilogue_vec(const EP& ep) {
+    if constexpr (EP::VEC)
+        return ep.vec();
+    else
+        return false;
+}
+
+// Whether p is 16-byte aligned (the epilogues' vec() tests).
+__device__ __forceinline__ bool aligned16(const void* p) { return reinterpret_cast<unsigned long long>(p) % 16 == 0; }
 
 // The 16-byte tile loads of an operand whose mn index is contiguous (a loader with vec4()): the
 // BK x BMN tile is BK * BMN / 4 groups of 4, group e = (k row e / (BMN/4), columns 4 * (e % (BMN/4))
@@ -298,9 +326,18 @@ struct FfmaMicro {
         }
     }
 
-    // Hands every in-range element of the block tile (m0, n0) to the epilogue.
+    // Hands every in-range element of the block tile (m0, n0) to the epilogue: where the
+    // epilogue allows (EP::VEC, vec()), two columns per store (store_pairs), else element by
+    // element. Two separate loops, chosen once per block: one loop holding both paths made ptxas
+    // spill in the 128 x 128 kernels.
     template <class EP>
     __device__ __forceinline__ void store(const EP& ep, int M, int N, int m0, int n0) const {
+        if constexpr (EP::VEC) {
+            if (ep.vec()) {
+                store_pairs(ep, M, N, m0, n0);
+                return;
+            }
+        }
         typename EP::Col cols[TN];
 #pragma unroll
         for (int j = 0; j < TN; ++j) {
@@ -315,6 +352,35 @@ struct FfmaMicro {
             for (int j = 0; j < TN; ++j) {
                 const int n = n0 + micro_at<TN>(j, tx);
                 if (n < N) ep(m, cols[j], acc[i][j]);
+            }
+        }
+    }
+
+    // The paired path of store: each pair of columns (2j, 2j + 1) of the micro-tile, consecutive
+    // in memory, in one 8-byte store (16-byte stores of 4 columns would need each 4 accumulators
+    // in an aligned register quad, which made the 128 x 128 kernels spill); a pair cut by the
+    // matrix's last column (N odd) stores its first element alone.
+    template <class EP>
+    __device__ __forceinline__ void store_pairs(const EP& ep, int M, int N, int m0, int n0) const {
+        constexpr int PAIRS = TN / 2;
+        typename EP::Col cols[PAIRS];
+        int ns[PAIRS];
+#pragma unroll
+        for (int j = 0; j < PAIRS; ++j) {
+            ns[j] = n0 + micro_at<TN>(2 * j, tx);
+            cols[j] = ep.col(ns[j] < N ? ns[j] : 0);
+        }
+#pragma unroll
+        for (int i = 0; i < TM; ++i) {
+            const int m = m0 + micro_at<TM>(i, ty);
+            if (m >= M) continue;
+#pragma unroll
+            for (int j = 0; j < PAIRS; ++j) {
+                if (ns[j] + 1 < N)
+                    ep.store2(m, cols[j], acc[i][2 * j], acc[i][2 * j + 1]);
+                else if (ns[j] < N) {
+                    ep(m, cols[j], acc[i][2 * j]);
+                }
             }
         }
     }
@@ -491,6 +557,7 @@ struct MmaMicro {
                 const int n = n0 + wn + j * 8 + 2 * t + c;
                 cols[j][c] = ep.col(n < N ? n : 0);
             }
+        const bool vec = epilogue_vec(ep);
 #pragma unroll
         for (int f = 0; f < MF; ++f)
 #pragma unroll
@@ -498,12 +565,19 @@ struct MmaMicro {
                 const int m = m0 + wm + f * 16 + g + 8 * h;
                 if (m >= M) continue;
 #pragma unroll
-                for (int j = 0; j < NF; ++j)
-#pragma unroll
-                    for (int c = 0; c < 2; ++c) {
-                        const int n = n0 + wn + j * 8 + 2 * t + c;
-                        if (n < N) ep(m, cols[j][c], acc[f][j][2 * h + c]);
+                for (int j = 0; j < NF; ++j) {
+                    // The fragment's two columns 2t, 2t + 1: one 8-byte store where allowed.
+                    const int n = n0 + wn + j * 8 + 2 * t;
+                    if constexpr (EP::VEC) {
+                        if (vec && n + 2 <= N) {
+                            ep.store2(m, cols[j][0], acc[f][j][2 * h], acc[f][j][2 * h + 1]);
+                            continue;
+                        }
                     }
+#pragma unroll
+                    for (int c = 0; c < 2; ++c)
+                        if (n + c < N) ep(m, cols[j][c], acc[f][j][2 * h + c]);
+                }
             }
     }
 };
@@ -534,7 +608,17 @@ struct Micro<T, true> {
 //                                          //   (stride 1), the extent is a multiple of 4 and every
 //                                          //   group of 4 starting at mn % 4 == 0 is 16-byte aligned
 //   int k_stride;                          //   ptr(at(mn), kat(k)) = ptr(at(mn), kat(0)) + k * k_stride
-// Epilogue concept: Col col(int n) const; void operator()(int m, const Col&, float v) const.
+// Epilogue concept: Col col(int n) const; void operator()(int m, const Col&, float v) const;
+//   static constexpr bool VEC;             // may the micro-kernel store two columns at once?
+//                                          //   Then also:
+//   bool vec() const;                      //   (uniform) true when, in every row, the columns
+//                                          //   n .. n + 3 with n % 4 == 0 are consecutive in memory
+//                                          //   from a 16-byte aligned address
+//   void store2(int m, const Col& c, float v0, float v1) const;  // columns n, n + 1 (n even)
+// A thread's columns come in pairs from an even n (FFMA: tx*4 + {0, 1}, + {2, 3}, ...; mma: a
+// fragment's 2t, 2t + 1), so with vec() one 8-byte store replaces two 4-byte ones: half the store
+// instructions and half the partial-sector writes (a warp's mma fragment row, 4 lanes x 2 columns,
+// is then 32 contiguous bytes in one store instead of every other 4 bytes of them in two).
 // Splitting the index math this way keeps divisions out of the inner loop: a thread's rows and
 // columns never change across k-tiles, and kat() runs once per distinct k (slots that share a k
 // share the result).
@@ -726,13 +810,25 @@ __device__ __forceinline__ StridedLoader<KF> strided_loader(const float* p, int 
     return StridedLoader<KF>{p, mn_stride, k_stride, vec};
 }
 
-// The plain epilogue: C[m][n] stored row-major with `ld` columns.
+// An epilogue's VEC for the kernel families whose FFMA kernels store element by element: their
+// 128 x 128 tiles run at the 128-register limit, and the register pairs of 8-byte stores made
+// ptxas spill there (sm_80: 16-292 bytes). The tensor-core kernels store their fragments' pairs.
+template <class T>
+constexpr bool vec_unless_ffma = T::MATH != GemmMath::Ffma;
+
+// The plain epilogue: C[m][n] stored row-major with `ld` columns (VEC: see vec_unless_ffma).
+template <bool VEC_ = true>
 struct StoreEpi {
     float* __restrict__ c;
     int ld;
     using Col = int;
+    static constexpr bool VEC = VEC_;
+    __device__ __forceinline__ bool vec() const { return ld % 4 == 0 && aligned16(c); }
     __device__ __forceinline__ int col(int n) const { return n; }
     __device__ __forceinline__ void operator()(int m, int n, float v) const { c[m * ld + n] = v; }
+    __device__ __forceinline__ void store2(int m, int n, float v0, float v1) const {
+        store_f32x2(c + m * ld + n, v0, v1);
+    }
 };
 
 // Deterministic split-K reduction: out[i] = sum_z ws[z * len + i].

@@ -181,7 +181,7 @@ __device__ __forceinline__ void batched_gemm(const float* a, const float* b, flo
     // A(m, k) = a[xi][k][m], B(k, n) = b[xi][k][n]: m and n contiguous.
     gemm_block<T>(strided_loader<false>(a + (unsigned long long)xi * p.k * M, 1, M, M),
                   strided_loader<false>(b + (unsigned long long)xi * p.k * N, 1, N, N),
-                  StoreEpi{c + ((unsigned long long)split * p.batch + xi) * mn, N}, M, N, k_begin, k_end,
+                  StoreEpi<>{c + ((unsigned long long)split * p.batch + xi) * mn, N}, M, N, k_begin, k_end,
                   blockIdx.y * T::BM, blockIdx.x * T::BN);
 }
 

@@ -632,22 +632,27 @@ fn conv2d_kernels_emulated_match_cpu() {
             let (name, cfg) = plan::forward(&p, Some(tile)).unwrap();
             let (f, mut y) = (fwd_fn(name), emu_uninit(p.y_len()));
             let py = y.as_mut_ptr() as usize;
-            let before = ptxgrad_emu::vec4_copies();
+            let (before, stores) = (ptxgrad_emu::vec4_copies(), ptxgrad_emu::vec_stores());
             emu_launch(cfg, &|| unsafe {
                 f(px as *const f32, pwf as *const f32, pb as *const f32, py as *mut f32, tf as *const u32, p)
             });
             assert_close(&what("y"), &conv2d_fwd_cpu(&x, &w, &b, &p, c.relu), &y, atol(p.k()), 1e-5);
             assert_eq!(vec_taken(before), c.cout % 4 == 0 && pwf % 16 == 0, "{}", what("16-byte loads, y"));
+            // y's pixels in paired stores where each image's OH*OW are whole groups of 4.
+            let paired = ptxgrad_emu::vec_stores() > stores;
+            assert_eq!(paired, p.ohw().is_multiple_of(4) && py.is_multiple_of(16), "{}", what("paired stores, y"));
 
             let (name, cfg) = plan::input_grad(&p, Some(tile)).unwrap();
             let (f, mut gx) = (bwd_fn(name), emu_uninit(p.x_len()));
             let pgx = gx.as_mut_ptr() as usize;
-            let before = ptxgrad_emu::vec4_copies();
+            let (before, stores) = (ptxgrad_emu::vec4_copies(), ptxgrad_emu::vec_stores());
             emu_launch(cfg, &|| unsafe {
                 f(pwi as *const f32, pgy as *const f32, pgx as *mut f32, ti as *const u32, p)
             });
             assert_close(&what("gx"), &conv2d_bwd_input_cpu(&w, &gy, &p), &gx, atol(c.cout * c.kh * c.kw), 1e-5);
             assert_eq!(vec_taken(before), c.cin % 4 == 0 && pwi % 16 == 0, "{}", what("16-byte loads, gx"));
+            // The FFMA input grad stores element by element (gemm.cuh's vec_unless_ffma).
+            assert_eq!(ptxgrad_emu::vec_stores(), stores, "{}", what("paired stores, gx"));
         }
         // The weight grad as planned, then split into chunks of 8 and 24 terms; on every tile.
         let gw_ref = conv2d_bwd_weight_cpu(&x, &gy, &p);

@@ -159,12 +159,15 @@ fn run_pass_emu(pass: &Pass, a_src: &[f32], b_src: &[f32], bias: Option<&[f32]>,
     let (name, cfg) = pass.gemm_launch(tile).unwrap();
     let (f, pa, pb, pc, g) =
         (gemm_fn(name), a.as_ptr() as usize, b.as_ptr() as usize, c.as_mut_ptr() as usize, pass.gemm);
-    let copies = ptxgrad_emu::vec4_copies();
+    let (copies, stores) = (ptxgrad_emu::vec4_copies(), ptxgrad_emu::vec_stores());
     emu_launch(cfg, &|| unsafe { f(pa as *const f32, pb as *const f32, pc as *mut f32, g) });
     // The 16-byte loads are taken exactly when both operands' rows are whole groups of 4, aligned.
     let vec = g.m % 4 == 0 && g.n % 4 == 0 && pa % 16 == 0 && pb % 16 == 0;
     let vec_taken = ptxgrad_emu::vec4_copies() > copies;
     assert_eq!(vec_taken, vec, "16-byte loads taken: {vec_taken}, expected {vec} for M {} N {}", g.m, g.n);
+    // C's rows take paired stores when they are whole groups of 4 from an aligned start.
+    let stored = ptxgrad_emu::vec_stores() > stores;
+    assert_eq!(stored, g.n % 4 == 0 && pc % 16 == 0, "vector stores of C (M {} N {}): {stored}", g.m, g.n);
     let sc = pass.scatter;
     let mut out = emu_uninit(sc.plane_len());
     let (name, cfg) = pass.tile_launch(&sc, true).unwrap();

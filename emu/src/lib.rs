@@ -36,6 +36,7 @@ extern "C" {
         ctx: *mut c_void,
     ) -> *const std::ffi::c_char;
     fn ptxgrad_emu_vec4_copies() -> u64;
+    fn ptxgrad_emu_vec_stores() -> u64;
     fn ptxgrad_emu_poison(p: *const c_void, bytes: usize, poison: i32);
     fn ptxgrad_emu_set_reverse(reverse: i32) -> i32;
 }
@@ -82,6 +83,13 @@ pub unsafe fn poison(p: *const c_void, bytes: usize, poison: bool) {
 pub fn vec4_copies() -> u64 {
     // SAFETY: reads a thread-local counter.
     unsafe { ptxgrad_emu_vec4_copies() }
+}
+
+/// How many vector stores (2 or 4 consecutive floats: the GEMM epilogues' fast path) the kernels
+/// launched from this thread have made so far; read like `vec4_copies`.
+pub fn vec_stores() -> u64 {
+    // SAFETY: reads a thread-local counter.
+    unsafe { ptxgrad_emu_vec_stores() }
 }
 
 /// The limits a GPU puts on a launch's shape (every CUDA GPU since compute capability 3.0):
