@@ -242,19 +242,10 @@ fn loops_in(sass: &str, min_ffma: usize) -> Vec<Loop> {
 /// what it issues (2-3 points under what ptxas 12.9 gives).
 #[test]
 fn gemm_k_loops_are_mostly_ffma() {
-    let Some(modules) = modules_or_skip() else { return };
-    let Some(ptxas) = tool_or_skip("ptxas", "PTXAS", "cuda_nvcc") else { return };
-    let Some(nvdisasm) = tool_or_skip("nvdisasm", "NVDISASM", "cu13") else { return };
-    let dir = scratch_dir("sass");
-    let mut loops = Vec::new();
-    for (stem, ptx) in modules.into_iter().filter(|(s, _)| ["conv2d", "dense", "winograd"].contains(s)) {
-        loops.extend(loops_in(&sass_of(&ptxas, &nvdisasm, &dir, stem, ptx), 64));
-    }
+    let Some(sass) = gemm_sass() else { return };
+    let mut loops: Vec<Loop> = sass.iter().flat_map(|s| loops_in(s, 64)).collect();
     // The GEMM kernels are the ones with a block-tile suffix (the tile transforms loop too).
-    loops.retain(|l| {
-        ["_t128", "_t128x64", "_t64", "_t96", "_t128x96", "_t64_strided"].iter().any(|t| l.kernel.ends_with(t))
-    });
-    std::fs::remove_dir_all(&dir).ok();
+    loops.retain(|l| is_gemm(&l.kernel));
     println!(
         "{:<37} {:>12} {:>6} {:>7} {:>6} {:>11}",
         "kernel (sm_90)", "instructions", "FFMA", "share", "HMMA", "16-byte cp"
@@ -303,6 +294,72 @@ fn gemm_k_loops_are_mostly_ffma() {
         }
     }
     assert!(loops.len() >= 175, "found only {} GEMM k-loops: has the listing format changed?", loops.len());
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The GEMM kernels: the ones with a block-tile suffix.
+fn is_gemm(kernel: &str) -> bool {
+    ["_t128", "_t128x64", "_t64", "_t96", "_t128x96", "_t64_strided"].iter().any(|t| kernel.ends_with(t))
+}
+
+/// The sm_90 SASS listings of the modules that hold GEMM kernels (conv2d, dense, winograd),
+/// assembled once for the tests that read them; None (after saying why) without the tools.
+fn gemm_sass() -> Option<&'static [String]> {
+    static SASS: std::sync::OnceLock<Option<Vec<String>>> = std::sync::OnceLock::new();
+    SASS.get_or_init(|| {
+        let modules = modules_or_skip()?;
+        let ptxas = tool_or_skip("ptxas", "PTXAS", "cuda_nvcc")?;
+        let nvdisasm = tool_or_skip("nvdisasm", "NVDISASM", "cu13")?;
+        let dir = scratch_dir("sass");
+        let gemm_modules = modules.into_iter().filter(|(s, _)| ["conv2d", "dense", "winograd"].contains(s));
+        let sass = gemm_modules.map(|(stem, ptx)| sass_of(&ptxas, &nvdisasm, &dir, stem, ptx)).collect();
+        std::fs::remove_dir_all(&dir).ok();
+        Some(sass)
+    })
+    .as_deref()
+}
+
+/// Per kernel of a listing: (4-byte stores, 8-byte stores) to global memory, or to generic
+/// addresses (ST.E: where ptxas cannot tell that a pointer is global, as for dense's split-K
+/// output slice).
+fn stores_in(sass: &str) -> Vec<(String, usize, usize)> {
+    let mut out: Vec<(String, usize, usize)> = Vec::new();
+    for line in sass.lines() {
+        if let Some(name) = line.strip_prefix(".text.").and_then(|r| r.strip_suffix(':')) {
+            out.push((name.to_string(), 0, 0));
+        } else if let Some((_, scalar, paired)) = out.last_mut() {
+            let t = line.trim();
+            let Some(rest) = t.strip_prefix("/*").and_then(|r| r.split_once("*/")).map(|(_, r)| r.trim()) else {
+                continue;
+            };
+            let op = rest.split_whitespace().find(|w| !w.starts_with('@')).unwrap_or("");
+            match op {
+                "STG.E" | "ST.E" => *scalar += 1,
+                "STG.E.64" | "ST.E.64" => *paired += 1,
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// gemm.cuh's epilogue rule, in the machine code: the tensor-core GEMMs and the FFMA GEMMs of the
+/// Winograd GEMM, the conv forward and the dense weight grad store two columns at a time (STG.E.64);
+/// the FFMA GEMMs of the other families (`vec_unless_ffma`: at the register limit) store none so.
+#[test]
+fn gemm_epilogues_pair_their_stores_where_gemm_cuh_says() {
+    let Some(sass) = gemm_sass() else { return };
+    let kernels: Vec<(String, usize, usize)> =
+        sass.iter().flat_map(|s| stores_in(s)).filter(|(k, _, _)| is_gemm(k) && !k.ends_with("_strided")).collect();
+    let paired_ffma = ["winograd_gemm_f32_", "conv2d_fwd_f32_", "dense_bwd_weight_f32_"];
+    let mut failures = Vec::new();
+    for (kernel, scalar, paired) in &kernels {
+        let want = !kernel.contains("_f32_") || paired_ffma.iter().any(|f| kernel.starts_with(f));
+        if (*paired > 0) != want {
+            failures.push(format!("{kernel}: {paired} paired and {scalar} single stores, expected paired: {want}"));
+        }
+    }
+    assert!(kernels.len() >= 100, "found only {} GEMM kernels: has the listing format changed?", kernels.len());
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
