@@ -31,10 +31,13 @@ struct KRange {
     int begin, end;
     float* out;
 };
+// (One pointer expression, not a branch that returns `out` or an offset from it: through the branch
+// the compiler lost track of `out` being global memory and stored through generic addresses.)
 __device__ __forceinline__ KRange k_range(const DenseParams& p, int K, float* out, int M, int N) {
-    if (p.k_chunk == 0) return KRange{0, K, out};
-    const int begin = blockIdx.z * p.k_chunk;
-    return KRange{begin, min(K, begin + (int)p.k_chunk), out + (unsigned long long)blockIdx.z * M * N};
+    const bool split = p.k_chunk != 0;
+    const int begin = split ? blockIdx.z * p.k_chunk : 0;
+    const int end = split ? min(K, begin + (int)p.k_chunk) : K;
+    return KRange{begin, end, out + (split ? (unsigned long long)blockIdx.z * M * N : 0ull)};
 }
 
 template <bool VEC_>  // vec_unless_ffma
