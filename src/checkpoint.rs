@@ -121,17 +121,22 @@ impl Writer {
         }
     }
 
-    /// Waits for the save in flight, if any: Ok once it is on disk.
+    /// Waits for the save in flight, if any: Ok once it is on disk. A failure names the
+    /// checkpoint, since it surfaces away from the code that asked for the save.
     pub fn finish(&mut self) -> Result<()> {
         let Some((path, handle)) = self.pending.take() else { return Ok(()) };
-        handle.join().unwrap_or_else(|panic| {
-            let why = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(Error::Data(format!("{}: the checkpoint writer thread panicked: {why}", path.display())))
-        })
+        let failed = |why: String| Error::Data(format!("saving the checkpoint {}: {why}", path.display()));
+        match handle.join() {
+            Ok(saved) => saved.map_err(|e| failed(e.to_string())),
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(failed(format!("the writer thread panicked: {why}")))
+            }
+        }
     }
 
     /// Whether a save has been started and not yet waited for.
@@ -143,9 +148,29 @@ impl Writer {
 impl Drop for Writer {
     fn drop(&mut self) {
         if let Err(e) = self.finish() {
-            eprintln!("error: saving a checkpoint: {e}");
+            eprintln!("error: {e}");
         }
     }
+}
+
+/// Checks, before any work is done for it, that a checkpoint can be written at `path`: creates
+/// its directory and `<path>.tmp` (removed again). A path in a missing mount or a read-only
+/// directory then fails at once instead of after the first epoch. An existing checkpoint at
+/// `path` is not touched.
+pub fn probe_writable(path: &Path) -> Result<()> {
+    let io = |p: &Path| {
+        let p = p.display().to_string();
+        move |reason| Error::Io { path: p, reason }
+    };
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Some(file) = dir.ancestors().find(|a| a.exists()).filter(|a| !a.is_dir()) {
+            return Err(Error::Data(format!("{}: expected a directory, found a file", file.display())));
+        }
+        fs::create_dir_all(dir).map_err(io(dir))?;
+    }
+    let tmp = tmp_path(path);
+    fs::File::create(&tmp).map_err(io(&tmp))?;
+    fs::remove_file(&tmp).map_err(io(&tmp))
 }
 
 /// `<path>.tmp`: same directory, so the final rename never crosses filesystems.

@@ -119,6 +119,9 @@ pub fn train(
     let device = model.device();
     let hw = (train.images.h, train.images.w);
     let mut reports = Vec::new();
+    if let Some(path) = &cfg.checkpoint {
+        checkpoint::probe_writable(path).map_err(|e| Error::Data(format!("the checkpoint cannot be written: {e}")))?;
+    }
     // Each epoch's checkpoint is written while the next one trains (the last one is waited for).
     let mut writer = checkpoint::Writer::default();
     for epoch in start_epoch + 1..=cfg.epochs {

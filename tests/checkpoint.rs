@@ -199,7 +199,7 @@ fn writer_reports_a_failed_save_and_drop_waits() {
         }
         std::thread::yield_now();
     };
-    assert_mentions(&err.to_string(), &["not-a-dir"]);
+    assert_mentions(&err.to_string(), &["saving the checkpoint", "not-a-dir/ckpt.safetensors"]);
     // The writer is usable after a failure; dropping it waits for the save in flight.
     let good = dir.join("ckpt.safetensors");
     writer.start(&good, vec![tensor("b", &[1 << 20], 3.0)], BTreeMap::new()).unwrap();

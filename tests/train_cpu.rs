@@ -90,9 +90,9 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
 }
 
 #[test]
-fn a_checkpoint_that_cannot_be_written_stops_training_with_its_path() {
-    // Checkpoints are written on a background thread while the next epoch trains; a failure
-    // must still stop training with the path and the reason, not vanish with the thread.
+fn a_checkpoint_that_cannot_be_written_stops_training_before_it_starts() {
+    // Checked up front: at 224x224 on the CPU an epoch takes hours. (A save that fails later, on
+    // the background thread, is reported at the next progress read: tests/checkpoint.rs.)
     let d = data(32, 10);
     let dir = TempDir::new("train-cpu-unwritable");
     std::fs::write(dir.join("file"), b"").unwrap();
@@ -105,8 +105,7 @@ fn a_checkpoint_that_cannot_be_written_stops_training_with_its_path() {
     })
     .expect_err("an unwritable checkpoint must stop training");
     let msg = err.to_string();
+    assert!(msg.contains("the checkpoint cannot be written"), "{msg}");
     assert!(msg.contains(&dir.join("file").display().to_string()), "{msg}");
-    // Epoch 1's save fails while epoch 2 trains, and is reported then (at the latest when epoch
-    // 2's save starts): epoch 2 never completes.
-    assert_eq!(epochs_seen, [1], "epoch 1 is reported (its save has only started), epoch 2 is not");
+    assert!(epochs_seen.is_empty(), "epochs trained before the failure: {epochs_seen:?}");
 }
