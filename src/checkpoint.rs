@@ -70,7 +70,7 @@ pub fn save(path: &Path, tensors: &[NamedTensor], metadata: &BTreeMap<String, St
 /// back in file order (for an all-f32 file: sorted by name).
 pub fn load(path: &Path) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>)> {
     let name = path.display().to_string();
-    let bytes = fs::read(path).map_err(|reason| Error::Io { path: name.clone(), reason })?;
+    let bytes = fs::read(path).map_err(io_error(path))?;
     let invalid = |e: safetensors::SafeTensorError| {
         Error::Data(format!("{name}: not a valid safetensors checkpoint ({} bytes): {e}", bytes.len()))
     };
@@ -158,19 +158,27 @@ impl Drop for Writer {
 /// directory then fails at once instead of after the first epoch. An existing checkpoint at
 /// `path` is not touched.
 pub fn probe_writable(path: &Path) -> Result<()> {
-    let io = |p: &Path| {
-        let p = p.display().to_string();
-        move |reason| Error::Io { path: p, reason }
-    };
-    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        if let Some(file) = dir.ancestors().find(|a| a.exists()).filter(|a| !a.is_dir()) {
-            return Err(Error::Data(format!("{}: expected a directory, found a file", file.display())));
-        }
-        fs::create_dir_all(dir).map_err(io(dir))?;
-    }
+    create_parent(path)?;
     let tmp = tmp_path(path);
-    fs::File::create(&tmp).map_err(io(&tmp))?;
-    fs::remove_file(&tmp).map_err(io(&tmp))
+    fs::File::create(&tmp).map_err(io_error(&tmp))?;
+    fs::remove_file(&tmp).map_err(io_error(&tmp))
+}
+
+/// Error::Io for `path`, as a map_err argument.
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.display().to_string();
+    move |reason| Error::Io { path, reason }
+}
+
+/// Creates `path`'s directory if missing (saying so when a file stands where a directory should);
+/// returns it (None for a bare file name: the working directory).
+fn create_parent(path: &Path) -> Result<Option<&Path>> {
+    let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) else { return Ok(None) };
+    if let Some(file) = dir.ancestors().find(|a| a.exists()).filter(|a| !a.is_dir()) {
+        return Err(Error::Data(format!("{}: expected a directory, found a file", file.display())));
+    }
+    fs::create_dir_all(dir).map_err(io_error(dir))?;
+    Ok(Some(dir))
 }
 
 /// `<path>.tmp`: same directory, so the final rename never crosses filesystems.
@@ -183,33 +191,26 @@ fn tmp_path(path: &Path) -> PathBuf {
 /// Write to `<path>.tmp`, fsync, rename over `path`, then fsync the directory so the rename
 /// itself is durable.
 fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
-    let io = |p: &Path| {
-        let p = p.display().to_string();
-        move |reason| Error::Io { path: p, reason }
-    };
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-    if let Some(dir) = parent {
-        fs::create_dir_all(dir).map_err(io(dir))?;
-    }
+    let parent = create_parent(path)?;
     let tmp = tmp_path(path);
     let written = (|| {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(contents)?;
         f.sync_all()
     })();
-    if let Err(e) = written.map_err(io(&tmp)) {
+    if let Err(e) = written.map_err(io_error(&tmp)) {
         let _ = fs::remove_file(&tmp); // best effort: the error above is the one to report
         return Err(e);
     }
     if let Err(e) = fs::rename(&tmp, path) {
         let _ = fs::remove_file(&tmp);
-        return Err(io(path)(e));
+        return Err(io_error(path)(e));
     }
     // Directory fsync makes the rename survive a power cut; only Unix can open a directory for it.
     #[cfg(unix)]
     {
         let dir = parent.unwrap_or(Path::new("."));
-        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_error(dir))?;
     }
     Ok(())
 }
