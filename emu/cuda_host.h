@@ -100,7 +100,7 @@ void emu_cp_async_wait(unsigned newest_pending);
 void* emu_shared(unsigned long long bytes);
 // Counts one 16-byte cp.async (gemm.cuh's vector loads), so that tests can see the path taken.
 void emu_count_vec4_copy();
-// Counts one vector store of 2 or 4 floats (gemm.cuh's epilogue stores), likewise.
+// Counts one 8-byte store of 2 floats (gemm.cuh's paired epilogue stores), likewise.
 void emu_count_vec_store();
 // Records that the running kernel broke a rule a GPU enforces (a misaligned vector copy, say):
 // the launch then returns this message as its error, as the GPU would fail it.

@@ -394,7 +394,7 @@ extern "C" int ptxgrad_emu_set_reverse(int reverse) {
 thread_local unsigned long long vec4_copies = 0;
 void emu_count_vec4_copy() { ++vec4_copies; }
 extern "C" unsigned long long ptxgrad_emu_vec4_copies() { return vec4_copies; }
-// Vector stores (8 or 16 bytes) made on this OS thread.
+// Paired 8-byte stores made on this OS thread.
 thread_local unsigned long long vec_stores = 0;
 void emu_count_vec_store() { ++vec_stores; }
 extern "C" unsigned long long ptxgrad_emu_vec_stores() { return vec_stores; }

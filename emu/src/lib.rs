@@ -85,7 +85,7 @@ pub fn vec4_copies() -> u64 {
     unsafe { ptxgrad_emu_vec4_copies() }
 }
 
-/// How many vector stores (2 or 4 consecutive floats: the GEMM epilogues' fast path) the kernels
+/// How many paired 8-byte stores (2 consecutive floats: the GEMM epilogues' fast path) the kernels
 /// launched from this thread have made so far; read like `vec4_copies`.
 pub fn vec_stores() -> u64 {
     // SAFETY: reads a thread-local counter.
