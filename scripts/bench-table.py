@@ -139,10 +139,23 @@ def duration_ns(row):
     return first(row, "gpu__time_duration.sum") or 0
 
 
+def dram_bytes(row):
+    """A launch's DRAM traffic in bytes (read + write), from whichever counters ncu reported."""
+    total = first(row, "dram__bytes.sum")
+    if total is not None:
+        return total
+    parts = [first(row, f"dram__bytes_{d}.sum") for d in ("read", "write")]
+    if None not in parts:
+        return sum(parts)
+    sectors = [first(row, f"dram__sectors_{d}.sum") for d in ("read", "write")]
+    return 32 * sum(sectors) if None not in sectors else None
+
+
 def ncu_table(path, top=25):
     """Per kernel (all launches of one name in the profiled step): time, how busy the SM and its
-    issue slots were, achieved FLOP/s, occupancy, the leading warp stall reasons, and shared-memory
-    bank conflicts, as ncu measured them. Columns ncu did not report print as blank."""
+    issue slots were, achieved FLOP/s, DRAM traffic and throughput, occupancy, the leading warp
+    stall reasons, and shared-memory bank conflicts, as ncu measured them. Columns ncu did not
+    report print as blank."""
     rows = ncu_rows(path)
     if rows is None:
         return "(no ncu.csv: the profile was not run)"
@@ -164,9 +177,9 @@ def ncu_table(path, top=25):
 
     out = [f"{len(rows)} kernel launches profiled, {total_ns / 1e6:.2f} ms of GPU time under the profiler "
            "(caches flushed before each kernel, so a little slower than in the step).", "",
-           "| kernel | launches | ms | share | SM % | issue slots % | FMA pipe % | TFLOP/s | occupancy % "
-           "| top stalls (cycles per issued instruction) | shared ld conflicts % |",
-           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+           "| kernel | launches | ms | share | SM % | issue slots % | FMA pipe % | TFLOP/s | DRAM GB | DRAM % "
+           "| occupancy % | top stalls (cycles per issued instruction) | shared ld conflicts % |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     by_time = sorted(kernels.items(), key=lambda kv: -sum(duration_ns(r) for r in kv[1]))
     for name, rs in by_time[:top]:
         ns = sum(duration_ns(r) for r in rs)
@@ -185,6 +198,8 @@ def ncu_table(path, top=25):
             if v:
                 stalls[m.group(1)] = v
         top_stalls = ", ".join(f"{k} {v:.1f}" for k, v in sorted(stalls.items(), key=lambda kv: -kv[1])[:3])
+        dram = [dram_bytes(r) for r in rs]
+        dram = None if None in dram else sum(dram)
         conflicts = sum(first(r, "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum") or 0 for r in rs)
         wavefronts = sum(first(r, "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum") or 0 for r in rs)
         out.append(" | ".join([
@@ -195,10 +210,13 @@ def ncu_table(path, top=25):
             fmt(mean(rs, "sm__pipe_fma_cycles_active.avg.pct_of_peak_sustained_active",
                      "sm__inst_executed_pipe_fma.avg.pct_of_peak_sustained_active"), ".0f"),
             fmt(flop / ns / 1e3 if flop is not None and ns else None, ".1f"),
+            fmt(dram / 1e9 if dram is not None else None, ".3f"),
+            fmt(mean(rs, "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",
+                     "dram__throughput.avg.pct_of_peak_sustained_elapsed"), ".0f"),
             fmt(mean(rs, "sm__warps_active.avg.pct_of_peak_sustained_active"), ".0f"),
             top_stalls, fmt(100 * conflicts / wavefronts if wavefronts else None, ".0f")]) + " |")
     if len(by_time) > top:
-        out.append(f"| ({len(by_time) - top} more kernels) | | | | | | | | | | |")
+        out.append(f"| ({len(by_time) - top} more kernels) | | | | | | | | | | | | |")
     return "\n".join(out)
 
 

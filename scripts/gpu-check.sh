@@ -80,6 +80,11 @@ if command -v ncu > /dev/null && t=$(budget 200 90); then
         ComputeWorkloadAnalysis MemoryWorkloadAnalysis_Tables"
   have=$(ncu --list-sections 2>/dev/null)
   sections=(); for s in $want; do grep -qw -- "$s" <<< "$have" && sections+=(--section "$s"); done
+  # The DRAM bytes each kernel moves (Winograd's transforms are memory-bound), if this ncu has them.
+  known=$(timeout 30 ncu --query-metrics 2>/dev/null)
+  dram=(); for m in dram__bytes_read dram__bytes_write; do
+    grep -q "^$m " <<< "$known" && dram+=("$m.sum"); done
+  [ ${#dram[@]} -eq 2 ] && sections+=(--metrics "$(IFS=,; echo "${dram[*]}")")
   { echo "== ncu ${sections[*]}"
     timeout "$t" ncu --profile-from-start off --clock-control none "${sections[@]}" \
       --export /tmp/ptxgrad-step --force-overwrite \
