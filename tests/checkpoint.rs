@@ -169,7 +169,7 @@ fn writer_saves_in_order_and_finish_waits() {
     let path = dir.join("ckpt.safetensors");
     let mut writer = Writer::default();
     assert!(!writer.in_flight());
-    // A tensor big enough (4 MB) that the first save is still running when the second starts.
+    // 4 MB tensors, so that the first save may still be running when the second starts.
     writer.start(&path, vec![tensor("w", &[1 << 20], 1.0)], meta(&[("epoch", "1")])).unwrap();
     assert!(writer.in_flight());
     writer.start(&path, vec![tensor("w", &[1 << 20], 2.0)], meta(&[("epoch", "2")])).unwrap();
