@@ -177,12 +177,10 @@ impl Loop {
     }
 }
 
-/// The loops of every kernel in an `nvdisasm -c` listing that hold at least `min_ffma` FFMAs or
-/// at least 4 HMMAs.
-/// Listing lines: `.text.<kernel>:` starts a kernel, `.L_x_N:` is a label, and an instruction
-/// is `/*addr*/ [@pred] OPCODE[.mods] operands ;`.
-fn loops_in(sass: &str, min_ffma: usize) -> Vec<Loop> {
-    let mut out = Vec::new();
+/// The kernels of an `nvdisasm -c` listing, each with its lines. Listing lines: `.text.<kernel>:`
+/// starts a kernel, `.L_x_N:` is a label, and an instruction is `/*addr*/ [@pred] OPCODE[.mods]
+/// operands ;`.
+fn kernels_in(sass: &str) -> Vec<(String, Vec<&str>)> {
     let mut kernels: Vec<(String, Vec<&str>)> = Vec::new();
     for line in sass.lines() {
         if let Some(name) = line.strip_prefix(".text.").and_then(|r| r.strip_suffix(':')) {
@@ -191,7 +189,22 @@ fn loops_in(sass: &str, min_ffma: usize) -> Vec<Loop> {
             body.push(line);
         }
     }
-    for (kernel, lines) in kernels {
+    kernels
+}
+
+/// An instruction line's opcode (with its modifiers, after any predicate) and its text after the
+/// address; None for any other line.
+fn instruction(line: &str) -> Option<(&str, &str)> {
+    let rest = line.trim().strip_prefix("/*").and_then(|r| r.split_once("*/")).map(|(_, r)| r.trim())?;
+    let op = rest.split_whitespace().find(|w| !w.starts_with('@')).unwrap_or("");
+    Some((op.trim_end_matches(';'), rest))
+}
+
+/// The loops of every kernel in an `nvdisasm -c` listing that hold at least `min_ffma` FFMAs or
+/// at least 4 HMMAs.
+fn loops_in(sass: &str, min_ffma: usize) -> Vec<Loop> {
+    let mut out = Vec::new();
+    for (kernel, lines) in kernels_in(sass) {
         // (opcode with modifiers, branch target) per instruction; label -> instruction index.
         let mut ins: Vec<(String, Option<String>)> = Vec::new();
         let mut labels = std::collections::HashMap::new();
@@ -199,14 +212,9 @@ fn loops_in(sass: &str, min_ffma: usize) -> Vec<Loop> {
             let t = line.trim();
             if let Some(label) = t.strip_suffix(':').filter(|l| l.starts_with(".L_x_")) {
                 labels.insert(label.to_string(), ins.len());
-            } else if let Some(rest) = t.strip_prefix("/*").and_then(|r| r.split_once("*/")).map(|(_, r)| r.trim()) {
-                let mut words = rest.split_whitespace();
-                let mut op = words.next().unwrap_or("");
-                if op.starts_with('@') {
-                    op = words.next().unwrap_or("");
-                }
+            } else if let Some((op, rest)) = instruction(t) {
                 let target = rest.split("`(").nth(1).and_then(|r| r.split(')').next()).map(str::to_string);
-                ins.push((op.trim_end_matches(';').to_string(), target));
+                ins.push((op.to_string(), target));
             }
         }
         for (i, (op, target)) in ins.iter().enumerate() {
@@ -331,16 +339,10 @@ struct Stores {
 }
 
 fn stores_in(sass: &str) -> Vec<Stores> {
-    let mut out: Vec<Stores> = Vec::new();
-    for line in sass.lines() {
-        if let Some(name) = line.strip_prefix(".text.").and_then(|r| r.strip_suffix(':')) {
-            out.push(Stores { kernel: name.to_string(), scalar: 0, paired: 0, generic: 0, calls: 0 });
-        } else if let Some(k) = out.last_mut() {
-            let t = line.trim();
-            let Some(rest) = t.strip_prefix("/*").and_then(|r| r.split_once("*/")).map(|(_, r)| r.trim()) else {
-                continue;
-            };
-            let op = rest.split_whitespace().find(|w| !w.starts_with('@')).unwrap_or("");
+    let mut out = Vec::new();
+    for (kernel, lines) in kernels_in(sass) {
+        let mut k = Stores { kernel, scalar: 0, paired: 0, generic: 0, calls: 0 };
+        for (op, _) in lines.into_iter().filter_map(instruction) {
             match op {
                 "STG.E" => k.scalar += 1,
                 "STG.E.64" => k.paired += 1,
@@ -349,6 +351,7 @@ fn stores_in(sass: &str) -> Vec<Stores> {
                 _ => {}
             }
         }
+        out.push(k);
     }
     out
 }
