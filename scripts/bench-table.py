@@ -256,6 +256,29 @@ def test_summary(path):
     return "\n".join([f"CUDA tests: {passed} passed, {failed} failed"] + notes)
 
 
+def kernel_summary(path):
+    """What the driver compiled of each kernel (`ptxgrad kernels --json`, in tests.txt): totals,
+    the rules broken, and the registers of the GEMM kernels against the 128 that 2 blocks of 256
+    threads per SM allow."""
+    kernels = [k for k in json_lines(path) if k.get("kind") == "kernel"]
+    if not kernels:
+        return "(`ptxgrad kernels` was not run or printed nothing)"
+    arch = sorted({k["binary_version"] for k in kernels})
+    local = [k for k in kernels if k["local_bytes"] > 0]
+    lines = [f"{len(kernels)} kernels, machine code for " + ", ".join(f"sm_{a}" for a in arch)
+             + f"; {len(local)} with local memory"]
+    bounded = [k for k in kernels if k.get("bound_blocks")]
+    if bounded:
+        regs = [k["registers"] for k in bounded]
+        lines.append(f"{len(bounded)} kernels with launch bounds (the GEMMs): {min(regs)}-{max(regs)} registers, "
+                     f"{min(k['blocks_per_sm'] for k in bounded)}-{max(k['blocks_per_sm'] for k in bounded)} "
+                     "blocks per SM")
+    for k in kernels:
+        for v in k.get("violations", []):
+            lines.append(f"    {k['kernel']}: {v}")
+    return "\n".join(lines)
+
+
 def train_summary(train):
     epochs = [e for e in train if e.get("kind") == "epoch"]
     final = [e for e in train if e.get("kind") == "final"]
@@ -290,6 +313,8 @@ def main():
     print(layer_table(bench) + "\n")
     print("## CUDA tests and compute-sanitizer (tests.txt)\n")
     print(test_summary(d / "tests.txt") + "\n")
+    print("## Kernels as the driver compiled them (`ptxgrad kernels`)\n")
+    print(kernel_summary(d / "tests.txt") + "\n")
     print("## 10-epoch training\n")
     print(train_summary(train) + "\n")
     print("## The GEMM core and the conv layers, timed by the tests (10 runs each, synchronised)\n")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared device run, sized for a 15-minute GPU lease: every CUDA test, ptxgrad's bench with
+# One prepared device run, sized for a 15-minute GPU lease: every CUDA test, the driver's build of
+# every kernel against the design rules (`ptxgrad kernels`), ptxgrad's bench with
 # the per-layer table for --conv-algo auto (and the timings it chose by), the PyTorch peer's
 # bench, the bench with the tensor-core GEMMs (--math 3xtf32, tf32, bf16), 10 epochs of training, a
 # hardware-counter profile of one training step (Nsight Compute, where it can read the
@@ -43,6 +44,12 @@ for b in .gpu/bin/test-*; do
   t=$(budget 120) && timeout "$t" "$b" cuda --test-threads=4 2>&1 | grep -E "^test |test result|panicked|SKIPPED" -A3
 done > "$out/tests.txt" 2>&1
 grep -E "test result|FAILED|panicked|skipped" "$out/tests.txt"
+# What the driver compiled of every kernel (registers, local memory, blocks per SM), one JSON
+# line each: the ptxas report of tests/ptx.rs describes ptxas 12.9's build, not the driver's.
+{ echo "== kernels (the driver's build)"
+  t=$(budget 60 20) && timeout "$t" "$bin" kernels --json 2>&1; echo "exit $?"
+} >> "$out/tests.txt" 2>&1
+grep -A400 "== kernels" "$out/tests.txt" | grep -vE '^\{' | head -n 12
 algo=${1:-}
 if [ -z "$algo" ]; then
   if awk '/^== conv2d$/{f=1; next} /^== /{f=0} f' "$out/tests.txt" | grep -q "test result: ok"; then

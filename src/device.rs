@@ -547,9 +547,11 @@ fn keep_pool_memory(ctx: &CudaContext) {
     }
 }
 
-fn driver_version() -> String {
+/// The CUDA version the driver supports, e.g. "13.0" ("unknown" if it cannot say). Call it once
+/// a `Gpu` is open: the driver library is loaded by then.
+pub fn driver_version() -> String {
     let mut v = 0i32;
-    // SAFETY: writes one int; only called after the driver was loaded.
+    // SAFETY: writes one int; the driver library is loaded (see above).
     let ok = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
     if ok == CuErr::CUDA_SUCCESS {
         format!("{}.{}", v / 1000, (v % 1000) / 10)

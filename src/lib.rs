@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod kernel_resources;
 pub mod nn;
 pub mod ops;
 pub mod pool;

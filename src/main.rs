@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use ptxgrad::data::fashion_mnist::{resolve_data_dir, FashionMnist, CLASS_NAMES};
+use ptxgrad::kernel_resources;
 use ptxgrad::nn::alexnet::{self, AlexNet};
 use ptxgrad::nn::conv_tune;
 use ptxgrad::ops::conv2d::ConvAlgo;
@@ -47,6 +48,16 @@ enum Command {
     },
     /// Training-step throughput on a synthetic batch, as JSON lines
     Bench(ptxgrad::bench::BenchArgs),
+    /// What the GPU's driver compiled of every kernel (registers, local memory, blocks per SM),
+    /// checked against the kernels' design rules; fails if one breaks them
+    Kernels {
+        /// cuda or cuda:N
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        /// One JSON line per kernel instead of the table
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -122,6 +133,7 @@ fn main() {
         Command::Eval(a) => cmd_eval(a),
         Command::Predict { common, count } => cmd_predict(common, count),
         Command::Bench(a) => ptxgrad::bench::run(&a).map_err(Into::into),
+        Command::Kernels { device, json } => cmd_kernels(&device, json),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -323,6 +335,28 @@ fn cmd_eval(a: CheckpointArgs) -> Result<()> {
         model.resolution,
         data.test.len()
     );
+    Ok(())
+}
+
+fn cmd_kernels(spec: &str, json: bool) -> Result<()> {
+    let gpu = match Device::parse(spec)? {
+        Device::Cuda(g) if !g.is_emu() => g,
+        d => bail!("`kernels` reports what a GPU's driver compiled: expected --device cuda or cuda:N, found {d:?}"),
+    };
+    let kernels = kernel_resources::kernel_resources(&gpu)?;
+    if json {
+        for k in &kernels {
+            println!("{}", k.to_json());
+        }
+    } else {
+        println!("{} (driver {}):", gpu.name, ptxgrad::device::driver_version());
+        print!("{}", kernel_resources::report(&kernels));
+    }
+    let breaking: Vec<String> =
+        kernels.iter().flat_map(|k| k.violations().into_iter().map(move |v| format!("{}: {v}", k.kernel))).collect();
+    if !breaking.is_empty() {
+        bail!("{} design rule(s) broken:\n  {}", breaking.len(), breaking.join("\n  "));
+    }
     Ok(())
 }
 

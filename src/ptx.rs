@@ -96,3 +96,30 @@ impl Module {
 pub fn all() -> Vec<(&'static str, Option<&'static str>)> {
     (0..generated::COUNT).map(|i| (generated::MODULES[i].stem, text(i))).collect()
 }
+
+/// One kernel (`.entry`) of a PTX module, with the launch bounds its `__launch_bounds__` gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry<'a> {
+    pub name: &'a str,
+    /// `.maxntid`: the most threads a block of it may have (None: no bound, CUDA's 1024).
+    pub max_threads: Option<u32>,
+    /// `.minnctapersm`: the blocks of `max_threads` threads that must fit on one SM at once
+    /// (the GEMM kernels ask for 2, which caps them at 128 registers).
+    pub min_blocks: Option<u32>,
+}
+
+/// Every `.entry` of a PTX module's text, in order.
+pub fn entries(ptx: &str) -> Vec<Entry<'_>> {
+    ptx.split(".entry ")
+        .skip(1)
+        .map(|e| {
+            let name = e.split('(').next().unwrap_or("").trim();
+            // The directives between the parameter list and the body.
+            let head = &e[..e.find('{').unwrap_or(e.len())];
+            let directive = |key: &str| {
+                head.split(key).nth(1).and_then(|r| r.split([',', '\n']).next()).and_then(|n| n.trim().parse().ok())
+            };
+            Entry { name, max_threads: directive(".maxntid"), min_blocks: directive(".minnctapersm") }
+        })
+        .collect()
+}

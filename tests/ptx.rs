@@ -1,6 +1,8 @@
 //! Assembles every kernel module's PTX with ptxas for sm_80 (A100) and sm_90 (H100/H200):
-//! any ptxas error fails, and so does a register spill (spills to local memory are slow and
-//! the kernels are designed not to need them). Prints registers and spills per kernel.
+//! any ptxas error fails, and so does any use of local memory: a register spill or a stack frame
+//! (local memory is slow and the kernels are designed not to need it). Prints registers and local
+//! bytes per kernel. (What the driver compiles from the same PTX on a GPU is checked by
+//! tests/kernel_resources.rs.)
 //!
 //! Then reads the GEMM kernels' machine code (SASS, from nvdisasm) for sm_90 and measures the
 //! instruction mix of each k-loop: the share of FFMA (the useful work) among the instructions
@@ -68,15 +70,16 @@ fn modules_or_skip() -> Option<Vec<(&'static str, &'static str)>> {
     Some(modules.iter().filter_map(|&(stem, ptx)| Some((stem, ptx?))).collect())
 }
 
-/// (kernel, registers, spill bytes) from `ptxas -v` output.
+/// (kernel, registers, local bytes) from `ptxas -v` output: the local memory a thread uses, its
+/// stack frame (arrays indexed at run time) plus its register spills.
 fn parse_report(stderr: &str) -> Vec<(String, u32, u32)> {
     let mut out = Vec::new();
     let mut current = String::new();
-    let mut spills = 0;
+    let mut local = 0;
     for line in stderr.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             current = rest.split('\'').next().unwrap_or("").to_string();
-            spills = 0;
+            local = 0;
         } else if line.contains("bytes spill stores") {
             let n = |key: &str| -> u32 {
                 line.split(',')
@@ -85,10 +88,10 @@ fn parse_report(stderr: &str) -> Vec<(String, u32, u32)> {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0)
             };
-            spills = n("spill stores") + n("spill loads");
+            local = n("stack frame") + n("spill stores") + n("spill loads");
         } else if let Some(rest) = line.split("Used ").nth(1) {
             let regs = rest.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
-            out.push((current.clone(), regs, spills));
+            out.push((current.clone(), regs, local));
         }
     }
     out
@@ -106,17 +109,18 @@ fn block_registers(regs: u32, threads: u32) -> u32 {
 }
 
 #[test]
-fn every_kernel_assembles_for_sm80_and_sm90_without_spills() {
+fn every_kernel_assembles_for_sm80_and_sm90_without_local_memory() {
     let Some(modules) = modules_or_skip() else { return };
     let Some(ptxas) = tool_or_skip("ptxas", "PTXAS", "cuda_nvcc") else { return };
     let dir = scratch_dir("ptxas");
     let mut failures = Vec::new();
     let mut kernels = 0;
-    println!("{:<32} {:>6} {:>10} {:>7} {:>11}", "kernel", "arch", "registers", "spills", "max threads");
+    println!("{:<32} {:>6} {:>10} {:>7} {:>11}", "kernel", "arch", "registers", "local", "max threads");
     for (stem, ptx) in modules {
         let src = dir.join(format!("{stem}.ptx"));
         std::fs::write(&src, ptx).unwrap();
-        let max_threads: std::collections::HashMap<String, u32> = ptx_entries(ptx).into_iter().collect();
+        let max_threads: std::collections::HashMap<&str, u32> =
+            ptxgrad::ptx::entries(ptx).into_iter().map(|e| (e.name, e.max_threads.unwrap_or(1024))).collect();
         for arch in ["sm_80", "sm_90"] {
             let out = Command::new(&ptxas)
                 .args(["-v", &format!("-arch={arch}"), "-o", "/dev/null"])
@@ -128,12 +132,12 @@ fn every_kernel_assembles_for_sm80_and_sm90_without_spills() {
                 failures.push(format!("{stem} ({arch}): ptxas failed:\n{stderr}"));
                 continue;
             }
-            for (kernel, regs, spills) in parse_report(&stderr) {
-                let threads = max_threads.get(&kernel).copied().unwrap_or(1024);
-                println!("{kernel:<32} {arch:>6} {regs:>10} {spills:>7} {threads:>11}");
+            for (kernel, regs, local) in parse_report(&stderr) {
+                let threads = max_threads.get(kernel.as_str()).copied().unwrap_or(1024);
+                println!("{kernel:<32} {arch:>6} {regs:>10} {local:>7} {threads:>11}");
                 kernels += 1;
-                if spills > 0 {
-                    failures.push(format!("{kernel} ({arch}): {spills} bytes of register spills"));
+                if local > 0 {
+                    failures.push(format!("{kernel} ({arch}): {local} bytes of local memory (stack frame, spills)"));
                 }
                 if block_registers(regs, threads) > REGISTER_FILE {
                     failures.push(format!(
@@ -310,6 +314,25 @@ fn is_gemm(kernel: &str) -> bool {
     ["_t128", "_t128x64", "_t64", "_t96", "_t128x96", "_t64_strided"].iter().any(|t| kernel.ends_with(t))
 }
 
+/// `ptx::entries` reads the launch bounds that `ptxgrad kernels` checks the driver's build against
+/// on a GPU (tests/kernel_resources.rs): every GEMM kernel has `__launch_bounds__(256, 2)`, the
+/// others at most a thread bound (they run whatever number of blocks fits).
+#[test]
+fn ptx_entries_read_the_launch_bounds() {
+    let Some(modules) = modules_or_skip() else { return };
+    let entries: Vec<_> = modules.iter().flat_map(|&(_, ptx)| ptxgrad::ptx::entries(ptx)).collect();
+    let (gemm, other): (Vec<_>, Vec<_>) = entries.iter().partition(|e| is_gemm(e.name));
+    assert!(gemm.len() >= 140 && other.len() >= 20, "{} GEMM and {} other kernels", gemm.len(), other.len());
+    for e in &gemm {
+        assert_eq!((e.max_threads, e.min_blocks), (Some(256), Some(2)), "{}", e.name);
+    }
+    for e in &other {
+        assert_eq!(e.min_blocks, None, "{}", e.name);
+    }
+    let bounded: Vec<_> = other.iter().filter(|e| e.max_threads.is_some()).map(|e| e.name).collect();
+    assert!(bounded.contains(&"winograd_gather_f32_a8") && bounded.contains(&"conv2d_bwd_bias_f32"), "{bounded:?}");
+}
+
 /// The sm_90 SASS listings of the modules that hold GEMM kernels (conv2d, dense, winograd),
 /// assembled once for the tests that read them; None (after saying why) without the tools.
 fn gemm_sass() -> Option<&'static [String]> {
@@ -395,25 +418,6 @@ fn sass_of(ptxas: &Path, nvdisasm: &Path, dir: &Path, stem: &str, ptx: &str) -> 
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// (kernel, max threads per block) of every `.entry` in a PTX module: its `.maxntid`, or 1024.
-fn ptx_entries(ptx: &str) -> Vec<(String, u32)> {
-    ptx.split(".entry ")
-        .skip(1)
-        .map(|e| {
-            let name = e.split('(').next().unwrap_or("").trim().to_string();
-            // The directives between the parameter list and the body.
-            let head = &e[..e.find('{').unwrap_or(e.len())];
-            let max = head
-                .split(".maxntid")
-                .nth(1)
-                .and_then(|r| r.split(',').next())
-                .and_then(|n| n.trim().parse().ok())
-                .unwrap_or(1024);
-            (name, max)
-        })
-        .collect()
-}
-
 /// The emulator's kernel table (module, launch bounds), from which it refuses the launches a
 /// GPU would refuse, equals what the GPU loads: every `.entry` of every PTX module, with its
 /// `.maxntid`. So a launch the emulated tests accept finds its kernel in that module on a GPU.
@@ -422,7 +426,11 @@ fn emulator_kernel_table_matches_the_ptx() {
     let Some(modules) = modules_or_skip() else { return };
     let mut ptx: Vec<(String, String, u32)> = modules
         .iter()
-        .flat_map(|&(stem, ptx)| ptx_entries(ptx).into_iter().map(move |(name, max)| (name, stem.to_string(), max)))
+        .flat_map(|&(stem, ptx)| {
+            ptxgrad::ptx::entries(ptx)
+                .into_iter()
+                .map(move |e| (e.name.to_string(), stem.to_string(), e.max_threads.unwrap_or(1024)))
+        })
         .collect();
     let mut emu: Vec<(String, String, u32)> = ptxgrad_emu::KERNELS
         .iter()

@@ -1,0 +1,156 @@
+//! What the driver built of each kernel: registers, local memory, static shared memory, the
+//! most threads a block may have, and how many blocks fit on one SM (`ptxgrad kernels`).
+//!
+//! The kernels ship as PTX, and the driver compiles it for the GPU it finds, with its own
+//! compiler: not the ptxas 12.9 whose report `tests/ptx.rs` checks (no spills, registers within
+//! the launch bounds). A different compiler can allocate registers differently, and a kernel at
+//! the 128-register cap of `__launch_bounds__(256, 2)` is where it would show. So the design
+//! rules are checked again here, on what actually runs:
+//! - no local memory (register spills or a stack frame),
+//! - a block of `.maxntid` threads may be launched (the driver allows at least that many),
+//! - `.minnctapersm` such blocks fit on one SM at once (the GEMM kernels' 2 per SM).
+
+use serde_json::json;
+
+use crate::device::Gpu;
+use crate::error::{Error, Result};
+use crate::ptx::{self, Module};
+
+/// One kernel as the driver compiled it for this GPU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelResources {
+    /// The file stem in `kernels/`.
+    pub module: &'static str,
+    pub kernel: &'static str,
+    /// 32-bit registers per thread.
+    pub registers: u32,
+    /// Local memory per thread, bytes: register spills and any stack frame.
+    pub local_bytes: u32,
+    /// Statically allocated shared memory per block, bytes.
+    pub shared_bytes: u32,
+    /// The most threads per block the driver accepts for it (registers permitting).
+    pub max_threads: u32,
+    /// `.maxntid` and `.minnctapersm` of its PTX (see `ptx::Entry`).
+    pub bound_threads: Option<u32>,
+    pub bound_blocks: Option<u32>,
+    /// Blocks of `bound_threads` threads that fit on one SM at once (None without a bound).
+    pub blocks_per_sm: Option<u32>,
+    /// The machine code's architecture, e.g. 90 for sm_90.
+    pub binary_version: u32,
+}
+
+impl KernelResources {
+    /// The design rules (module docs) this kernel breaks, each as a sentence.
+    pub fn violations(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if self.local_bytes > 0 {
+            v.push(format!(
+                "uses {} bytes of local memory per thread (register spills or a stack frame), expected none",
+                self.local_bytes
+            ));
+        }
+        if let Some(bound) = self.bound_threads.filter(|&b| self.max_threads < b) {
+            v.push(format!(
+                "accepts at most {} threads per block, but is launched with up to {bound} (its launch bounds)",
+                self.max_threads
+            ));
+        }
+        if let (Some(want), Some(fit)) = (self.bound_blocks, self.blocks_per_sm) {
+            if fit < want {
+                v.push(format!(
+                    "fits {fit} block(s) of {} threads per SM, but its launch bounds ask for {want}",
+                    self.bound_threads.unwrap_or(1024)
+                ));
+            }
+        }
+        v
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "kind": "kernel", "module": self.module, "kernel": self.kernel,
+            "registers": self.registers, "local_bytes": self.local_bytes,
+            "shared_bytes": self.shared_bytes, "max_threads": self.max_threads,
+            "bound_threads": self.bound_threads, "bound_blocks": self.bound_blocks,
+            "blocks_per_sm": self.blocks_per_sm, "binary_version": self.binary_version,
+            "violations": self.violations(),
+        })
+    }
+}
+
+/// Every kernel of every module, loaded (and so compiled by the driver) on `gpu`. Needs a GPU:
+/// the emulator compiles the kernels as host C++, which has no registers to report.
+pub fn kernel_resources(gpu: &Gpu) -> Result<Vec<KernelResources>> {
+    if gpu.is_emu() {
+        return Err(Error::NoCuda(
+            "the kernel emulator runs the kernels as host C++: registers and occupancy exist only on a GPU".into(),
+        ));
+    }
+    let mut out = Vec::new();
+    for module in Module::ALL {
+        let text = module.ptx().ok_or_else(|| {
+            Error::NoCuda(format!("kernel module `{}` was not compiled into this build", module.stem()))
+        })?;
+        for entry in ptx::entries(text) {
+            let f = gpu.function(module, entry.name)?;
+            let what = |attribute: &str| format!("reading the {attribute} of kernel `{}`", entry.name);
+            let attr = |value: std::result::Result<i32, _>, attribute: &str| {
+                value.map(|v| v.max(0) as u32).map_err(|e| Error::cuda(what(attribute), e))
+            };
+            let blocks_per_sm = match entry.max_threads {
+                Some(threads) => Some(
+                    f.occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
+                        .map_err(|e| Error::cuda(what("occupancy"), e))?,
+                ),
+                None => None,
+            };
+            out.push(KernelResources {
+                module: module.stem(),
+                kernel: entry.name,
+                registers: attr(f.num_regs(), "register count")?,
+                local_bytes: attr(f.local_size_bytes(), "local memory size")?,
+                shared_bytes: attr(f.shared_size_bytes(), "shared memory size")?,
+                max_threads: attr(f.max_threads_per_block(), "thread limit")?,
+                bound_threads: entry.max_threads,
+                bound_blocks: entry.min_blocks,
+                blocks_per_sm,
+                binary_version: attr(f.binary_version(), "binary version")?,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// A table of `kernels`, one line each, then a line of totals.
+pub fn report(kernels: &[KernelResources]) -> String {
+    let opt = |v: Option<u32>| v.map_or("-".to_string(), |v| v.to_string());
+    let mut s = format!(
+        "{:<12} {:<34} {:>4} {:>6} {:>7} {:>7} {:>7} {:>7}  {}\n",
+        "module", "kernel", "regs", "local", "shared", "threads", "blk/SM", "bounds", "breaks"
+    );
+    for k in kernels {
+        let bounds = format!("{}x{}", opt(k.bound_threads), opt(k.bound_blocks));
+        s += &format!(
+            "{:<12} {:<34} {:>4} {:>6} {:>7} {:>7} {:>7} {:>7}  {}\n",
+            k.module,
+            k.kernel,
+            k.registers,
+            k.local_bytes,
+            k.shared_bytes,
+            k.max_threads,
+            opt(k.blocks_per_sm),
+            bounds,
+            k.violations().join("; ")
+        );
+    }
+    let breaking = kernels.iter().filter(|k| !k.violations().is_empty()).count();
+    let arch: std::collections::BTreeSet<u32> = kernels.iter().map(|k| k.binary_version).collect();
+    s += &format!(
+        "{} kernels (machine code for sm_{}), {} with local memory, {} breaking a design rule\n",
+        kernels.len(),
+        arch.iter().map(u32::to_string).collect::<Vec<_>>().join("/sm_"),
+        kernels.iter().filter(|k| k.local_bytes > 0).count(),
+        breaking
+    );
+    s
+}

@@ -1,0 +1,93 @@
+//! `ptxgrad kernels`: the driver's build of every kernel against the kernels' design rules (no
+//! local memory, launch bounds honoured). The rules' logic is checked here on made-up records;
+//! the real check needs a GPU, whose driver compiles the PTX (`kernel_resources_cuda_*`).
+
+mod common;
+
+use ptxgrad::kernel_resources::{kernel_resources, report, KernelResources};
+use ptxgrad::Device;
+
+/// A GEMM kernel as the rules want it: 128 registers, 2 blocks of 256 threads per SM.
+fn gemm_kernel() -> KernelResources {
+    KernelResources {
+        module: "conv2d",
+        kernel: "conv2d_fwd_f32_t128",
+        registers: 128,
+        local_bytes: 0,
+        shared_bytes: 25_088,
+        max_threads: 256,
+        bound_threads: Some(256),
+        bound_blocks: Some(2),
+        blocks_per_sm: Some(2),
+        binary_version: 90,
+    }
+}
+
+#[test]
+fn violations_name_each_broken_rule() {
+    assert_eq!(gemm_kernel().violations(), Vec::<String>::new());
+
+    let spilled = KernelResources { local_bytes: 48, ..gemm_kernel() };
+    let v = spilled.violations();
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert!(v[0].contains("48 bytes of local memory"), "{v:?}");
+
+    // More registers than 2 blocks allow: one block per SM, and fewer threads than the bound.
+    let fat = KernelResources { registers: 168, max_threads: 128, blocks_per_sm: Some(1), ..gemm_kernel() };
+    let v = fat.violations();
+    assert_eq!(v.len(), 2, "{v:?}");
+    assert!(v[0].contains("at most 128 threads") && v[0].contains("up to 256"), "{v:?}");
+    assert!(v[1].contains("fits 1 block(s) of 256 threads") && v[1].contains("ask for 2"), "{v:?}");
+
+    // Without launch bounds only the local-memory rule applies.
+    let plain = KernelResources {
+        kernel: "relu_fwd_f32",
+        registers: 16,
+        max_threads: 1024,
+        bound_threads: None,
+        bound_blocks: None,
+        blocks_per_sm: None,
+        ..gemm_kernel()
+    };
+    assert!(plain.violations().is_empty());
+}
+
+#[test]
+fn report_lists_every_kernel_and_the_totals() {
+    let kernels = [gemm_kernel(), KernelResources { kernel: "conv2d_fwd_f32_t64", local_bytes: 8, ..gemm_kernel() }];
+    let table = report(&kernels);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 4, "{table}");
+    assert!(lines[1].contains("conv2d_fwd_f32_t128") && lines[1].trim_end().ends_with("256x2"), "{table}");
+    assert!(lines[2].contains("8 bytes of local memory"), "{table}");
+    assert_eq!(lines[3], "2 kernels (machine code for sm_90), 1 with local memory, 1 breaking a design rule");
+    let json = kernels[1].to_json();
+    assert_eq!(json["local_bytes"], 8);
+    assert_eq!(json["violations"].as_array().map(Vec::len), Some(1));
+}
+
+#[test]
+fn kernel_resources_refuse_the_emulator() {
+    let Device::Cuda(emu) = Device::parse("emu").expect("the emulator is always there") else {
+        panic!("emu is a CUDA-path device")
+    };
+    let err = kernel_resources(&emu).expect_err("the emulator has no registers to report").to_string();
+    assert!(err.contains("only on a GPU"), "{err}");
+}
+
+/// On a GPU: every kernel of every module, as its driver compiled it, keeps the design rules.
+#[test]
+fn kernel_resources_cuda_keep_the_design_rules() {
+    let Some(Device::Cuda(gpu)) = common::gpu_or_skip("kernel_resources_cuda_keep_the_design_rules") else {
+        return;
+    };
+    let kernels = kernel_resources(&gpu).expect("every kernel loads and reports its attributes");
+    print!("{}", report(&kernels));
+    let expected: usize =
+        ptxgrad::ptx::all().iter().filter_map(|(_, ptx)| *ptx).map(|p| ptxgrad::ptx::entries(p).len()).sum();
+    assert_eq!(kernels.len(), expected, "one record per `.entry` of the PTX");
+    assert!(kernels.iter().all(|k| k.binary_version >= 80), "machine code older than sm_80");
+    let broken: Vec<String> =
+        kernels.iter().flat_map(|k| k.violations().into_iter().map(move |v| format!("{}: {v}", k.kernel))).collect();
+    assert!(broken.is_empty(), "the driver's build breaks the kernels' design rules:\n{}", broken.join("\n"));
+}
