@@ -50,6 +50,24 @@ def step_table(bench, peer):
     return "\n".join(rows)
 
 
+def build_table(builds, bench, peer):
+    """Earlier builds (scripts/milestones.sh) benched in this run, beside the current build's
+    first bench (the auto, fp32 one) and PyTorch's strict fp32."""
+    olds = [b for b in builds if b.get("kind") == "bench"]
+    if not olds:
+        return "(no earlier builds were benched: scripts/milestones.sh makes them)"
+    now = next((b for b in bench if b.get("kind") == "bench"), None)
+    strict = next((p for p in peer if p.get("kind") == "bench" and p.get("batch") == 128
+                   and "strict" in str(p.get("config", ""))), None)
+    rows = ["| build | examples/sec | ms/step | current ÷ this | this ÷ PyTorch fp32 strict |",
+            "| --- | ---: | ---: | ---: | ---: |"]
+    for b in olds + ([dict(now, build="current")] if now else []):
+        gain = f"{now['examples_per_sec'] / b['examples_per_sec']:.2f}" if now else "?"
+        vs = f"{b['examples_per_sec'] / strict['examples_per_sec']:.2f}" if strict else "?"
+        rows.append(f"| {b['build']} | {b['examples_per_sec']:,.1f} | {b['ms_per_step']:.2f} | {gain} | {vs} |")
+    return "\n".join(rows)
+
+
 def step_hygiene(bench):
     """What each bench's timed steps did besides computing: allocations, copies, waits, memory."""
     lines = []
@@ -301,12 +319,16 @@ def main():
     d = Path(sys.argv[1])
     gpu = (d / "gpu.txt").read_text().strip() if (d / "gpu.txt").exists() else "unknown GPU"
     bench, peer, train = json_lines(d / "bench.txt"), json_lines(d / "peer-bench.jsonl"), json_lines(d / "train.jsonl")
+    # The earlier builds' lines (gpu-check.sh marks them "build") have their own table.
+    builds, bench = [b for b in bench if "build" in b], [b for b in bench if "build" not in b]
     print(f"GPU: {gpu}\n")
     first = next((b for b in bench if b.get("kind") == "bench"), {})
     shape = f"batch {first.get('batch', '?')}, {first.get('resolution', '?')}x{first.get('resolution', '?')}"
     print(f"## Training step ({shape}, synthetic input on the GPU; PyTorch at batch 128)\n")
     print(step_table(bench, peer) + "\n")
     print(step_hygiene(bench) + "\n")
+    print("## Earlier builds, benched in this run (scripts/milestones.sh)\n")
+    print(build_table(builds, bench, peer) + "\n")
     print("## --conv-algo auto: what each conv layer measured\n")
     print(tune_table(bench) + "\n")
     print("## Per-layer GPU time (the first bench of the run)\n")

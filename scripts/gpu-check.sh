@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # One prepared device run, sized for a 15-minute GPU lease: every CUDA test, the driver's build of
-# every kernel against the design rules (`ptxgrad kernels`), ptxgrad's bench with
-# the per-layer table for --conv-algo auto (and the timings it chose by), the PyTorch peer's
-# bench, the bench with the tensor-core GEMMs (--math 3xtf32, tf32, bf16), 10 epochs of training, a
+# every kernel against the design rules (`ptxgrad kernels`), ptxgrad's bench with the per-layer
+# table for --conv-algo auto (and the timings it chose by), the PyTorch peer's bench, the bench
+# with the tensor-core GEMMs (--math 3xtf32, tf32, bf16), 10 epochs of training, a
 # hardware-counter profile of one training step (Nsight Compute, where it can read the
-# counters), the GEMM core's throughput, the conv timing test, the bench with the implicit
-# GEMM and with Winograd, and, if time is left, one small step under compute-sanitizer's
-# racecheck and initcheck. Build and pack here first:
+# counters), the bench of earlier builds (if scripts/milestones.sh made them), the GEMM core's
+# throughput, the conv timing test, the bench with the implicit GEMM and with Winograd, and, if
+# time is left, one small step under compute-sanitizer's racecheck and initcheck.
+# Build and pack here first:
 #     ../shared/gpu/pack --data --peer
-# then on the device (carry [".gpu"]):   bash scripts/gpu-check.sh [CONV_ALGO]
+#     scripts/milestones.sh                  # optional: earlier builds to bench beside this one
+# then on the device (carry [".gpu"], and ".milestones" if made):   bash scripts/gpu-check.sh [CONV_ALGO]
 # Training and the profile use CONV_ALGO (auto, gemm, winograd, winograd:M); by default auto if
 # every conv2d test passed (they include the Winograd kernels'), else gemm.
 #
@@ -106,6 +108,22 @@ else
   echo "== ncu: not run ($(command -v ncu > /dev/null && echo 'out of time' || echo 'not installed'))" >> "$out/bench.txt"
 fi
 tail -n 3 "$out/bench.txt"
+
+# 4b. Earlier builds (scripts/milestones.sh, carried as .milestones/): each one's bench at its own
+# defaults, in this run, so that its ratio to the current build is what the work in between did
+# to the step rate. Their JSON lines gain "build": REV, which keeps them out of the current
+# build's tables in summary.md.
+if [ -f .milestones/bundle.tar.xz ]; then
+  ms=/tmp/ptxgrad-milestones; rm -rf "$ms"; mkdir -p "$ms" && tar -C "$ms" -xJf .milestones/bundle.tar.xz
+  for rev in $(cat "$ms/order"); do
+    { echo "== build $(cat "$ms/$rev/about")"
+      t=$(budget 45 25) && timeout "$t" "$ms/$rev/bin-ptxgrad" bench --no-layers 2>&1 | sed -E "s/^\{/{\"build\":\"$rev\",/"
+    } >> "$out/bench.txt" 2>&1
+  done
+  grep '"build"' "$out/bench.txt" | grep '"kind":"bench"'
+else
+  echo "== builds: none carried (scripts/milestones.sh makes them)" >> "$out/bench.txt"
+fi
 
 # 5. The GEMM core alone (one large problem per load path), the algorithms one by one (the conv
 # timing test), and the bench with each.
