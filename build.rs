@@ -1,8 +1,9 @@
 //! Compiles every `kernels/*.cu` to PTX and writes `$OUT_DIR/ptx.rs`, a table of the PTX texts
-//! that `src/ptx.rs` includes, each zlib-compressed (`<stem>.ptx.z`; `src/ptx.rs` inflates a
-//! module's text when it is first loaded). Every binary of the crate embeds all of them, and
-//! the 27 binaries travel to a GPU machine together in at most 64 MiB with the working tree:
-//! compressed, the 9.3 MB of PTX weighs 1.7 MB per binary.
+//! (and of the machine code below) that `src/ptx.rs` includes, each zlib-compressed
+//! (`<stem>.ptx.z`; `src/ptx.rs` inflates a module when it is first loaded). Every binary of the
+//! crate embeds all of them, and the 28 binaries travel to a GPU machine together in at most
+//! 64 MiB with the working tree: compressed, the 9.3 MB of PTX weighs 1.7 MB per binary, the
+//! 5.1 MB of sm_90 cubins 1.7 MB.
 //!
 //! Compiler search, first hit wins:
 //! 1. nvcc: `$NVCC`, `$CUDA_HOME/bin`, `$CUDA_PATH/bin`, `/usr/local/cuda/bin`, `$PATH`;
@@ -16,6 +17,14 @@
 //! overrides. `PTXGRAD_LINEINFO=1` adds source-line information (`-lineinfo`, for a profiler's
 //! source view); it is off by default because it makes the PTX, which every binary embeds, 75%
 //! larger.
+//!
+//! Machine code ahead of time: each module's PTX is also assembled by ptxas for the GPUs named in
+//! `PTXGRAD_SASS` (default `sm_90`, the H100/H200 this project is measured on; a comma list, or
+//! `none`) and embedded the same way (`<stem>.<arch>.cubin.z`). On such a GPU the machine code is
+//! loaded as built, so what tests/ptx.rs reads of the SASS (registers, spills, the k-loops) is what
+//! runs, and the driver compiles nothing; other GPUs get the PTX. ptxas: `$PTXAS`, the wheels'
+//! `cuda_nvcc/bin`, a toolkit's `bin`, `$PATH`. Without it, a warning and PTX only; with
+//! `PTXGRAD_REQUIRE_KERNELS=1`, an error.
 //! This script never talks to a GPU: building needs no driver and no device.
 
 use std::env;
@@ -37,6 +46,8 @@ fn main() {
         "PTXGRAD_REQUIRE_KERNELS",
         "PTXGRAD_CUDA_WHEELS",
         "LD_LIBRARY_PATH",
+        "PTXAS",
+        "PTXGRAD_SASS",
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -62,7 +73,7 @@ fn main() {
             panic!("PTXGRAD_REQUIRE_KERNELS=1 but {msg}");
         }
         println!("cargo:warning={msg}");
-        write_table(&out, &sources, None, "none");
+        write_table(&out, &sources, None, "none", &MachineCode::default());
         return;
     };
 
@@ -82,7 +93,98 @@ fn main() {
         Compiler::Nvcc(p) => format!("nvcc ({})", p.display()),
         Compiler::Nvrtc(p) => format!("nvrtc ({})", p.display()),
     };
-    write_table(&out, &sources, Some(&arch), &name);
+    let sass = machine_code(&manifest, &out, &sources, require);
+    write_table(&out, &sources, Some(&arch), &name, &sass);
+}
+
+/// The machine code assembled ahead of time: for which GPUs (e.g. 90 for sm_90), and by what.
+#[derive(Default)]
+struct MachineCode {
+    archs: Vec<u32>,
+    ptxas: String,
+}
+
+/// The GPUs `PTXGRAD_SASS` names (see the top of this file): 90 for `sm_90`.
+fn sass_archs() -> Vec<u32> {
+    let spec = env::var("PTXGRAD_SASS").unwrap_or_else(|_| "sm_90".to_string());
+    if spec.trim() == "none" {
+        return vec![];
+    }
+    spec.split(',')
+        .map(|a| {
+            a.trim().strip_prefix("sm_").and_then(|n| n.parse().ok()).unwrap_or_else(|| {
+                panic!("PTXGRAD_SASS: expected a comma list such as sm_90 or sm_80,sm_90 (or none), found `{spec}`")
+            })
+        })
+        .collect()
+}
+
+fn find_ptxas(manifest: &Path) -> Option<PathBuf> {
+    if let Some(p) = env::var_os("PTXAS").map(PathBuf::from) {
+        return p.is_file().then_some(p);
+    }
+    let mut dirs: Vec<PathBuf> = wheel_dirs(manifest).into_iter().map(|w| w.join("cuda_nvcc").join("bin")).collect();
+    dirs.extend(cuda_roots().into_iter().map(|r| r.join("bin")));
+    if let Some(path) = env::var_os("PATH") {
+        dirs.extend(env::split_paths(&path));
+    }
+    dirs.into_iter().map(|d| d.join("ptxas")).find(|p| p.is_file())
+}
+
+/// Assembles every `<stem>.ptx` in `out` for each GPU of `PTXGRAD_SASS`, one thread per module
+/// (ptxas takes seconds on the GEMM modules), into `<stem>.sm_<arch>.cubin`.
+fn machine_code(manifest: &Path, out: &Path, sources: &[PathBuf], require: bool) -> MachineCode {
+    let archs = sass_archs();
+    if archs.is_empty() {
+        return MachineCode::default();
+    }
+    let Some(ptxas) = find_ptxas(manifest) else {
+        let msg = "no ptxas found: the kernels ship as PTX only, which the driver compiles when they load; \
+                   run `eval \"$(scripts/cuda-wheels.sh)\"` (or set PTXGRAD_SASS=none)";
+        if require {
+            panic!("PTXGRAD_REQUIRE_KERNELS=1 but {msg}");
+        }
+        println!("cargo:warning={msg}");
+        return MachineCode::default();
+    };
+    println!("cargo:rerun-if-changed={}", ptxas.display());
+    let stems: Vec<String> = sources.iter().map(|s| s.file_stem().unwrap().to_string_lossy().into_owned()).collect();
+    std::thread::scope(|scope| {
+        let jobs: Vec<_> = stems
+            .iter()
+            .flat_map(|stem| archs.iter().map(move |&arch| (stem, arch)))
+            .map(|(stem, arch)| {
+                let ptxas = &ptxas;
+                scope.spawn(move || {
+                    let (ptx, cubin) = (out.join(format!("{stem}.ptx")), out.join(format!("{stem}.sm_{arch}.cubin")));
+                    let output = Command::new(ptxas)
+                        .arg(format!("-arch=sm_{arch}"))
+                        .arg("-o")
+                        .arg(&cubin)
+                        .arg(&ptx)
+                        .output()
+                        .unwrap_or_else(|e| panic!("could not run {}: {e}", ptxas.display()));
+                    if !output.status.success() {
+                        panic!("ptxas -arch=sm_{arch} {stem}.ptx failed:\n{}", String::from_utf8_lossy(&output.stderr));
+                    }
+                })
+            })
+            .collect();
+        for job in jobs {
+            if let Err(panic) = job.join() {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    });
+    let version = Command::new(&ptxas)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout).lines().find_map(|l| l.split("release ").nth(1).map(String::from))
+        })
+        .unwrap_or_else(|| "version unknown".into());
+    MachineCode { archs, ptxas: format!("ptxas {version} ({})", ptxas.display()) }
 }
 
 enum Compiler {
@@ -189,33 +291,45 @@ fn compile_nvrtc(src: &Path, dst: &Path, arch: &str, kernel_dir: &Path, include:
     fs::write(dst, ptx.to_src()).map_err(|e| e.to_string())
 }
 
-/// `<stem>.ptx` -> `<stem>.ptx.z` (zlib, best compression); returns the PTX's length in bytes.
-fn compress(ptx: &Path) -> usize {
+/// `<file>` -> `<file>.z` (zlib, best compression); returns (the .z path, the file's length).
+fn compress(file: &Path) -> (String, usize) {
     use std::io::Write as _;
-    let text = fs::read(ptx).unwrap_or_else(|e| panic!("reading {}: {e}", ptx.display()));
+    let bytes = fs::read(file).unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
     let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
-    z.write_all(&text).expect("compressing into memory");
-    fs::write(ptx.with_extension("ptx.z"), z.finish().expect("compressing into memory")).expect("write .ptx.z");
-    text.len()
+    z.write_all(&bytes).expect("compressing into memory");
+    let mut dst = file.as_os_str().to_owned();
+    dst.push(".z");
+    fs::write(&dst, z.finish().expect("compressing into memory")).expect("write the .z file");
+    (PathBuf::from(dst).display().to_string(), bytes.len())
 }
 
 /// `$OUT_DIR/ptx.rs`: one `Embedded` (src/ptx.rs) per kernel file, plus build facts.
-fn write_table(out: &Path, sources: &[PathBuf], arch: Option<&str>, compiler: &str) {
-    let mut s = String::from("// Generated by build.rs: the PTX of every kernels/*.cu file, zlib-compressed.\n");
+fn write_table(out: &Path, sources: &[PathBuf], arch: Option<&str>, compiler: &str, sass: &MachineCode) {
+    let mut s = String::from(
+        "// Generated by build.rs: the PTX (and machine code) of every kernels/*.cu file, zlib-compressed.\n",
+    );
     writeln!(s, "pub const COMPILER: &str = {compiler:?};").unwrap();
     writeln!(s, "pub const ARCH: Option<&str> = {arch:?};").unwrap();
+    writeln!(s, "pub const SASS_ARCHS: &[u32] = &{:?};", sass.archs).unwrap();
+    writeln!(s, "pub const SASS_COMPILER: &str = {:?};", sass.ptxas).unwrap();
     writeln!(s, "pub const COUNT: usize = {};", sources.len()).unwrap();
     s.push_str("pub const MODULES: [super::Embedded; COUNT] = [\n");
     for src in sources {
         let stem = src.file_stem().unwrap().to_string_lossy();
         if arch.is_some() {
-            let ptx = out.join(format!("{stem}.ptx"));
-            let len = compress(&ptx);
-            let z = ptx.with_extension("ptx.z").display().to_string();
-            writeln!(s, "    super::Embedded {{ stem: {stem:?}, zlib: Some(include_bytes!({z:?})), len: {len} }},")
-                .unwrap();
+            let (z, len) = compress(&out.join(format!("{stem}.ptx")));
+            let mut machine = String::new();
+            for a in &sass.archs {
+                let (cz, clen) = compress(&out.join(format!("{stem}.sm_{a}.cubin")));
+                write!(machine, "super::Sass {{ arch: {a}, zlib: include_bytes!({cz:?}), len: {clen} }}, ").unwrap();
+            }
+            writeln!(
+                s,
+                "    super::Embedded {{ stem: {stem:?}, zlib: Some(include_bytes!({z:?})), len: {len}, sass: &[{machine}] }},"
+            )
+            .unwrap();
         } else {
-            writeln!(s, "    super::Embedded {{ stem: {stem:?}, zlib: None, len: 0 }},").unwrap();
+            writeln!(s, "    super::Embedded {{ stem: {stem:?}, zlib: None, len: 0, sass: &[] }},").unwrap();
         }
     }
     s.push_str("];\n");

@@ -38,6 +38,8 @@ def step_table(bench, peer):
     for b in ours:
         algos = ", ".join(b.get("conv_algos") or [])
         name = f"ptxgrad {b.get('math', 'fp32')}, --conv-algo {b.get('conv_algo', '?')}" + (f" ({algos})" if algos else "")
+        if str(b.get("kernel_code", "")).startswith("PTX"):
+            name += ", PTX compiled by the driver"
         ratios = " | ".join(f"{o['examples_per_sec'] / b['examples_per_sec']:.2f}" for o in ours)
         rows.append(f"| {name} | {b['examples_per_sec']:,.1f} | {b['ms_per_step']:.2f} | {ratios} |")
     for p in theirs:
@@ -275,25 +277,38 @@ def test_summary(path):
 
 
 def kernel_summary(path):
-    """What the driver compiled of each kernel (`ptxgrad kernels --json`, in tests.txt): totals,
-    the rules broken, and the registers of the GEMM kernels against the 128 that 2 blocks of 256
-    threads per SM allow."""
+    """Every kernel as the GPU ran it (`ptxgrad kernels --json`, in tests.txt): per kind of code
+    (the sm_90 machine code built ahead of time; the PTX as the driver compiled it), the totals,
+    the GEMM kernels' registers against the 128 that 2 blocks of 256 threads per SM allow, and the
+    rules broken; then how the driver's compiler differs from the machine code built here."""
     kernels = [k for k in json_lines(path) if k.get("kind") == "kernel"]
     if not kernels:
         return "(`ptxgrad kernels` was not run or printed nothing)"
-    arch = sorted({k["binary_version"] for k in kernels})
-    local = [k for k in kernels if k["local_bytes"] > 0]
-    lines = [f"{len(kernels)} kernels, machine code for " + ", ".join(f"sm_{a}" for a in arch)
-             + f"; {len(local)} with local memory"]
-    bounded = [k for k in kernels if k.get("bound_blocks")]
-    if bounded:
-        regs = [k["registers"] for k in bounded]
-        lines.append(f"{len(bounded)} kernels with launch bounds (the GEMMs): {min(regs)}-{max(regs)} registers, "
-                     f"{min(k['blocks_per_sm'] for k in bounded)}-{max(k['blocks_per_sm'] for k in bounded)} "
-                     "blocks per SM")
+    groups = {}
     for k in kernels:
-        for v in k.get("violations", []):
-            lines.append(f"    {k['kernel']}: {v}")
+        groups.setdefault(k.get("code", "?"), []).append(k)
+    lines = []
+    for code, ks in groups.items():
+        arch = sorted({k["binary_version"] for k in ks})
+        local = [k for k in ks if k["local_bytes"] > 0]
+        lines.append(f"- {code}: {len(ks)} kernels, machine code for " + ", ".join(f"sm_{a}" for a in arch)
+                     + f"; {len(local)} with local memory")
+        bounded = [k for k in ks if k.get("bound_blocks")]
+        if bounded:
+            regs = [k["registers"] for k in bounded]
+            fit = [k["blocks_per_sm"] for k in bounded]
+            lines.append(f"  {len(bounded)} with launch bounds (the GEMMs): {min(regs)}-{max(regs)} registers, "
+                         f"{min(fit)}-{max(fit)} blocks per SM")
+        for k in ks:
+            for v in k.get("violations", []):
+                lines.append(f"    {k['kernel']}: {v}")
+    if len(groups) == 2:
+        (_, a), (_, b) = groups.items()
+        regs = {k["kernel"]: k["registers"] for k in a}
+        diff = [(k["kernel"], regs[k["kernel"]], k["registers"]) for k in b
+                if k["kernel"] in regs and k["registers"] != regs[k["kernel"]]]
+        lines.append(f"- registers differ in {len(diff)} of {len(b)} kernels between the two"
+                     + ("".join(f"; {n} {x} -> {y}" for n, x, y in diff[:5])))
     return "\n".join(lines)
 
 
@@ -335,7 +350,7 @@ def main():
     print(layer_table(bench) + "\n")
     print("## CUDA tests and compute-sanitizer (tests.txt)\n")
     print(test_summary(d / "tests.txt") + "\n")
-    print("## Kernels as the driver compiled them (`ptxgrad kernels`)\n")
+    print("## Kernels as the GPU ran them (`ptxgrad kernels`)\n")
     print(kernel_summary(d / "tests.txt") + "\n")
     print("## 10-epoch training\n")
     print(train_summary(train) + "\n")

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One prepared device run, sized for a 15-minute GPU lease: every CUDA test, the driver's build of
-# every kernel against the design rules (`ptxgrad kernels`), ptxgrad's bench with the per-layer
-# table for --conv-algo auto (and the timings it chose by), the PyTorch peer's bench, the bench
-# with the tensor-core GEMMs (--math 3xtf32, tf32, bf16), 10 epochs of training, a
-# hardware-counter profile of one training step (Nsight Compute, where it can read the
-# counters), the bench of earlier builds (if scripts/milestones.sh made them), the GEMM core's
-# throughput, the conv timing test, the bench with the implicit GEMM and with Winograd, and, if
+# One prepared device run, sized for a 15-minute GPU lease: every CUDA test; every kernel as the
+# GPU runs it, against the design rules (`ptxgrad kernels`: the machine code built here, then the
+# PTX as the driver compiles it); ptxgrad's bench with the per-layer table for --conv-algo auto
+# (and the timings it chose by); the PyTorch peer's bench; the bench with the tensor-core GEMMs
+# (--math 3xtf32, tf32, bf16); 10 epochs of training; a hardware-counter profile of one training
+# step (Nsight Compute, where it can read the counters); the bench of earlier builds (if
+# scripts/milestones.sh made them); the GEMM core's throughput; the conv timing test; the bench
+# with the implicit GEMM, with Winograd, and with the PTX instead of the machine code; and, if
 # time is left, one small step under compute-sanitizer's racecheck and initcheck.
 # Build and pack here first:
 #     ../shared/gpu/pack --data --peer
@@ -46,10 +47,14 @@ for b in .gpu/bin/test-*; do
   t=$(budget 120) && timeout "$t" "$b" cuda --test-threads=4 2>&1 | grep -E "^test |test result|panicked|SKIPPED" -A3
 done > "$out/tests.txt" 2>&1
 grep -E "test result|FAILED|panicked|skipped" "$out/tests.txt"
-# What the driver compiled of every kernel (registers, local memory, blocks per SM), one JSON
-# line each: the ptxas report of tests/ptx.rs describes ptxas 12.9's build, not the driver's.
-{ echo "== kernels (the driver's build)"
+# What the GPU runs of every kernel (registers, local memory, blocks per SM), one JSON line each,
+# as the driver reports it: tests/ptx.rs reads ptxas 12.9's build.
+# With PTXGRAD_KERNEL_CODE=ptx the driver compiles the PTX instead of loading the sm_90 machine
+# code built here: what its own compiler would make of the kernels.
+{ echo "== kernels (as loaded)"
   t=$(budget 60 20) && timeout "$t" "$bin" kernels --json 2>&1; echo "exit $?"
+  echo "== kernels (PTXGRAD_KERNEL_CODE=ptx: the driver's compiler)"
+  t=$(budget 60 20) && PTXGRAD_KERNEL_CODE=ptx timeout "$t" "$bin" kernels --json 2>&1; echo "exit $?"
 } >> "$out/tests.txt" 2>&1
 grep -A400 "== kernels" "$out/tests.txt" | grep -vE '^\{' | head -n 12
 algo=${1:-}
@@ -132,6 +137,8 @@ fi
   echo "== conv timing (gemm, winograd, both without the 96-wide tiles, winograd:2, winograd:4, winograd:6, 3xtf32)"
   t=$(budget 120 40) && timeout "$t" .gpu/bin/test-conv2d --ignored --nocapture conv2d_cuda_alexnet_timing 2>&1 | grep -vE "^$|running"
   for a in gemm winograd; do [ "$a" = "$algo" ] || bench "$a"; done
+  # The machine code built here against the driver compiling the PTX, same settings.
+  PTXGRAD_KERNEL_CODE=ptx bench "$algo" --no-layers
 } >> "$out/bench.txt" 2>&1
 grep -E '"bench"|GEMM core|conv total|^gemm|^winograd' "$out/bench.txt"
 

@@ -154,8 +154,31 @@ enum Backend {
 struct Cuda {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    /// The GPU's compute capability as build.rs names machine code: 90 for sm_90.
+    arch: u32,
+    /// PTXGRAD_KERNEL_CODE=ptx: load the PTX even where machine code was built for this GPU.
+    force_ptx: bool,
     functions: Mutex<HashMap<(Module, &'static str), CudaFunction>>,
-    modules: Mutex<HashMap<Module, Arc<CudaModule>>>,
+    modules: Mutex<HashMap<Module, (Arc<CudaModule>, LoadedCode)>>,
+}
+
+/// What a kernel module was loaded from on a GPU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadedCode {
+    /// The machine code built ahead of time for this GPU (sm_<arch>, see build.rs): the code
+    /// tests/ptx.rs reads, loaded as built.
+    Sass(u32),
+    /// The PTX, compiled by the driver as it loaded; why no machine code was used.
+    Ptx(String),
+}
+
+impl std::fmt::Display for LoadedCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LoadedCode::Sass(arch) => write!(f, "sm_{arch} machine code built ahead of time ({})", ptx::SASS_COMPILER),
+            LoadedCode::Ptx(why) => write!(f, "PTX compiled by the driver ({why})"),
+        }
+    }
 }
 
 /// The ordinal that stands for the emulator.
@@ -235,7 +258,27 @@ impl Gpu {
         // The cache may hold up to a quarter of the card (unknown size: 4 GiB).
         let total = ctx.mem_get_info().map(|(_, total)| total).unwrap_or(16 << 30);
         let pool = Arc::new(BufferPool::new(total / 4));
-        let cuda = Cuda { ctx, stream, functions: Mutex::default(), modules: Mutex::default() };
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| Error::cuda(format!("reading cuda:{ordinal}'s compute capability"), e))?;
+        let force_ptx = match std::env::var("PTXGRAD_KERNEL_CODE").as_deref() {
+            Err(_) | Ok("auto") => false,
+            Ok("ptx") => true,
+            Ok(other) => {
+                return Err(Error::Data(format!(
+                    "PTXGRAD_KERNEL_CODE: expected auto (machine code where it was built for this GPU) or ptx, \
+                     found `{other}`"
+                )))
+            }
+        };
+        let cuda = Cuda {
+            ctx,
+            stream,
+            arch: (major * 10 + minor).max(0) as u32,
+            force_ptx,
+            functions: Mutex::default(),
+            modules: Mutex::default(),
+        };
         let traffic = TrafficCounters::default();
         Ok(Gpu { ordinal, name, backend: Backend::Cuda(cuda), sync_launches, pool, traffic })
     }
@@ -282,14 +325,35 @@ impl Gpu {
     }
 
     fn module(&self, module: Module) -> Result<Arc<CudaModule>> {
-        let mut mods = self.cuda().modules.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(m) = mods.get(&module) {
+        let cuda = self.cuda();
+        let mut mods = cuda.modules.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((m, _)) = mods.get(&module) {
             return Ok(m.clone());
         }
+        let arch = cuda.arch;
+        let (m, code) = match module.sass(arch) {
+            _ if cuda.force_ptx => (self.load_ptx(module)?, LoadedCode::Ptx("PTXGRAD_KERNEL_CODE=ptx".into())),
+            None => (self.load_ptx(module)?, LoadedCode::Ptx(format!("this build has no sm_{arch} machine code"))),
+            Some(cubin) => match cuda.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)) {
+                Ok(m) => (m, LoadedCode::Sass(arch)),
+                Err(e) => {
+                    // Not expected (the driver accepts cubins of older toolkits for its GPU):
+                    // said once per module, and the PTX still runs.
+                    let why = format!("its sm_{arch} machine code did not load: {e}");
+                    eprintln!("warning: kernel module `{}`: {why}; loading its PTX instead", module.stem());
+                    (self.load_ptx(module)?, LoadedCode::Ptx(why))
+                }
+            },
+        };
+        mods.insert(module, (m.clone(), code));
+        Ok(m)
+    }
+
+    fn load_ptx(&self, module: Module) -> Result<Arc<CudaModule>> {
         let src = module.ptx().ok_or_else(|| {
             Error::NoCuda(format!("kernel module `{}` was not compiled into this build", module.stem()))
         })?;
-        let m = self.cuda().ctx.load_module(cudarc::nvrtc::Ptx::from_src(src)).map_err(|e| {
+        self.cuda().ctx.load_module(cudarc::nvrtc::Ptx::from_src(src)).map_err(|e| {
             if e.0 == CuErr::CUDA_ERROR_UNSUPPORTED_PTX_VERSION {
                 Error::PtxTooNew {
                     module: module.stem().into(),
@@ -300,9 +364,32 @@ impl Gpu {
             } else {
                 Error::cuda(format!("loading kernel module `{}`", module.stem()), e)
             }
-        })?;
-        mods.insert(module, m.clone());
-        Ok(m)
+        })
+    }
+
+    /// What `module` was loaded from, once it has been (None before, and on the emulator).
+    pub fn loaded_code(&self, module: Module) -> Option<LoadedCode> {
+        match &self.backend {
+            Backend::Cuda(c) => {
+                c.modules.lock().unwrap_or_else(|p| p.into_inner()).get(&module).map(|(_, c)| c.clone())
+            }
+            Backend::Emu => None,
+        }
+    }
+
+    /// What the modules loaded so far were loaded from, in one line: one entry when they agree.
+    pub fn kernel_code(&self) -> String {
+        if self.is_emu() {
+            return "kernels/*.cu compiled as host C++ (the emulator)".into();
+        }
+        let mut codes: Vec<(String, &str)> =
+            Module::ALL.iter().filter_map(|&m| Some((self.loaded_code(m)?.to_string(), m.stem()))).collect();
+        codes.sort();
+        match codes.first() {
+            None => "no kernel module loaded yet".into(),
+            Some((first, _)) if codes.iter().all(|(c, _)| c == first) => first.clone(),
+            Some(_) => codes.iter().map(|(c, m)| format!("{m}: {c}")).collect::<Vec<_>>().join("; "),
+        }
     }
 
     /// Checks a launch's result; with PTXGRAD_SYNC_LAUNCHES=1 also waits for the kernel, so

@@ -1,18 +1,23 @@
-//! What the driver built of each kernel: registers, local memory, static shared memory, the
-//! most threads a block may have, and how many blocks fit on one SM (`ptxgrad kernels`).
+//! What the GPU runs of each kernel: registers, local memory, static shared memory, the most
+//! threads a block may have, and how many blocks fit on one SM, as the driver reports them
+//! (`ptxgrad kernels`).
 //!
-//! The kernels ship as PTX, and the driver compiles it for the GPU it finds, with its own
-//! compiler: not the ptxas 12.9 whose report `tests/ptx.rs` checks (no spills, registers within
-//! the launch bounds). A different compiler can allocate registers differently, and a kernel at
-//! the 128-register cap of `__launch_bounds__(256, 2)` is where it would show. So the design
-//! rules are checked again here, on what actually runs:
+//! A GPU without machine code built for it (see build.rs), or `PTXGRAD_KERNEL_CODE=ptx`, runs the
+//! PTX, which the driver compiles with its own compiler: not the ptxas 12.9 whose report
+//! `tests/ptx.rs` checks (no spills, registers within the launch bounds). A different compiler
+//! can allocate registers differently, and a kernel at the 128-register cap of
+//! `__launch_bounds__(256, 2)` is where it would show. So the design rules are checked again
+//! here, on what actually runs:
 //! - no local memory (register spills or a stack frame),
 //! - a block of `.maxntid` threads may be launched (the driver allows at least that many),
 //! - `.minnctapersm` such blocks fit on one SM at once (the GEMM kernels' 2 per SM).
+//!
+//! Where build.rs assembled machine code for this GPU (sm_90 by default) the driver loads it as
+//! built, and these figures should equal ptxas's. The `code` column says which ran.
 
 use serde_json::json;
 
-use crate::device::Gpu;
+use crate::device::{Gpu, LoadedCode};
 use crate::error::{Error, Result};
 use crate::ptx::{self, Module};
 
@@ -37,6 +42,8 @@ pub struct KernelResources {
     pub blocks_per_sm: Option<u32>,
     /// The machine code's architecture, e.g. 90 for sm_90.
     pub binary_version: u32,
+    /// What its module was loaded from: the machine code built ahead of time, or the PTX.
+    pub code: LoadedCode,
 }
 
 impl KernelResources {
@@ -73,7 +80,7 @@ impl KernelResources {
             "shared_bytes": self.shared_bytes, "max_threads": self.max_threads,
             "bound_threads": self.bound_threads, "bound_blocks": self.bound_blocks,
             "blocks_per_sm": self.blocks_per_sm, "binary_version": self.binary_version,
-            "violations": self.violations(),
+            "code": self.code.to_string(), "violations": self.violations(),
         })
     }
 }
@@ -115,6 +122,7 @@ pub fn kernel_resources(gpu: &Gpu) -> Result<Vec<KernelResources>> {
                 bound_blocks: entry.min_blocks,
                 blocks_per_sm,
                 binary_version: attr(f.binary_version(), "binary version")?,
+                code: gpu.loaded_code(module).unwrap_or_else(|| LoadedCode::Ptx("not recorded".into())),
             });
         }
     }
@@ -125,15 +133,19 @@ pub fn kernel_resources(gpu: &Gpu) -> Result<Vec<KernelResources>> {
 pub fn report(kernels: &[KernelResources]) -> String {
     let opt = |v: Option<u32>| v.map_or("-".to_string(), |v| v.to_string());
     let mut s = format!(
-        "{:<12} {:<34} {:>4} {:>6} {:>7} {:>7} {:>7} {:>7}  {}\n",
-        "module", "kernel", "regs", "local", "shared", "threads", "blk/SM", "bounds", "breaks"
+        "{:<12} {:<34} {:>5} {:>4} {:>6} {:>7} {:>7} {:>7} {:>7}  {}\n",
+        "module", "kernel", "code", "regs", "local", "shared", "threads", "blk/SM", "bounds", "breaks"
     );
     for k in kernels {
         let bounds = format!("{}x{}", opt(k.bound_threads), opt(k.bound_blocks));
         s += &format!(
-            "{:<12} {:<34} {:>4} {:>6} {:>7} {:>7} {:>7} {:>7}  {}\n",
+            "{:<12} {:<34} {:>5} {:>4} {:>6} {:>7} {:>7} {:>7} {:>7}  {}\n",
             k.module,
             k.kernel,
+            match k.code {
+                LoadedCode::Sass(arch) => format!("sm_{arch}"),
+                LoadedCode::Ptx(_) => "ptx".into(),
+            },
             k.registers,
             k.local_bytes,
             k.shared_bytes,

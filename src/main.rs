@@ -349,7 +349,7 @@ fn cmd_kernels(spec: &str, json: bool) -> Result<()> {
             println!("{}", k.to_json());
         }
     } else {
-        println!("{} (driver {}):", gpu.name, ptxgrad::device::driver_version());
+        println!("{} (driver {}), {}:", gpu.name, ptxgrad::device::driver_version(), gpu.kernel_code());
         print!("{}", kernel_resources::report(&kernels));
     }
     let breaking: Vec<String> =

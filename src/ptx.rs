@@ -1,8 +1,10 @@
-//! The PTX of every `kernels/*.cu`, embedded at build time (see build.rs), and the enum that
-//! names each module. Modules are loaded lazily, once per device, by `device::Gpu`.
+//! The PTX of every `kernels/*.cu`, embedded at build time (see build.rs), the machine code
+//! ptxas made of it for the GPUs named at build time (`SASS_ARCHS`: sm_90 by default), and the
+//! enum that names each module. Modules are loaded lazily, once per device, by `device::Gpu`:
+//! the machine code where it was built for that GPU, else the PTX (which the driver compiles).
 //!
-//! The texts are embedded zlib-compressed (every binary carries all of them: 1.7 MB instead of
-//! 9.3 MB) and inflated once per process, when a module's text is first asked for.
+//! Both are embedded zlib-compressed (every binary carries all of them: 1.7 MB of PTX instead of
+//! 9.3 MB) and inflated when a module is first asked for: the texts once per process.
 
 use std::io::Read as _;
 use std::sync::OnceLock;
@@ -15,6 +17,26 @@ struct Embedded {
     zlib: Option<&'static [u8]>,
     /// The PTX's length in bytes.
     len: usize,
+    /// The module's machine code for each GPU of `SASS_ARCHS`.
+    sass: &'static [Sass],
+}
+
+/// One module's machine code (a cubin) for one GPU architecture.
+struct Sass {
+    /// 90 for sm_90.
+    arch: u32,
+    zlib: &'static [u8],
+    len: usize,
+}
+
+/// Inflates what build.rs deflated; `what` names it in the panic, which only a corrupt binary
+/// can cause.
+fn inflate(zlib: &[u8], len: usize, what: &str) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(len);
+    flate2::read::ZlibDecoder::new(zlib)
+        .read_to_end(&mut bytes)
+        .unwrap_or_else(|e| panic!("the embedded {what} does not inflate: {e}"));
+    bytes
 }
 
 mod generated {
@@ -29,17 +51,17 @@ fn text(i: usize) -> Option<&'static str> {
     let m = &generated::MODULES[i];
     let zlib = m.zlib?;
     let text = TEXTS[i].get_or_init(|| {
-        let mut text = String::with_capacity(m.len);
         // build.rs wrote these bytes from the PTX it compiled: they inflate, to valid UTF-8.
-        flate2::read::ZlibDecoder::new(zlib)
-            .read_to_string(&mut text)
-            .unwrap_or_else(|e| panic!("the embedded PTX of kernels/{}.cu does not inflate: {e}", m.stem));
-        text
+        let what = format!("PTX of kernels/{}.cu", m.stem);
+        String::from_utf8(inflate(zlib, m.len, &what)).unwrap_or_else(|e| panic!("the embedded {what}: {e}"))
     });
     Some(text.as_str())
 }
 
-pub use generated::{ARCH, COMPILER};
+/// `ARCH`: the PTX's virtual architecture (None in a CPU-only build); `COMPILER`: what made it.
+/// `SASS_ARCHS`: the GPUs with machine code built ahead of time (90: sm_90); `SASS_COMPILER`: the
+/// ptxas that assembled it.
+pub use generated::{ARCH, COMPILER, SASS_ARCHS, SASS_COMPILER};
 
 /// One variant per `kernels/<stem>.cu`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -86,9 +108,21 @@ impl Module {
         }
     }
 
+    fn index(self) -> Option<usize> {
+        generated::MODULES.iter().position(|m| m.stem == self.stem())
+    }
+
     /// The module's PTX, or None in a CPU-only build (no CUDA compiler was found).
     pub fn ptx(self) -> Option<&'static str> {
-        generated::MODULES.iter().position(|m| m.stem == self.stem()).and_then(text)
+        self.index().and_then(text)
+    }
+
+    /// The module's machine code (a cubin) for GPU architecture `arch` (90: sm_90), if it was
+    /// built ahead of time (see `SASS_ARCHS`). Inflated anew at each call.
+    pub fn sass(self, arch: u32) -> Option<Vec<u8>> {
+        let m = &generated::MODULES[self.index()?];
+        let sass = m.sass.iter().find(|s| s.arch == arch)?;
+        Some(inflate(sass.zlib, sass.len, &format!("sm_{arch} machine code of kernels/{}.cu", m.stem)))
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod common;
 
+use ptxgrad::device::LoadedCode;
 use ptxgrad::kernel_resources::{kernel_resources, report, KernelResources};
 use ptxgrad::Device;
 
@@ -20,6 +21,7 @@ fn gemm_kernel() -> KernelResources {
         bound_blocks: Some(2),
         blocks_per_sm: Some(2),
         binary_version: 90,
+        code: LoadedCode::Sass(90),
     }
 }
 
@@ -59,6 +61,7 @@ fn report_lists_every_kernel_and_the_totals() {
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines.len(), 4, "{table}");
     assert!(lines[1].contains("conv2d_fwd_f32_t128") && lines[1].trim_end().ends_with("256x2"), "{table}");
+    assert!(lines[1].contains(" sm_90 "), "{table}");
     assert!(lines[2].contains("8 bytes of local memory"), "{table}");
     assert_eq!(lines[3], "2 kernels (machine code for sm_90), 1 with local memory, 1 breaking a design rule");
     let json = kernels[1].to_json();
@@ -87,6 +90,11 @@ fn kernel_resources_cuda_keep_the_design_rules() {
         ptxgrad::ptx::all().iter().filter_map(|(_, ptx)| *ptx).map(|p| ptxgrad::ptx::entries(p).len()).sum();
     assert_eq!(kernels.len(), expected, "one record per `.entry` of the PTX");
     assert!(kernels.iter().all(|k| k.binary_version >= 80), "machine code older than sm_80");
+    // Where this build has machine code for the GPU, it is what loaded (no silent fall back to PTX).
+    let forced_ptx = std::env::var("PTXGRAD_KERNEL_CODE").is_ok_and(|v| v == "ptx");
+    for k in kernels.iter().filter(|k| ptxgrad::ptx::SASS_ARCHS.contains(&k.binary_version) && !forced_ptx) {
+        assert_eq!(k.code, LoadedCode::Sass(k.binary_version), "{}", k.kernel);
+    }
     let broken: Vec<String> =
         kernels.iter().flat_map(|k| k.violations().into_iter().map(move |v| format!("{}: {v}", k.kernel))).collect();
     assert!(broken.is_empty(), "the driver's build breaks the kernels' design rules:\n{}", broken.join("\n"));

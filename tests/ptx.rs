@@ -1,10 +1,10 @@
 //! Assembles every kernel module's PTX with ptxas for sm_80 (A100) and sm_90 (H100/H200):
 //! any ptxas error fails, and so does any use of local memory: a register spill or a stack frame
 //! (local memory is slow and the kernels are designed not to need it). Prints registers and local
-//! bytes per kernel. (What the driver compiles from the same PTX on a GPU is checked by
-//! tests/kernel_resources.rs.)
+//! bytes per kernel. (What a GPU runs is checked by tests/kernel_resources.rs.) The machine code
+//! the binaries embed for sm_90 (build.rs) must be exactly ptxas's of the embedded PTX.
 //!
-//! Then reads the GEMM kernels' machine code (SASS, from nvdisasm) for sm_90 and measures the
+//! Then reads that machine code (SASS, from nvdisasm) of the GEMM kernels and measures the
 //! instruction mix of each k-loop: the share of FFMA (the useful work) among the instructions
 //! the loop issues. It is a static figure, not a speed, but it is the part of a GEMM's speed
 //! that can be checked without a GPU: every copy, index and branch instruction in the loop
@@ -334,16 +334,23 @@ fn ptx_entries_read_the_launch_bounds() {
 }
 
 /// The sm_90 SASS listings of the modules that hold GEMM kernels (conv2d, dense, winograd),
-/// assembled once for the tests that read them; None (after saying why) without the tools.
+/// disassembled once for the tests that read them: the machine code the binaries embed (what an
+/// sm_90 GPU runs, see build.rs), or, in a build without it, ptxas's of the embedded PTX. None
+/// (after saying why) without the tools.
 fn gemm_sass() -> Option<&'static [String]> {
     static SASS: std::sync::OnceLock<Option<Vec<String>>> = std::sync::OnceLock::new();
     SASS.get_or_init(|| {
         let modules = modules_or_skip()?;
-        let ptxas = tool_or_skip("ptxas", "PTXAS", "cuda_nvcc")?;
         let nvdisasm = tool_or_skip("nvdisasm", "NVDISASM", "cu13")?;
         let dir = scratch_dir("sass");
-        let gemm_modules = modules.into_iter().filter(|(s, _)| ["conv2d", "dense", "winograd"].contains(s));
-        let sass = gemm_modules.map(|(stem, ptx)| sass_of(&ptxas, &nvdisasm, &dir, stem, ptx)).collect();
+        let mut sass = Vec::new();
+        for (stem, ptx) in modules.into_iter().filter(|(s, _)| ["conv2d", "dense", "winograd"].contains(s)) {
+            let cubin = match module(stem).sass(90) {
+                Some(embedded) => embedded,
+                None => cubin_of(&tool_or_skip("ptxas", "PTXAS", "cuda_nvcc")?, &dir, stem, ptx, 90),
+            };
+            sass.push(disassemble(&nvdisasm, &dir, stem, &cubin));
+        }
         std::fs::remove_dir_all(&dir).ok();
         Some(sass)
     })
@@ -407,15 +414,63 @@ fn gemm_kernels_store_as_gemm_cuh_says() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// `ptx` assembled for sm_90 and disassembled.
-fn sass_of(ptxas: &Path, nvdisasm: &Path, dir: &Path, stem: &str, ptx: &str) -> String {
-    let (src, cubin) = (dir.join(format!("{stem}.ptx")), dir.join(format!("{stem}.cubin")));
+/// The module named `stem`.
+fn module(stem: &str) -> ptxgrad::ptx::Module {
+    *ptxgrad::ptx::Module::ALL.iter().find(|m| m.stem() == stem).expect("a module of that name")
+}
+
+/// `ptx` assembled by `ptxas` for sm_<arch>: the cubin's bytes.
+fn cubin_of(ptxas: &Path, dir: &Path, stem: &str, ptx: &str, arch: u32) -> Vec<u8> {
+    let (src, cubin) = (dir.join(format!("{stem}.ptx")), dir.join(format!("{stem}.sm_{arch}.cubin")));
     std::fs::write(&src, ptx).unwrap();
-    let out = Command::new(ptxas).args(["-arch=sm_90", "-o"]).arg(&cubin).arg(&src).output().expect("run ptxas");
+    let out = Command::new(ptxas)
+        .arg(format!("-arch=sm_{arch}"))
+        .arg("-o")
+        .arg(&cubin)
+        .arg(&src)
+        .output()
+        .expect("run ptxas");
     assert!(out.status.success(), "ptxas {stem}: {}", String::from_utf8_lossy(&out.stderr));
-    let out = Command::new(nvdisasm).arg("-c").arg(&cubin).output().expect("run nvdisasm");
+    std::fs::read(&cubin).unwrap()
+}
+
+/// A cubin's SASS listing (nvdisasm -c).
+fn disassemble(nvdisasm: &Path, dir: &Path, stem: &str, cubin: &[u8]) -> String {
+    let path = dir.join(format!("{stem}.listed.cubin"));
+    std::fs::write(&path, cubin).unwrap();
+    let out = Command::new(nvdisasm).arg("-c").arg(&path).output().expect("run nvdisasm");
     assert!(out.status.success(), "nvdisasm {stem}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The machine code the binaries embed (build.rs) is exactly what ptxas makes of the embedded
+/// PTX, for every module and every GPU it was built for: the two cannot drift apart, and what
+/// the SASS tests above read is what an sm_90 GPU runs. CI's build must have sm_90's.
+#[test]
+fn embedded_machine_code_is_ptxas_of_the_embedded_ptx() {
+    let Some(modules) = modules_or_skip() else { return };
+    let archs = ptxgrad::ptx::SASS_ARCHS;
+    assert!(!required() || archs.contains(&90), "PTXGRAD_REQUIRE_KERNELS=1 but no sm_90 machine code: {archs:?}");
+    if archs.is_empty() {
+        eprintln!("SKIPPED: this build embeds no machine code (PTXGRAD_SASS=none, or no ptxas when it was built)");
+        return;
+    }
+    let Some(ptxas) = tool_or_skip("ptxas", "PTXAS", "cuda_nvcc") else { return };
+    let dir = scratch_dir("embedded");
+    for (stem, ptx) in modules {
+        for &arch in archs {
+            let embedded = module(stem).sass(arch).expect("every module has every arch of SASS_ARCHS");
+            assert!(
+                embedded == cubin_of(&ptxas, &dir, stem, ptx, arch),
+                "{stem}: the embedded sm_{arch} machine code ({} bytes, by {}) differs from what {} makes of the \
+                 embedded PTX: rebuild with one ptxas",
+                embedded.len(),
+                ptxgrad::ptx::SASS_COMPILER,
+                ptxas.display()
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// The emulator's kernel table (module, launch bounds), from which it refuses the launches a
