@@ -2,12 +2,12 @@
 # Installs NVIDIA's PyPI wheels that compile and check kernels without a CUDA toolkit:
 #   nvidia-cuda-nvrtc-cu12    libnvrtc (kernels/*.cu -> PTX, used by build.rs)
 #   nvidia-cuda-runtime-cu12  headers such as cuda_fp16.h
-#   nvidia-cuda-nvcc-cu12     ptxas (tests/ptx.rs assembles every PTX for sm_80 and sm_90)
+#   nvidia-cuda-nvcc-cu12     ptxas (build.rs: the sm_90 machine code; tests/ptx.rs: sm_80 and sm_90)
 #   nvidia-cuda-nvdisasm      nvdisasm (tests/ptx.rs reads the GEMM k-loops' SASS; CUDA 13's,
 #                             the only one on PyPI: it reads CUDA 12.9's sm_90 cubins)
 # into .cuda/ (git-ignored), then prints the environment to use:
 #   eval "$(scripts/cuda-wheels.sh)"
-# build.rs also finds .cuda/ on its own, so the exports are only needed for ptxas and for
+# build.rs also finds .cuda/ (NVRTC and ptxas) on its own, so the exports are only needed for
 # tools outside cargo. Re-running is cheap: installed wheels are kept.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)

@@ -9,9 +9,8 @@
 # with the implicit GEMM, with Winograd, and with the PTX instead of the machine code; and, if
 # time is left, one small step under compute-sanitizer's racecheck and initcheck.
 # Build and pack here first:
-#     ../shared/gpu/pack --data --peer
-#     scripts/milestones.sh                  # optional: earlier builds to bench beside this one
-# then on the device (carry [".gpu"], and ".milestones" if made):   bash scripts/gpu-check.sh [CONV_ALGO]
+#     scripts/gpu-pack.sh     # ../shared/gpu/pack --data --peer at xz -9, and scripts/milestones.sh
+# then on the device (carry [".gpu", ".milestones"]):   bash scripts/gpu-check.sh [CONV_ALGO]
 # Training and the profile use CONV_ALGO (auto, gemm, winograd, winograd:M); by default auto if
 # every conv2d test passed (they include the Winograd kernels'), else gemm.
 #
