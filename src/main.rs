@@ -279,6 +279,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
             "kind": "final", "loss": last.loss, "train_acc": last.train_acc, "test_acc": last.test_acc,
             "examples_per_sec": rate, "end_to_end_examples_per_sec": end_to_end, "seconds": wall,
             "device": device.label(), "device_name": device.hardware_name(),
+            "kernel_code": match &device { Device::Cuda(g) => Some(g.kernel_code()), Device::Cpu => None },
         });
         writeln!(f, "{line}")?;
     }
