@@ -48,8 +48,8 @@ enum Command {
     },
     /// Training-step throughput on a synthetic batch, as JSON lines
     Bench(ptxgrad::bench::BenchArgs),
-    /// What the GPU's driver compiled of every kernel (registers, local memory, blocks per SM),
-    /// checked against the kernels' design rules; fails if one breaks them
+    /// Every kernel as the GPU runs it (registers, local memory, blocks per SM, machine code or
+    /// PTX), checked against the kernels' design rules; fails if one breaks them
     Kernels {
         /// cuda or cuda:N
         #[arg(long, default_value = "cuda")]
@@ -342,7 +342,7 @@ fn cmd_eval(a: CheckpointArgs) -> Result<()> {
 fn cmd_kernels(spec: &str, json: bool) -> Result<()> {
     let gpu = match Device::parse(spec)? {
         Device::Cuda(g) if !g.is_emu() => g,
-        d => bail!("`kernels` reports what a GPU's driver compiled: expected --device cuda or cuda:N, found {d:?}"),
+        d => bail!("`kernels` reports what a GPU runs: expected --device cuda or cuda:N, found {d:?}"),
     };
     let kernels = kernel_resources::kernel_resources(&gpu)?;
     if json {
