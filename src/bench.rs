@@ -128,7 +128,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             "examples_per_sec": (b as f64 * 1e3 / ms_per_step * 10.0).round() / 10.0,
             "ms_per_step": (ms_per_step * 1e3).round() / 1e3, "warmup_s": (warmup_s * 100.0).round() / 100.0,
             "peak_mem_gib": peak_gib.map(|m| (m * 100.0).round() / 100.0),
-            "kernel_code": match &device { Device::Cuda(g) => Some(g.kernel_code()), Device::Cpu => None },
+            "kernel_code": device.kernel_code(),
             "allocations_in_timed_steps": counted.map(|(fresh, _)| fresh),
             "host_copies_in_timed_steps": counted.map(|(_, t)| t.uploads + t.downloads),
             "synchronizations_in_timed_steps": counted.map(|(_, t)| t.synchronizations),

@@ -66,6 +66,14 @@ impl Device {
         }
     }
 
+    /// What the kernels loaded so far run from (`Gpu::kernel_code`); None on the CPU.
+    pub fn kernel_code(&self) -> Option<String> {
+        match self {
+            Device::Cpu => None,
+            Device::Cuda(g) => Some(g.kernel_code()),
+        }
+    }
+
     pub fn is_cuda(&self) -> bool {
         matches!(self, Device::Cuda(_))
     }
@@ -331,7 +339,9 @@ impl Gpu {
             return Ok(m.clone());
         }
         let arch = cuda.arch;
-        let (m, code) = match module.sass(arch) {
+        // (Forced to PTX, the cubin is not even inflated.)
+        let cubin = if cuda.force_ptx { None } else { module.sass(arch) };
+        let (m, code) = match cubin {
             _ if cuda.force_ptx => (self.load_ptx(module)?, LoadedCode::Ptx("PTXGRAD_KERNEL_CODE=ptx".into())),
             None => (self.load_ptx(module)?, LoadedCode::Ptx(format!("this build has no sm_{arch} machine code"))),
             Some(cubin) => match cuda.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)) {

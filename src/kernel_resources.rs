@@ -129,6 +129,11 @@ pub fn kernel_resources(gpu: &Gpu) -> Result<Vec<KernelResources>> {
     Ok(out)
 }
 
+/// Every rule `kernels` break, as "kernel: sentence" (empty when all keep them).
+pub fn broken_rules(kernels: &[KernelResources]) -> Vec<String> {
+    kernels.iter().flat_map(|k| k.violations().into_iter().map(move |v| format!("{}: {v}", k.kernel))).collect()
+}
+
 /// A table of `kernels`, one line each, then a line of totals.
 pub fn report(kernels: &[KernelResources]) -> String {
     let opt = |v: Option<u32>| v.map_or("-".to_string(), |v| v.to_string());

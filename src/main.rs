@@ -279,7 +279,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
             "kind": "final", "loss": last.loss, "train_acc": last.train_acc, "test_acc": last.test_acc,
             "examples_per_sec": rate, "end_to_end_examples_per_sec": end_to_end, "seconds": wall,
             "device": device.label(), "device_name": device.hardware_name(),
-            "kernel_code": match &device { Device::Cuda(g) => Some(g.kernel_code()), Device::Cpu => None },
+            "kernel_code": device.kernel_code(),
         });
         writeln!(f, "{line}")?;
     }
@@ -353,8 +353,7 @@ fn cmd_kernels(spec: &str, json: bool) -> Result<()> {
         println!("{} (driver {}), {}:", gpu.name, ptxgrad::device::driver_version(), gpu.kernel_code());
         print!("{}", kernel_resources::report(&kernels));
     }
-    let breaking: Vec<String> =
-        kernels.iter().flat_map(|k| k.violations().into_iter().map(move |v| format!("{}: {v}", k.kernel))).collect();
+    let breaking = kernel_resources::broken_rules(&kernels);
     if !breaking.is_empty() {
         bail!("{} design rule(s) broken:\n  {}", breaking.len(), breaking.join("\n  "));
     }

@@ -5,7 +5,7 @@
 mod common;
 
 use ptxgrad::device::LoadedCode;
-use ptxgrad::kernel_resources::{kernel_resources, report, KernelResources};
+use ptxgrad::kernel_resources::{broken_rules, kernel_resources, report, KernelResources};
 use ptxgrad::Device;
 
 /// A GEMM kernel as the rules want it: 128 registers, 2 blocks of 256 threads per SM.
@@ -95,7 +95,6 @@ fn kernel_resources_cuda_keep_the_design_rules() {
     for k in kernels.iter().filter(|k| ptxgrad::ptx::SASS_ARCHS.contains(&k.binary_version) && !forced_ptx) {
         assert_eq!(k.code, LoadedCode::Sass(k.binary_version), "{}", k.kernel);
     }
-    let broken: Vec<String> =
-        kernels.iter().flat_map(|k| k.violations().into_iter().map(move |v| format!("{}: {v}", k.kernel))).collect();
+    let broken = broken_rules(&kernels);
     assert!(broken.is_empty(), "the driver's build breaks the kernels' design rules:\n{}", broken.join("\n"));
 }
