@@ -15,6 +15,23 @@
 #define PTX_SHARED_ARRAY(T, name, n) __shared__ __align__(16) T name[n]
 #endif
 
+// ReLU as PyTorch computes it, for every kernel that applies one (relu.cu and the fused
+// epilogues of conv2d.cu, winograd.cu and dense.cu): NaN stays NaN, so that a diverged run shows
+// in its loss instead of being zeroed (fmaxf(NaN, 0) is 0); v > 0 (+inf too) stays v; anything
+// else, -0.0 included, gives +0.0. fmaxf alone may return either zero for -0.0 (the emulator's
+// gives -0.0): adding +0.0 turns -0.0 into +0.0 and changes nothing else. A NaN test around
+// fmaxf, not the select `v > 0 ? v : 0` with a NaN case: in winograd.cu's scatter a select merges
+// with the `relu` flag into one predicate and ptxas then spills registers (which tests/ptx.rs
+// forbids); with this form every GEMM and scatter kernel keeps fmaxf's register allocation.
+// Mirrored by ops::relu::relu_value.
+__device__ __forceinline__ float relu_f32(float v) { return v != v ? v : fmaxf(v, 0.0f) + 0.0f; }
+
+// Whether the ReLU whose output is y passes its gradient (PyTorch's threshold_backward: zero
+// where y <= 0, else the gradient): everywhere but y <= 0, so a NaN output passes its gradient.
+// Used by relu.cu's backward and by maxpool2d.cu's mask, which stands in for it. Mirrored by
+// ops::relu::relu_passes_grad.
+__device__ __forceinline__ bool relu_passes_grad(float y) { return !(y <= 0.0f); }
+
 __device__ __forceinline__ unsigned ceil_div(unsigned a, unsigned b) { return (a + b - 1) / b; }
 
 // Grid-stride loop over [0, n): correct for any grid size, so the host may cap the grid.

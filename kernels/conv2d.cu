@@ -5,8 +5,9 @@
 // Each pass is one GEMM whose operands are read in place (no im2col buffer):
 // - forward  (conv2d_fwd_f32_*):      M = Cout, N = batch*OH*OW (column q = (n, oh, ow)), K = Cin*KHW
 //       A(co, k) = w[co][k] = wt[k][co],  B(k, q) = x[n][ci][oh*s-pad+kh][ow*s-pad+kw] (0 in the padding),
-//       epilogue y = A.B + b[co], optionally max(., 0). The whole batch is one GEMM, so the small
-//       late layers (12 x 12 images) still fill 128-wide tiles.
+//       epilogue y = A.B + b[co], optionally ReLU (relu_f32: max(., 0) with NaN kept NaN, as
+//       PyTorch). The whole batch is one GEMM, so the small late layers (12 x 12 images) still
+//       fill 128-wide tiles.
 // - input grad (conv2d_bwd_input_f32_*): M = Cin, N = batch*H*W (column q = (n, ih, iw)), K = Cout*KHW
 //       A(ci, (co,kh,kw)) = w[co][ci][kh][kw] = wt[(co,kh,kw)][ci],
 //       B((co,kh,kw), q) = gy[n][co][oh][ow] where ih = oh*s - pad + kh (and the same for w), i.e.
@@ -35,7 +36,7 @@
 // Mirrors ops::conv2d::Conv2dParams field for field.
 struct Conv2dParams {
     unsigned n, c_in, h, w, c_out, kh, kw, stride, pad, oh, ow;
-    unsigned relu;     // forward: 1 = fuse max(., 0)
+    unsigned relu;     // forward: 1 = fuse the ReLU (relu_f32)
     unsigned k_chunk;  // weight grad: reduction length per split (a multiple of 8)
     FastDiv ohw_div, ow_div;  // division by OH*OW and by OW
 };
@@ -116,7 +117,7 @@ struct FwdB {  // the im2col matrix (K, batch*OH*OW), read from x
     __device__ __forceinline__ const float* ptr(const Window& w, const int2& e) const { return x_at(x, w, e, p); }
     __device__ __forceinline__ const float* any() const { return x; }
 };
-struct FwdEpi {  // y[n][co][pix] = v + b[co], optionally max(., 0)
+struct FwdEpi {  // y[n][co][pix] = v + b[co], optionally relu_f32 (NaN stays NaN)
     float* __restrict__ y;
     const float* __restrict__ b;
     Conv2dParams p;
@@ -131,7 +132,7 @@ struct FwdEpi {  // y[n][co][pix] = v + b[co], optionally max(., 0)
     }
     __device__ __forceinline__ float value(int co, float v) const {
         v += __ldg(b + co);
-        return p.relu ? fmaxf(v, 0.0f) : v;
+        return p.relu ? relu_f32(v) : v;
     }
     __device__ __forceinline__ void operator()(int co, int c, float v) const {
         y[c + co * (int)(p.oh * p.ow)] = value(co, v);

@@ -2,7 +2,8 @@
 // shared SGEMM core in gemm.cuh. Shapes: x (B, IN), w (OUT, IN), b (OUT), y (B, OUT).
 //
 // - forward (dense_fwd_f32_*):        M = B, N = OUT, K = IN; A(i, k) = x[i][k], B(k, o) = w[o][k]
-//       (both read along k), epilogue y[i][o] = A.B + b[o], optionally max(., 0).
+//       (both read along k), epilogue y[i][o] = A.B + b[o], optionally ReLU (relu_f32: max(., 0)
+//       with NaN kept NaN, as PyTorch).
 // - input grad (dense_bwd_input_f32_*): gx = gy . W: M = B, N = IN, K = OUT;
 //       A(i, o) = gy[i][o] (along k), B(o, j) = w[o][j] (along n).
 // - weight grad (dense_bwd_weight_f32_*): gw = gy^T . x: M = OUT, N = IN, K = B;
@@ -22,7 +23,7 @@
 // Mirrors ops::dense::DenseParams field for field.
 struct DenseParams {
     unsigned batch, in_f, out_f;
-    unsigned relu;     // forward: 1 = fuse max(., 0)
+    unsigned relu;     // forward: 1 = fuse the ReLU (relu_f32)
     unsigned k_chunk;  // forward / input grad: 0 = one pass over K; else the K range of each split
 };
 
@@ -54,7 +55,7 @@ struct FwdEpi {
     __device__ __forceinline__ float value(int o, float v) const {
         if (partial) return v;
         v += __ldg(b + o);
-        return relu ? fmaxf(v, 0.0f) : v;
+        return relu ? relu_f32(v) : v;
     }
     __device__ __forceinline__ void operator()(int i, int o, float v) const { y[i * out_f + o] = value(o, v); }
     __device__ __forceinline__ void store2(int i, int o, float v0, float v1) const {
@@ -109,7 +110,7 @@ __device__ __forceinline__ void dense_bwd_weight(const float* x, const float* gy
 
 GEMM_FOR_EACH_TILE(DENSE_KERNELS)
 
-// out[i][c] = sum_z ws[z][i][c] (+ b[c] if has_bias, then max(., 0) if p.relu); out: rows x cols.
+// out[i][c] = sum_z ws[z][i][c] (+ b[c] if has_bias, then relu_f32 if p.relu); out: rows x cols.
 PTX_KERNEL void dense_splitk_sum_f32(const float* __restrict__ ws, float* __restrict__ out,
                                      const float* __restrict__ b, unsigned rows, unsigned cols, unsigned splits,
                                      unsigned has_bias, DenseParams p) {
@@ -118,7 +119,7 @@ PTX_KERNEL void dense_splitk_sum_f32(const float* __restrict__ ws, float* __rest
         float s = 0.0f;
         for (unsigned z = 0; z < splits; ++z) s += ws[z * len + i];
         if (has_bias) s += b[i % cols];
-        if (p.relu) s = fmaxf(s, 0.0f);
+        if (p.relu) s = relu_f32(s);
         out[i] = s;
     }
 }

@@ -1,4 +1,6 @@
 // dropout (inverted): y = x * keep / (1 - p), keep ~ Bernoulli(1 - p), independently per element.
+// As in PyTorch the mask multiplies (x * (keep ? scale : 0)), it does not select: a dropped NaN or
+// +-inf gives NaN, forward and backward, so a diverged value is not hidden by the mask.
 //
 // The mask is never stored: keep(i) is a pure function of (seed, i), a counter-based RNG, so the
 // backward regenerates exactly the forward's mask, and the CPU reference (`dropout_mask_keep` in
@@ -27,11 +29,12 @@ __device__ __forceinline__ bool dropout_keep(unsigned long long start, unsigned 
     return u >= p;
 }
 
-// out = keep(i) ? in * scale : 0, scale = 1 / (1 - p) computed once on the host.
+// out = in * (keep(i) ? scale : 0), scale = 1 / (1 - p) computed once on the host (a kept value is
+// in * scale exactly; a dropped NaN or inf gives NaN, a dropped finite value +-0).
 __device__ __forceinline__ void dropout_apply(const float* __restrict__ in, float* __restrict__ out, float p,
                                               float scale, unsigned long long seed, unsigned long long n) {
     const unsigned long long start = splitmix64_mix(seed + DROPOUT_GOLDEN);
-    FOR_EACH_INDEX(i, n) out[i] = dropout_keep(start, i, p) ? in[i] * scale : 0.0f;
+    FOR_EACH_INDEX(i, n) out[i] = in[i] * (dropout_keep(start, i, p) ? scale : 0.0f);
 }
 
 PTX_KERNEL void dropout_fwd_f32(const float* __restrict__ x, float* __restrict__ y, float p, float scale,

@@ -5,9 +5,11 @@
 // Semantics (as PyTorch): the first maximum in row-major window order wins a tie; a NaN is taken
 // as the maximum (once the running max is NaN only a later NaN replaces it, so y is NaN).
 // With drop_nonpositive set (the host sets it when x is a ReLU's output), a window whose maximum
-// is not positive stores NO_GRAD as its argmax, so the backward routes its gradient nowhere: the
-// ReLU's backward would have zeroed it (its input was <= 0 there), and this way the gradient
-// leaves max-pool already masked, with no pass of its own (ops::relu). y is unchanged.
+// is <= 0 stores NO_GRAD as its argmax, so the backward routes its gradient nowhere: the ReLU's
+// backward would have zeroed it (its output was <= 0 there), and this way the gradient leaves
+// max-pool already masked, with no pass of its own (ops::relu). The test is the ReLU backward's
+// own (relu_passes_grad): a NaN maximum routes its gradient, as the ReLU passes it at a NaN
+// output. y is unchanged.
 //
 // Design:
 //  * launch: a 2-D grid, x over the N * C planes and y over the elements of one plane (outputs for
@@ -34,7 +36,7 @@
 // Mirrors `Maxpool2dParams` in src/ops/maxpool2d.rs, field for field.
 struct Maxpool2dParams {
     unsigned n, c, h, w, oh, ow, k, stride;
-    unsigned drop_nonpositive;          // 1: windows with max <= 0 route no gradient (above)
+    unsigned drop_nonpositive;          // 1: windows with max <= 0 (not NaN) route no gradient
     FastDiv w_div, ow_div, stride_div;  // division by W, by OW and by the stride
 };
 
@@ -64,7 +66,7 @@ PTX_KERNEL void maxpool2d_fwd_f32(const float* __restrict__ x, float* __restrict
         }
         const unsigned long long out = (unsigned long long)plane * plane_out + o;
         y[out] = best;
-        const bool routes = !p.drop_nonpositive || best > 0.0f;  // NaN: not positive
+        const bool routes = !p.drop_nonpositive || relu_passes_grad(best);  // NaN routes
         argmax[out] = routes ? arg : NO_GRAD;
     }
 }

@@ -11,6 +11,10 @@
 //  * the batch mean / the statistics: a single block of exactly 256 threads sums the per-row values
 //    in a fixed order (strided partial sums, then a shared-memory tree). Deterministic, no atomics.
 //  * a label >= C is never used as an index: that row's loss is NaN (the CPU path reports an error).
+//  * NaN and infinities as in PyTorch: the row max skips a NaN (fmaxf), but exp(NaN - m) enters
+//    s, so a NaN logit makes its row's loss, probabilities and gradient NaN, and the batch mean
+//    NaN; a +inf logit does too (inf - inf); a -inf logit off the label is a class of probability
+//    0 (finite loss), at the label it makes the loss +inf.
 #include "common.cuh"
 
 #define SXE_BLOCK 256  // the reduction kernels' block size (the host launches exactly this)

@@ -12,8 +12,9 @@
 //   (blockIdx.z = split * batch + xi). Both operands are read along their rows, so that the core
 //   takes 16-byte loads whenever M and N are multiples of 4 (the host's layouts are chosen so).
 // - winograd_scatter_f32_a{4,6,8}: (splits x) (alpha^2, C, P) -> planes. One thread per
-//   (c, tile): it adds the split-K partials, computes L T L^T, adds the bias, applies ReLU and
-//   stores the in-plane part of its extent x extent corner.
+//   (c, tile): it adds the split-K partials, computes L T L^T, adds the bias, applies the ReLU
+//   (relu_f32: max(., 0) with NaN kept NaN, as PyTorch) and stores the in-plane part of its
+//   extent x extent corner.
 //
 // Design rules: alpha is a template parameter (4, 6, 8; the host uses no other) so that the tile
 // lives in registers; L arrives zero-padded in the parameter
@@ -29,7 +30,7 @@ struct TileParams {
     unsigned tiles_h, tiles_w;  // tiles per plane
     unsigned step, pad;        // tile (th, tw) starts at pixel (th*step - pad, tw*step - pad)
     unsigned extent;           // tile side in the planes
-    unsigned relu;             // scatter: max(., 0)
+    unsigned relu;             // scatter: relu_f32
     unsigned splits, split_len;  // scatter: partials to add, split_len elements apart
     unsigned tile_major;         // gather: 1 = write (alpha^2, P, C), else (alpha^2, C, P)
     FastDiv c_div, tiles_div, per_plane_div, tiles_w_div;  // division by C, P, tiles per plane, tiles_w
@@ -147,7 +148,7 @@ __device__ __forceinline__ void scatter(const float* __restrict__ in, const floa
                 const int r = at.row0 + a, c = at.col0 + b;
                 if (a < (int)p.extent && b < (int)p.extent && (unsigned)r < p.h && (unsigned)c < p.w) {
                     const float v = o[a][b] + bv;
-                    dst[at.plane + r * p.w + c] = p.relu ? fmaxf(v, 0.0f) : v;
+                    dst[at.plane + r * p.w + c] = p.relu ? relu_f32(v) : v;
                 }
             }
     }

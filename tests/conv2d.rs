@@ -353,6 +353,99 @@ test_device!(conv2d_with_winograd_records_the_same_gradients_as_gemm, |dev| {
     }
 });
 
+// ---- NaN and infinities ----
+
+/// Asserts `got` against `reference` elementwise: NaN exactly where the reference is NaN, the
+/// same infinity where it is infinite, within atol + rtol * |reference| (and finite) elsewhere.
+fn assert_close_nonfinite(what: &str, reference: &[f32], got: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(reference.len(), got.len(), "{what}: lengths differ");
+    for (i, (&r, &g)) in reference.iter().zip(got).enumerate() {
+        let ok = if r.is_nan() {
+            g.is_nan()
+        } else if r.is_infinite() {
+            g == r
+        } else {
+            g.is_finite() && (r - g).abs() <= atol + rtol * r.abs()
+        };
+        assert!(ok, "{what}: element {i}: reference {r} vs got {g}");
+    }
+}
+
+test_device!(conv2d_fused_relu_propagates_nan_as_pytorch, |dev| {
+    // Bias NaN, +inf, -inf and finite for the four channels, and one NaN pixel in image 1: as in
+    // PyTorch (conv2d then relu), NaN wherever a NaN enters the sum, relu(+inf) = +inf,
+    // relu(-inf) = 0; the backward passes the gradient wherever y is NaN or positive.
+    let c = case(2, 2, 5, 5, 4, 3, 3, 1, 1);
+    let p = c.params();
+    let (oh, ow) = (p.oh as usize, p.ow as usize);
+    let mut xv = uniform(p.x_len(), -1.0, 1.0, 1);
+    let (nan_y, nan_x) = (2, 2);
+    xv[c.cin * c.h * c.w + nan_y * c.w + nan_x] = f32::NAN; // image 1, channel 0
+    let wv = uniform(p.w_len(), -1.0, 1.0, 2);
+    let bv = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.1];
+    let rv = uniform(p.y_len(), -1.0, 1.0, 3);
+    let t = |shape: &[usize], v: &[f32]| Tensor::from_vec(shape, v.to_vec(), &dev).unwrap();
+    let (x, w, b) = (t(&[c.n, c.cin, c.h, c.w], &xv), t(&[c.cout, c.cin, 3, 3], &wv), t(&[c.cout], &bv));
+    let r = t(&[c.n, c.cout, oh, ow], &rv);
+    let mut tape = Tape::train();
+    for v in [&x, &w, &b] {
+        tape.watch(v);
+    }
+    let y = conv2d(&mut tape, &x, &w, &b, c.stride, c.pad, true).unwrap();
+    let loss = Tensor::from_vec(&[1], vec![0.0], &dev).unwrap();
+    let (y_id, r_saved) = (y.id(), r.clone());
+    tape.record(&loss, &[&y], move |_, grads| grads.accumulate(y_id, r_saved));
+    let grads = tape.backward(&loss).unwrap();
+    let got = |v: &Tensor| grads.get(v).unwrap().to_vec().unwrap();
+
+    // Forward: the pattern PyTorch gives, then the values against the CPU reference.
+    let yv = y.to_vec().unwrap();
+    let y_ref = conv2d_fwd_cpu(&xv, &wv, &bv, &p, true);
+    for (i, &v) in yv.iter().enumerate() {
+        let (n, co, pix) = (i / (c.cout * oh * ow), i / (oh * ow) % c.cout, i % (oh * ow));
+        // Output (oy, ox) reads input rows oy - 1 ..= oy + 1 (pad 1, stride 1), columns alike.
+        let sees_nan = n == 1 && (pix / ow).abs_diff(nan_y) <= 1 && (pix % ow).abs_diff(nan_x) <= 1;
+        let ok = match co {
+            _ if co == 0 || sees_nan => v.is_nan(),
+            1 => v == f32::INFINITY,
+            2 => v.to_bits() == 0, // +0.0
+            _ => v.is_finite() && v >= 0.0,
+        };
+        assert!(ok, "y[{n}][{co}][{pix}] = {v}");
+    }
+    assert_close_nonfinite("y", &y_ref, &yv, 1e-5, 1e-5);
+
+    // Backward: gy masked as PyTorch's relu backward does (NaN and +inf outputs pass it).
+    let masked = relu_bwd_cpu(&yv, &rv);
+    let per_channel = oh * ow;
+    for (i, (&m, &r)) in masked.iter().zip(&rv).enumerate() {
+        let want = if yv[i].is_nan() || yv[i] > 0.0 { r } else { 0.0 };
+        assert_eq!(m, want, "masked gy at {i} (y {})", yv[i]);
+    }
+    let (gx, gw, gb) = (got(&x), got(&w), got(&b));
+    // gx: finite (w and the gradient are); the NaN pixel of x does not enter it.
+    assert!(gx.iter().all(|v| v.is_finite()), "gx {gx:?}");
+    assert_close_nonfinite("gx", &conv2d_bwd_input_cpu(&wv, &masked, &p), &gx, 1e-5, 1e-5);
+    // gw: NaN for input channel 0, which holds the NaN pixel (every filter tap reaches it from
+    // an output that passes its gradient), finite for channel 1.
+    for (i, &v) in gw.iter().enumerate() {
+        assert_eq!(v.is_nan(), i / 9 % c.cin == 0, "gw[{i}] = {v}");
+    }
+    assert_close_nonfinite("gw", &conv2d_bwd_weight_cpu(&xv, &masked, &p), &gw, 1e-5, 1e-5);
+    // gb: the sum of the gradient the ReLU passes: all of it for the NaN and +inf channels,
+    // none for -inf (y = 0 there, except around the NaN pixel).
+    let sum = |co: usize, keep: &dyn Fn(f32) -> bool| -> f32 {
+        (0..c.n)
+            .flat_map(|n| (0..per_channel).map(move |j| (n * c.cout + co) * per_channel + j))
+            .filter(|&i| keep(yv[i]))
+            .map(|i| rv[i])
+            .sum()
+    };
+    assert_close("gb[0], gb[1]", &[sum(0, &|_| true), sum(1, &|_| true)], &gb[..2], 1e-5, 1e-5);
+    assert_close("gb[2]", &[sum(2, &|v| v.is_nan())], &gb[2..3], 1e-5, 1e-5);
+    assert_close_nonfinite("gb", &conv2d_bwd_bias_cpu(&masked, &p), &gb, 1e-5, 1e-5);
+});
+
 // ---- errors ----
 
 fn zeros(shape: &[usize]) -> Tensor {

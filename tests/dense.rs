@@ -158,6 +158,84 @@ test_device!(dense_recorded_op_applies_relu_mask, |dev| {
     assert_close("gb", &dense_bwd_bias_cpu(&m, out_f), &got(&b), 1e-5, 1e-5);
 });
 
+/// Asserts `got` against `reference` elementwise: NaN exactly where the reference is NaN, the
+/// same infinity where it is infinite, within atol + rtol * |reference| (and finite) elsewhere.
+fn assert_close_nonfinite(what: &str, reference: &[f32], got: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(reference.len(), got.len(), "{what}: lengths differ");
+    for (i, (&r, &g)) in reference.iter().zip(got).enumerate() {
+        let ok = if r.is_nan() {
+            g.is_nan()
+        } else if r.is_infinite() {
+            g == r
+        } else {
+            g.is_finite() && (r - g).abs() <= atol + rtol * r.abs()
+        };
+        assert!(ok, "{what}: element {i}: reference {r} vs got {g}");
+    }
+}
+
+test_device!(dense_fused_relu_propagates_nan_as_pytorch, |dev| {
+    // Bias NaN, +inf, -inf and finite for the four outputs, and one NaN input in row 1; in = 5
+    // takes the one-pass kernel, in = 1024 at batch 3 the split-K one (one block, 4 splits),
+    // whose reduction kernel applies the bias and the ReLU. As in PyTorch (linear then relu): NaN
+    // wherever a NaN enters the sum, relu(+inf) = +inf, relu(-inf) = 0; the backward passes the
+    // gradient wherever y is NaN or positive.
+    for in_f in [5, 1024] {
+        let (batch, out_f, nan_row, nan_col) = (3, 4, 1, 2);
+        let mut xv = uniform(batch * in_f, -1.0, 1.0, 1);
+        xv[nan_row * in_f + nan_col] = f32::NAN;
+        let wv = uniform(out_f * in_f, -1.0, 1.0, 2);
+        let bv = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.1];
+        let rv = uniform(batch * out_f, -1.0, 1.0, 3);
+        let t = |shape: &[usize], v: &[f32]| Tensor::from_vec(shape, v.to_vec(), &dev).unwrap();
+        let (x, w, b, r) = (t(&[batch, in_f], &xv), t(&[out_f, in_f], &wv), t(&[out_f], &bv), t(&[batch, out_f], &rv));
+        let mut tape = Tape::train();
+        for v in [&x, &w, &b] {
+            tape.watch(v);
+        }
+        let y = dense(&mut tape, &x, &w, &b, true).unwrap();
+        let loss = Tensor::from_vec(&[1], vec![0.0], &dev).unwrap();
+        let (y_id, r_saved) = (y.id(), r.clone());
+        tape.record(&loss, &[&y], move |_, grads| grads.accumulate(y_id, r_saved));
+        let grads = tape.backward(&loss).unwrap();
+        let got = |v: &Tensor| grads.get(v).unwrap().to_vec().unwrap();
+        let what = |s: &str| format!("{s} (in {in_f}) on {}", dev.label());
+
+        let yv = y.to_vec().unwrap();
+        for (i, &v) in yv.iter().enumerate() {
+            let (row, o) = (i / out_f, i % out_f);
+            let ok = match o {
+                _ if o == 0 || row == nan_row => v.is_nan(),
+                1 => v == f32::INFINITY,
+                2 => v.to_bits() == 0, // +0.0
+                _ => v.is_finite() && v >= 0.0,
+            };
+            assert!(ok, "{}: y[{row}][{o}] = {v}", what("pattern"));
+        }
+        let k_atol = atol(in_f);
+        assert_close_nonfinite(&what("y"), &dense_fwd_cpu(&xv, &wv, &bv, in_f, out_f, true), &yv, k_atol, 1e-5);
+
+        let masked = relu_bwd_cpu(&yv, &rv);
+        for (i, (&m, &r)) in masked.iter().zip(&rv).enumerate() {
+            assert_eq!(m, if yv[i].is_nan() || yv[i] > 0.0 { r } else { 0.0 }, "masked gy at {i} (y {})", yv[i]);
+        }
+        let (gx, gw, gb) = (got(&x), got(&w), got(&b));
+        assert!(gx.iter().all(|v| v.is_finite()), "{}: the NaN in x does not enter gx", what("gx"));
+        assert_close_nonfinite(&what("gx"), &dense_bwd_input_cpu(&wv, &masked, in_f, out_f), &gx, 1e-5, 1e-5);
+        // gw[o][j] sums gy[i][o] * x[i][j]: NaN in the NaN's column (its row passes every
+        // output's gradient), finite elsewhere.
+        for (i, &v) in gw.iter().enumerate() {
+            assert_eq!(v.is_nan(), i % in_f == nan_col, "{}: gw[{i}] = {v}", what("gw"));
+        }
+        assert_close_nonfinite(&what("gw"), &dense_bwd_weight_cpu(&xv, &masked, in_f, out_f), &gw, 1e-5, 1e-5);
+        // gb: all of the gradient for the NaN and +inf outputs, only the NaN row's for -inf.
+        let col = |o: usize| -> Vec<f32> { (0..batch).map(|i| rv[i * out_f + o]).collect() };
+        let want_gb = [col(0).iter().sum(), col(1).iter().sum(), col(2)[nan_row]];
+        assert_close(&what("gb"), &want_gb, &gb[..3], 1e-5, 1e-5);
+        assert_close_nonfinite(&what("gb"), &dense_bwd_bias_cpu(&masked, out_f), &gb, 1e-5, 1e-5);
+    }
+});
+
 #[test]
 fn dense_rejects_bad_shapes() {
     let z = |s: &[usize]| Tensor::zeros(s, &Device::Cpu).unwrap();

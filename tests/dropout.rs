@@ -129,6 +129,35 @@ test_device!(dropout_records_its_backward, |dev| {
     assert!(gx.iter().enumerate().all(|(i, &g)| (g == 0.0) != dropout_mask_keep(77, i as u64, 0.25)));
 });
 
+test_device!(dropout_keeps_nan_where_it_drops, |dev| {
+    // PyTorch multiplies by the mask (x * mask / (1 - p)): a dropped NaN or +-inf is NaN, not 0
+    // (NaN * 0 and inf * 0 are NaN), a dropped finite value is +-0 (its sign times 0), a kept one
+    // x * scale. The backward is the same map on gy.
+    let (p, seed) = (0.5f32, 99);
+    let scale = 1.0 / (1.0 - p);
+    let keep: Vec<bool> = (0..64).map(|i| dropout_mask_keep(seed, i, p)).collect();
+    let kept: Vec<usize> = (0..64).filter(|&i| keep[i]).take(4).collect();
+    let dropped: Vec<usize> = (0..64).filter(|&i| !keep[i]).take(4).collect();
+    assert!(kept.len() == 4 && dropped.len() == 4, "seed {seed} keeps and drops within 64");
+    let n = kept.iter().chain(&dropped).max().unwrap() + 1;
+    let mut v = uniform(n, -1.0, 1.0, 5);
+    for idx in [&kept, &dropped] {
+        (v[idx[0]], v[idx[1]], v[idx[2]], v[idx[3]]) = (f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.75);
+    }
+    let t = Tensor::from_vec(&[n], v.clone(), &dev).unwrap();
+    let want: Vec<f32> = (0..n).map(|i| v[i] * if keep[i] { scale } else { 0.0 }).collect();
+    assert!(dropped[..3].iter().all(|&i| want[i].is_nan()) && want[dropped[3]].to_bits() == (-0.0f32).to_bits());
+    let fwd = dropout_fwd(&t, p, seed).unwrap().to_vec().unwrap();
+    let bwd = dropout_bwd(&t, p, seed).unwrap().to_vec().unwrap();
+    let cpu = dropout_cpu(&v, p, seed).unwrap();
+    for (what, got) in [("forward", &fwd), ("backward", &bwd), ("CPU reference", &cpu)] {
+        for i in 0..n {
+            let same = want[i].to_bits() == got[i].to_bits() || (want[i].is_nan() && got[i].is_nan());
+            assert!(same, "{what}: element {i} (x {}, kept {}): {} instead of {}", v[i], keep[i], got[i], want[i]);
+        }
+    }
+});
+
 #[test]
 fn dropout_rejects_bad_rates() {
     let x = Tensor::from_vec(&[2], vec![1.0, 2.0], &Device::Cpu).unwrap();

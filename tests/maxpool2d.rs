@@ -249,6 +249,45 @@ test_device!(maxpool2d_recorded_after_relu_marks_its_gradient_masked, |dev| {
     }
 });
 
+test_device!(maxpool2d_after_relu_routes_the_gradient_of_a_nan_maximum, |dev| {
+    // x = relu(pre) in one 4 x 4 plane, four 2 x 2 windows (row-major within each):
+    //   0: all negative before the ReLU: max 0, routes nothing (the ReLU would zero it)
+    //   1: NaN, 0.5, -1, 2: max NaN (a NaN is the maximum), routed to the NaN, as the ReLU
+    //      passes the gradient at a NaN output
+    //   2: 0.25, -1, 0.5, -2: max 0.5
+    //   3: +inf, 1, NaN, 3: the NaN after +inf takes over; a later value never displaces it
+    let (nan, inf) = (f32::NAN, f32::INFINITY);
+    let windows = [[-1.0, -2.0, -3.0, -4.0], [nan, 0.5, -1.0, 2.0], [0.25, -1.0, 0.5, -2.0], [inf, 1.0, nan, 3.0]];
+    let mut pre = vec![0.0f32; 16];
+    let at = |win: usize, j: usize| (win / 2 * 2 + j / 2) * 4 + win % 2 * 2 + j % 2;
+    for (win, vals) in windows.iter().enumerate() {
+        for (j, &v) in vals.iter().enumerate() {
+            pre[at(win, j)] = v;
+        }
+    }
+    let x = relu_fwd(&Tensor::from_vec(&[1, 1, 4, 4], pre, &dev).unwrap()).unwrap();
+    let (y, arg) = maxpool2d_fwd_with(&x, 2, 2, true).unwrap();
+    let y = y.to_vec().unwrap();
+    assert!(y[0] == 0.0 && y[1].is_nan() && y[2] == 0.5 && y[3].is_nan(), "{y:?}");
+    let want_arg = vec![NO_GRAD, at(1, 0) as u32, at(2, 2) as u32, at(3, 2) as u32];
+    assert_eq!(arg.to_vec().unwrap(), want_arg);
+    let mut p = Maxpool2dParams::new(&[1, 1, 4, 4], 2, 2).unwrap();
+    p.drop_nonpositive = 1;
+    assert_eq!(maxpool2d_fwd_cpu(&x.to_vec().unwrap(), &p).1, want_arg, "CPU reference");
+
+    // A NaN gradient for the window that routes nothing goes nowhere, as the ReLU's backward
+    // would zero it there (y = 0); the others reach their argmax. The same as plain pooling
+    // followed by the ReLU's backward.
+    let gy = Tensor::from_vec(&[1, 1, 2, 2], vec![nan, 2.0, 3.0, 4.0], &dev).unwrap();
+    let gx = maxpool2d_bwd(&arg, &gy, &[1, 1, 4, 4], 2, 2).unwrap().to_vec().unwrap();
+    let mut want = vec![0.0f32; 16];
+    (want[at(1, 0)], want[at(2, 2)], want[at(3, 2)]) = (2.0, 3.0, 4.0);
+    assert_eq!(gx, want);
+    let (_, arg0) = maxpool2d_fwd(&x, 2, 2).unwrap();
+    let masked = relu_bwd(&x, &maxpool2d_bwd(&arg0, &gy, &[1, 1, 4, 4], 2, 2).unwrap()).unwrap();
+    assert_eq!(masked.to_vec().unwrap(), want, "plain pooling, then the ReLU's backward");
+});
+
 #[test]
 fn maxpool2d_rejects_bad_arguments() {
     let dev = Device::Cpu;

@@ -71,3 +71,50 @@ test_device!(relu_backward_passes_through_a_gradient_already_masked_for_its_outp
     // No ReLU: passed through whatever the mark.
     assert_eq!(through_fused_relu(None, &gy).unwrap().id(), gy.id());
 });
+
+/// Equal bit for bit (so +0.0 is not -0.0), or both NaN (of any payload).
+fn same(a: f32, b: f32) -> bool {
+    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+}
+
+/// x's special values and what PyTorch's relu makes of them (NaN stays NaN; -0.0 gives +0.0).
+fn specials() -> (Vec<f32>, Vec<f32>) {
+    let (nan, inf) = (f32::NAN, f32::INFINITY);
+    let tiny = -f32::from_bits(1); // the negative subnormal closest to 0
+    #[rustfmt::skip]
+    let x = vec![nan, -nan, inf, -inf, -0.0, 0.0, -1.5, 2.5, tiny, f32::MIN, f32::MAX, f32::MIN_POSITIVE];
+    #[rustfmt::skip]
+    let y = vec![nan, nan, inf, 0.0, 0.0, 0.0, 0.0, 2.5, 0.0, 0.0, f32::MAX, f32::MIN_POSITIVE];
+    (x, y)
+}
+
+test_device!(relu_propagates_nan_as_pytorch, |dev| {
+    let (xv, want) = specials();
+    let x = Tensor::from_vec(&[xv.len()], xv.clone(), &dev).unwrap();
+    let y = relu_fwd(&x).unwrap().to_vec().unwrap();
+    let cpu = relu_fwd_cpu(&xv);
+    for i in 0..xv.len() {
+        assert!(same(want[i], y[i]), "relu({}) = {}, PyTorch gives {}", xv[i], y[i], want[i]);
+        assert!(same(want[i], cpu[i]), "CPU reference: relu({}) = {}", xv[i], cpu[i]);
+    }
+});
+
+test_device!(relu_backward_passes_the_gradient_at_a_nan_output, |dev| {
+    // PyTorch's threshold_backward: gx = y <= 0 ? 0 : gy. A NaN output passes gy (finite or
+    // NaN); y <= 0 zeroes it even when gy is NaN or infinite; y > 0 (+inf too) passes it.
+    let (xv, yv) = specials();
+    let n = xv.len();
+    let y = relu_fwd(&Tensor::from_vec(&[n], xv.clone(), &dev).unwrap()).unwrap();
+    for special in [f32::NAN, f32::INFINITY, 0.75] {
+        // The special gradient at the even elements, an ordinary one at the odd.
+        let gyv: Vec<f32> = (0..n).map(|i| if i % 2 == 0 { special } else { 0.5 + i as f32 }).collect();
+        let gy = Tensor::from_vec(&[n], gyv.clone(), &dev).unwrap();
+        let gx = relu_bwd(&y, &gy).unwrap().to_vec().unwrap();
+        let cpu = relu_bwd_cpu(&yv, &gyv);
+        for i in 0..n {
+            let want = if yv[i].is_nan() || yv[i] > 0.0 { gyv[i] } else { 0.0 };
+            assert!(same(want, gx[i]), "x {}, gy {}: gx {}, PyTorch gives {want}", xv[i], gyv[i], gx[i]);
+            assert!(same(want, cpu[i]), "CPU reference: x {}, gy {}: gx {}", xv[i], gyv[i], cpu[i]);
+        }
+    }
+});

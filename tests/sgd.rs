@@ -44,6 +44,29 @@ test_device!(sgd_updates_in_place, |dev| {
     assert_eq!(p.to_vec().unwrap(), vec![0.0, 4.0, 3.0]); // exact: small integers and halves
 });
 
+test_device!(sgd_propagates_nan_and_infinite_gradients, |dev| {
+    // As PyTorch's p -= lr * g: a NaN gradient (or parameter) makes the parameter NaN, an
+    // infinite gradient an infinite parameter. 11 elements: two groups of 4 for the kernel's
+    // 16-byte path, then 3 it updates one by one; specials in both parts.
+    let (nan, inf) = (f32::NAN, f32::INFINITY);
+    let lr = 0.5f32;
+    let pv: Vec<f32> = vec![1.0, 2.0, 3.0, nan, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, inf];
+    let gv: Vec<f32> = vec![nan, 2.0, inf, 1.0, -inf, 0.0, 2.0, 4.0, nan, 1.0, 2.0];
+    #[rustfmt::skip]
+    let want: Vec<f32> = vec![nan, 1.0, -inf, nan, inf, 6.0, 6.0, 6.0, nan, 9.5, inf];
+    let mut p = Tensor::from_vec(&[11], pv.clone(), &dev).unwrap();
+    let g = Tensor::from_vec(&[11], gv.clone(), &dev).unwrap();
+    sgd_update(&mut p, &g, lr).unwrap();
+    let mut cpu = pv.clone();
+    sgd_update_cpu(&mut cpu, &gv, lr);
+    for (what, got) in [("sgd", p.to_vec().unwrap()), ("CPU reference", cpu)] {
+        for i in 0..11 {
+            let same = if want[i].is_nan() { got[i].is_nan() } else { got[i] == want[i] };
+            assert!(same, "{what}: element {i} (p {}, g {}): {} instead of {}", pv[i], gv[i], got[i], want[i]);
+        }
+    }
+});
+
 #[test]
 fn sgd_rejects_bad_arguments() {
     let dev = Device::Cpu;

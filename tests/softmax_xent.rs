@@ -141,6 +141,61 @@ test_device!(softmax_xent_records_its_backward, |dev| {
     }
 });
 
+test_device!(softmax_xent_propagates_nan_and_infinite_logits_as_pytorch, |dev| {
+    // One row at a time (loss, gradient, statistics), as PyTorch's cross_entropy gives them:
+    // a NaN logit anywhere in the row, or a +inf one (inf - inf in the log-sum-exp), makes the
+    // loss and the row's whole gradient NaN; a -inf logit off the label only drops its class
+    // (finite loss, gradient 0 there); -inf at the label makes the loss +inf.
+    let (nan, inf) = (f32::NAN, f32::INFINITY);
+    let finite = |row: &[f32], label: usize| -> f32 {
+        let m = row.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+        let s: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
+        (s.ln() - (row[label] as f64 - m)) as f32
+    };
+    #[rustfmt::skip]
+    let cases: [([f32; 4], u32, f32); 6] = [
+        ([0.5, nan, -1.0, 2.0], 0, nan),   // NaN off the label
+        ([0.5, 1.0, nan, 2.0], 2, nan),    // NaN at the label
+        ([inf, 0.0, 1.0, 2.0], 1, nan),    // +inf
+        ([nan; 4], 3, nan),                // all NaN
+        ([-inf, 1.0, 2.0, 3.0], 3, finite(&[1.0, 2.0, 3.0], 2)),
+        ([-inf, 0.0, 0.0, 0.0], 0, inf),
+    ];
+    let one = Tensor::from_vec(&[1], vec![1.0], &dev).unwrap();
+    for (row, label, want) in cases {
+        let x = Tensor::from_vec(&[1, 4], row.to_vec(), &dev).unwrap();
+        let labels = Tensor::from_vec(&[1], vec![label], &dev).unwrap();
+        let (loss, probs) = softmax_xent_fwd(&x, &labels).unwrap();
+        let loss = loss.to_vec().unwrap()[0];
+        // NaN for NaN, +inf for +inf, else within rounding (f32 on the device, f64 on the CPU).
+        let like = |got: f32| if want.is_nan() { got.is_nan() } else { got == want || (got - want).abs() < 1e-6 };
+        assert!(like(loss), "row {row:?}, label {label}: loss {loss}, PyTorch gives {want}");
+        let (cpu_loss, _) = softmax_xent_fwd_cpu(&row, &[label], 4).unwrap();
+        assert!(like(cpu_loss[0]), "row {row:?}, label {label}: CPU reference loss {}", cpu_loss[0]);
+        let gx = softmax_xent_bwd(&probs, &labels, &one).unwrap().to_vec().unwrap();
+        if want.is_nan() {
+            assert!(gx.iter().all(|g| g.is_nan()), "row {row:?}: gradient {gx:?}");
+        } else if want.is_finite() {
+            // The -inf class has probability 0: its gradient is 0; the row still sums to 0.
+            assert!(gx[0] == 0.0 && gx.iter().all(|g| g.is_finite()) && gx.iter().sum::<f32>().abs() < 1e-6, "{gx:?}");
+        } else {
+            // -inf at the label: softmax - onehot is still finite, [-1, 1/3, 1/3, 1/3].
+            assert_close("gradient, -inf at the label", &[-1.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0], &gx, 1e-6, 0.0);
+        }
+        let mut stats = Tensor::zeros(&[2], &dev).unwrap();
+        accumulate_stats(&x, &labels, &mut stats).unwrap();
+        let s = stats.to_vec().unwrap();
+        assert!(like(s[0]), "row {row:?}, label {label}: stats {s:?}");
+    }
+    // In a batch, one NaN row makes the mean loss NaN and leaves the other rows' gradients finite.
+    let x = Tensor::from_vec(&[2, 4], vec![0.5, 1.0, -1.0, 2.0, 0.5, nan, -1.0, 2.0], &dev).unwrap();
+    let labels = Tensor::from_vec(&[2], vec![3u32, 0], &dev).unwrap();
+    let (loss, probs) = softmax_xent_fwd(&x, &labels).unwrap();
+    assert!(loss.to_vec().unwrap()[0].is_nan());
+    let gx = softmax_xent_bwd(&probs, &labels, &one).unwrap().to_vec().unwrap();
+    assert!(gx[..4].iter().all(|g| g.is_finite()) && gx[4..].iter().all(|g| g.is_nan()), "{gx:?}");
+});
+
 #[test]
 fn softmax_xent_rejects_out_of_range_labels_on_cpu() {
     let x = rand_tensor(&[3, 10], 4, &Device::Cpu);

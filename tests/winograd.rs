@@ -5,13 +5,18 @@
 //! against the same reference. On a GPU, tests/conv2d.rs checks them on AlexNet's shapes.
 mod common;
 use common::*;
-use ptxgrad::ops::conv2d::{conv2d_bwd_input_cpu, conv2d_bwd_weight_cpu, conv2d_fwd_cpu, Conv2dParams, ConvAlgo};
+use ptxgrad::ops::conv2d::{
+    conv2d_bwd_bias_cpu, conv2d_bwd_input_cpu, conv2d_bwd_weight_cpu, conv2d_fwd_cpu, conv2d_fwd_with, conv2d_with,
+    Conv2dParams, ConvAlgo,
+};
 use ptxgrad::ops::gemm_math::GemmMath;
 use ptxgrad::ops::gemm_plan::Tile;
+use ptxgrad::ops::relu::relu_bwd_cpu;
 use ptxgrad::ops::winograd::{
     output_tile, weight_grad_splits, winograd_bwd_input_cpu, winograd_bwd_weight_cpu, winograd_fwd_cpu, GemmParams,
     Pass, TileParams, KERNEL_ALPHAS,
 };
+use ptxgrad::{Tape, Tensor};
 
 /// (n, cin, h, w, cout, r, pad)
 const CASES: &[(usize, usize, usize, usize, usize, usize, usize)] = &[
@@ -91,6 +96,99 @@ fn conv_algo_parses_and_prints() {
         assert_mentions(&msg, &["auto, gemm, winograd or winograd:M", &format!("`{bad}`")]);
     }
 }
+
+// ---- NaN and infinities ----
+
+/// Asserts `got` against `reference` elementwise: NaN exactly where the reference is NaN, the
+/// same infinity where it is infinite, within atol (and finite) elsewhere.
+fn assert_close_nonfinite(what: &str, reference: &[f32], got: &[f32], atol: f32) {
+    assert_eq!(reference.len(), got.len(), "{what}: lengths differ");
+    for (i, (&r, &g)) in reference.iter().zip(got).enumerate() {
+        let ok = if r.is_nan() {
+            g.is_nan()
+        } else if r.is_infinite() {
+            g == r
+        } else {
+            g.is_finite() && (r - g).abs() <= atol
+        };
+        assert!(ok, "{what}: element {i}: reference {r} vs got {g}");
+    }
+}
+
+test_device!(winograd_fused_relu_propagates_nan_as_pytorch, |dev| {
+    // The scatter's bias + ReLU for every alpha (F(2, 3), F(4, 3), F(6, 3): alpha 4, 6, 8), with
+    // bias NaN, +inf, -inf and finite for the four channels: as PyTorch's conv2d then relu gives,
+    // channel 0 NaN, 1 +inf, 2 +0.0, 3 relu of the sum; the backward passes the gradient
+    // wherever y is NaN or positive. Then one NaN pixel in x: NaN wherever it enters a sum.
+    let p = Conv2dParams::new(2, 2, 8, 8, 4, 3, 3, 1, 1).unwrap();
+    let plane = p.ohw();
+    let t = |shape: &[usize], v: &[f32]| Tensor::from_vec(shape, v.to_vec(), &dev).unwrap();
+    let xv = uniform(p.x_len(), -1.0, 1.0, 1);
+    let wv = uniform(p.w_len(), -1.0, 1.0, 2);
+    let bv = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.1];
+    let rv = uniform(p.y_len(), -1.0, 1.0, 3);
+    let (x, w, b, r) = (t(&[2, 2, 8, 8], &xv), t(&[4, 2, 3, 3], &wv), t(&[4], &bv), t(&[2, 4, 8, 8], &rv));
+    for m in [2, 4, 6] {
+        let algo = ConvAlgo::Winograd { tile: Some(m) };
+        assert_eq!(algo.winograd_tile(&p), Some(m));
+        let what = |s: &str| format!("{s}: F({m}, 3) on {}", dev.label());
+        let mut tape = Tape::train();
+        for v in [&x, &w, &b] {
+            tape.watch(v);
+        }
+        let y = conv2d_with(&mut tape, &x, &w, &b, 1, 1, true, algo).unwrap();
+        let loss = Tensor::from_vec(&[1], vec![0.0], &dev).unwrap();
+        let (y_id, r_saved) = (y.id(), r.clone());
+        tape.record(&loss, &[&y], move |_, grads| grads.accumulate(y_id, r_saved));
+        let grads = tape.backward(&loss).unwrap();
+        let got = |v: &Tensor| grads.get(v).unwrap().to_vec().unwrap();
+
+        let yv = y.to_vec().unwrap();
+        for (i, &v) in yv.iter().enumerate() {
+            let ok = match i / plane % 4 {
+                0 => v.is_nan(),
+                1 => v == f32::INFINITY,
+                2 => v.to_bits() == 0, // +0.0
+                _ => v.is_finite() && v >= 0.0,
+            };
+            assert!(ok, "{}: y[{i}] = {v}", what("pattern"));
+        }
+        assert_close_nonfinite(&what("y"), &conv2d_fwd_cpu(&xv, &wv, &bv, &p, true), &yv, wino_atol(18));
+        let masked = relu_bwd_cpu(&yv, &rv);
+        for (i, (&g, &r)) in masked.iter().zip(&rv).enumerate() {
+            let passes = match i / plane % 4 {
+                0 | 1 => true, // NaN, +inf
+                2 => false,    // 0
+                _ => yv[i] > 0.0,
+            };
+            assert_eq!(g, if passes { r } else { 0.0 }, "{}: masked gy at {i}", what("mask"));
+        }
+        let (gx, gw, gb) = (got(&x), got(&w), got(&b));
+        assert_close_nonfinite(&what("gx"), &conv2d_bwd_input_cpu(&wv, &masked, &p), &gx, wino_atol(36));
+        assert_close_nonfinite(&what("gw"), &conv2d_bwd_weight_cpu(&xv, &masked, &p), &gw, wino_atol(2 * plane));
+        assert_close_nonfinite(&what("gb"), &conv2d_bwd_bias_cpu(&masked, &p), &gb, wino_atol(2 * plane));
+
+        // A NaN pixel (image 1, channel 1, row 3, column 5): the direct convolution is NaN where
+        // the pixel is in an output's 3 x 3 window; Winograd also where it is in the output tile's
+        // input tile (a transform multiplies it by 0, and NaN * 0 is NaN), which its CPU pipeline
+        // mirrors exactly. Elsewhere the values are the direct convolution's.
+        let mut xn = xv.clone();
+        xn[(2 + 1) * 64 + 3 * 8 + 5] = f32::NAN;
+        let yn = conv2d_fwd_with(&t(&[2, 2, 8, 8], &xn), &w, &b, 1, 1, true, algo).unwrap().to_vec().unwrap();
+        let direct = conv2d_fwd_cpu(&xn, &wv, &bv, &p, true);
+        let pipeline = winograd_fwd_cpu(&xn, &wv, &bv, &p, m).unwrap();
+        for (i, ((&g, &d), &c)) in yn.iter().zip(&direct).zip(&pipeline).enumerate() {
+            let (img, co, pix) = (i / (4 * plane), i / plane % 4, i % plane);
+            let in_window = img == 1 && (pix / 8).abs_diff(3) <= 1 && (pix % 8).abs_diff(5) <= 1;
+            assert_eq!(d.is_nan(), co == 0 || in_window, "{}: direct y[{i}] = {d}", what("NaN pixel"));
+            assert_eq!(g.is_nan(), c.is_nan(), "{}: y[{i}] = {g}, the CPU pipeline gives {c}", what("NaN pixel"));
+            assert!(!d.is_nan() || g.is_nan(), "{}: y[{i}] = {g}, direct NaN", what("NaN pixel"));
+            if !g.is_nan() {
+                assert_close_nonfinite(&what("NaN pixel"), &[d], &[g], wino_atol(18));
+            }
+        }
+    }
+});
 
 // ---- the CUDA kernels, emulated ----
 

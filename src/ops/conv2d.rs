@@ -11,7 +11,7 @@ use crate::ops::fast_div::FastDiv;
 use crate::ops::gemm_plan::{gemm_launch, split_chunk, split_count, Tile};
 use crate::ops::matmul_cpu::{gemm_acc, transpose};
 use crate::ops::parallel::map_ranges;
-use crate::ops::relu::through_fused_relu;
+use crate::ops::relu::{relu_value, through_fused_relu};
 use crate::ops::winograd;
 use crate::ptx::Module;
 use crate::tape::Tape;
@@ -32,7 +32,7 @@ pub struct Conv2dParams {
     pub pad: u32,
     pub oh: u32,
     pub ow: u32,
-    /// Forward only: 1 fuses max(., 0) into the epilogue.
+    /// Forward only: 1 fuses the ReLU (`relu_value`: NaN stays NaN) into the epilogue.
     pub relu: u32,
     /// Weight grad only: the length of the reduction (over N*OH*OW) that each split sums.
     pub k_chunk: u32,
@@ -283,7 +283,7 @@ fn gy_matrix(gy: &[f32], p: &Conv2dParams, first: usize, g: usize) -> Vec<f32> {
     m
 }
 
-/// CPU reference forward: y = conv(x, w) + b, then max(., 0) if `relu`.
+/// CPU reference forward: y = conv(x, w) + b, then the ReLU (`relu_value`: NaN stays NaN) if `relu`.
 /// x: (N, Cin, H, W), w: (Cout, Cin*KH*KW), b: (Cout) -> (N, Cout, OH, OW).
 /// Per chunk of images: Y (Cout, g*OHW) = W (Cout, K) . im2col (K, g*OHW); chunks of images
 /// are split over the cores.
@@ -302,7 +302,7 @@ pub fn conv2d_fwd_cpu(x: &[f32], w: &[f32], b: &[f32], p: &Conv2dParams, relu: b
             for i in 0..g {
                 for co in 0..cout {
                     let row = &ym[co * np + i * ohw..][..ohw];
-                    out.extend(row.iter().map(|&v| if relu { v.max(0.0) } else { v }));
+                    out.extend(row.iter().map(|&v| if relu { relu_value(v) } else { v }));
                 }
             }
         }
@@ -505,7 +505,8 @@ pub mod plan {
 }
 
 /// Forward: x (N, Cin, H, W), w (Cout, Cin, KH, KW), b (Cout) -> y (N, Cout, OH, OW);
-/// `relu` fuses max(., 0). The implicit GEMM; `conv2d_fwd_with` takes the algorithm.
+/// `relu` fuses the ReLU (`ops::relu::relu_value`). The implicit GEMM; `conv2d_fwd_with` takes
+/// the algorithm.
 pub fn conv2d_fwd(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, pad: usize, relu: bool) -> Result<Tensor> {
     conv2d_fwd_with(x, w, b, stride, pad, relu, ConvAlgo::ImplicitGemm)
 }

@@ -9,7 +9,7 @@ use crate::ops::gemm_math::{gemm_kernel_names, GemmMath};
 use crate::ops::gemm_plan::{gemm_launch, split_chunk, split_count};
 use crate::ops::matmul_cpu::dot;
 use crate::ops::parallel::{for_each_row, map_ranges};
-use crate::ops::relu::through_fused_relu;
+use crate::ops::relu::{relu_value, through_fused_relu};
 use crate::ptx::Module;
 use crate::tape::Tape;
 use crate::tensor::{common_device, ReluFact, Storage, Tensor};
@@ -21,7 +21,7 @@ pub struct DenseParams {
     pub batch: u32,
     pub in_f: u32,
     pub out_f: u32,
-    /// Forward only: 1 fuses max(., 0) into the epilogue.
+    /// Forward only: 1 fuses the ReLU (`relu_value`: NaN stays NaN) into the epilogue.
     pub relu: u32,
     /// Forward and input grad: 0 = one pass over K, else the K range of each split (see
     /// kernels/dense.cu).
@@ -35,7 +35,7 @@ unsafe impl cudarc::driver::DeviceRepr for DenseParams {}
 // CPU reference (dims: batch, in_f, out_f)
 // ---------------------------------------------------------------------------------------------
 
-/// y (B, OUT) = x (B, IN) . w^T + b, then max(., 0) if `relu`.
+/// y (B, OUT) = x (B, IN) . w^T + b, then the ReLU (`relu_value`: NaN stays NaN) if `relu`.
 ///
 /// Loops run over weight rows outermost, so each row of w is read once per batch rather than
 /// once per example (fc2's w is 64 MB); per output element the sums run in the same order as
@@ -49,7 +49,7 @@ pub fn dense_fwd_cpu(x: &[f32], w: &[f32], b: &[f32], in_f: usize, out_f: usize,
             let wr = &w[o * in_f..][..in_f];
             for xr in x.chunks_exact(in_f) {
                 let v = b[o] + dot(xr, wr);
-                t.push(if relu { v.max(0.0) } else { v });
+                t.push(if relu { relu_value(v) } else { v });
             }
         }
         t
@@ -198,7 +198,8 @@ fn gemm_split(
     Ok(out)
 }
 
-/// Forward: x (B, IN), w (OUT, IN), b (OUT) -> (B, OUT); `relu` fuses max(., 0).
+/// Forward: x (B, IN), w (OUT, IN), b (OUT) -> (B, OUT); `relu` fuses the ReLU
+/// (`ops::relu::relu_value`).
 pub fn dense_fwd(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
     let mut p = params(x, w)?;
     let (batch, in_f, out_f) = (p.batch as usize, p.in_f as usize, p.out_f as usize);

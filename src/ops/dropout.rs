@@ -1,5 +1,7 @@
-//! Inverted dropout with rate p: each element is zeroed with probability p and otherwise scaled
-//! by 1 / (1 - p), so the expectation is unchanged and inference needs no rescaling.
+//! Inverted dropout with rate p: each element is multiplied by 0 with probability p and otherwise
+//! by 1 / (1 - p), so the expectation is unchanged and inference needs no rescaling. A multiply,
+//! as in PyTorch, not a select: a dropped NaN or infinite element gives NaN, so a diverged value
+//! is not hidden by the mask.
 //!
 //! The mask comes from a counter-based RNG, a pure function of (seed, element index) that the
 //! kernel computes identically (see kernels/dropout.cu): the backward regenerates the forward's
@@ -47,11 +49,12 @@ fn scale_for(p: f32) -> Result<f32> {
     Ok(1.0 / (1.0 - p))
 }
 
-/// CPU reference: out[i] = keep(seed, i) ? v[i] * scale : 0 (the forward on x, the backward on gy).
+/// CPU reference: out[i] = v[i] * (keep(seed, i) ? scale : 0) (the forward on x, the backward on
+/// gy): the mask multiplies, as in PyTorch, so a dropped NaN or inf gives NaN.
 pub fn dropout_cpu(v: &[f32], p: f32, seed: u64) -> Result<Vec<f32>> {
     let scale = scale_for(p)?;
     let start = stream_start(seed);
-    Ok(v.iter().enumerate().map(|(i, &x)| if keep_from_start(start, i as u64, p) { x * scale } else { 0.0 }).collect())
+    Ok(v.iter().enumerate().map(|(i, &x)| x * if keep_from_start(start, i as u64, p) { scale } else { 0.0 }).collect())
 }
 
 fn dropout_apply(v: &Tensor, p: f32, seed: u64, kernel: &'static str) -> Result<Tensor> {

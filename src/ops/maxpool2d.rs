@@ -4,14 +4,16 @@
 //! sums where windows overlap (see kernels/maxpool2d.cu).
 //!
 //! After a ReLU (x marked `ReluFact::Output`), the recorded op also applies the ReLU's gradient
-//! mask for free: a window whose maximum is not positive routes no gradient (its argmax is
-//! `NO_GRAD`), so x's gradient comes out already masked and is marked `ReluFact::MaskedFor(x)`:
-//! the ReLU's backward then has nothing to do (see `ops::relu`).
+//! mask for free: a window whose maximum is <= 0 routes no gradient (its argmax is `NO_GRAD`),
+//! so x's gradient comes out already masked and is marked `ReluFact::MaskedFor(x)`: the ReLU's
+//! backward then has nothing to do (see `ops::relu`). The test is the ReLU backward's own
+//! (`relu_passes_grad`), so a NaN maximum routes its gradient, as the ReLU passes it there.
 
 use cudarc::driver::LaunchConfig;
 
 use crate::error::{Error, Result};
 use crate::ops::fast_div::FastDiv;
+use crate::ops::relu::relu_passes_grad;
 use crate::ptx::Module;
 use crate::tape::Tape;
 use crate::tensor::{common_device, ReluFact, Storage, Tensor};
@@ -31,8 +33,9 @@ pub struct Maxpool2dParams {
     pub ow: u32,
     pub k: u32,
     pub stride: u32,
-    /// 1: a window whose maximum is not positive routes no gradient (argmax `NO_GRAD`), which
-    /// is the ReLU's mask when x is a ReLU's output. 0 (what `new` sets): every window routes.
+    /// 1: a window whose maximum is <= 0 routes no gradient (argmax `NO_GRAD`; a NaN maximum
+    /// routes), which is the ReLU's mask when x is a ReLU's output. 0 (what `new` sets): every
+    /// window routes.
     pub drop_nonpositive: u32,
     /// Division by W, by OW and by the stride, for the kernels' index math.
     pub w_div: FastDiv,
@@ -107,7 +110,7 @@ impl Maxpool2dParams {
 
 /// CPU reference, forward: (y, argmax). The same scan as the kernel: row-major over the window,
 /// `v > best || v.is_nan()` (the first maximum wins a tie; NaN counts as the maximum); with
-/// `p.drop_nonpositive`, `NO_GRAD` for a window whose maximum is not positive.
+/// `p.drop_nonpositive`, `NO_GRAD` for a window whose maximum is <= 0 (not for a NaN one).
 pub fn maxpool2d_fwd_cpu(x: &[f32], p: &Maxpool2dParams) -> (Vec<f32>, Vec<u32>) {
     let (h, w, oh, ow, k, s) =
         (p.h as usize, p.w as usize, p.oh as usize, p.ow as usize, p.k as usize, p.stride as usize);
@@ -128,7 +131,7 @@ pub fn maxpool2d_fwd_cpu(x: &[f32], p: &Maxpool2dParams) -> (Vec<f32>, Vec<u32>)
                     }
                 }
                 y.push(best);
-                let routes = p.drop_nonpositive == 0 || best > 0.0; // NaN: not positive
+                let routes = p.drop_nonpositive == 0 || relu_passes_grad(best); // NaN routes
                 arg.push(if routes { best_i as u32 } else { NO_GRAD });
             }
         }
@@ -160,7 +163,7 @@ pub fn maxpool2d_fwd(x: &Tensor, k: usize, stride: usize) -> Result<(Tensor, Ten
     maxpool2d_fwd_with(x, k, stride, false)
 }
 
-/// `maxpool2d_fwd`, where `drop_nonpositive` gives the windows whose maximum is not positive the
+/// `maxpool2d_fwd`, where `drop_nonpositive` gives the windows whose maximum is <= 0 the
 /// argmax `NO_GRAD`: their gradient then goes nowhere (x a ReLU's output: see the module comment).
 pub fn maxpool2d_fwd_with(
     x: &Tensor,

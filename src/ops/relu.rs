@@ -1,9 +1,11 @@
-//! ReLU, y = max(x, 0). The backward uses the saved output (see kernels/relu.cu).
+//! ReLU, y = max(x, 0), with NaN propagated as PyTorch does (`relu_value`); the backward, from
+//! the saved output, zeroes the gradient where y <= 0 and passes it elsewhere, a NaN output
+//! included (`relu_passes_grad`; see kernels/relu.cu).
 //!
 //! Its output is marked `ReluFact::Output` (so are the outputs of conv and linear layers with a
 //! fused ReLU). A consumer that can zero its input gradient wherever the ReLU's gradient is zero,
 //! at no cost of its own, does so and marks that gradient `ReluFact::MaskedFor(y)`: max-pool
-//! (`ops::maxpool2d`), whose windows with no positive value then route no gradient. The ReLU's
+//! (`ops::maxpool2d`), whose windows with a maximum <= 0 then route no gradient. The ReLU's
 //! backward passes such a gradient through instead of masking it again (`through_fused_relu`),
 //! which saves a pass that reads y and gy and writes gx: for AlexNet's three pooled convolutions,
 //! 63M elements, 0.75 GB of traffic per training step at batch 128.
@@ -14,14 +16,35 @@ use crate::ptx::Module;
 use crate::tape::Tape;
 use crate::tensor::{common_device, ReluFact, Storage, Tensor};
 
-/// CPU reference, forward.
-pub fn relu_fwd_cpu(x: &[f32]) -> Vec<f32> {
-    x.iter().map(|&v| v.max(0.0)).collect()
+/// ReLU of one value as PyTorch computes it, for every CPU reference that applies one (this op
+/// and the fused ReLUs of conv2d, winograd and dense): NaN stays NaN (`f32::max` would give 0 and
+/// hide a diverged run), v > 0 (+inf too) stays v, anything else (-0.0 included) gives +0.0. The
+/// kernels' `relu_f32` (kernels/common.cuh), bit for bit.
+#[inline]
+pub fn relu_value(v: f32) -> f32 {
+    if v > 0.0 || v.is_nan() {
+        v
+    } else {
+        0.0
+    }
 }
 
-/// CPU reference, backward: gx = gy where y > 0.
+/// Whether the ReLU whose output is `y` passes its gradient: PyTorch's threshold_backward, zero
+/// where y <= 0 and the gradient elsewhere, so a NaN output passes it. Max-pool's mask after a
+/// ReLU (`ops::maxpool2d`) uses the same test. The kernels' `relu_passes_grad`.
+#[inline]
+pub fn relu_passes_grad(y: f32) -> bool {
+    y > 0.0 || y.is_nan()
+}
+
+/// CPU reference, forward.
+pub fn relu_fwd_cpu(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| relu_value(v)).collect()
+}
+
+/// CPU reference, backward: gx = gy where the output y passes it (`relu_passes_grad`), else 0.
 pub fn relu_bwd_cpu(y: &[f32], gy: &[f32]) -> Vec<f32> {
-    y.iter().zip(gy).map(|(&y, &g)| if y > 0.0 { g } else { 0.0 }).collect()
+    y.iter().zip(gy).map(|(&y, &g)| if relu_passes_grad(y) { g } else { 0.0 }).collect()
 }
 
 /// y = relu(x), any shape; y is marked `ReluFact::Output`.

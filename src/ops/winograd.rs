@@ -40,6 +40,7 @@ use crate::ops::gemm_math::{gemm_kernel_names, GemmMath};
 use crate::ops::gemm_plan::{gemm_launch, split_chunk, split_count, Tile};
 use crate::ops::matmul_cpu::{gemm_acc, transpose};
 use crate::ops::parallel::map_ranges;
+use crate::ops::relu::relu_value;
 use crate::ptx::Module;
 
 /// The largest tile side alpha of the matrices.
@@ -174,7 +175,8 @@ fn transpose_f64(a: &[f64], rows: usize, cols: usize) -> Vec<f64> {
 ///   with `tile_major`, at out[xi][p][c]: (alpha^2, P, C).
 /// - scatter: the alpha x alpha tile read from in[xi][c][p] (summed over `splits` partials
 ///   `split_len` apart) becomes L T L^T, whose top-left extent x extent corner (plus bias[c],
-///   then max(., 0) if `relu`) is stored into the tile's in-plane pixels.
+///   then the ReLU if `relu`: `relu_value`, NaN staying NaN) is stored into the tile's in-plane
+///   pixels.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TileParams {
@@ -301,7 +303,7 @@ pub fn tile_scatter_cpu(src: &[f32], bias: Option<&[f32]>, p: &TileParams, alpha
                 for b in 0..e.min(alpha) {
                     if let Some(at) = p.pixel(q, a, b) {
                         let v = o[a * alpha + b] + bias.map_or(0.0, |bv| bv[c]);
-                        out[at + c * plane] = if p.relu != 0 { v.max(0.0) } else { v };
+                        out[at + c * plane] = if p.relu != 0 { relu_value(v) } else { v };
                     }
                 }
             }
@@ -574,7 +576,7 @@ pub fn weight_grad_splits(p: &Conv2dParams, m: usize) -> usize {
 // The three passes, CPU and CUDA
 // ---------------------------------------------------------------------------------------------
 
-/// Forward y (N, Cout, OH, OW) = conv(x, w) + b (then max(., 0) if p.relu) with F(m, r).
+/// Forward y (N, Cout, OH, OW) = conv(x, w) + b (then the ReLU, `relu_value`, if p.relu) with F(m, r).
 pub fn winograd_fwd_cpu(x: &[f32], w: &[f32], b: &[f32], p: &Conv2dParams, m: usize) -> Result<Vec<f32>> {
     Ok(Pass::correlation(p, m, false)?.run_cpu(w, x, Some(b)))
 }
