@@ -105,6 +105,17 @@ void emu_count_vec_store();
 // Records that the running kernel broke a rule a GPU enforces (a misaligned vector copy, say):
 // the launch then returns this message as its error, as the GPU would fail it.
 void emu_fault(const char* what);
+// The threads of a launch run one at a time on the calling OS thread and switch only at barriers,
+// so a plain read-modify-write is atomic here. A GPU faults on a misaligned 64-bit atomic.
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+    if (reinterpret_cast<std::uintptr_t>(p) % 8 != 0) {
+        emu_fault("a misaligned 64-bit atomicAdd");
+        return 0;
+    }
+    const unsigned long long old = *p;
+    *p = old + v;
+    return old;
+}
 unsigned emu_shfl_xor_bits(unsigned bits, int lane_mask);
 // mma.sync.m16n8k8 .tf32 for n fragments of B sharing one A (gemm.cuh's mma_tf32_row): d (n x 4
 // floats) += A . B[j], the fragments in the PTX ISA's lane layout; an exchange among the warp's

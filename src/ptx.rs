@@ -71,6 +71,7 @@ pub enum Module {
     Dense,
     Dropout,
     Maxpool2d,
+    Nonfinite,
     Relu,
     Resize,
     Sgd,
@@ -79,12 +80,13 @@ pub enum Module {
 }
 
 impl Module {
-    pub const ALL: [Module; 10] = [
+    pub const ALL: [Module; 11] = [
         Module::Add,
         Module::Conv2d,
         Module::Dense,
         Module::Dropout,
         Module::Maxpool2d,
+        Module::Nonfinite,
         Module::Relu,
         Module::Resize,
         Module::Sgd,
@@ -100,6 +102,7 @@ impl Module {
             Module::Dense => "dense",
             Module::Dropout => "dropout",
             Module::Maxpool2d => "maxpool2d",
+            Module::Nonfinite => "nonfinite",
             Module::Relu => "relu",
             Module::Resize => "resize",
             Module::Sgd => "sgd",

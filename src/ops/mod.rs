@@ -12,6 +12,7 @@ pub mod gemm_math;
 pub mod gemm_plan;
 pub mod matmul_cpu;
 pub mod maxpool2d;
+pub mod nonfinite;
 pub mod parallel;
 pub mod relu;
 pub mod reshape;
