@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -94,6 +95,127 @@ impl Device {
             Device::Cuda(g) => g.synchronize(),
         }
     }
+
+    /// How much memory is left for this process: on the host (see [`host_memory_available`]) and
+    /// on the device (a GPU's free memory; on the emulator, whose buffers are host memory, the
+    /// host figure; None on the CPU). For refusing sizes that cannot fit before allocating them:
+    /// the figures are a snapshot, and other processes may take memory after it.
+    pub fn memory_available(&self) -> Result<MemoryAvailable> {
+        let host = host_memory_available();
+        let device = match self {
+            Device::Cpu => None,
+            Device::Cuda(g) if g.is_emu() => host,
+            Device::Cuda(g) => {
+                let (free, _total) = g
+                    .mem_get_info()
+                    .map_err(|e| Error::cuda(format!("reading the free memory of cuda:{}", g.ordinal), e))?;
+                Some(free as u64)
+            }
+        };
+        Ok(MemoryAvailable { host, device })
+    }
+}
+
+/// Memory left, in bytes; None where it cannot be known (see [`Device::memory_available`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryAvailable {
+    /// What this process can still use on the host.
+    pub host: Option<u64>,
+    /// What it can still allocate on the device: None on the CPU (which has only the host's).
+    pub device: Option<u64>,
+}
+
+/// Bytes of host memory this process can still use: the kernel's MemAvailable (/proc/meminfo),
+/// lowered by the memory limit of the process's control group (cgroup v2 `memory.max`, v1
+/// `memory.limit_in_bytes`, of its own group and every group above it) minus what the group
+/// already uses. None where neither can be read (not Linux).
+///
+/// A group's use counts page cache the kernel drops before it would refuse memory (its
+/// `inactive_file`), so that is counted as available, as MemAvailable counts it: otherwise
+/// reading the dataset once would look like memory used for good.
+pub fn host_memory_available() -> Option<u64> {
+    host_memory_available_under(Path::new("/"))
+}
+
+/// [`host_memory_available`] with /proc and /sys read under `root` (tests point it at a tree of
+/// their own).
+fn host_memory_available_under(root: &Path) -> Option<u64> {
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).ok();
+    let meminfo = read("proc/meminfo").and_then(|s| meminfo_available(&s));
+    let groups = read("proc/self/cgroup").unwrap_or_default();
+    // cgroup v2: the one line `0::/path`; the limits live in /sys/fs/cgroup/<path>/ and above.
+    let v2 = groups.lines().find_map(|l| l.strip_prefix("0::"));
+    let v2 = cgroup_headroom(&root.join("sys/fs/cgroup"), v2, ["memory.max", "memory.current"], "inactive_file");
+    // cgroup v1: the line `N:<controllers>:/path` whose controllers include `memory`.
+    let v1 = groups.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        controllers.split(',').any(|c| c == "memory").then_some(path)
+    });
+    let v1 = cgroup_headroom(
+        &root.join("sys/fs/cgroup/memory"),
+        v1,
+        ["memory.limit_in_bytes", "memory.usage_in_bytes"],
+        "total_inactive_file",
+    );
+    meminfo.into_iter().chain(v2).chain(v1).min()
+}
+
+/// MemAvailable from the text of /proc/meminfo, in bytes; on kernels before 3.14, which lack
+/// it, MemFree + Buffers + Cached (what it estimates).
+fn meminfo_available(text: &str) -> Option<u64> {
+    let field = |key: &str| {
+        let value = text.lines().find_map(|l| l.split_once(':').filter(|(k, _)| k.trim() == key))?.1;
+        let mut words = value.split_whitespace();
+        let number: u64 = words.next()?.parse().ok()?;
+        match words.next() {
+            Some("kB") => number.checked_mul(1024),
+            None => Some(number),
+            Some(_) => None,
+        }
+    };
+    field("MemAvailable").or_else(|| field("MemFree")?.checked_add(field("Buffers")?)?.checked_add(field("Cached")?))
+}
+
+/// The least headroom (limit - (usage - reclaimable cache)) of the control group at `path`
+/// under the hierarchy mounted at `mount` and of every group above it, each of which may hold
+/// a tighter limit; None when none of them has a limit. `files` are the limit and usage files,
+/// `inactive_key` the reclaimable cache's line in memory.stat. A group path that leaves the
+/// mount (`..`, as seen from another cgroup namespace) is not followed: only the mount's own
+/// group is read then.
+fn cgroup_headroom(mount: &Path, path: Option<&str>, files: [&str; 2], inactive_key: &str) -> Option<u64> {
+    let read_u64 = |dir: &Path, file: &str| std::fs::read_to_string(dir.join(file)).ok()?.trim().parse::<u64>().ok();
+    let mut dirs = vec![mount.to_path_buf()];
+    let components: Option<Vec<_>> = Path::new(path.unwrap_or(""))
+        .components()
+        .filter(|c| !matches!(c, Component::RootDir | Component::CurDir))
+        .map(|c| match c {
+            Component::Normal(name) => Some(name.to_owned()),
+            _ => None,
+        })
+        .collect();
+    let mut dir = PathBuf::from(mount);
+    for name in components.unwrap_or_default() {
+        dir.push(name);
+        dirs.push(dir.clone());
+    }
+    dirs.iter()
+        .filter_map(|dir| {
+            // "max" (v2's "no limit") and anything else that is not a number is no limit.
+            let limit = read_u64(dir, files[0])?;
+            let Some(usage) = read_u64(dir, files[1]) else { return Some(limit) };
+            let inactive = std::fs::read_to_string(dir.join("memory.stat"))
+                .ok()
+                .and_then(|stat| {
+                    stat.lines().find_map(|l| {
+                        let (key, value) = l.split_once(' ')?;
+                        (key == inactive_key).then(|| value.trim().parse::<u64>().ok()).flatten()
+                    })
+                })
+                .unwrap_or(0);
+            Some(limit.saturating_sub(usage.saturating_sub(inactive)))
+        })
+        .min()
 }
 
 impl std::fmt::Debug for Device {
@@ -207,6 +329,9 @@ impl Elem for u32 {
 }
 impl Elem for u8 {
     const POISON: u8 = 0xa5;
+}
+impl Elem for u64 {
+    const POISON: u64 = 0xa5a5_a5a5_a5a5_a5a5;
 }
 
 /// Whether libcuda can be loaded at all, checked before any cudarc call (cudarc panics when
@@ -426,9 +551,15 @@ impl Gpu {
         })
     }
 
+    /// (free, total) bytes of the GPU's memory (binds the context to this thread first, as the
+    /// driver asks for the current context's device).
+    fn mem_get_info(&self) -> std::result::Result<(usize, usize), DriverError> {
+        self.cuda().ctx.mem_get_info()
+    }
+
     fn oom_or(&self, bytes: usize, e: DriverError, what: &str) -> Error {
         if e.0 == CuErr::CUDA_ERROR_OUT_OF_MEMORY {
-            let (free, total) = self.cuda().ctx.mem_get_info().unwrap_or((0, 0));
+            let (free, total) = self.mem_get_info().unwrap_or((0, 0));
             Error::OutOfMemory { bytes, free, total }
         } else {
             Error::cuda(what.to_string(), e)
@@ -685,4 +816,122 @@ macro_rules! launch {
 pub fn grid_1d(n: usize, threads: u32) -> cudarc::driver::LaunchConfig {
     let blocks = n.div_ceil(threads as usize).max(1) as u32;
     cudarc::driver::LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake `/` holding the given files (path relative to it, contents), removed on drop.
+    struct FakeRoot(PathBuf);
+
+    impl FakeRoot {
+        fn new(test: &str, files: &[(&str, &str)]) -> FakeRoot {
+            let root = std::env::temp_dir().join(format!("ptxgrad-unit-{}-{test}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&root);
+            for (path, text) in files {
+                let path = root.join(path);
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(path, text).unwrap();
+            }
+            std::fs::create_dir_all(&root).unwrap();
+            FakeRoot(root)
+        }
+    }
+
+    impl Drop for FakeRoot {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const MEMINFO: &str = "MemTotal:       16000000 kB\nMemFree:         1000000 kB\nMemAvailable:    8000000 kB\n";
+    const GB8: u64 = 8_000_000 * 1024;
+
+    #[test]
+    fn meminfo_available_and_its_fallback() {
+        assert_eq!(meminfo_available(MEMINFO), Some(GB8));
+        let old = "MemTotal: 100 kB\nMemFree: 10 kB\nBuffers: 2 kB\nCached: 3 kB\n";
+        assert_eq!(meminfo_available(old), Some(15 * 1024));
+        for odd in
+            ["", "MemAvailable:", "MemAvailable: lots kB", "MemAvailable: 5 MB", "MemAvailable 5 kB", "\0\u{fffd}"]
+        {
+            assert_eq!(meminfo_available(odd), None, "{odd:?}");
+        }
+        // Overflow is unknown, not a wrapped small number.
+        assert_eq!(meminfo_available(&format!("MemAvailable: {} kB", u64::MAX)), None);
+    }
+
+    #[test]
+    fn no_proc_no_figure() {
+        let root = FakeRoot::new("empty", &[]);
+        assert_eq!(host_memory_available_under(&root.0), None);
+    }
+
+    #[test]
+    fn cgroup_v2_limits_of_the_group_and_its_parents() {
+        let files = [
+            ("proc/meminfo", MEMINFO),
+            ("proc/self/cgroup", "0::/outer/inner\n"),
+            // The mount's own group: a limit, far away.
+            ("sys/fs/cgroup/memory.max", "100000000000\n"),
+            ("sys/fs/cgroup/memory.current", "1000\n"),
+            // The parent: the tightest, 1 MB of which 400 kB used, 100 kB of it reclaimable cache.
+            ("sys/fs/cgroup/outer/memory.max", "1000000\n"),
+            ("sys/fs/cgroup/outer/memory.current", "400000\n"),
+            ("sys/fs/cgroup/outer/memory.stat", "anon 300000\ninactive_file 100000\nactive_file 0\n"),
+            // The process's own group: no limit.
+            ("sys/fs/cgroup/outer/inner/memory.max", "max\n"),
+            ("sys/fs/cgroup/outer/inner/memory.current", "5\n"),
+        ];
+        let root = FakeRoot::new("v2", &files);
+        assert_eq!(host_memory_available_under(&root.0), Some(700_000));
+        // Without limits the kernel's figure stands.
+        let root = FakeRoot::new("v2-max", &[files[0], files[1], ("sys/fs/cgroup/memory.max", "max")]);
+        assert_eq!(host_memory_available_under(&root.0), Some(GB8));
+        // Over the limit: nothing left, not an underflow.
+        let root = FakeRoot::new(
+            "v2-over",
+            &[files[0], ("sys/fs/cgroup/memory.max", "1000"), ("sys/fs/cgroup/memory.current", "5000")],
+        );
+        assert_eq!(host_memory_available_under(&root.0), Some(0));
+    }
+
+    #[test]
+    fn cgroup_v1_memory_controller() {
+        let files = [
+            ("proc/meminfo", MEMINFO),
+            ("proc/self/cgroup", "5:cpu,cpuacct:/\n4:memory:/job\n0::/\n"),
+            ("sys/fs/cgroup/memory/memory.limit_in_bytes", "9223372036854771712\n"),
+            ("sys/fs/cgroup/memory/memory.usage_in_bytes", "4000000000\n"),
+            ("sys/fs/cgroup/memory/job/memory.limit_in_bytes", "2000000\n"),
+            ("sys/fs/cgroup/memory/job/memory.usage_in_bytes", "500000\n"),
+            ("sys/fs/cgroup/memory/job/memory.stat", "cache 10\ninactive_file 1\ntotal_inactive_file 50000\n"),
+        ];
+        let root = FakeRoot::new("v1", &files);
+        assert_eq!(host_memory_available_under(&root.0), Some(1_550_000));
+    }
+
+    #[test]
+    fn odd_cgroup_contents_do_not_panic() {
+        let odd = ["", "max", "-5", "abc", "99999999999999999999999999", "1e9", "\0", " 12 34"];
+        for (i, text) in odd.iter().enumerate() {
+            for groups in ["", "0::", "0::/../..", "garbage", ":::", "4:memory:", "4:memory:/a/../b", "0::/a\n0::/b"] {
+                let root = FakeRoot::new(
+                    &format!("odd-{i}"),
+                    &[
+                        ("proc/meminfo", MEMINFO),
+                        ("proc/self/cgroup", groups),
+                        ("sys/fs/cgroup/memory.max", text),
+                        ("sys/fs/cgroup/memory.current", text),
+                        ("sys/fs/cgroup/memory.stat", text),
+                        ("sys/fs/cgroup/memory/memory.limit_in_bytes", text),
+                        ("sys/fs/cgroup/memory/memory.usage_in_bytes", text),
+                    ],
+                );
+                let got = host_memory_available_under(&root.0).expect("meminfo is readable");
+                assert!(got <= GB8, "{text:?} / {groups:?}: {got}");
+            }
+        }
+    }
 }

@@ -15,8 +15,12 @@ pub enum Error {
     #[error("{op}: all operands must be on one device, found {found}")]
     DeviceMismatch { op: &'static str, found: String },
 
-    /// CUDA was asked for but cannot be used here (no driver, no device, a CPU-only build).
-    #[error("CUDA is not available: {0}")]
+    /// CUDA was asked for but cannot be used here (no driver, no device, a CPU-only build). The
+    /// message names the ways to run without a GPU, as the user may not know they exist.
+    #[error(
+        "CUDA is not available: {0}. To run without a GPU, pass `--device cpu` (the CPU), or `--device emu` \
+         (the CUDA kernels on the kernel emulator, slow)"
+    )]
     NoCuda(String),
 
     /// The driver rejected our PTX as too new: the compiler that built it is newer than the driver.
@@ -41,6 +45,12 @@ pub enum Error {
     /// Bad input data (dataset files, checkpoints, labels out of range...).
     #[error("{0}")]
     Data(String),
+
+    /// A run was asked to stop (a signal, see `train::Stop`); the message says what is on disk.
+    /// The `ptxgrad` command exits with 128 + `signal`, as a shell reports a process the signal
+    /// ended.
+    #[error("{message}")]
+    Interrupted { signal: usize, message: String },
 
     /// A file could not be read or written. (`reason`, not `source`: the message already holds
     /// it, and an error chain printed with `{:#}` would repeat a source.)

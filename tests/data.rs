@@ -178,6 +178,69 @@ fn non_gzip_and_corrupt_gzip_files() {
 }
 
 #[test]
+fn multi_member_gzip_files_are_read_whole() {
+    // What `cat a.gz b.gz`, pigz and bgzip write: the members' contents, concatenated, are the
+    // file. Cut inside the magic number, inside the dims, at the header's end and in the pixels.
+    let dir = temp_dir("multi_member");
+    let raw = idx_images(20, 28, 28, 4);
+    for cut in [2, 10, 16, raw.len() / 2, raw.len() - 1] {
+        let path = dir.join(&format!("two-{cut}.gz"));
+        std::fs::write(&path, [gzip(&raw[..cut]), gzip(&raw[cut..])].concat()).unwrap();
+        assert_eq!(read_images(&path).unwrap(), parse_images(&raw, "").unwrap(), "cut at {cut}");
+    }
+    // Three members, one of them empty (pigz can write those).
+    let labels = idx_labels(&cycle_labels(30));
+    let path = dir.join("three.gz");
+    std::fs::write(&path, [gzip(&labels[..5]), gzip(&[]), gzip(&labels[5..])].concat()).unwrap();
+    assert_eq!(read_labels(&path).unwrap(), cycle_labels(30));
+
+    // The second member cut short: truncated, as for one member.
+    let (first, second) = (gzip(&raw[..16]), gzip(&raw[16..]));
+    let cut = dir.join("cut-second.gz");
+    std::fs::write(&cut, [&first[..], &second[..second.len() / 2]].concat()).unwrap();
+    assert_mentions(&err_msg(read_images(&cut)), &["cut-second.gz", "corrupt or truncated gzip"]);
+    // Bytes after the last member that are no gzip member are an error, not ignored.
+    let junk = dir.join("junk.gz");
+    std::fs::write(&junk, [gzip(&raw), b"not gzip".to_vec()].concat()).unwrap();
+    assert_mentions(&err_msg(read_images(&junk)), &["junk.gz", "corrupt or truncated gzip"]);
+    // A whole IDX file in the first member and more pixels in a second: trailing data.
+    let more = dir.join("more.gz");
+    std::fs::write(&more, [gzip(&raw), gzip(&[1, 2, 3])].concat()).unwrap();
+    assert_mentions(&err_msg(read_images(&more)), &["more.gz", "trailing data", "3 bytes too many"]);
+}
+
+#[test]
+fn a_directory_where_a_file_should_be() {
+    let dir = temp_dir("dir_for_file");
+    let sub = dir.join("images.gz");
+    std::fs::create_dir(&sub).unwrap();
+    for msg in [err_msg(read_images(&sub)), err_msg(read_labels(&sub))] {
+        assert_mentions(&msg, &[&sub.display().to_string(), "expected a gzip-compressed IDX file, found a directory"]);
+    }
+    for file in [TRAIN_IMAGES, TEST_LABELS] {
+        let dir = temp_dir(&format!("dir_for_{file}"));
+        write_dataset(&dir);
+        std::fs::remove_file(dir.join(file)).unwrap();
+        std::fs::create_dir(dir.join(file)).unwrap();
+        let msg = err_msg(FashionMnist::load(&dir));
+        assert_mentions(&msg, &[&dir.join(file).display().to_string(), "expected a file, found a directory"]);
+        assert!(!msg.contains("not found"), "{msg}");
+    }
+}
+
+#[test]
+fn data_dir_that_is_missing_or_a_file() {
+    let dir = temp_dir("bad_data_dir");
+    let missing = dir.join("nowhere");
+    let msg = err_msg(FashionMnist::load(&missing));
+    assert_mentions(&msg, &[&missing.display().to_string(), "data directory not found", "--data-dir", "PTXGRAD_DATA"]);
+    let file = dir.join(TRAIN_IMAGES);
+    write_gz(&file, &idx_images(1, 28, 28, 0));
+    let msg = err_msg(FashionMnist::load(&file));
+    assert_mentions(&msg, &[&file.display().to_string(), "expected the data directory, found a file", "--data-dir"]);
+}
+
+#[test]
 fn missing_file_is_an_io_error_naming_it() {
     let dir = temp_dir("missing_idx");
     let msg = err_msg(read_labels(&dir.join("nope.gz")));

@@ -106,18 +106,37 @@ pub struct FashionMnist {
 impl FashionMnist {
     /// Loads the four standard files from `dir`. Train and test must have the same image size.
     pub fn load(dir: &Path) -> Result<Self> {
-        // Say up front which file is missing and how to point at the right folder, rather than
-        // surfacing a bare "No such file or directory".
+        // Say up front which file is missing or is not a file, and how to point at the right
+        // folder, rather than surfacing a bare "No such file or directory".
+        let expects = format!(
+            "Fashion-MNIST expects {TRAIN_IMAGES}, {TRAIN_LABELS}, {TEST_IMAGES} and {TEST_LABELS} in {}; pass \
+             --data-dir DIR or set {DATA_ENV}=DIR to the folder that holds them",
+            dir.display()
+        );
+        match std::fs::metadata(dir) {
+            Ok(meta) if !meta.is_dir() => {
+                return Err(Error::Data(format!(
+                    "{}: expected the data directory, found a file; {expects}",
+                    dir.display()
+                )))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::Data(format!("{}: data directory not found; {expects}", dir.display())))
+            }
+            // Anything else (e.g. no permission to look inside) shows up on the files below.
+            _ => {}
+        }
         for file in [TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS] {
             let path = dir.join(file);
-            if !path.is_file() {
-                return Err(Error::Data(format!(
-                    "{}: file not found: Fashion-MNIST expects {TRAIN_IMAGES}, {TRAIN_LABELS}, {TEST_IMAGES} and \
-                     {TEST_LABELS} in {}; pass --data-dir DIR or set {DATA_ENV}=DIR to the folder that holds them",
-                    path.display(),
-                    dir.display()
-                )));
-            }
+            // metadata follows symlinks: a link to a file is a file, a dangling link is missing.
+            let problem = match std::fs::metadata(&path) {
+                Ok(meta) if meta.is_file() => continue,
+                Ok(meta) if meta.is_dir() => "expected a file, found a directory".to_string(),
+                Ok(_) => "expected a regular file, found something else (a device, socket or pipe)".to_string(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => "file not found".to_string(),
+                Err(e) => format!("cannot be read ({e})"),
+            };
+            return Err(Error::Data(format!("{}: {problem}; {expects}", path.display())));
         }
         let train = Split::from_files(&dir.join(TRAIN_IMAGES), &dir.join(TRAIN_LABELS))?;
         let test = Split::from_files(&dir.join(TEST_IMAGES), &dir.join(TEST_LABELS))?;

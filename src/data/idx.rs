@@ -11,12 +11,15 @@
 //! Everything in the file is checked against its header: a file shorter than the header says is
 //! truncated, and a longer one is not what the header says either (both are errors). Nothing in
 //! a file's contents can make these functions panic.
+//!
+//! A gzip file may hold several members one after the other (what `cat a.gz b.gz`, pigz and
+//! bgzip write); their contents, concatenated, are the file's contents.
 
 use std::fs;
 use std::io::Read;
 use std::path::Path;
 
-use flate2::read::GzDecoder;
+use flate2::read::MultiGzDecoder;
 
 use crate::error::{Error, Result};
 
@@ -172,6 +175,11 @@ fn be_u32(bytes: &[u8], at: usize) -> usize {
 /// so the 47 MB train images are decompressed straight into one allocation.
 fn decompress(path: &Path) -> Result<Vec<u8>> {
     let name = path.display().to_string();
+    // Reading a directory fails with a bare "Is a directory" (or not at all on some systems):
+    // say what was expected instead.
+    if path.is_dir() {
+        return Err(Error::Data(format!("{name}: expected a gzip-compressed IDX file, found a directory")));
+    }
     let compressed = fs::read(path).map_err(|reason| Error::Io { path: name.clone(), reason })?;
     if compressed.len() < 2 || compressed[..2] != [0x1f, 0x8b] {
         return Err(Error::Data(format!(
@@ -185,7 +193,10 @@ fn decompress(path: &Path) -> Result<Vec<u8>> {
     }
     let corrupt = |e: std::io::Error| Error::Data(format!("{name}: corrupt or truncated gzip data: {e}"));
 
-    let mut decoder = GzDecoder::new(&compressed[..]);
+    // Every member, not only the first: a file written by pigz, bgzip or `cat a.gz b.gz` would
+    // otherwise look truncated. Bytes after the last member that do not start a member are an
+    // error, not silently ignored.
+    let mut decoder = MultiGzDecoder::new(&compressed[..]);
     let mut out = Vec::new();
     // Magic first: its last byte is the number of dims; then the dims give the payload size.
     (&mut decoder).take(4).read_to_end(&mut out).map_err(corrupt)?;
