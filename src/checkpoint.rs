@@ -2,9 +2,14 @@
 //! (epoch, seed, step, format version...) in the header's `__metadata__`. PyTorch reads them with
 //! `safetensors.torch.load_file(path)`.
 //!
-//! Saving is atomic: the file is written to `<path>.tmp` in the same directory, fsynced, then
-//! renamed over `path`. A crash mid-save leaves the previous checkpoint intact (and at worst a
-//! stale `.tmp`, which the next save overwrites).
+//! Saving is atomic: the file is written to `<path>.<pid>.tmp` in the same directory (a name no
+//! other process uses), fsynced, then renamed over `path`. A crash mid-save leaves the previous
+//! checkpoint intact, and at worst a stale temp file, which the next run on that path removes.
+//!
+//! One writer per checkpoint: a run holds a [`Claim`] on its path for as long as it may write
+//! there, an advisory lock on `<path>.lock` that the OS releases when the process ends, however
+//! it ends. A second run on the same file (under any name: symlinks are followed) fails at once,
+//! naming the process that holds it.
 //!
 //! Training saves through a [`Writer`]: the tensors are copied to the host at once, and the
 //! serialising, writing and fsyncing (hundreds of milliseconds for AlexNet's 187 MB) run on a
@@ -12,8 +17,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
-use std::io::Write;
+use std::io::{Read as _, Seek as _, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -89,6 +95,31 @@ pub fn load(path: &Path) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>)>
     Ok((tensors, metadata))
 }
 
+/// A checkpoint's metadata alone, read from its header (not the tensors).
+pub fn metadata(path: &Path) -> Result<BTreeMap<String, String>> {
+    let name = path.display();
+    let mut file = fs::File::open(path).map_err(io_error(path))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(io_error(path))?;
+    let len = u64::from_le_bytes(len);
+    // safetensors caps its header at 100 MB.
+    if len > 100_000_000 {
+        return Err(Error::Data(format!("{name}: not a valid safetensors checkpoint (a {len}-byte header)")));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).map_err(io_error(path))?;
+    let invalid = |why: String| Error::Data(format!("{name}: not a valid safetensors checkpoint: {why}"));
+    let json: serde_json::Value = serde_json::from_slice(&header).map_err(|e| invalid(e.to_string()))?;
+    let Some(meta) = json.get("__metadata__") else { return Ok(BTreeMap::new()) };
+    let meta = meta.as_object().ok_or_else(|| invalid("`__metadata__` is not an object".into()))?;
+    meta.iter()
+        .map(|(k, v)| match v.as_str() {
+            Some(v) => Ok((k.clone(), v.to_string())),
+            None => Err(invalid(format!("metadata `{k}` is not a string"))),
+        })
+        .collect()
+}
+
 /// Saves checkpoints on a background thread, one at a time: [`Writer::start`] waits for the save
 /// in flight (if any) before it starts the next, so saves land in order and at most one copy of
 /// the tensors waits in memory. Nothing is lost on failure: a failed save is reported by the next
@@ -154,9 +185,9 @@ impl Drop for Writer {
 }
 
 /// Checks, before any work is done for it, that a checkpoint can be written at `path`: creates
-/// its directory and `<path>.tmp` (removed again). A path in a missing mount or a read-only
-/// directory then fails at once instead of after the first epoch. An existing checkpoint at
-/// `path` is not touched.
+/// its directory and this process's temp file (removed again). A path in a missing mount or a
+/// read-only directory then fails at once instead of after the first epoch. An existing
+/// checkpoint at `path` is not touched.
 pub fn probe_writable(path: &Path) -> Result<()> {
     create_parent(path)?;
     let tmp = tmp_path(path);
@@ -181,14 +212,184 @@ fn create_parent(path: &Path) -> Result<Option<&Path>> {
     Ok(Some(dir))
 }
 
-/// `<path>.tmp`: same directory, so the final rename never crosses filesystems.
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    PathBuf::from(tmp)
+/// `path` with `suffix` appended to its file name: same directory, so the final rename never
+/// crosses filesystems.
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
 }
 
-/// Write to `<path>.tmp`, fsync, rename over `path`, then fsync the directory so the rename
+/// This process's temp file for `path`: `<path>.<pid>.tmp`.
+pub fn tmp_path(path: &Path) -> PathBuf {
+    with_suffix(path, &format!(".{}.tmp", std::process::id()))
+}
+
+/// Whether `name` is a temp file of checkpoint `file` (`<file>.<digits>.tmp`, or a plain
+/// `<file>.tmp`), and of which process.
+fn temp_of(name: &str, file: &str) -> Option<Option<u32>> {
+    let rest = name.strip_prefix(file)?.strip_prefix('.')?.strip_suffix("tmp")?;
+    if rest.is_empty() {
+        return Some(None);
+    }
+    let pid = rest.strip_suffix('.')?;
+    (!pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())).then(|| pid.parse().ok())
+}
+
+/// The file a checkpoint path names, with symlinks followed (so that a linked checkpoint is
+/// written where the link points, never replaced by a file) and the directory made absolute (so
+/// that two spellings of one file share one lock). A link may name a file yet to be written;
+/// a directory is refused.
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    let shown = path.display();
+    if path.as_os_str().is_empty() {
+        return Err(Error::Data("--checkpoint: expected a file path, found an empty one".into()));
+    }
+    // Symlinks followed by hand (a link may name a checkpoint that does not exist yet), with
+    // the kernel's limit on a chain's length.
+    let mut at = path.to_path_buf();
+    for _ in 0..40 {
+        match fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let target = fs::read_link(&at).map_err(io_error(&at))?;
+                at = at.parent().map_or(target.clone(), |dir| dir.join(&target));
+            }
+            _ => break,
+        }
+    }
+    if fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(Error::Data(format!("{shown}: too many levels of symbolic links")));
+    }
+    let Some(name) = at.file_name() else {
+        return Err(Error::Data(format!("{shown}: expected a checkpoint file path, found a directory")));
+    };
+    let dir = create_parent(&at)?.unwrap_or(Path::new("."));
+    let resolved = fs::canonicalize(dir).map_err(io_error(dir))?.join(name);
+    if resolved.is_dir() {
+        return Err(Error::Data(format!(
+            "{shown}: expected a checkpoint file path, found a directory (name a file in it, such as {})",
+            path.join("alexnet.safetensors").display()
+        )));
+    }
+    Ok(resolved)
+}
+
+/// A run's exclusive claim on a checkpoint path (see the module docs): held while it lives, by an
+/// advisory lock on `<path>.lock` that records the holder. Clones share one lock.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    /// The resolved checkpoint path (see [`resolve`]).
+    path: PathBuf,
+    _lock: Arc<LockFile>,
+    /// Temp files of killed runs that were removed when the claim was made.
+    removed: Vec<PathBuf>,
+}
+
+#[derive(Debug)]
+struct LockFile {
+    path: PathBuf,
+    /// Holds the lock; the OS releases it when the process ends, however it ends.
+    _file: fs::File,
+}
+
+impl Drop for LockFile {
+    fn drop(&mut self) {
+        // Removed while still locked: a run that opened it meanwhile finds its lock on an
+        // unlinked file and tries again (see `Claim::acquire`).
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+impl Claim {
+    /// Claims `path` (resolved, see [`resolve`]) for this process, or fails at once if another
+    /// process holds it, naming that process. Removes the temp files that killed runs left there:
+    /// only a claim's holder writes them, so any that exist now are stale.
+    pub fn acquire(path: &Path) -> Result<Claim> {
+        let path = resolve(path)?;
+        let lock_path = with_suffix(&path, ".lock");
+        let shown = path.display();
+        let file = loop {
+            let mut file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&lock_path)
+                .map_err(io_error(&lock_path))?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(fs::TryLockError::WouldBlock) => {
+                    let mut holder = String::new();
+                    let _ = file.read_to_string(&mut holder);
+                    let holder = holder.trim();
+                    let holder = if holder.is_empty() { "another process".to_string() } else { holder.to_string() };
+                    return Err(Error::Data(format!(
+                        "{shown} is in use: {holder} is writing it (it holds {}); wait for that run to end, or \
+                         give this one another --checkpoint",
+                        lock_path.display()
+                    )));
+                }
+                Err(fs::TryLockError::Error(e)) => return Err(io_error(&lock_path)(e)),
+            }
+            // The holder before us may have removed the file between our open and our lock.
+            if same_file(&file, &lock_path) {
+                file.set_len(0).and_then(|()| file.rewind()).map_err(io_error(&lock_path))?;
+                let me = format!("process {} (ptxgrad train)", std::process::id());
+                file.write_all(me.as_bytes()).and_then(|()| file.flush()).map_err(io_error(&lock_path))?;
+                break file;
+            }
+        };
+        let lock = Arc::new(LockFile { path: lock_path, _file: file });
+        let removed = remove_stale_temps(&path)?;
+        Ok(Claim { path, _lock: lock, removed })
+    }
+
+    /// The checkpoint's path, resolved.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The temp files of killed runs that `acquire` removed.
+    pub fn removed_stale(&self) -> &[PathBuf] {
+        &self.removed
+    }
+}
+
+/// Whether the open `file` is still the one at `path`.
+#[cfg(unix)]
+fn same_file(file: &fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(_file: &fs::File, path: &Path) -> bool {
+    path.exists()
+}
+
+/// Removes every temp file of checkpoint `path` but this process's; returns their paths.
+fn remove_stale_temps(path: &Path) -> Result<Vec<PathBuf>> {
+    let (Some(dir), Some(file)) = (path.parent(), path.file_name().and_then(|f| f.to_str())) else {
+        return Ok(Vec::new());
+    };
+    let mut removed = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_error(dir))?.flatten() {
+        let name = entry.file_name();
+        let Some(owner) = name.to_str().and_then(|n| temp_of(n, file)) else { continue };
+        if owner == Some(std::process::id()) || !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        fs::remove_file(entry.path()).map_err(io_error(&entry.path()))?;
+        removed.push(entry.path());
+    }
+    removed.sort();
+    Ok(removed)
+}
+
+/// Write to this process's temp file, fsync, rename over `path`, then fsync the directory so the rename
 /// itself is durable.
 fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     let parent = create_parent(path)?;

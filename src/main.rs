@@ -6,13 +6,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use ptxgrad::checkpoint;
 use ptxgrad::data::fashion_mnist::{resolve_data_dir, FashionMnist, CLASS_NAMES};
 use ptxgrad::kernel_resources;
 use ptxgrad::nn::alexnet::{self, AlexNet};
 use ptxgrad::nn::conv_tune;
 use ptxgrad::ops::conv2d::ConvAlgo;
 use ptxgrad::ops::gemm_math::GemmMath;
-use ptxgrad::train::{self, EpochReport, TrainConfig};
+use ptxgrad::train::{self, EpochReport, Stop, TrainConfig};
 use ptxgrad::Device;
 
 #[derive(Parser)]
@@ -89,16 +90,20 @@ struct TrainArgs {
     data: DataArgs,
     #[arg(long, default_value_t = 10)]
     epochs: usize,
-    #[arg(long, default_value_t = 128)]
-    batch_size: usize,
-    /// Learning rate (plain SGD)
-    #[arg(long, default_value_t = 0.01, allow_negative_numbers = true)]
-    lr: f32,
+    /// Examples per SGD step [default: 128; with --resume, the checkpoint's]
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Learning rate (plain SGD) [default: 0.01; with --resume, the checkpoint's]
+    #[arg(long, allow_negative_numbers = true)]
+    lr: Option<f32>,
     /// Height and width the 28x28 images are resized to (bilinear); the network works from 65 up
-    #[arg(long, default_value_t = 224)]
-    resize: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    /// [default: 224; with --resume, the checkpoint's]
+    #[arg(long)]
+    resize: Option<usize>,
+    /// Seed of the initial weights, the shuffling and dropout [default: 0; with --resume, the
+    /// checkpoint's]
+    #[arg(long)]
+    seed: Option<u64>,
     /// Use only the first N training and N test examples (quick runs)
     #[arg(long)]
     max_examples: Option<usize>,
@@ -106,8 +111,11 @@ struct TrainArgs {
     #[arg(long, default_value = "checkpoints/alexnet.safetensors")]
     checkpoint: PathBuf,
     /// Continue from --checkpoint instead of starting afresh
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
+    /// Start afresh even though --checkpoint exists (it is replaced after the first epoch)
+    #[arg(long)]
+    overwrite: bool,
     /// Also write every figure as JSON lines to this file
     #[arg(long)]
     json: Option<PathBuf>,
@@ -115,6 +123,11 @@ struct TrainArgs {
     #[arg(long)]
     quiet: bool,
 }
+
+/// The book's recipe: what `train` runs with when not told otherwise.
+const DEFAULT_BATCH: usize = 128;
+const DEFAULT_LR: f32 = 0.01;
+const DEFAULT_RESIZE: usize = 224;
 
 #[derive(Args)]
 struct CheckpointArgs {
@@ -127,8 +140,15 @@ struct CheckpointArgs {
 
 fn main() {
     let cli = Cli::parse();
+    // Ctrl-C and SIGTERM stop `train` cleanly (see `cmd_train`); a second one ends it at once.
+    let stop = Stop::default();
+    if matches!(cli.command, Command::Train(_)) {
+        if let Err(e) = stop_on_signals(&stop) {
+            eprintln!("warning: Ctrl-C will not stop training cleanly: {e}");
+        }
+    }
     let result = match cli.command {
-        Command::Train(a) => cmd_train(a),
+        Command::Train(a) => cmd_train(a, stop),
         Command::Summary { resize } => alexnet::summary(resize).map(|s| print!("{s}")).map_err(Into::into),
         Command::Eval(a) => cmd_eval(a),
         Command::Predict { common, count } => cmd_predict(common, count),
@@ -137,22 +157,91 @@ fn main() {
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        // Ended by a signal: 128 + its number, as a shell reports a process the signal killed.
+        let code = match e.downcast_ref::<ptxgrad::Error>() {
+            Some(ptxgrad::Error::Interrupted { signal, .. }) => 128 + *signal as i32,
+            _ => 1,
+        };
+        std::process::exit(code);
     }
 }
 
-/// Picks the device; `auto` without a usable GPU falls back to the CPU with a warning.
-fn pick_device(spec: &str) -> Result<Device> {
+/// SIGINT, SIGTERM and SIGHUP request a stop (the run ends after its step and its save in
+/// flight); the second such signal exits at once, with 128 + its number.
+fn stop_on_signals(stop: &Stop) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for signal in [SIGINT, SIGTERM, SIGHUP] {
+        // In this order: a signal that finds `seen` set exits; else it sets it and the request.
+        signal_hook::flag::register_conditional_shutdown(signal, 128 + signal, seen.clone())?;
+        signal_hook::flag::register(signal, seen.clone())?;
+        signal_hook::flag::register_usize(signal, stop.cell(), signal as usize)?;
+    }
+    Ok(())
+}
+
+/// Picks the device; `auto` without a usable GPU falls back to the CPU with a warning (how slow
+/// that is depends on the input size: `resolution`, where known).
+fn pick_device(spec: &str, resolution: Option<usize>) -> Result<Device> {
     if spec == "auto" {
         return Ok(match Device::parse("cuda") {
             Ok(d) => d,
             Err(e) => {
-                eprintln!("warning: no GPU ({e}); running on the CPU, which is very slow at 224x224");
+                let slow = match resolution {
+                    Some(r) if r > 96 => format!(", which is very slow at {r}x{r}"),
+                    _ => String::new(),
+                };
+                eprintln!("warning: no GPU ({e}); running on the CPU{slow}");
                 Device::Cpu
             }
         });
     }
     Ok(Device::parse(spec)?)
+}
+
+/// Bytes as GB (or MB below one GB), for messages.
+fn gigabytes(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.1} GB", bytes as f64 / 1e9)
+    } else {
+        format!("{:.0} MB", bytes as f64 / 1e6)
+    }
+}
+
+/// Refuses a run whose model, at `flags`' sizes, cannot fit the memory `device` has left, before
+/// anything is allocated: what the OOM killer or a failed allocation would say later, hours in.
+fn check_memory(device: &Device, need: alexnet::Footprint, flags: &str, what: &str) -> Result<()> {
+    let free = device.memory_available()?;
+    let parts = format!(
+        "{} of parameters{}, {} of activations",
+        gigabytes(need.params),
+        if what == "training" { " and gradients" } else { "" },
+        gigabytes(need.activations)
+    );
+    let advice = "use a smaller --resize or --batch-size";
+    match (free.device, device) {
+        (Some(avail), Device::Cuda(g)) if !g.is_emu() && need.device > avail => bail!(
+            "{flags}: {what} needs at least {} of GPU memory ({parts}), but {} has {} free; {advice}",
+            gigabytes(need.device),
+            device.label(),
+            gigabytes(avail)
+        ),
+        _ => {}
+    }
+    // On the CPU and the emulator the model's memory is the host's too.
+    let on_host = match device {
+        Device::Cuda(g) if !g.is_emu() => need.host,
+        _ => need.host.saturating_add(need.device),
+    };
+    if let Some(avail) = free.host.filter(|&a| on_host > a) {
+        bail!(
+            "{flags}: {what} needs at least {} of host memory ({parts}, and the copies a checkpoint is made of), \
+             but {} is available; {advice}",
+            gigabytes(on_host),
+            gigabytes(avail)
+        );
+    }
+    Ok(())
 }
 
 fn load_data(args: &DataArgs, cap: Option<usize>) -> Result<FashionMnist> {
@@ -165,42 +254,102 @@ fn load_data(args: &DataArgs, cap: Option<usize>) -> Result<FashionMnist> {
     Ok(data)
 }
 
-fn cmd_train(a: TrainArgs) -> Result<()> {
-    if a.epochs == 0 || a.batch_size == 0 {
-        bail!("--epochs and --batch-size must be at least 1 (got {} and {})", a.epochs, a.batch_size);
+/// One hyperparameter of a run: the flag's value if given, else the one the checkpoint recorded
+/// (with --resume), else the default. A flag that differs from the recorded value is noted in
+/// `changed`, for the user to see.
+fn choose<T: PartialEq + std::fmt::Display + Copy>(
+    flag: &str,
+    given: Option<T>,
+    recorded: Option<T>,
+    default: T,
+    changed: &mut Vec<String>,
+) -> T {
+    match (given, recorded) {
+        (Some(g), Some(r)) if g != r => changed.push(format!("{flag} {g} (the checkpoint was trained with {r})")),
+        _ => {}
     }
-    if !(a.lr.is_finite() && a.lr > 0.0) {
-        bail!("--lr must be a positive number, got {}", a.lr);
+    given.or(recorded).unwrap_or(default)
+}
+
+fn cmd_train(a: TrainArgs, stop: Stop) -> Result<()> {
+    if a.epochs == 0 || a.batch_size == Some(0) {
+        bail!("--epochs and --batch-size must be at least 1 (got {} and {})", a.epochs, a.batch_size.unwrap_or(0));
     }
-    alexnet::layer_shapes(&[1, 1, a.resize, a.resize]).context("--resize")?;
-    let device = pick_device(&a.data.device)?;
+    if let Some(lr) = a.lr.filter(|lr| !(lr.is_finite() && *lr > 0.0)) {
+        bail!("--lr must be a positive number, got {lr}");
+    }
+    if let Some(r) = a.resize {
+        alexnet::layer_shapes(&[1, 1, r, r]).context("--resize")?;
+    }
+    // One writer per checkpoint, claimed before any work (and before it is read for --resume).
+    let claim = checkpoint::Claim::acquire(&a.checkpoint).context("--checkpoint")?;
+    for stale in claim.removed_stale() {
+        println!("removed {}, a temp file that a killed run left behind", stale.display());
+    }
+    let exists = claim.path().exists();
+    if exists && !a.resume && !a.overwrite {
+        bail!(
+            "--checkpoint {} exists already: --resume continues it, --overwrite starts afresh and replaces it \
+             after the first epoch, or --checkpoint PATH names another file",
+            a.checkpoint.display()
+        );
+    }
+    if a.resume && !exists {
+        bail!(missing_checkpoint("--resume: ", &a.checkpoint));
+    }
+    // --resume continues with the checkpoint's recipe unless told otherwise (and then says so).
+    let recorded = match a.resume {
+        true => train::recorded_hyperparameters(claim.path()).context("--resume")?,
+        false => train::Recorded::default(),
+    };
+    let mut changed = Vec::new();
+    let batch_size = choose("--batch-size", a.batch_size, recorded.batch_size, DEFAULT_BATCH, &mut changed);
+    let lr = choose("--lr", a.lr, recorded.lr, DEFAULT_LR, &mut changed);
+    let seed = choose("--seed", a.seed, recorded.seed, 0, &mut changed);
+    let device = pick_device(&a.data.device, if a.resume { a.resize } else { a.resize.or(Some(DEFAULT_RESIZE)) })?;
     let _math = a.data.math.scope_on(&device)?;
     let data = load_data(&a.data, a.max_examples)?;
     if data.train.is_empty() {
         bail!("no training examples (--max-examples 0?)");
     }
+    if data.test.is_empty() {
+        eprintln!("warning: no test examples: test accuracy is not measured (it prints as n/a)");
+    }
     let (mut model, start_epoch) = if a.resume {
-        let (m, epoch) = open_checkpoint(&a.checkpoint, &device, "--resume: ")?;
-        if m.resolution != a.resize {
-            bail!("--resume: the checkpoint was trained at {0}x{0}, but --resize is {1}", m.resolution, a.resize);
+        let (m, epoch) = open_checkpoint(claim.path(), &device, "--resume: ")?;
+        if let Some(r) = a.resize.filter(|&r| r != m.resolution) {
+            bail!("--resume: the checkpoint was trained at {0}x{0}, but --resize is {r}", m.resolution);
         }
         println!("resuming from {} after epoch {epoch}", a.checkpoint.display());
         (m, epoch)
     } else {
-        (AlexNet::new(a.resize, a.seed, &device)?, 0)
+        let resize = a.resize.unwrap_or(DEFAULT_RESIZE);
+        // Sizes first: an impossible --resize or --batch-size is refused before it is allocated.
+        let steps_batch = batch_size.min(data.train.len());
+        let need = alexnet::footprint(resize, steps_batch, true).context("--resize")?;
+        check_memory(&device, need, &format!("--resize {resize} --batch-size {batch_size}"), "training")?;
+        (AlexNet::new(resize, seed, &device)?, 0)
     };
+    if a.resume {
+        let need = alexnet::footprint(model.resolution, batch_size.min(data.train.len()), true)?;
+        check_memory(&device, need, &format!("--batch-size {batch_size}"), "training")?;
+    }
+    for c in &changed {
+        println!("--resume: continuing with {c}");
+    }
     model.conv_algo = a.data.conv_algo;
     if start_epoch >= a.epochs {
         bail!("the checkpoint already has {start_epoch} epochs; ask for more with --epochs");
     }
     let cfg = TrainConfig {
         epochs: a.epochs,
-        batch_size: a.batch_size,
-        lr: a.lr,
-        resolution: a.resize,
-        seed: a.seed,
-        checkpoint: Some(a.checkpoint.clone()),
+        batch_size,
+        lr,
+        resolution: model.resolution,
+        seed,
+        checkpoint: Some(claim),
         progress: !a.quiet,
+        stop,
     };
     println!(
         "training AlexNet ({} parameters) on {} ({}), {} train / {} test examples at {}x{}, batch {}, lr {}, {} epochs, {} convolutions, {} GEMMs",
@@ -209,16 +358,16 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         device.hardware_name(),
         data.train.len(),
         data.test.len(),
-        a.resize,
-        a.resize,
-        a.batch_size,
-        a.lr,
+        model.resolution,
+        model.resolution,
+        batch_size,
+        lr,
         a.epochs,
         model.conv_algo,
         a.data.math
     );
     // Tuned at the batch the steps will mostly run (no larger than the data).
-    let tune_batch = a.batch_size.min(data.train.len());
+    let tune_batch = batch_size.min(data.train.len());
     let tunings = model.tune_convs(tune_batch, conv_tune::REPS).context("timing the convolution algorithms")?;
     match &device {
         _ if tunings.is_empty() => {}
@@ -242,11 +391,11 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     }
     let reports = train::train(&mut model, &data.train, &data.test, &cfg, start_epoch, |r: &EpochReport| {
         println!(
-            "epoch {}: loss {:.3}, train acc {:.3}, test acc {:.3}, {:.1} examples/sec ({:.1} end to end)",
+            "epoch {}: loss {:.3}, train acc {:.3}, test acc {}, {:.1} examples/sec ({:.1} end to end)",
             r.epoch,
             r.loss,
             r.train_acc,
-            r.test_acc,
+            accuracy(r.test_acc),
             r.examples_per_sec(),
             r.end_to_end_examples_per_sec()
         );
@@ -267,7 +416,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     // The whole run's wall time: batching, copies, evaluation and checkpoints included.
     let wall: f64 = reports.iter().map(|r| r.epoch_seconds).sum();
     let end_to_end = examples as f64 / wall;
-    println!("loss {:.3}, train acc {:.3}, test acc {:.3}", last.loss, last.train_acc, last.test_acc);
+    println!("loss {:.3}, train acc {:.3}, test acc {}", last.loss, last.train_acc, accuracy(last.test_acc));
     println!(
         "{rate:.1} examples/sec on {} ({}); {end_to_end:.1} end to end ({} epochs in {wall:.1} s, evaluation and checkpoints included)",
         device.label(),
@@ -284,12 +433,29 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         writeln!(f, "{line}")?;
     }
     print_predictions(&model, &data, 10)?;
-    println!("checkpoint: {}", a.checkpoint.display());
+    let linked = std::fs::symlink_metadata(&a.checkpoint).is_ok_and(|m| m.file_type().is_symlink());
+    match cfg.checkpoint.as_ref().map(|c| c.path()) {
+        Some(p) if linked => println!("checkpoint: {} (-> {})", a.checkpoint.display(), p.display()),
+        _ => println!("checkpoint: {}", a.checkpoint.display()),
+    }
     Ok(())
+}
+
+/// An accuracy for printing: "n/a" where there was nothing to measure it on (NaN).
+fn accuracy(acc: f64) -> String {
+    if acc.is_nan() {
+        "n/a".into()
+    } else {
+        format!("{acc:.3}")
+    }
 }
 
 fn print_predictions(model: &AlexNet, data: &FashionMnist, count: usize) -> Result<()> {
     let n = count.min(data.test.len());
+    if n == 0 {
+        println!("no test images to predict");
+        return Ok(());
+    }
     let pred = train::predict(model, &data.test, model.resolution, n)?;
     println!("first {n} test images:");
     println!("  {:>3}  {:<12} {:<12}", "#", "true", "predicted");
@@ -304,14 +470,19 @@ fn print_predictions(model: &AlexNet, data: &FashionMnist, count: usize) -> Resu
     Ok(())
 }
 
+/// What a missing checkpoint is told with; `what` prefixes it (the flag that asked for it).
+fn missing_checkpoint(what: &str, checkpoint: &Path) -> String {
+    format!(
+        "{what}no checkpoint at {}: `ptxgrad train` writes one after every epoch (--checkpoint PATH names another \
+         file)",
+        checkpoint.display()
+    )
+}
+
 /// The model and epoch of a checkpoint; `what` prefixes the errors (the flag that asked for it).
 fn open_checkpoint(checkpoint: &Path, device: &Device, what: &str) -> Result<(AlexNet, usize)> {
     if !checkpoint.exists() {
-        bail!(
-            "{what}no checkpoint at {}: `ptxgrad train` writes one after every epoch (--checkpoint PATH names \
-             another file)",
-            checkpoint.display()
-        );
+        bail!(missing_checkpoint(what, checkpoint));
     }
     // The errors of `load_checkpoint` name the file already.
     train::load_checkpoint(checkpoint, device).with_context(|| format!("{what}loading a checkpoint"))
@@ -323,11 +494,22 @@ fn load_model(checkpoint: &Path, data: &DataArgs, device: &Device) -> Result<(Al
     Ok((model, epoch))
 }
 
+/// `check_memory` for evaluating `model` in batches of `train::EVAL_BATCH`.
+fn check_eval_memory(model: &AlexNet, device: &Device) -> Result<()> {
+    let need = alexnet::footprint(model.resolution, train::EVAL_BATCH, false)?;
+    let r = model.resolution;
+    check_memory(device, need, &format!("the checkpoint's {r}x{r} inputs"), "evaluation")
+}
+
 fn cmd_eval(a: CheckpointArgs) -> Result<()> {
-    let device = pick_device(&a.data.device)?;
+    let device = pick_device(&a.data.device, None)?;
     let _math = a.data.math.scope_on(&device)?;
     let (model, epoch) = load_model(&a.checkpoint, &a.data, &device)?;
     let data = load_data(&a.data, None)?;
+    check_eval_memory(&model, &device)?;
+    if data.test.is_empty() {
+        bail!("no test examples to evaluate on");
+    }
     let acc = train::evaluate(&model, &data.test, model.resolution)?;
     println!(
         "{}: epoch {epoch}, {}x{}, test acc {acc:.4} on {} examples",
@@ -361,9 +543,10 @@ fn cmd_kernels(spec: &str, json: bool) -> Result<()> {
 }
 
 fn cmd_predict(a: CheckpointArgs, count: usize) -> Result<()> {
-    let device = pick_device(&a.data.device)?;
+    let device = pick_device(&a.data.device, None)?;
     let _math = a.data.math.scope_on(&device)?;
     let (model, _) = load_model(&a.checkpoint, &a.data, &device)?;
     let data = load_data(&a.data, None)?;
+    check_eval_memory(&model, &device)?;
     print_predictions(&model, &data, count)
 }

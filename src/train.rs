@@ -5,9 +5,16 @@
 //! labels; resizing to the network's resolution happens on the device. Loss and accuracy are
 //! accumulated on the device and read back every `PROGRESS_EVERY` steps (for the progress bar
 //! and the non-finite check) and at the end of the epoch.
+//!
+//! Nothing is lost and nothing silently wrong: a non-finite loss stops the run at the progress
+//! read that sees it, the parameters are checked on the device before every checkpoint is
+//! written (a diverged model is never saved), and a stop request ([`Stop`]: Ctrl-C or SIGTERM in
+//! the `ptxgrad` command) ends the run at the next step, after the save in flight has finished.
+//! Each of these errors says what the checkpoint on disk holds.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -18,6 +25,7 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::nn::alexnet::AlexNet;
 use crate::nn::sgd_step;
+use crate::ops::nonfinite::nonfinite_counts;
 use crate::ops::resize::resize_bilinear;
 use crate::ops::softmax_xent::{accumulate_stats, argmax_rows, softmax_xent};
 use crate::tape::Tape;
@@ -26,7 +34,7 @@ use crate::tensor::{Images, Labels, Tensor};
 /// Steps between reads of the device-side statistics.
 const PROGRESS_EVERY: usize = 20;
 /// Batch size for evaluation (no activations are kept, so larger than training's).
-const EVAL_BATCH: usize = 500;
+pub const EVAL_BATCH: usize = 500;
 
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
@@ -35,9 +43,47 @@ pub struct TrainConfig {
     pub lr: f32,
     pub resolution: usize,
     pub seed: u64,
-    /// Where the checkpoint is written after every epoch (None: not written).
-    pub checkpoint: Option<PathBuf>,
+    /// Where the checkpoint is written after every epoch (None: not written), claimed for this
+    /// run so that no other writes it meanwhile.
+    pub checkpoint: Option<checkpoint::Claim>,
     pub progress: bool,
+    /// Asks the run to stop at its next step (see [`Stop`]).
+    pub stop: Stop,
+}
+
+/// A request to stop a run, made from outside it: a signal handler, another thread or a test.
+/// Training reads it before every step (one atomic load) and during evaluation; once set, the
+/// run waits for the checkpoint save in flight, if any, and fails with `Error::Interrupted`.
+/// Clones share one request.
+#[derive(Debug, Clone, Default)]
+pub struct Stop(Arc<AtomicUsize>);
+
+impl Stop {
+    /// The shared cell, for `signal_hook::flag::register_usize`: it holds the signal number
+    /// (nonzero) once a stop is requested.
+    pub fn cell(&self) -> Arc<AtomicUsize> {
+        self.0.clone()
+    }
+
+    /// Requests a stop on behalf of `signal` (its number, e.g. 2 for SIGINT).
+    pub fn request(&self, signal: usize) {
+        self.0.store(signal.max(1), Ordering::Relaxed);
+    }
+
+    /// The signal that requested a stop, if one did.
+    pub fn requested(&self) -> Option<usize> {
+        Some(self.0.load(Ordering::Relaxed)).filter(|&s| s != 0)
+    }
+}
+
+/// A signal's name for messages (the common ones; others by number).
+pub fn signal_name(signal: usize) -> String {
+    match signal {
+        1 => "SIGHUP".into(),
+        2 => "SIGINT (Ctrl-C)".into(),
+        15 => "SIGTERM".into(),
+        s => format!("signal {s}"),
+    }
 }
 
 /// The figures of one epoch.
@@ -107,6 +153,22 @@ pub fn train_step(
     Ok(loss)
 }
 
+/// What the run's checkpoint holds now that training stops, for its error message: waits for
+/// the save in flight (so that the answer is true), whose failure it reports too. `done`: the
+/// last epoch whose save was started.
+fn on_disk(cfg: &TrainConfig, writer: &mut checkpoint::Writer, done: usize, start_epoch: usize) -> String {
+    let Some(claim) = &cfg.checkpoint else { return "no checkpoint was being written".to_string() };
+    let p = claim.path().display();
+    match writer.finish() {
+        Err(e) => format!("the save of epoch {done}'s checkpoint to {p} failed too: {e}"),
+        Ok(()) if done == start_epoch && claim.path().exists() => {
+            format!("{p} is as it was before this run (it saved nothing)")
+        }
+        Ok(()) if done == start_epoch => format!("nothing was written to {p}"),
+        Ok(()) => format!("{p} holds epoch {done}"),
+    }
+}
+
 /// Trains `model` for the epochs `start_epoch+1 ..= cfg.epochs`, calling `on_epoch` after each.
 pub fn train(
     model: &mut AlexNet,
@@ -119,11 +181,18 @@ pub fn train(
     let device = model.device();
     let hw = (train.images.h, train.images.w);
     let mut reports = Vec::new();
-    if let Some(path) = &cfg.checkpoint {
-        checkpoint::probe_writable(path).map_err(|e| Error::Data(format!("the checkpoint cannot be written: {e}")))?;
+    if let Some(claim) = &cfg.checkpoint {
+        checkpoint::probe_writable(claim.path())
+            .map_err(|e| Error::Data(format!("the checkpoint cannot be written: {e}")))?;
     }
     // Each epoch's checkpoint is written while the next one trains (the last one is waited for).
     let mut writer = checkpoint::Writer::default();
+    // The last epoch whose checkpoint save was started.
+    let mut saved = start_epoch;
+    let interrupted = |writer: &mut checkpoint::Writer, saved: usize, signal: usize, when: String| {
+        let kept = on_disk(cfg, writer, saved, start_epoch);
+        Error::Interrupted { signal, message: format!("stopped by {} {when}; {kept}", signal_name(signal)) }
+    };
     for epoch in start_epoch + 1..=cfg.epochs {
         let epoch_start = Instant::now();
         let batches = epoch_batches(train.len(), cfg.batch_size, cfg.seed, epoch);
@@ -138,6 +207,11 @@ pub fn train(
         // few microseconds and is included), not evaluation or checkpointing.
         let loop_start = Instant::now();
         for (step, idx) in batches.iter().enumerate() {
+            if let Some(signal) = cfg.stop.requested() {
+                bar.abandon();
+                let when = format!("in epoch {epoch} before step {} of {}", step + 1, batches.len());
+                return Err(interrupted(&mut writer, saved, signal, when));
+            }
             let (pixels, labels) = train.gather(idx);
             let (x, y) = prepare_batch(pixels, labels, hw, cfg.resolution, &device)?;
             let loss = train_step(model, &x, &y, step_seed(cfg.seed, epoch, step), cfg.lr, Some(&mut stats))?;
@@ -150,14 +224,7 @@ pub fn train(
                     bar.abandon();
                     // The previous epoch's save may still be running: what is on disk is only
                     // known once it has ended.
-                    let kept = match (&cfg.checkpoint, epoch - 1, writer.finish()) {
-                        (Some(p), _, Err(e)) => {
-                            format!("the save of the previous epoch's checkpoint to {} failed too: {e}", p.display())
-                        }
-                        (Some(p), 0, Ok(())) => format!("nothing was written to {}", p.display()),
-                        (Some(p), done, Ok(())) => format!("{} (after epoch {done}) is intact", p.display()),
-                        (None, _, _) => "no checkpoint was being written".to_string(),
-                    };
+                    let kept = on_disk(cfg, &mut writer, saved, start_epoch);
                     return Err(Error::Data(format!(
                         "training diverged: non-finite loss ({}) in epoch {epoch} at step {} of {} (lr {}); {kept}",
                         recent[bad],
@@ -176,10 +243,27 @@ pub fn train(
         let train_time = loop_start.elapsed();
         bar.finish_and_clear();
         let s = stats.to_vec()?;
-        let test_acc = evaluate(model, test, cfg.resolution)?;
-        if let Some(path) = &cfg.checkpoint {
+        // A loss can stay finite while a parameter is not (a NaN gradient that no later step
+        // reads): checked on the device, one read back for all of them.
+        let bad = nonfinite_params(model)?;
+        if !bad.is_empty() {
+            let kept = on_disk(cfg, &mut writer, saved, start_epoch);
+            return Err(Error::Data(format!(
+                "training diverged: after epoch {epoch} (lr {}) the parameters hold non-finite values ({}); \
+                 the model was not saved; {kept}",
+                cfg.lr,
+                bad.join(", ")
+            )));
+        }
+        let Some(test_acc) = evaluate_until(model, test, cfg.resolution, Some(&cfg.stop))? else {
+            let signal = cfg.stop.requested().unwrap_or(0);
+            let when = format!("while evaluating epoch {epoch} (its steps were done, but it was not saved)");
+            return Err(interrupted(&mut writer, saved, signal, when));
+        };
+        if let Some(claim) = &cfg.checkpoint {
             let (tensors, metadata) = checkpoint_contents(model, epoch, cfg)?;
-            writer.start(path, tensors, metadata)?;
+            writer.start(claim.path(), tensors, metadata)?;
+            saved = epoch;
             if epoch == cfg.epochs {
                 writer.finish()?; // on disk before training returns, and inside this epoch's time
             }
@@ -197,6 +281,19 @@ pub fn train(
         reports.push(report);
     }
     Ok(reports)
+}
+
+/// "`name`: k of n values" for every parameter holding NaN or Inf (empty when all are finite).
+pub fn nonfinite_params(model: &AlexNet) -> Result<Vec<String>> {
+    let tensors: Vec<&Tensor> = model.params.iter().map(|p| &p.value).collect();
+    let counts = nonfinite_counts(&tensors)?;
+    Ok(model
+        .params
+        .iter()
+        .zip(counts)
+        .filter(|(_, k)| *k > 0)
+        .map(|(p, k)| format!("`{}`: {k} of {} values", p.name, p.value.len()))
+        .collect())
 }
 
 fn progress_bar(enabled: bool, steps: usize, epoch: usize, epochs: usize) -> ProgressBar {
@@ -227,19 +324,28 @@ pub fn predict(model: &AlexNet, split: &Split, resolution: usize, limit: usize) 
     Ok(out)
 }
 
-/// Accuracy on `split` in eval mode (dropout off, nothing recorded).
+/// Accuracy on `split` in eval mode (dropout off, nothing recorded). An empty split has no
+/// accuracy: NaN (the caller says so).
 pub fn evaluate(model: &AlexNet, split: &Split, resolution: usize) -> Result<f64> {
+    Ok(evaluate_until(model, split, resolution, None)?.unwrap_or(f64::NAN))
+}
+
+/// `evaluate`, given up (None) as soon as `stop` is requested.
+fn evaluate_until(model: &AlexNet, split: &Split, resolution: usize, stop: Option<&Stop>) -> Result<Option<f64>> {
     let device = model.device();
     let hw = (split.images.h, split.images.w);
     let mut stats = Tensor::zeros(&[2], &device)?;
     for idx in sequential_batches(split.len(), EVAL_BATCH) {
+        if stop.is_some_and(|s| s.requested().is_some()) {
+            return Ok(None);
+        }
         let (pixels, labels) = split.gather(&idx);
         let (x, y) = prepare_batch(pixels, labels, hw, resolution, &device)?;
         let logits = model.forward(&mut Tape::eval(), &x, 0)?;
         accumulate_stats(&logits, &y, &mut stats)?;
     }
     let s = stats.to_vec()?;
-    Ok(s[1] as f64 / split.len().max(1) as f64)
+    Ok(Some(if split.is_empty() { f64::NAN } else { s[1] as f64 / split.len() as f64 }))
 }
 
 /// Metadata keys stored in checkpoints.
@@ -264,15 +370,57 @@ pub fn checkpoint_contents(
     Ok((tensors, meta))
 }
 
-/// Loads a checkpoint: (model, epochs completed).
+/// Loads a checkpoint: (model, epochs completed). Refuses one whose metadata does not describe
+/// an AlexNet ptxgrad can build, or whose tensors hold NaN or Inf (naming them: such weights
+/// evaluate to nonsense and would train on from it).
 pub fn load_checkpoint(path: &std::path::Path, device: &Device) -> Result<(AlexNet, usize)> {
     let (tensors, meta) = checkpoint::load(path)?;
+    let shown = path.display();
     let field = |key: &str| -> Result<usize> {
-        let v = meta.get(key).ok_or_else(|| {
-            Error::Data(format!("{}: not a ptxgrad checkpoint (no `{key}` in its metadata)", path.display()))
-        })?;
-        v.parse().map_err(|_| Error::Data(format!("{}: metadata `{key}` is `{v}`, not a number", path.display())))
+        let v = meta
+            .get(key)
+            .ok_or_else(|| Error::Data(format!("{shown}: not a ptxgrad checkpoint (no `{key}` in its metadata)")))?;
+        v.parse().map_err(|_| Error::Data(format!("{shown}: metadata `{key}` is `{v}`, not a number")))
     };
     let (epoch, resolution) = (field(META_EPOCH)?, field(META_RESOLUTION)?);
-    Ok((AlexNet::from_named(resolution, tensors, device)?, epoch))
+    crate::nn::alexnet::layer_shapes(&[1, crate::nn::alexnet::IN_CHANNELS, resolution, resolution])
+        .map_err(|e| Error::Data(format!("{shown}: metadata `{META_RESOLUTION}` is {resolution}: {e}")))?;
+    let bad: Vec<String> = tensors
+        .iter()
+        .filter_map(|t| {
+            let k = crate::ops::nonfinite::count_nonfinite_cpu(&t.data);
+            (k > 0).then(|| format!("`{}`: {k} of {} values", t.name, t.data.len()))
+        })
+        .collect();
+    if !bad.is_empty() {
+        return Err(Error::Data(format!(
+            "{shown}: the checkpoint holds NaN or Inf ({}): it comes from a run that diverged; train afresh \
+             (a lower --lr) or resume from an earlier checkpoint",
+            bad.join(", ")
+        )));
+    }
+    let model = AlexNet::from_named(resolution, tensors, device).map_err(|e| match e {
+        Error::Data(m) => Error::Data(format!("{shown}: {m}")),
+        e => e,
+    })?;
+    Ok((model, epoch))
+}
+
+/// The hyperparameters a checkpoint recorded (`seed`, `lr`, `batch_size`), where present and
+/// readable: what `--resume` continues with unless told otherwise.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Recorded {
+    pub seed: Option<u64>,
+    pub lr: Option<f32>,
+    pub batch_size: Option<usize>,
+}
+
+/// Reads [`Recorded`] from a checkpoint's metadata (the header only).
+pub fn recorded_hyperparameters(path: &std::path::Path) -> Result<Recorded> {
+    let meta = checkpoint::metadata(path)?;
+    Ok(Recorded {
+        seed: meta.get("seed").and_then(|v| v.parse().ok()),
+        lr: meta.get("lr").and_then(|v| v.parse().ok()),
+        batch_size: meta.get("batch_size").and_then(|v| v.parse().ok()),
+    })
 }

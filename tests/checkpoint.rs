@@ -6,7 +6,7 @@ use common::{assert_mentions, err_msg, TempDir};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use ptxgrad::checkpoint::{load, save, NamedTensor, Writer};
+use ptxgrad::checkpoint::{load, metadata, save, tmp_path, Claim, NamedTensor, Writer};
 use safetensors::tensor::{Dtype, TensorView};
 
 fn temp_dir(test: &str) -> TempDir {
@@ -97,10 +97,11 @@ fn save_is_atomic_and_overwrites() {
     save(&path, &[tensor("a", &[4], 0.0)], &meta(&[("epoch", "1")])).unwrap();
     assert_eq!(listing(&dir), ["ckpt.safetensors"], "no .tmp left behind");
 
-    // A stale .tmp from an earlier crash is simply overwritten.
-    std::fs::write(dir.join("ckpt.safetensors.tmp"), b"half a checkpoint").unwrap();
+    // Each process writes a temp file of its own: another process's (here, a killed run's) is
+    // not touched by a save.
+    std::fs::write(dir.join("ckpt.safetensors.12345.tmp"), b"half a checkpoint").unwrap();
     save(&path, &[tensor("a", &[4], 10.0), tensor("b", &[2], 0.0)], &meta(&[("epoch", "2")])).unwrap();
-    assert_eq!(listing(&dir), ["ckpt.safetensors"]);
+    assert_eq!(listing(&dir), ["ckpt.safetensors", "ckpt.safetensors.12345.tmp"]);
     let (tensors, metadata) = load(&path).unwrap();
     assert_eq!(metadata["epoch"], "2");
     assert_eq!(tensors[0], tensor("a", &[4], 10.0));
@@ -118,9 +119,10 @@ fn failed_save_keeps_the_previous_checkpoint() {
     let dup = [tensor("a", &[1], 0.0), tensor("a", &[1], 0.0)];
     assert_mentions(&err_msg(save(&path, &dup, &BTreeMap::new())), &["`a`", "twice"]);
     // The tmp path is occupied by a directory, so the write itself fails.
-    std::fs::create_dir(dir.join("ckpt.safetensors.tmp")).unwrap();
+    let tmp = tmp_path(&path);
+    std::fs::create_dir(&tmp).unwrap();
     let msg = err_msg(save(&path, &[tensor("a", &[3], 9.0)], &BTreeMap::new()));
-    assert_mentions(&msg, &["ckpt.safetensors.tmp"]);
+    assert_mentions(&msg, &[&tmp.display().to_string()]);
     let (tensors, metadata) = load(&path).unwrap();
     assert_eq!((tensors, metadata["epoch"].as_str()), (vec![tensor("a", &[3], 1.0)], "1"));
 }
@@ -205,4 +207,67 @@ fn writer_reports_a_failed_save_and_drop_waits() {
     writer.start(&good, vec![tensor("b", &[1 << 20], 3.0)], BTreeMap::new()).unwrap();
     drop(writer);
     assert_eq!(load(&good).unwrap().0, vec![tensor("b", &[1 << 20], 3.0)]);
+}
+
+#[test]
+fn temp_files_are_per_process() {
+    let path = Path::new("/some/dir/ckpt.safetensors");
+    let tmp = tmp_path(path);
+    assert_eq!(tmp, Path::new(&format!("/some/dir/ckpt.safetensors.{}.tmp", std::process::id())));
+}
+
+#[test]
+fn a_claim_is_exclusive_follows_symlinks_and_removes_stale_temp_files() {
+    let dir = temp_dir("claim");
+    let path = dir.join("ckpt.safetensors");
+    // What killed runs leave: temp files of other processes (and the plain `.tmp` name); a
+    // file of another name is not one of them.
+    for stale in ["ckpt.safetensors.tmp", "ckpt.safetensors.999999.tmp"] {
+        std::fs::write(dir.join(stale), b"half").unwrap();
+    }
+    std::fs::write(dir.join("ckpt.safetensors.notes.tmp"), b"mine").unwrap();
+    let claim = Claim::acquire(&path).unwrap();
+    let removed: Vec<_> = claim.removed_stale().iter().map(|p| p.file_name().unwrap().to_owned()).collect();
+    assert_eq!(removed, ["ckpt.safetensors.999999.tmp", "ckpt.safetensors.tmp"]);
+    assert_eq!(listing(&dir), ["ckpt.safetensors.lock", "ckpt.safetensors.notes.tmp"]);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("ckpt.safetensors.lock")).unwrap(),
+        format!("process {} (ptxgrad train)", std::process::id())
+    );
+    // A second claim, by name or through a symlink (locks are per open file, so this process
+    // stands in for another one), fails at once and names the holder.
+    std::os::unix::fs::symlink(&path, dir.join("link")).unwrap();
+    for p in [path.clone(), dir.join("link"), dir.join(".").join("ckpt.safetensors")] {
+        let msg = err_msg(Claim::acquire(&p));
+        assert_mentions(&msg, &["is in use", &format!("process {}", std::process::id()), "ckpt.safetensors.lock"]);
+    }
+    // Released when the claim (and every clone of it) is dropped; the lock file goes with it.
+    let clone = claim.clone();
+    drop(claim);
+    assert!(Claim::acquire(&path).is_err(), "a clone still holds it");
+    drop(clone);
+    let again = Claim::acquire(&dir.join("link")).unwrap();
+    assert_eq!(again.path(), std::fs::canonicalize(&*dir).unwrap().join("ckpt.safetensors"));
+    drop(again);
+    assert_eq!(listing(&dir), ["ckpt.safetensors.notes.tmp", "link"]);
+}
+
+#[test]
+fn claims_refuse_directories_and_loops() {
+    let dir = temp_dir("claim-refusals");
+    assert_mentions(&err_msg(Claim::acquire(&dir)), &["expected a checkpoint file path, found a directory"]);
+    assert_mentions(&err_msg(Claim::acquire(Path::new(""))), &["expected a file path, found an empty one"]);
+    std::os::unix::fs::symlink(dir.join("b"), dir.join("a")).unwrap();
+    std::os::unix::fs::symlink(dir.join("a"), dir.join("b")).unwrap();
+    assert_mentions(&err_msg(Claim::acquire(&dir.join("a"))), &["too many levels of symbolic links"]);
+}
+
+#[test]
+fn metadata_reads_the_header_alone() {
+    let dir = temp_dir("metadata");
+    let path = dir.join("m.safetensors");
+    save(&path, &[tensor("a", &[3], 1.0)], &meta(&[("epoch", "4"), ("lr", "0.5")])).unwrap();
+    assert_eq!(metadata(&path).unwrap(), meta(&[("epoch", "4"), ("lr", "0.5")]));
+    std::fs::write(&path, [0xff; 16]).unwrap();
+    assert_mentions(&err_msg(metadata(&path)), &["m.safetensors", "not a valid safetensors checkpoint"]);
 }

@@ -1,32 +1,9 @@
 //! The `ptxgrad` command: bad flags and bad paths give a clear error and exit status 1, never a
 //! panic; `train` runs end to end and says what it measured.
 mod common;
-use std::path::PathBuf;
-use std::process::Command;
-
-/// The binary cargo built for this test run; when the test binary was copied elsewhere (the GPU
-/// machine runs packed binaries), the `ptxgrad` or `bin-ptxgrad` beside it.
-fn binary() -> PathBuf {
-    let built = PathBuf::from(env!("CARGO_BIN_EXE_ptxgrad"));
-    if built.is_file() {
-        return built;
-    }
-    let here = std::env::current_exe().expect("test binary path");
-    let dir = here.parent().expect("test binary directory");
-    ["ptxgrad", "bin-ptxgrad"]
-        .iter()
-        .map(|n| dir.join(n))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("no ptxgrad binary at {} or beside {}", built.display(), here.display()))
-}
 
 fn ptxgrad(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(binary()).args(args).output().expect("run ptxgrad");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::run_ptxgrad(args)
 }
 
 fn fails_with(args: &[&str], needle: &str) {
@@ -129,4 +106,181 @@ fn train_on_the_cpu_reports_epochs_and_writes_its_checkpoint() {
     assert!(last["seconds"].as_f64().is_some_and(|s| s > 0.0), "{last}");
     // Written on the checkpoint thread, complete when the command returns.
     assert!(ckpt.is_file() && !dir.join("a.safetensors.tmp").exists());
+}
+
+/// A checkpoint made by the library (an untrained AlexNet at 65x65 after "epoch 1", recorded
+/// with batch size 32, lr 0.01 and seed 7), without training anything.
+fn small_checkpoint(path: &std::path::Path) {
+    use ptxgrad::nn::alexnet::AlexNet;
+    let model = AlexNet::new(65, 7, &ptxgrad::Device::Cpu).unwrap();
+    let cfg = ptxgrad::train::TrainConfig {
+        epochs: 1,
+        batch_size: 32,
+        lr: 0.01,
+        resolution: 65,
+        seed: 7,
+        checkpoint: None,
+        progress: false,
+        stop: Default::default(),
+    };
+    let (tensors, meta) = ptxgrad::train::checkpoint_contents(&model, 1, &cfg).unwrap();
+    ptxgrad::checkpoint::save(path, &tensors, &meta).unwrap();
+}
+
+#[test]
+fn train_refuses_to_replace_a_checkpoint_unless_told() {
+    let dir = common::TempDir::new("cli-overwrite");
+    let ckpt = dir.join("a.safetensors");
+    std::fs::write(&ckpt, b"a finished run").unwrap();
+    let c = ckpt.display().to_string();
+    // Refused before any work (no data is read, nothing trains): the file is untouched.
+    fails_with(&["train", "--device", "cpu", "--checkpoint", &c], "exists already: --resume continues it, --overwrite");
+    fails_with(&["train", "--device", "cpu", "--checkpoint", &c, "--resume", "--overwrite"], "cannot be used with");
+    assert_eq!(std::fs::read(&ckpt).unwrap(), b"a finished run");
+    // A directory is no checkpoint path, refused at once too.
+    let d = dir.display().to_string();
+    fails_with(&["train", "--device", "cpu", "--checkpoint", &d], "expected a checkpoint file path, found a directory");
+    fails_with(&["train", "--device", "cpu", "--checkpoint", "."], "found a directory");
+    assert_eq!(std::fs::read_dir(&*dir).unwrap().count(), 1, "nothing was created beside the checkpoint");
+}
+
+#[test]
+fn a_symlinked_checkpoint_is_written_where_it_points() {
+    let dir = common::TempDir::new("cli-symlink");
+    let (target, link) = (dir.join("runs/real.safetensors"), dir.join("link.safetensors"));
+    std::fs::create_dir(dir.join("runs")).unwrap();
+    std::os::unix::fs::symlink(&target, &link).unwrap(); // dangling until the first save
+    let l = link.display().to_string();
+    let args = ["train", "--device", "cpu", "--resize", "65", "--max-examples", "32", "--batch-size", "32"];
+    let (code, out, err) = ptxgrad(&[&args[..], &["--epochs", "1", "--quiet", "--checkpoint", &l]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("checkpoint: {l} (-> {})", target.display())), "{out}");
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link is still a link");
+    assert_eq!(ptxgrad::checkpoint::metadata(&target).unwrap()["epoch"], "1");
+    let (code, out, err) = ptxgrad(&["eval", "--device", "cpu", "--checkpoint", &l]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("epoch 1, 65x65, test acc"), "{out}");
+}
+
+#[test]
+fn impossible_sizes_are_refused_up_front_with_the_memory_they_need() {
+    // Each would panic, abort or be killed by the OOM killer if it were allocated.
+    let cpu = ["train", "--device", "cpu", "--checkpoint", "/nonexistent-dir-ptxgrad/x.safetensors"];
+    for (extra, needle) in [
+        (&["--resize", "100000000"][..], "--resize: AlexNet: expected sizes that fit in 64 bits"),
+        (&["--resize", "18446744073709551615"][..], "--resize: AlexNet: expected sizes that fit in 64 bits"),
+        (&["--resize", "5000", "--max-examples", "256"][..], "--resize 5000 --batch-size 128: training needs at least"),
+        (&["--batch-size", "100000"][..], "--resize 224 --batch-size 100000: training needs at least"),
+    ] {
+        let dir = common::TempDir::new("cli-sizes");
+        let c = dir.join("x.safetensors").display().to_string();
+        let mut args = cpu.to_vec();
+        args[4] = &c;
+        fails_with(&[&args[..], extra].concat(), needle);
+        let (_, _, err) = ptxgrad(&[&args[..], extra].concat());
+        if needle.contains("needs at least") {
+            assert!(
+                err.contains("GB of host memory") && err.contains("use a smaller --resize or --batch-size"),
+                "{err}"
+            );
+        }
+        assert!(!dir.join("x.safetensors").exists());
+    }
+    fails_with(&["summary", "--resize", "200000000"], "expected sizes that fit in 64 bits");
+    fails_with(&["summary", "--resize", "18446744073709551615"], "expected sizes that fit in 64 bits");
+}
+
+#[test]
+fn a_diverged_run_fails_naming_the_epoch_and_saves_nothing() {
+    // lr 1e9 overflows the weights within the first steps; NaN then propagates through every
+    // op (ReLU included) to the loss, which stops the run.
+    let dir = common::TempDir::new("cli-diverge");
+    let c = dir.join("d.safetensors").display().to_string();
+    let args = ["train", "--lr", "1e9", "--resize", "65", "--max-examples", "256", "--batch-size", "64"];
+    let (code, _, err) =
+        ptxgrad(&[&args[..], &["--epochs", "1", "--device", "cpu", "--quiet", "--checkpoint", &c]].concat());
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("training diverged") && err.contains("epoch 1"), "{err}");
+    assert!(err.contains(&format!("nothing was written to {}", dir.join("d.safetensors").display())), "{err}");
+    assert_eq!(std::fs::read_dir(&*dir).unwrap().count(), 0, "no checkpoint, temp file or lock left");
+}
+
+#[test]
+fn checkpoints_holding_nan_are_refused_naming_the_tensor() {
+    let dir = common::TempDir::new("cli-nan-ckpt");
+    let path = dir.join("nan.safetensors");
+    small_checkpoint(&path);
+    let (mut tensors, meta) = ptxgrad::checkpoint::load(&path).unwrap();
+    let bias = tensors.iter_mut().find(|t| t.name == "3.bias").unwrap();
+    bias.data[5] = f32::NAN;
+    bias.data[6] = f32::INFINITY;
+    ptxgrad::checkpoint::save(&path, &tensors, &meta).unwrap();
+    let p = path.display().to_string();
+    fails_with(&["eval", "--device", "cpu", "--checkpoint", &p], "holds NaN or Inf (`3.bias`: 2 of 256 values)");
+    fails_with(&["predict", "--device", "cpu", "--checkpoint", &p], "`3.bias`");
+    fails_with(&["train", "--device", "cpu", "--resume", "--epochs", "2", "--checkpoint", &p], "`3.bias`");
+    // A resolution in the metadata that no AlexNet has names the file too.
+    let mut meta = meta;
+    meta.insert("resolution".into(), "0".into());
+    ptxgrad::checkpoint::save(&path, &tensors, &meta).unwrap();
+    fails_with(&["eval", "--device", "cpu", "--checkpoint", &p], &format!("{p}: metadata `resolution` is 0"));
+}
+
+#[test]
+fn resume_continues_with_the_recorded_recipe_and_says_what_changed() {
+    let dir = common::TempDir::new("cli-resume-recipe");
+    let path = dir.join("r.safetensors");
+    small_checkpoint(&path);
+    let p = path.display().to_string();
+    let args = ["train", "--device", "cpu", "--resume", "--max-examples", "32", "--epochs", "2", "--quiet"];
+    let (code, out, err) = ptxgrad(&[&args[..], &["--lr", "0.02", "--checkpoint", &p]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("--resume: continuing with --lr 0.02 (the checkpoint was trained with 0.01)"), "{out}");
+    // Resolution, batch size and seed came from the checkpoint, not the defaults (224, 128, 0).
+    assert!(out.contains("at 65x65, batch 32, lr 0.02, 2 epochs"), "{out}");
+    let meta = ptxgrad::checkpoint::metadata(&path).unwrap();
+    let recorded = (meta["epoch"].as_str(), meta["lr"].as_str(), meta["batch_size"].as_str(), meta["seed"].as_str());
+    assert_eq!(recorded, ("2", "0.02", "32", "7"));
+}
+
+#[test]
+fn an_empty_test_set_is_said_not_scored() {
+    let dir = common::TempDir::new("cli-empty-test");
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fashion-mnist");
+    for f in ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"] {
+        std::os::unix::fs::symlink(data.join(f), dir.join(f)).unwrap();
+    }
+    // IDX headers of zero images and zero labels, gzipped.
+    let gz = |path: std::path::PathBuf, bytes: &[u8]| {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(std::fs::File::create(path).unwrap(), flate2::Compression::fast());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap();
+    };
+    gz(dir.join("t10k-images-idx3-ubyte.gz"), &[0, 0, 8, 3, 0, 0, 0, 0, 0, 0, 0, 28, 0, 0, 0, 28]);
+    gz(dir.join("t10k-labels-idx1-ubyte.gz"), &[0, 0, 8, 1, 0, 0, 0, 0]);
+    let (d, c) = (dir.display().to_string(), dir.join("e.safetensors").display().to_string());
+    let args = ["train", "--device", "cpu", "--resize", "65", "--max-examples", "32", "--batch-size", "32"];
+    let (code, out, err) =
+        ptxgrad(&[&args[..], &["--epochs", "1", "--quiet", "--data-dir", &d, "--checkpoint", &c]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("warning: no test examples: test accuracy is not measured"), "{err}");
+    assert!(out.contains("test acc n/a") && !out.contains("test acc 0.000"), "{out}");
+    fails_with(&["eval", "--device", "cpu", "--data-dir", &d, "--checkpoint", &c], "no test examples");
+}
+
+#[test]
+fn the_cpu_fallback_warning_names_the_size_asked_for() {
+    // Without a GPU, `--device auto` falls back to the CPU and says so; the size it calls slow
+    // is the one asked for. (With a GPU there is no warning at all.)
+    let dir = common::TempDir::new("cli-fallback");
+    let c = dir.join("f.safetensors").display().to_string();
+    for (resize, slow) in [("65", None), ("224", Some("very slow at 224x224")), ("300", Some("very slow at 300x300"))] {
+        let (_, _, err) = ptxgrad(&["train", "--resize", resize, "--max-examples", "0", "--checkpoint", &c]);
+        assert!(err.contains("no training examples"), "{err}");
+        if err.contains("running on the CPU") {
+            assert_eq!(slow.is_some_and(|s| err.contains(s)), slow.is_some(), "--resize {resize}: {err}");
+            assert!(resize == "224" || !err.contains("224x224"), "--resize {resize}: {err}");
+        }
+    }
 }

@@ -4,9 +4,10 @@ mod common;
 use common::TempDir;
 use std::path::PathBuf;
 
+use ptxgrad::checkpoint::Claim;
 use ptxgrad::data::fashion_mnist::FashionMnist;
 use ptxgrad::nn::alexnet::AlexNet;
-use ptxgrad::train::{self, TrainConfig};
+use ptxgrad::train::{self, Stop, TrainConfig};
 use ptxgrad::{Device, Tensor};
 
 fn data(train_n: usize, test_n: usize) -> FashionMnist {
@@ -18,8 +19,10 @@ fn data(train_n: usize, test_n: usize) -> FashionMnist {
     d
 }
 
+/// A run's configuration; its checkpoint, if any, claimed for as long as the value lives.
 fn config(epochs: usize, batch_size: usize, lr: f32, checkpoint: Option<PathBuf>) -> TrainConfig {
-    TrainConfig { epochs, batch_size, lr, resolution: RES, seed: 0, checkpoint, progress: false }
+    let checkpoint = checkpoint.map(|p| Claim::acquire(&p).expect("the checkpoint path can be claimed"));
+    TrainConfig { epochs, batch_size, lr, resolution: RES, seed: 0, checkpoint, progress: false, stop: Stop::default() }
 }
 
 const RES: usize = 65;
@@ -91,21 +94,68 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
 
 #[test]
 fn a_checkpoint_that_cannot_be_written_stops_training_before_it_starts() {
-    // Checked up front: at 224x224 on the CPU an epoch takes hours. (A save that fails later, on
-    // the background thread, is reported at the next progress read: tests/checkpoint.rs.)
-    let d = data(32, 10);
+    // Checked up front, when the run claims its checkpoint: at 224x224 on the CPU an epoch takes
+    // hours. (A save that fails later, on the background thread, is reported at the next
+    // progress read: tests/checkpoint.rs.)
     let dir = TempDir::new("train-cpu-unwritable");
     std::fs::write(dir.join("file"), b"").unwrap();
     let ckpt = dir.join("file/alexnet.safetensors"); // a regular file where a directory should be
-    let mut model = AlexNet::new(RES, 4, &Device::Cpu).unwrap();
-    let mut epochs_seen = Vec::new();
-    let err = train::train(&mut model, &d.train, &d.test, &config(2, 16, 0.01, Some(ckpt.clone())), 0, |r| {
-        epochs_seen.push(r.epoch);
+    let msg = Claim::acquire(&ckpt).expect_err("an unwritable checkpoint path cannot be claimed").to_string();
+    assert!(msg.contains(&format!("{}: expected a directory, found a file", dir.join("file").display())), "{msg}");
+}
+
+#[test]
+fn a_stop_request_ends_the_run_before_its_next_step_and_says_what_is_on_disk() {
+    let d = data(64, 20);
+    let dir = TempDir::new("train-cpu-stop");
+    let ckpt = dir.join("stop.safetensors");
+    let mut model = AlexNet::new(RES, 5, &Device::Cpu).unwrap();
+    let mut cfg = config(3, 32, 0.01, Some(ckpt.clone()));
+    let stop = Stop::default();
+    cfg.stop = stop.clone();
+    // Asked for while epoch 2 is reported (its checkpoint is being written): epoch 3 never runs.
+    let err = train::train(&mut model, &d.train, &d.test, &cfg, 0, |r| {
+        if r.epoch == 2 {
+            stop.request(2);
+        }
         Ok(())
     })
-    .expect_err("an unwritable checkpoint must stop training");
-    let msg = err.to_string();
-    assert!(msg.contains("the checkpoint cannot be written"), "{msg}");
-    assert!(msg.contains(&dir.join("file").display().to_string()), "{msg}");
-    assert!(epochs_seen.is_empty(), "epochs trained before the failure: {epochs_seen:?}");
+    .expect_err("the run must stop");
+    let ptxgrad::Error::Interrupted { signal, message } = err else { panic!("not an interruption: {err}") };
+    assert_eq!(signal, 2);
+    let want = format!("stopped by SIGINT (Ctrl-C) in epoch 3 before step 1 of 2; {} holds epoch 2", ckpt.display());
+    assert!(message.contains(&want), "{message}");
+    // The save in flight was waited for: the file is whole, and it is epoch 2's.
+    let (loaded, epoch) = train::load_checkpoint(&ckpt, &Device::Cpu).unwrap();
+    assert_eq!(epoch, 2);
+    for (a, b) in loaded.params.iter().zip(&model.params) {
+        assert_eq!(a.value.to_vec().unwrap(), b.value.to_vec().unwrap(), "{}", a.name);
+    }
+    // A request before the first step: nothing trains, nothing is written.
+    let fresh = dir.join("fresh.safetensors");
+    let cfg = config(1, 32, 0.01, Some(fresh.clone()));
+    cfg.stop.request(15);
+    let err = train::train(&mut model, &d.train, &d.test, &cfg, 0, |_| Ok(())).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!(
+            "stopped by SIGTERM in epoch 1 before step 1 of 2; nothing was written to {}",
+            fresh.display()
+        )),
+        "{err}"
+    );
+    assert!(!fresh.exists());
+}
+
+#[test]
+fn non_finite_parameters_are_found_on_the_device_and_named() {
+    for dev in [Device::Cpu, Device::parse("emu").unwrap()] {
+        let mut model = AlexNet::new(RES, 6, &dev).unwrap();
+        assert_eq!(train::nonfinite_params(&model).unwrap(), Vec::<String>::new());
+        let p = &mut model.params[2]; // 3.weight
+        let mut v = p.value.to_vec().unwrap();
+        v[0] = f32::INFINITY;
+        v[17] = f32::NAN;
+        p.value = Tensor::from_vec(p.value.shape(), v, &dev).unwrap();
+        assert_eq!(train::nonfinite_params(&model).unwrap(), ["`3.weight`: 2 of 614400 values"]);
+    }
 }

@@ -51,8 +51,10 @@ impl Layer {
         let spatial = |k: usize, s: usize, p: usize| -> Result<Vec<usize>> {
             let [n, c, h, w] = <[usize; 4]>::try_from(input)
                 .map_err(|_| Error::shape("AlexNet", "a 4-D input", format!("{input:?}")))?;
-            let out = |x: usize| (x + 2 * p).checked_sub(k).map(|v| v / s + 1);
-            match (out(h), out(w)) {
+            // Checked: a huge input must give an error, not a wrapped size.
+            let padded = |x: usize| x.checked_add(2 * p).ok_or_else(|| too_large(input));
+            let out = |x: usize| padded(x).map(|v| v.checked_sub(k).map(|v| v / s + 1));
+            match (out(h)?, out(w)?) {
                 (Some(oh), Some(ow)) => Ok(vec![n, c, oh, ow]),
                 _ => Err(Error::shape(
                     "AlexNet",
@@ -72,11 +74,20 @@ impl Layer {
                 Ok(s)
             }
             Layer::MaxPool2d { kernel, stride } => spatial(kernel, stride, 0),
-            Layer::Flatten => Ok(vec![input[0], input[1..].iter().product()]),
+            Layer::Flatten => Ok(vec![input[0], elements(&input[1..])?]),
             Layer::Linear { out } => Ok(vec![input[0], out]),
             Layer::Relu | Layer::Dropout { .. } => Ok(input.to_vec()),
         }
     }
+}
+
+/// The product of `dims`, or an error when it does not fit a usize (a huge --resize).
+pub fn elements(dims: &[usize]) -> Result<usize> {
+    dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| too_large(dims))
+}
+
+fn too_large(shape: &[usize]) -> Error {
+    Error::shape("AlexNet", "sizes that fit in 64 bits", format!("{shape:?} (the input is far too large)"))
 }
 
 /// The d2l AlexNet; index i is `nn.Sequential` index i.
@@ -182,7 +193,7 @@ impl AlexNet {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut params = Vec::new();
         for (name, shape) in param_shapes(resolution)? {
-            let n: usize = shape.iter().product();
+            let n = elements(&shape)?;
             let data = if shape.len() == 1 {
                 vec![0.0; n]
             } else {
@@ -310,7 +321,63 @@ pub fn summary(resolution: usize) -> Result<String> {
         let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
         s.push_str(&format!("{:<10} output shape:\t torch.Size([{}])\n", layer.name(), dims.join(", ")));
     }
-    let params: usize = param_shapes(resolution)?.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
-    s.push_str(&format!("parameters: {params}\n"));
+    s.push_str(&format!("parameters: {}\n", param_elements(resolution)?));
     Ok(s)
+}
+
+/// The number of parameters at `resolution`, checked (an error rather than a wrapped count).
+pub fn param_elements(resolution: usize) -> Result<u64> {
+    param_shapes(resolution)?
+        .iter()
+        .try_fold(0u64, |acc, (_, shape)| acc.checked_add(elements(shape)? as u64).ok_or_else(|| too_large(shape)))
+}
+
+/// What a run needs in memory, in bytes, as derived from the layer table: a lower bound (the
+/// allocator, the workspaces of some algorithms and the data set come on top), so that a size
+/// it refuses can never have fitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Footprint {
+    /// Where the model runs (the GPU's memory, or the host's for the CPU): the parameters (and,
+    /// training, their gradients) and the activations of one batch.
+    pub device: u64,
+    /// On the host besides (the model itself when it runs on the CPU): the parameters' copies a
+    /// checkpoint is made of (training: the host copy, its bytes and the file; loading: the
+    /// file and the tensors).
+    pub host: u64,
+    /// Of `device`: the parameters, with their gradients when training.
+    pub params: u64,
+    /// Of `device`: one batch's activations.
+    pub activations: u64,
+}
+
+/// The [`Footprint`] of training (`training`: the tape keeps every layer's output and argmax,
+/// and the parameters have gradients) or of inference at `batch` inputs of `resolution`^2.
+pub fn footprint(resolution: usize, batch: usize, training: bool) -> Result<Footprint> {
+    const F32: u64 = 4;
+    let overflow = || too_large(&[batch, IN_CHANNELS, resolution, resolution]);
+    let mul = |a: u64, b: u64| a.checked_mul(b).ok_or_else(overflow);
+    let shapes = layer_shapes(&[1, IN_CHANNELS, resolution, resolution])?;
+    let per_example: Vec<u64> = shapes.iter().map(|s| elements(&s[1..]).map(|e| e as u64)).collect::<Result<_>>()?;
+    let input = elements(&[IN_CHANNELS, resolution, resolution])? as u64;
+    let widest = per_example.iter().copied().chain([input]).max().unwrap_or(0);
+    let weights = mul(param_elements(resolution)?, F32)?;
+    let (params, kept) = if training {
+        // Every output stays on the tape (max-pool's argmax too, 4 bytes an element), and the
+        // backward holds a gradient and its successor of the widest layer at once.
+        let pooled: u64 = LAYERS
+            .iter()
+            .zip(&per_example)
+            .filter(|(l, _)| matches!(l, Layer::MaxPool2d { .. }))
+            .map(|(_, &e)| e)
+            .sum();
+        let outputs = per_example.iter().sum::<u64>() + pooled + input;
+        (mul(weights, 2)?, outputs.checked_add(mul(widest, 2)?).ok_or_else(overflow)?)
+    } else {
+        // A layer's input and output at once.
+        (weights, mul(widest, 2)?)
+    };
+    let activations = mul(mul(kept, batch as u64)?, F32)?;
+    let device = params.checked_add(activations).ok_or_else(overflow)?;
+    let host = mul(weights, if training { 3 } else { 2 })?;
+    Ok(Footprint { device, host, params, activations })
 }

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use ptxgrad::{Device, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -192,4 +193,37 @@ pub fn emu_launch(cfg: cudarc::driver::LaunchConfig, kernel: &(dyn Fn() + Sync))
     if let Err(e) = ptxgrad_emu::launch(cfg.grid_dim, cfg.block_dim.0, kernel) {
         panic!("emulated launch failed: {e}");
     }
+}
+
+/// The `ptxgrad` binary cargo built for this test run; when the test binary was copied elsewhere
+/// (the GPU machine runs packed binaries), the `ptxgrad` or `bin-ptxgrad` beside it.
+pub fn ptxgrad_binary() -> PathBuf {
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_ptxgrad"));
+    if built.is_file() {
+        return built;
+    }
+    let here = std::env::current_exe().expect("test binary path");
+    let dir = here.parent().expect("test binary directory");
+    ["ptxgrad", "bin-ptxgrad"]
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("no ptxgrad binary at {} or beside {}", built.display(), here.display()))
+}
+
+/// A `ptxgrad` command with `args`, reading the Fashion-MNIST files shipped with the crate.
+pub fn ptxgrad_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(ptxgrad_binary());
+    cmd.args(args).env("PTXGRAD_DATA", Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fashion-mnist"));
+    cmd
+}
+
+/// Runs `ptxgrad args`: (exit code, -1 for a signal; stdout; stderr).
+pub fn run_ptxgrad(args: &[&str]) -> (i32, String, String) {
+    let out = ptxgrad_command(args).output().expect("run ptxgrad");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
