@@ -310,10 +310,7 @@ test_device!(conv2d_recorded_op_applies_relu_mask_and_skips_unneeded_grads, |dev
     tape.watch(&b); // x is not watched: no gx
     let y = conv2d(&mut tape, &x, &w, &b, c.stride, c.pad, true).unwrap();
     // A stand-in loss L = sum(y * r), whose backward hands r to y.
-    let loss = Tensor::from_vec(&[1], vec![0.0], &dev).unwrap();
-    let (y_id, r_saved) = (y.id(), r.clone());
-    tape.record(&loss, &[&y], move |_, grads| grads.accumulate(y_id, r_saved));
-    let grads = tape.backward(&loss).unwrap();
+    let grads = backward_from(tape, &y, &r);
     assert!(grads.get(&x).is_none(), "x was not watched");
 
     let (xv, wv, bv, rv) = (x.to_vec().unwrap(), w.to_vec().unwrap(), b.to_vec().unwrap(), r.to_vec().unwrap());
@@ -339,10 +336,7 @@ test_device!(conv2d_with_winograd_records_the_same_gradients_as_gemm, |dev| {
             tape.watch(t);
         }
         let y = conv2d_with(&mut tape, &x, &w, &b, c.stride, c.pad, true, algo).unwrap();
-        let loss = Tensor::from_vec(&[1], vec![0.0], &dev).unwrap();
-        let (y_id, r_saved) = (y.id(), r.clone());
-        tape.record(&loss, &[&y], move |_, grads| grads.accumulate(y_id, r_saved));
-        let grads = tape.backward(&loss).unwrap();
+        let grads = backward_from(tape, &y, &r);
         let get = |t: &Tensor| grads.get(t).unwrap().to_vec().unwrap();
         [y.to_vec().unwrap(), get(&x), get(&w), get(&b)]
     };
@@ -354,22 +348,6 @@ test_device!(conv2d_with_winograd_records_the_same_gradients_as_gemm, |dev| {
 });
 
 // ---- NaN and infinities ----
-
-/// Asserts `got` against `reference` elementwise: NaN exactly where the reference is NaN, the
-/// same infinity where it is infinite, within atol + rtol * |reference| (and finite) elsewhere.
-fn assert_close_nonfinite(what: &str, reference: &[f32], got: &[f32], atol: f32, rtol: f32) {
-    assert_eq!(reference.len(), got.len(), "{what}: lengths differ");
-    for (i, (&r, &g)) in reference.iter().zip(got).enumerate() {
-        let ok = if r.is_nan() {
-            g.is_nan()
-        } else if r.is_infinite() {
-            g == r
-        } else {
-            g.is_finite() && (r - g).abs() <= atol + rtol * r.abs()
-        };
-        assert!(ok, "{what}: element {i}: reference {r} vs got {g}");
-    }
-}
 
 test_device!(conv2d_fused_relu_propagates_nan_as_pytorch, |dev| {
     // Bias NaN, +inf, -inf and finite for the four channels, and one NaN pixel in image 1: as in
@@ -392,10 +370,7 @@ test_device!(conv2d_fused_relu_propagates_nan_as_pytorch, |dev| {
         tape.watch(v);
     }
     let y = conv2d(&mut tape, &x, &w, &b, c.stride, c.pad, true).unwrap();
-    let loss = Tensor::from_vec(&[1], vec![0.0], &dev).unwrap();
-    let (y_id, r_saved) = (y.id(), r.clone());
-    tape.record(&loss, &[&y], move |_, grads| grads.accumulate(y_id, r_saved));
-    let grads = tape.backward(&loss).unwrap();
+    let grads = backward_from(tape, &y, &r);
     let got = |v: &Tensor| grads.get(v).unwrap().to_vec().unwrap();
 
     // Forward: the pattern PyTorch gives, then the values against the CPU reference.

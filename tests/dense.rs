@@ -142,10 +142,7 @@ test_device!(dense_recorded_op_applies_relu_mask, |dev| {
     tape.watch(&w);
     tape.watch(&b);
     let y = dense(&mut tape, &x, &w, &b, true).unwrap();
-    let loss = Tensor::from_vec(&[1], vec![0.0], &dev).unwrap();
-    let (y_id, r_saved) = (y.id(), r.clone());
-    tape.record(&loss, &[&y], move |_, grads| grads.accumulate(y_id, r_saved));
-    let grads = tape.backward(&loss).unwrap();
+    let grads = backward_from(tape, &y, &r);
 
     let (xv, wv, bv, rv) = (x.to_vec().unwrap(), w.to_vec().unwrap(), b.to_vec().unwrap(), r.to_vec().unwrap());
     let yv = dense_fwd_cpu(&xv, &wv, &bv, in_f, out_f, true);
@@ -157,22 +154,6 @@ test_device!(dense_recorded_op_applies_relu_mask, |dev| {
     assert_close("gw", &dense_bwd_weight_cpu(&xv, &m, in_f, out_f), &got(&w), 1e-5, 1e-5);
     assert_close("gb", &dense_bwd_bias_cpu(&m, out_f), &got(&b), 1e-5, 1e-5);
 });
-
-/// Asserts `got` against `reference` elementwise: NaN exactly where the reference is NaN, the
-/// same infinity where it is infinite, within atol + rtol * |reference| (and finite) elsewhere.
-fn assert_close_nonfinite(what: &str, reference: &[f32], got: &[f32], atol: f32, rtol: f32) {
-    assert_eq!(reference.len(), got.len(), "{what}: lengths differ");
-    for (i, (&r, &g)) in reference.iter().zip(got).enumerate() {
-        let ok = if r.is_nan() {
-            g.is_nan()
-        } else if r.is_infinite() {
-            g == r
-        } else {
-            g.is_finite() && (r - g).abs() <= atol + rtol * r.abs()
-        };
-        assert!(ok, "{what}: element {i}: reference {r} vs got {g}");
-    }
-}
 
 test_device!(dense_fused_relu_propagates_nan_as_pytorch, |dev| {
     // Bias NaN, +inf, -inf and finite for the four outputs, and one NaN input in row 1; in = 5
@@ -194,10 +175,7 @@ test_device!(dense_fused_relu_propagates_nan_as_pytorch, |dev| {
             tape.watch(v);
         }
         let y = dense(&mut tape, &x, &w, &b, true).unwrap();
-        let loss = Tensor::from_vec(&[1], vec![0.0], &dev).unwrap();
-        let (y_id, r_saved) = (y.id(), r.clone());
-        tape.record(&loss, &[&y], move |_, grads| grads.accumulate(y_id, r_saved));
-        let grads = tape.backward(&loss).unwrap();
+        let grads = backward_from(tape, &y, &r);
         let got = |v: &Tensor| grads.get(v).unwrap().to_vec().unwrap();
         let what = |s: &str| format!("{s} (in {in_f}) on {}", dev.label());
 

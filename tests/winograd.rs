@@ -99,22 +99,6 @@ fn conv_algo_parses_and_prints() {
 
 // ---- NaN and infinities ----
 
-/// Asserts `got` against `reference` elementwise: NaN exactly where the reference is NaN, the
-/// same infinity where it is infinite, within atol (and finite) elsewhere.
-fn assert_close_nonfinite(what: &str, reference: &[f32], got: &[f32], atol: f32) {
-    assert_eq!(reference.len(), got.len(), "{what}: lengths differ");
-    for (i, (&r, &g)) in reference.iter().zip(got).enumerate() {
-        let ok = if r.is_nan() {
-            g.is_nan()
-        } else if r.is_infinite() {
-            g == r
-        } else {
-            g.is_finite() && (r - g).abs() <= atol
-        };
-        assert!(ok, "{what}: element {i}: reference {r} vs got {g}");
-    }
-}
-
 test_device!(winograd_fused_relu_propagates_nan_as_pytorch, |dev| {
     // The scatter's bias + ReLU for every alpha (F(2, 3), F(4, 3), F(6, 3): alpha 4, 6, 8), with
     // bias NaN, +inf, -inf and finite for the four channels: as PyTorch's conv2d then relu gives,
@@ -137,10 +121,7 @@ test_device!(winograd_fused_relu_propagates_nan_as_pytorch, |dev| {
             tape.watch(v);
         }
         let y = conv2d_with(&mut tape, &x, &w, &b, 1, 1, true, algo).unwrap();
-        let loss = Tensor::from_vec(&[1], vec![0.0], &dev).unwrap();
-        let (y_id, r_saved) = (y.id(), r.clone());
-        tape.record(&loss, &[&y], move |_, grads| grads.accumulate(y_id, r_saved));
-        let grads = tape.backward(&loss).unwrap();
+        let grads = backward_from(tape, &y, &r);
         let got = |v: &Tensor| grads.get(v).unwrap().to_vec().unwrap();
 
         let yv = y.to_vec().unwrap();
@@ -153,7 +134,7 @@ test_device!(winograd_fused_relu_propagates_nan_as_pytorch, |dev| {
             };
             assert!(ok, "{}: y[{i}] = {v}", what("pattern"));
         }
-        assert_close_nonfinite(&what("y"), &conv2d_fwd_cpu(&xv, &wv, &bv, &p, true), &yv, wino_atol(18));
+        assert_close_nonfinite(&what("y"), &conv2d_fwd_cpu(&xv, &wv, &bv, &p, true), &yv, wino_atol(18), 0.0);
         let masked = relu_bwd_cpu(&yv, &rv);
         for (i, (&g, &r)) in masked.iter().zip(&rv).enumerate() {
             let passes = match i / plane % 4 {
@@ -164,9 +145,9 @@ test_device!(winograd_fused_relu_propagates_nan_as_pytorch, |dev| {
             assert_eq!(g, if passes { r } else { 0.0 }, "{}: masked gy at {i}", what("mask"));
         }
         let (gx, gw, gb) = (got(&x), got(&w), got(&b));
-        assert_close_nonfinite(&what("gx"), &conv2d_bwd_input_cpu(&wv, &masked, &p), &gx, wino_atol(36));
-        assert_close_nonfinite(&what("gw"), &conv2d_bwd_weight_cpu(&xv, &masked, &p), &gw, wino_atol(2 * plane));
-        assert_close_nonfinite(&what("gb"), &conv2d_bwd_bias_cpu(&masked, &p), &gb, wino_atol(2 * plane));
+        assert_close_nonfinite(&what("gx"), &conv2d_bwd_input_cpu(&wv, &masked, &p), &gx, wino_atol(36), 0.0);
+        assert_close_nonfinite(&what("gw"), &conv2d_bwd_weight_cpu(&xv, &masked, &p), &gw, wino_atol(2 * plane), 0.0);
+        assert_close_nonfinite(&what("gb"), &conv2d_bwd_bias_cpu(&masked, &p), &gb, wino_atol(2 * plane), 0.0);
 
         // A NaN pixel (image 1, channel 1, row 3, column 5): the direct convolution is NaN where
         // the pixel is in an output's 3 x 3 window; Winograd also where it is in the output tile's
@@ -184,7 +165,7 @@ test_device!(winograd_fused_relu_propagates_nan_as_pytorch, |dev| {
             assert_eq!(g.is_nan(), c.is_nan(), "{}: y[{i}] = {g}, the CPU pipeline gives {c}", what("NaN pixel"));
             assert!(!d.is_nan() || g.is_nan(), "{}: y[{i}] = {g}, direct NaN", what("NaN pixel"));
             if !g.is_nan() {
-                assert_close_nonfinite(&what("NaN pixel"), &[d], &[g], wino_atol(18));
+                assert_close_nonfinite(&what("NaN pixel"), &[d], &[g], wino_atol(18), 0.0);
             }
         }
     }

@@ -85,6 +85,31 @@ pub fn assert_close(what: &str, reference: &[f32], got: &[f32], atol: f32, rtol:
     }
 }
 
+/// Asserts `got` against `reference` elementwise: NaN exactly where the reference is NaN, the
+/// same infinity where it is infinite, within atol + rtol * |reference| (and finite) elsewhere.
+pub fn assert_close_nonfinite(what: &str, reference: &[f32], got: &[f32], atol: f32, rtol: f32) {
+    assert_eq!(reference.len(), got.len(), "{what}: lengths differ");
+    for (i, (&r, &g)) in reference.iter().zip(got).enumerate() {
+        let ok = if r.is_nan() {
+            g.is_nan()
+        } else if r.is_infinite() {
+            g == r
+        } else {
+            g.is_finite() && (r - g).abs() <= atol + rtol * r.abs()
+        };
+        assert!(ok, "{what}: element {i}: reference {r} vs got {g}");
+    }
+}
+
+/// The gradients of everything `tape` watched when the gradient of its output `y` is `gy`: the
+/// backward of a loss whose gradient with respect to `y` is `gy`.
+pub fn backward_from(mut tape: ptxgrad::Tape, y: &Tensor, gy: &Tensor) -> ptxgrad::Gradients {
+    let loss = Tensor::from_vec(&[1], vec![0.0], &y.device()).expect("a scalar");
+    let (y_id, gy) = (y.id(), gy.clone());
+    tape.record(&loss, &[y], move |_, grads| grads.accumulate(y_id, gy));
+    tape.backward(&loss).expect("the backward runs")
+}
+
 /// Central finite differences of a scalar function, in f64.
 pub fn numeric_grad(x: &[f64], eps: f64, f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
     let mut x = x.to_vec();
