@@ -20,9 +20,10 @@ export PTXGRAD_EMU_ASAN=1 CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/asan}"
 # Leak checks are off: the engine keeps its device state for the life of the process on purpose.
 export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="env LD_PRELOAD=$asan ASAN_OPTIONS=detect_leaks=0:abort_on_error=1"
 scripts/cuda-wheels.sh > /dev/null
-# By default every test target but tests/faults.rs, whose runs are the CPU path in child
-# processes: nothing of it is emulated, so nothing of it is instrumented.
+# By default the unit tests and every test target but tests/faults.rs, whose runs are the CPU
+# path in child processes: nothing of it is emulated, so nothing of it is instrumented.
 if [ $# -eq 0 ]; then
+    set -- --lib --bins
     for t in tests/*.rs; do
         name=$(basename "$t" .rs)
         [ "$name" = faults ] || set -- "$@" --test "$name"
