@@ -15,8 +15,8 @@
 //  * launch: a 2-D grid, x over the N * C planes and y over the elements of one plane (outputs for
 //    the forward, inputs for the backward), both grid-stride so the host may cap either. A
 //    thread's plane is its block's x, its place in the plane 32-bit, and the row and column come
-//    from FastDiv: no division of a 64-bit flat index. (The first version divided one per element;
-//    on the H200 its backward took about 8x the time its memory traffic needs.)
+//    from FastDiv: no division of a 64-bit flat index. (Dividing one per element, the backward
+//    took about 8x the time its memory traffic needs on the H200.)
 //  * forward: one thread per OUTPUT element; it scans its k x k window.
 //  * backward: one thread per INPUT element, gathering. With overlapping windows (AlexNet: 3x3,
 //    stride 2) an input may be the argmax of up to ceil(k/s)^2 windows and must get the SUM of

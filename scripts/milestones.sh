@@ -8,17 +8,15 @@
 # revision, with a line saying what it is. Carry it with the pack: carry [".gpu", ".milestones"].
 # About a minute here for the four (one shared target directory).
 #
-# The default revisions, oldest first, each the last commit of a stretch of work:
-#   a48db03  the build measured on the H200 in the first session (3,522.6 examples/s, 0.32x
-#            PyTorch fp32-strict): the same figure again says the two runs are comparable
-#   83bab5f  the first session's last merge: the 3-stage cp.async pipeline (timed by the conv tests,
-#            never as a whole step)
-#   c91d6e5  sessions 2-4: Winograd, --conv-algo auto, 16-byte loads, warp tiling, division-free
-#            index math, the buffer cache
-#   77d489f  sessions 5-7: shared-memory return path and copy addressing, 96-wide tiles, the
-#            tensor-core arithmetic (--math 3xtf32, tf32)
-# The current build is the one gpu-check.sh benches first; sessions 8 on are what lies between
-# the last of these and it.
+# The default revisions, oldest first:
+#   a48db03  the build measured on the H200 on 2026-11-27 (3,522.6 examples/s, 0.32x PyTorch
+#            fp32-strict): the same figure again says the two runs are comparable
+#   83bab5f  the 3-stage cp.async pipeline (timed by the conv tests, never as a whole step)
+#   c91d6e5  Winograd, --conv-algo auto, 16-byte loads, warp tiling, division-free index math,
+#            the buffer cache
+#   77d489f  shared-memory return path and copy addressing, 96-wide tiles, the tensor-core
+#            arithmetic (--math 3xtf32, tf32)
+# The current build is the one gpu-check.sh benches first.
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"

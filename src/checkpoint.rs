@@ -184,17 +184,6 @@ impl Drop for Writer {
     }
 }
 
-/// Checks, before any work is done for it, that a checkpoint can be written at `path`: creates
-/// its directory and this process's temp file (removed again). A path in a missing mount or a
-/// read-only directory then fails at once instead of after the first epoch. An existing
-/// checkpoint at `path` is not touched.
-pub fn probe_writable(path: &Path) -> Result<()> {
-    create_parent(path)?;
-    let tmp = tmp_path(path);
-    fs::File::create(&tmp).map_err(io_error(&tmp))?;
-    fs::remove_file(&tmp).map_err(io_error(&tmp))
-}
-
 /// Error::Io for `path`, as a map_err argument.
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.display().to_string();
@@ -302,7 +291,9 @@ impl Drop for LockFile {
 
 impl Claim {
     /// Claims `path` (resolved, see [`resolve`]) for this process, or fails at once if another
-    /// process holds it, naming that process. Removes the temp files that killed runs left there:
+    /// process holds it, naming that process. The lock file is created beside the checkpoint, so
+    /// a directory that cannot be written (read-only, a file in its place) fails here too, before
+    /// any work is done for the run. Removes the temp files that killed runs left there:
     /// only a claim's holder writes them, so any that exist now are stale.
     pub fn acquire(path: &Path) -> Result<Claim> {
         let path = resolve(path)?;

@@ -181,10 +181,6 @@ pub fn train(
     let device = model.device();
     let hw = (train.images.h, train.images.w);
     let mut reports = Vec::new();
-    if let Some(claim) = &cfg.checkpoint {
-        checkpoint::probe_writable(claim.path())
-            .map_err(|e| Error::Data(format!("the checkpoint cannot be written: {e}")))?;
-    }
     // Each epoch's checkpoint is written while the next one trains (the last one is waited for).
     let mut writer = checkpoint::Writer::default();
     // The last epoch whose checkpoint save was started.

@@ -362,16 +362,19 @@ pub fn footprint(resolution: usize, batch: usize, training: bool) -> Result<Foot
     let widest = per_example.iter().copied().chain([input]).max().unwrap_or(0);
     let weights = mul(param_elements(resolution)?, F32)?;
     let (params, kept) = if training {
-        // Every output stays on the tape (max-pool's argmax too, 4 bytes an element), and the
-        // backward holds a gradient and its successor of the widest layer at once.
-        let pooled: u64 = LAYERS
-            .iter()
-            .zip(&per_example)
-            .filter(|(l, _)| matches!(l, Layer::MaxPool2d { .. }))
-            .map(|(_, &e)| e)
-            .sum();
-        let outputs = per_example.iter().sum::<u64>() + pooled + input;
-        (mul(weights, 2)?, outputs.checked_add(mul(widest, 2)?).ok_or_else(overflow)?)
+        // Every distinct output stays on the tape, max-pool's argmax too (4 bytes an element):
+        // not a ReLU's, which runs inside the conv or linear layer before it (the same tensor),
+        // nor Flatten's, a view. The backward holds a gradient and its successor of the widest
+        // layer at once.
+        let kept = LAYERS.iter().zip(&per_example).try_fold(input, |acc, (layer, &e)| {
+            let e = match layer {
+                Layer::Relu | Layer::Flatten => 0,
+                Layer::MaxPool2d { .. } => mul(e, 2)?,
+                _ => e,
+            };
+            acc.checked_add(e).ok_or_else(overflow)
+        })?;
+        (mul(weights, 2)?, kept.checked_add(mul(widest, 2)?).ok_or_else(overflow)?)
     } else {
         // A layer's input and output at once.
         (weights, mul(widest, 2)?)

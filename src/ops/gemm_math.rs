@@ -10,7 +10,7 @@
 //!   calls strict fp32, which never uses tensor cores for fp32 data; reported under its own name.
 //! - `tf32`: one tensor-core product of operands rounded to TF32 (10 mantissa bits), as PyTorch's
 //!   default convolutions (`cudnn.allow_tf32`; PyTorch keeps its matmuls in fp32 by default, while
-//!   ptxgrad's setting covers the dense layers too: ~4% of a step's time in session 1's profile).
+//!   ptxgrad's setting covers the dense layers too: ~4% of a step's time in the 2026-11-27 H200 profile).
 //! - `bf16`: one tensor-core product of operands rounded to bfloat16 (8 significant bits, to
 //!   nearest even), accumulated in fp32: the products of PyTorch's bf16 autocast. Autocast also
 //!   stores the activations in bf16 (half the memory traffic); here every tensor stays fp32, and
