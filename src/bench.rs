@@ -12,8 +12,10 @@ use crate::device::{Device, Gpu};
 use crate::error::{Error, Result};
 use crate::nn::alexnet::{layer_shapes, AlexNet, Layer, LAYERS};
 use crate::nn::conv_tune;
+use crate::nn::Compute;
 use crate::ops::conv2d::ConvAlgo;
-use crate::ops::gemm_math::GemmMath;
+use crate::ops::gemm::math::GemmMath;
+use crate::ops::gemm::GemmOpts;
 use crate::ops::{conv2d, dense, dropout, maxpool2d, relu, resize, sgd, softmax_xent};
 use crate::tensor::{Images, Labels, ReluFact, Tensor};
 use crate::train::train_step;
@@ -74,7 +76,6 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if b == 0 || a.steps == 0 {
         return Err(Error::Data("--batch-size and --steps must be at least 1".into()));
     }
-    let _math = a.math.scope_on(&device)?;
     if a.profile_steps > 0 && !device.is_cuda() {
         return Err(Error::Data(format!("--profile-steps needs a CUDA device (or emu), not {}", device.label())));
     }
@@ -82,8 +83,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         "{}",
         json!({"kind": "env", "engine": "ptxgrad", "device": device.label(), "device_name": device.hardware_name(), "kernels": crate::ptx::COMPILER})
     );
-    let mut model = AlexNet::new(r, 0, &device)?;
-    model.conv_algo = a.conv_algo;
+    let compute = Compute { gemm: GemmOpts::math(a.math), conv: a.conv_algo };
+    let mut model = AlexNet::new(r, 0, &device)?.with_compute(compute)?;
     // auto: one line per conv layer, what each candidate measured and which one runs.
     for t in model.tune_convs(b, conv_tune::REPS)? {
         println!("{}", conv_tune::to_json(&t));
@@ -145,7 +146,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         println!("{}", json!({"kind": "profiled", "steps": a.profile_steps, "first_step": first}));
     }
     if let (Device::Cuda(gpu), false) = (&device, a.no_layers) {
-        layer_table(gpu, &device, b, r, &|i| model.conv_algo_of(i))?;
+        layer_table(gpu, &device, b, r, compute.gemm, &|i| model.conv_algo_of(i))?;
     }
     Ok(())
 }
@@ -169,7 +170,13 @@ pub struct LayerCase {
 /// The per-layer cases for a batch of `b` inputs of `r`x`r`, with the AlexNet shapes and conv
 /// layer i (index in LAYERS) run by `algo_of(i)`; used by `ptxgrad bench` and the criterion
 /// bench `layers`.
-pub fn layer_cases(device: &Device, b: usize, r: usize, algo_of: &dyn Fn(usize) -> ConvAlgo) -> Result<Vec<LayerCase>> {
+pub fn layer_cases(
+    device: &Device,
+    b: usize,
+    r: usize,
+    gemm: GemmOpts,
+    algo_of: &dyn Fn(usize) -> ConvAlgo,
+) -> Result<Vec<LayerCase>> {
     let shapes = layer_shapes(&[b, 1, r, r])?;
     let mut cases = Vec::new();
     // The input pipeline: uint8 28x28 -> f32 RxR.
@@ -190,32 +197,32 @@ pub fn layer_cases(device: &Device, b: usize, r: usize, algo_of: &dyn Fn(usize) 
         let gy = rand_tensor(&shapes[i], 100 + i as u64, device)?;
         let (fwd, bwd): (Work, Option<Work>) = match LAYERS[i] {
             Layer::Conv2d { out, kernel, stride, pad } => {
-                let algo = algo_of(i);
+                let conv = conv2d::Conv2d::new(stride, pad).relu(fused).algo(algo_of(i)).gemm(gemm);
                 let w = rand_tensor(&[out, input[1], kernel, kernel], 200 + i as u64, device)?;
                 let bias = Tensor::zeros(&[out], device)?;
-                let y = conv2d::conv2d_fwd_with(&x, &w, &bias, stride, pad, fused, algo)?;
+                let y = conv2d::conv2d_fwd(&x, &w, &bias, &conv)?;
                 let gy = if pooled { gy.with_relu_fact(ReluFact::MaskedFor(y.id())) } else { gy };
                 let (x2, w2) = (x.clone(), w.clone());
                 // The first layer's input needs no gradient (as in training).
                 let need_gx = i > 0;
                 (
-                    Box::new(move || conv2d::conv2d_fwd_with(&x, &w, &bias, stride, pad, fused, algo).map(drop)),
+                    Box::new(move || conv2d::conv2d_fwd(&x, &w, &bias, &conv).map(drop)),
                     Some(Box::new(move || {
                         let g = relu::through_fused_relu(fused.then_some(&y), &gy)?;
-                        conv2d::conv2d_bwd_with(&x2, &w2, &g, stride, pad, need_gx, algo).map(drop)
+                        conv2d::conv2d_bwd(&x2, &w2, &g, &conv, need_gx).map(drop)
                     })),
                 )
             }
             Layer::Linear { out } => {
                 let w = rand_tensor(&[out, input[1]], 200 + i as u64, device)?;
                 let bias = Tensor::zeros(&[out], device)?;
-                let y = dense::dense_fwd(&x, &w, &bias, fused)?;
+                let y = dense::dense_fwd(&x, &w, &bias, fused, gemm)?;
                 let (x2, w2) = (x.clone(), w.clone());
                 (
-                    Box::new(move || dense::dense_fwd(&x, &w, &bias, fused).map(drop)),
+                    Box::new(move || dense::dense_fwd(&x, &w, &bias, fused, gemm).map(drop)),
                     Some(Box::new(move || {
                         let g = relu::through_fused_relu(fused.then_some(&y), &gy)?;
-                        dense::dense_bwd(&x2, &w2, &g, true).map(drop)
+                        dense::dense_bwd(&x2, &w2, &g, true, gemm).map(drop)
                     })),
                 )
             }
@@ -289,10 +296,17 @@ fn time_avg(gpu: &Gpu, reps: usize, f: &mut Work) -> Result<f32> {
     Ok(total / reps as f32)
 }
 
-fn layer_table(gpu: &Gpu, device: &Device, b: usize, r: usize, algo_of: &dyn Fn(usize) -> ConvAlgo) -> Result<()> {
+fn layer_table(
+    gpu: &Gpu,
+    device: &Device,
+    b: usize,
+    r: usize,
+    gemm: GemmOpts,
+    algo_of: &dyn Fn(usize) -> ConvAlgo,
+) -> Result<()> {
     const REPS: usize = 5;
     let mut rows = Vec::new();
-    for mut case in layer_cases(device, b, r, algo_of)? {
+    for mut case in layer_cases(device, b, r, gemm, algo_of)? {
         let fwd_ms = time_avg(gpu, REPS, &mut case.fwd)?;
         let bwd_ms = match case.bwd.as_mut() {
             Some(bwd) => time_avg(gpu, REPS, bwd)?,

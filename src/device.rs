@@ -228,6 +228,10 @@ impl std::fmt::Debug for Device {
 pub struct Gpu {
     pub ordinal: usize,
     pub name: String,
+    /// Streaming multiprocessors, read from the driver: the GEMM planner sizes its waves by them.
+    /// The emulator reports an H100/H200's 132, so that emulated runs take the launch plans
+    /// those GPUs get.
+    sms: usize,
     backend: Backend,
     /// PTXGRAD_SYNC_LAUNCHES=1: synchronise after every launch, so that a faulting kernel is
     /// named in the error instead of surfacing at some later copy.
@@ -311,6 +315,9 @@ impl std::fmt::Display for LoadedCode {
     }
 }
 
+/// The SM count the emulator reports: an H100/H200 SXM's.
+pub const EMU_SMS: usize = 132;
+
 /// The ordinal that stands for the emulator.
 const EMU_ORDINAL: usize = usize::MAX;
 
@@ -360,6 +367,7 @@ impl Gpu {
             return Ok(Gpu {
                 ordinal,
                 name: "kernel emulator (CUDA source on the CPU)".into(),
+                sms: EMU_SMS,
                 backend: Backend::Emu,
                 sync_launches,
                 pool: Arc::new(BufferPool::new(4 << 30)),
@@ -394,6 +402,10 @@ impl Gpu {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| Error::cuda(format!("reading cuda:{ordinal}'s compute capability"), e))?;
+        let sms = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| Error::cuda(format!("reading cuda:{ordinal}'s SM count"), e))?
+            .max(1) as usize;
         let force_ptx = match std::env::var("PTXGRAD_KERNEL_CODE").as_deref() {
             Err(_) | Ok("auto") => false,
             Ok("ptx") => true,
@@ -413,7 +425,12 @@ impl Gpu {
             modules: Mutex::default(),
         };
         let traffic = TrafficCounters::default();
-        Ok(Gpu { ordinal, name, backend: Backend::Cuda(cuda), sync_launches, pool, traffic })
+        Ok(Gpu { ordinal, name, sms, backend: Backend::Cuda(cuda), sync_launches, pool, traffic })
+    }
+
+    /// Streaming multiprocessors (the emulator: `EMU_SMS`).
+    pub fn sm_count(&self) -> usize {
+        self.sms
     }
 
     /// Whether this is the kernel emulator rather than a GPU.

@@ -11,8 +11,10 @@ use ptxgrad::data::fashion_mnist::{resolve_data_dir, FashionMnist, CLASS_NAMES};
 use ptxgrad::kernel_resources;
 use ptxgrad::nn::alexnet::{self, AlexNet};
 use ptxgrad::nn::conv_tune;
+use ptxgrad::nn::Compute;
 use ptxgrad::ops::conv2d::ConvAlgo;
-use ptxgrad::ops::gemm_math::GemmMath;
+use ptxgrad::ops::gemm::math::GemmMath;
+use ptxgrad::ops::gemm::GemmOpts;
 use ptxgrad::train::{self, EpochReport, Stop, TrainConfig};
 use ptxgrad::Device;
 
@@ -307,7 +309,7 @@ fn cmd_train(a: TrainArgs, stop: Stop) -> Result<()> {
     let lr = choose("--lr", a.lr, recorded.lr, DEFAULT_LR, &mut changed);
     let seed = choose("--seed", a.seed, recorded.seed, 0, &mut changed);
     let device = pick_device(&a.data.device, if a.resume { a.resize } else { a.resize.or(Some(DEFAULT_RESIZE)) })?;
-    let _math = a.data.math.scope_on(&device)?;
+    let compute = compute_of(&a.data, &device)?;
     let data = load_data(&a.data, a.max_examples)?;
     if data.train.is_empty() {
         bail!("no training examples (--max-examples 0?)");
@@ -315,7 +317,7 @@ fn cmd_train(a: TrainArgs, stop: Stop) -> Result<()> {
     if data.test.is_empty() {
         eprintln!("warning: no test examples: test accuracy is not measured (it prints as n/a)");
     }
-    let (mut model, start_epoch) = if a.resume {
+    let (model, start_epoch) = if a.resume {
         let (m, epoch) = open_checkpoint(claim.path(), &device, "--resume: ")?;
         if let Some(r) = a.resize.filter(|&r| r != m.resolution) {
             bail!("--resume: the checkpoint was trained at {0}x{0}, but --resize is {r}", m.resolution);
@@ -337,7 +339,7 @@ fn cmd_train(a: TrainArgs, stop: Stop) -> Result<()> {
     for c in &changed {
         println!("--resume: continuing with {c}");
     }
-    model.conv_algo = a.data.conv_algo;
+    let mut model = model.with_compute(compute)?;
     if start_epoch >= a.epochs {
         bail!("the checkpoint already has {start_epoch} epochs; ask for more with --epochs");
     }
@@ -363,8 +365,8 @@ fn cmd_train(a: TrainArgs, stop: Stop) -> Result<()> {
         batch_size,
         lr,
         a.epochs,
-        model.conv_algo,
-        a.data.math
+        compute.conv,
+        compute.gemm.math
     );
     // Tuned at the batch the steps will mostly run (no larger than the data).
     let tune_batch = batch_size.min(data.train.len());
@@ -488,10 +490,17 @@ fn open_checkpoint(checkpoint: &Path, device: &Device, what: &str) -> Result<(Al
     train::load_checkpoint(checkpoint, device).with_context(|| format!("{what}loading a checkpoint"))
 }
 
-fn load_model(checkpoint: &Path, data: &DataArgs, device: &Device) -> Result<(AlexNet, usize)> {
-    let (mut model, epoch) = open_checkpoint(checkpoint, device, "")?;
-    model.conv_algo = data.conv_algo;
-    Ok((model, epoch))
+/// How the model runs its GEMMs and convolutions, as --math and --conv-algo say; refused at once
+/// where the device cannot run it.
+fn compute_of(data: &DataArgs, device: &Device) -> Result<Compute> {
+    let compute = Compute { gemm: GemmOpts::math(data.math), conv: data.conv_algo };
+    compute.gemm.check_device(device)?;
+    Ok(compute)
+}
+
+fn load_model(checkpoint: &Path, compute: Compute, device: &Device) -> Result<(AlexNet, usize)> {
+    let (model, epoch) = open_checkpoint(checkpoint, device, "")?;
+    Ok((model.with_compute(compute)?, epoch))
 }
 
 /// `check_memory` for evaluating `model` in batches of `train::EVAL_BATCH`.
@@ -503,8 +512,8 @@ fn check_eval_memory(model: &AlexNet, device: &Device) -> Result<()> {
 
 fn cmd_eval(a: CheckpointArgs) -> Result<()> {
     let device = pick_device(&a.data.device, None)?;
-    let _math = a.data.math.scope_on(&device)?;
-    let (model, epoch) = load_model(&a.checkpoint, &a.data, &device)?;
+    let compute = compute_of(&a.data, &device)?;
+    let (model, epoch) = load_model(&a.checkpoint, compute, &device)?;
     let data = load_data(&a.data, None)?;
     check_eval_memory(&model, &device)?;
     if data.test.is_empty() {
@@ -544,8 +553,8 @@ fn cmd_kernels(spec: &str, json: bool) -> Result<()> {
 
 fn cmd_predict(a: CheckpointArgs, count: usize) -> Result<()> {
     let device = pick_device(&a.data.device, None)?;
-    let _math = a.data.math.scope_on(&device)?;
-    let (model, _) = load_model(&a.checkpoint, &a.data, &device)?;
+    let compute = compute_of(&a.data, &device)?;
+    let (model, _) = load_model(&a.checkpoint, compute, &device)?;
     let data = load_data(&a.data, None)?;
     check_eval_memory(&model, &device)?;
     print_predictions(&model, &data, count)

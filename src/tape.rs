@@ -17,7 +17,6 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 
 use crate::error::{Error, Result};
-use crate::ops::add::add_assign;
 use crate::tensor::{ReluFact, Tensor, TensorId};
 
 /// Maps the gradient of an op's output to gradients of its inputs (added into `Gradients`).
@@ -128,7 +127,7 @@ impl Gradients {
             Entry::Occupied(mut o) => {
                 let sum = o.get_mut();
                 let fact = if sum.relu_fact() == g.relu_fact() { g.relu_fact() } else { ReluFact::None };
-                add_assign(sum, &g)?;
+                sum.add_assign(&g)?;
                 sum.set_relu_fact(fact);
                 Ok(())
             }

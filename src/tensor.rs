@@ -8,8 +8,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::device::{Device, DeviceBuf, Elem, Gpu};
+use crate::device::{grid_1d, Device, DeviceBuf, Elem, Gpu};
 use crate::error::{Error, Result};
+use crate::ptx::Module;
 
 /// Identifies a tensor on the tape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -260,6 +261,29 @@ impl<T: Elem> Tensor<T> {
 }
 
 impl Tensor<f32> {
+    /// `self += src`, elementwise and in place (kernels/add.cu on CUDA); both of one shape and
+    /// device. The tape accumulates the gradients of a tensor that feeds several ops with it.
+    pub fn add_assign(&mut self, src: &Tensor) -> Result<()> {
+        if self.shape() != src.shape() {
+            return Err(Error::shape(
+                "add_assign",
+                format!("src of shape {:?}", self.shape()),
+                format!("{:?}", src.shape()),
+            ));
+        }
+        common_device("add_assign", &[self.device(), src.device()])?;
+        let n = src.len() as u64;
+        match (self.storage_mut()?, src.storage()) {
+            (Storage::Cpu(d), Storage::Cpu(s)) => d.iter_mut().zip(s).for_each(|(d, s)| *d += s),
+            (Storage::Cuda { gpu, buf }, Storage::Cuda { buf: s, .. }) => {
+                let gpu = gpu.clone();
+                crate::launch!(&gpu, Module::Add, "add_assign_f32", grid_1d(n as usize, 256), buf, s, &n)?;
+            }
+            _ => unreachable!("checked by common_device"),
+        }
+        Ok(())
+    }
+
     /// A tensor of `shape` filled with `value`, made on the device itself.
     pub fn full(shape: &[usize], value: f32, device: &Device) -> Result<Tensor> {
         let n: usize = shape.iter().product();

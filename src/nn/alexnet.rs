@@ -11,10 +11,10 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use crate::checkpoint::NamedTensor;
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::nn::conv_tune::{self, LayerTuning};
-use crate::nn::Param;
+use crate::nn::conv_tune::{self, ConvLayer, LayerTuning};
+use crate::nn::{Compute, Param};
 use crate::ops::{
-    conv2d::{conv2d_with, ConvAlgo},
+    conv2d::{conv2d, winograd_tiles, Conv2d, Conv2dParams, ConvAlgo},
     dense::dense,
     dropout::dropout,
     maxpool2d::maxpool2d,
@@ -179,11 +179,12 @@ pub struct AlexNet {
     pub resolution: usize,
     /// In state_dict order: 0.weight, 0.bias, 3.weight, ...
     pub params: Vec<Param>,
-    /// How the convolutions run (a runtime choice, not saved in checkpoints).
-    pub conv_algo: ConvAlgo,
-    /// With `conv_algo` Auto: each conv layer's (index in LAYERS) measured choice, filled by
+    /// How the GEMMs and convolutions run (a runtime choice, not saved in checkpoints; set
+    /// with `with_compute`).
+    compute: Compute,
+    /// With `compute.conv` Auto: each conv layer's (index in LAYERS) measured choice, filled by
     /// `tune_convs`.
-    pub conv_tuned: Vec<(usize, ConvAlgo)>,
+    conv_tuned: Vec<(usize, ConvAlgo)>,
 }
 
 impl AlexNet {
@@ -205,7 +206,7 @@ impl AlexNet {
             };
             params.push(Param { name, value: Tensor::from_vec(&shape, data, device)? });
         }
-        Ok(AlexNet { resolution, params, conv_algo: ConvAlgo::default(), conv_tuned: Vec::new() })
+        Ok(AlexNet { resolution, params, compute: Compute::default(), conv_tuned: Vec::new() })
     }
 
     /// Builds the model from named tensors (a checkpoint), checking every name and shape.
@@ -229,13 +230,55 @@ impl AlexNet {
         if let Some(extra) = by_name.keys().next() {
             return Err(Error::Data(format!("checkpoint has an unexpected tensor `{extra}` (not part of AlexNet)")));
         }
-        Ok(AlexNet { resolution, params, conv_algo: ConvAlgo::default(), conv_tuned: Vec::new() })
+        Ok(AlexNet { resolution, params, compute: Compute::default(), conv_tuned: Vec::new() })
+    }
+
+    /// The model running its GEMMs and convolutions as `compute` says, checked against its
+    /// device (tensor-core arithmetic needs CUDA) and its layers (`winograd:M` needs an M that
+    /// some conv layer has kernels for). Forgets an earlier tuning.
+    pub fn with_compute(mut self, compute: Compute) -> Result<Self> {
+        compute.gemm.check_device(&self.device())?;
+        if let ConvAlgo::Winograd { tile: Some(m) } = compute.conv {
+            let convs = self.conv_layers(1)?;
+            let mut have: Vec<usize> = convs.iter().flat_map(|c| winograd_tiles(&c.params)).collect();
+            have.sort_unstable();
+            have.dedup();
+            if !have.contains(&m) {
+                let have: Vec<String> = have.iter().map(|m| format!("winograd:{m}")).collect();
+                return Err(Error::Data(format!(
+                    "--conv-algo winograd:{m}: no conv layer of AlexNet has Winograd kernels for {m}x{m} output                      tiles; expected one of {}",
+                    have.join(", ")
+                )));
+            }
+        }
+        self.compute = compute;
+        self.conv_tuned.clear();
+        Ok(self)
+    }
+
+    pub fn compute(&self) -> Compute {
+        self.compute
+    }
+
+    /// The conv layers at `batch` inputs, as the tuner sees them.
+    fn conv_layers(&self, batch: usize) -> Result<Vec<ConvLayer>> {
+        let input = [batch, IN_CHANNELS, self.resolution, self.resolution];
+        let shapes = layer_shapes(&input)?;
+        let mut out = Vec::new();
+        for (i, layer) in LAYERS.iter().enumerate() {
+            let Layer::Conv2d { out: c_out, kernel, stride, pad } = *layer else { continue };
+            let x = if i == 0 { input.to_vec() } else { shapes[i - 1].clone() };
+            let params = Conv2dParams::new(x[0], x[1], x[2], x[3], c_out, kernel, kernel, stride, pad)?;
+            let relu = LAYERS.get(i + 1) == Some(&Layer::Relu);
+            out.push(ConvLayer { layer: i, params, relu, input_grad: i > 0 });
+        }
+        Ok(out)
     }
 
     /// The algorithm conv layer `layer` (index in LAYERS) runs: its tuned choice when
-    /// `conv_algo` is Auto (the implicit GEMM until `tune_convs` has run), else `conv_algo`.
+    /// `compute.conv` is Auto (the implicit GEMM until `tune_convs` has run), else that choice.
     pub fn conv_algo_of(&self, layer: usize) -> ConvAlgo {
-        match self.conv_algo {
+        match self.compute.conv {
             ConvAlgo::Auto => {
                 self.conv_tuned.iter().find(|(l, _)| *l == layer).map_or(ConvAlgo::ImplicitGemm, |&(_, a)| a)
             }
@@ -243,14 +286,15 @@ impl AlexNet {
         }
     }
 
-    /// With `conv_algo` Auto, measures each conv layer's candidates at `batch` inputs and keeps
-    /// the fastest that agree with the implicit GEMM (see nn::conv_tune); returns what was
+    /// With `compute.conv` Auto, measures each conv layer's candidates at `batch` inputs and
+    /// keeps the fastest that agree with the implicit GEMM (see nn::conv_tune); returns what was
     /// measured, for printing. Does nothing (and returns nothing) for the other choices.
     pub fn tune_convs(&mut self, batch: usize, reps: usize) -> Result<Vec<LayerTuning>> {
-        if self.conv_algo != ConvAlgo::Auto {
+        if self.compute.conv != ConvAlgo::Auto {
             return Ok(Vec::new());
         }
-        let tunings = conv_tune::tune(&self.device(), batch, self.resolution, reps)?;
+        let convs = self.conv_layers(batch)?;
+        let tunings = conv_tune::tune(&self.device(), &convs, self.compute.gemm, reps)?;
         self.conv_tuned = tunings.iter().map(|t| (t.layer, t.chosen)).collect();
         Ok(tunings)
     }
@@ -286,9 +330,10 @@ impl AlexNet {
             let fuse_relu = LAYERS.get(i + 1) == Some(&Layer::Relu);
             h = match LAYERS[i] {
                 Layer::Conv2d { stride, pad, .. } => {
-                    conv2d_with(tape, &h, next(), next(), stride, pad, fuse_relu, self.conv_algo_of(i))?
+                    let conv = Conv2d::new(stride, pad).relu(fuse_relu).algo(self.conv_algo_of(i));
+                    conv2d(tape, &h, next(), next(), &conv.gemm(self.compute.gemm))?
                 }
-                Layer::Linear { .. } => dense(tape, &h, next(), next(), fuse_relu)?,
+                Layer::Linear { .. } => dense(tape, &h, next(), next(), fuse_relu, self.compute.gemm)?,
                 Layer::Relu => crate::ops::relu::relu(tape, &h)?,
                 Layer::MaxPool2d { kernel, stride } => maxpool2d(tape, &h, kernel, stride)?,
                 Layer::Flatten => {

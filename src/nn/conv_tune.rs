@@ -18,10 +18,9 @@ use serde_json::json;
 
 use crate::device::{Device, Gpu};
 use crate::error::{Error, Result};
-use crate::nn::alexnet::{layer_shapes, Layer, LAYERS};
-use crate::ops::conv2d::{conv2d_bwd_with, conv2d_fwd_with, Conv2dParams, ConvAlgo};
-use crate::ops::gemm_math::GemmMath;
-use crate::ops::winograd::output_tile;
+use crate::ops::conv2d::{conv2d_bwd, conv2d_fwd, winograd_tiles, Conv2d, Conv2dParams, ConvAlgo};
+use crate::ops::gemm::math::GemmMath;
+use crate::ops::gemm::GemmOpts;
 use crate::tensor::Tensor;
 
 /// Timed runs per candidate in `ptxgrad train` and `bench` (after one untimed run).
@@ -31,7 +30,7 @@ pub const REPS: usize = 3;
 /// the same result. Winograd's transforms cost a few 1e-5 of that in fp32 (tests/winograd.rs);
 /// a wrong term costs O(1).
 pub const AGREE: f32 = 1e-3;
-/// `AGREE` for GEMMs in TF32 (ops::gemm_math), whose rounding of both operands to 10 mantissa
+/// `AGREE` for GEMMs in TF32 (ops::gemm::math), whose rounding of both operands to 10 mantissa
 /// bits already costs ~1e-3 of the largest value in each of the two results compared.
 pub const AGREE_TF32: f32 = 1e-2;
 /// `AGREE` for GEMMs in BF16, whose operands keep 8 significant bits (TF32: 11). The implicit
@@ -41,9 +40,9 @@ pub const AGREE_TF32: f32 = 1e-2;
 /// over), F(6x6, 3x3) and both 5x5 tiles were ~0.1 off and were rejected.
 pub const AGREE_BF16: f32 = 3e-2;
 
-/// The agreement tolerance for the GEMM arithmetic of this thread (3xtf32 is fp32-accurate).
-fn agree_tolerance() -> f32 {
-    match GemmMath::current() {
+/// The agreement tolerance for the GEMM arithmetic `math` (3xtf32 is fp32-accurate).
+fn agree_tolerance(math: GemmMath) -> f32 {
+    match math {
         GemmMath::Tf32 => AGREE_TF32,
         GemmMath::Bf16 => AGREE_BF16,
         GemmMath::Fp32 | GemmMath::Tf32x3 => AGREE,
@@ -72,10 +71,23 @@ impl Trial {
     }
 }
 
+/// A model's conv layer as the tuner sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvLayer {
+    /// The layer's index in the model's layer table (what reports name it by).
+    pub layer: usize,
+    /// Its shapes at the batch size it will run.
+    pub params: Conv2dParams,
+    /// Whether a ReLU is fused into it.
+    pub relu: bool,
+    /// Whether its input needs a gradient (every layer's but the first's, as in training).
+    pub input_grad: bool,
+}
+
 /// The tuning of one conv layer.
 #[derive(Debug, Clone)]
 pub struct LayerTuning {
-    /// Index in `LAYERS`.
+    /// The layer's index in the model's layer table.
     pub layer: usize,
     pub params: Conv2dParams,
     /// Empty where nothing was timed (the CPU, or a single candidate).
@@ -87,7 +99,7 @@ pub struct LayerTuning {
 /// alpha has kernels (none for a strided or non-square layer).
 pub fn candidates(p: &Conv2dParams) -> Vec<ConvAlgo> {
     let mut out = vec![ConvAlgo::ImplicitGemm];
-    out.extend((1..=7).filter(|&m| output_tile(p, Some(m)) == Some(m)).map(|m| ConvAlgo::Winograd { tile: Some(m) }));
+    out.extend(winograd_tiles(p).into_iter().map(|m| ConvAlgo::Winograd { tile: Some(m) }));
     out
 }
 
@@ -105,41 +117,36 @@ pub fn choose(trials: &[Trial]) -> Option<ConvAlgo> {
         .map(|t| t.algo)
 }
 
-/// Tunes every conv layer of AlexNet at `batch` inputs of `resolution`: one `LayerTuning` per
-/// conv layer, in order. `reps` timed runs per candidate (after one untimed run).
-pub fn tune(device: &Device, batch: usize, resolution: usize, reps: usize) -> Result<Vec<LayerTuning>> {
-    let shapes = layer_shapes(&[batch, 1, resolution, resolution])?;
+/// Tunes the conv layers `convs` of a model, with its GEMM options `opts`: one `LayerTuning` per
+/// layer, in order. `reps` timed runs per candidate (after one untimed run).
+pub fn tune(device: &Device, convs: &[ConvLayer], opts: GemmOpts, reps: usize) -> Result<Vec<LayerTuning>> {
     let mut out = Vec::new();
-    for (i, layer) in LAYERS.iter().enumerate() {
-        let Layer::Conv2d { out: c_out, kernel, stride, pad } = *layer else { continue };
-        let input = if i == 0 { vec![batch, 1, resolution, resolution] } else { shapes[i - 1].clone() };
-        let p = Conv2dParams::new(input[0], input[1], input[2], input[3], c_out, kernel, kernel, stride, pad)?;
-        let fused = LAYERS.get(i + 1) == Some(&Layer::Relu);
-        let cands = candidates(&p);
+    for c in convs {
+        let cands = candidates(&c.params);
         let (trials, chosen) = match device {
             Device::Cuda(gpu) if cands.len() > 1 => {
-                let trials = time_layer(device, gpu, &p, i, fused, &cands, reps)?;
+                let trials = time_layer(device, gpu, c, opts, &cands, reps)?;
                 let chosen = choose(&trials).unwrap_or(ConvAlgo::ImplicitGemm);
                 (trials, chosen)
             }
             _ => (Vec::new(), ConvAlgo::ImplicitGemm),
         };
-        out.push(LayerTuning { layer: i, params: p, trials, chosen });
+        out.push(LayerTuning { layer: c.layer, params: c.params, trials, chosen });
     }
     Ok(out)
 }
 
-/// Runs every candidate on layer `i` of shape `p`; the implicit GEMM (first) is the reference.
+/// Runs every candidate on `layer`; the implicit GEMM (first) is the reference.
 fn time_layer(
     device: &Device,
     gpu: &Gpu,
-    p: &Conv2dParams,
-    i: usize,
-    fused: bool,
+    layer: &ConvLayer,
+    opts: GemmOpts,
     cands: &[ConvAlgo],
     reps: usize,
 ) -> Result<Vec<Trial>> {
-    let (stride, pad) = (p.stride as usize, p.pad as usize);
+    let (p, i) = (&layer.params, layer.layer);
+    let conv = Conv2d::new(p.stride as usize, p.pad as usize).relu(layer.relu).gemm(opts);
     let (k, c_in) = (p.kh as usize, p.c_in as usize);
     let salt = 1000 * i as u64;
     let x = Tensor::synthetic(&[p.n as usize, c_in, p.h as usize, p.w as usize], -1.0, 1.0, salt, device)?;
@@ -154,11 +161,11 @@ fn time_layer(
         salt + 3,
         device,
     )?;
-    // The first layer's input needs no gradient (as in training).
-    let need_gx = i > 0;
+    let need_gx = layer.input_grad;
     let run = |algo: ConvAlgo| -> Result<Vec<Tensor>> {
-        let y = conv2d_fwd_with(&x, &w, &b, stride, pad, fused, algo)?;
-        let (gx, gw, _) = conv2d_bwd_with(&x, &w, &gy, stride, pad, need_gx, algo)?;
+        let conv = conv.algo(algo);
+        let y = conv2d_fwd(&x, &w, &b, &conv)?;
+        let (gx, gw, _) = conv2d_bwd(&x, &w, &gy, &conv, need_gx)?;
         Ok([Some(y), gx, Some(gw)].into_iter().flatten().collect())
     };
     let reference: Vec<Vec<f32>> = run(ConvAlgo::ImplicitGemm)?.iter().map(Tensor::to_vec).collect::<Result<_>>()?;
@@ -172,7 +179,7 @@ fn time_layer(
             }
             let reps = reps.max(1);
             let ms = gpu.time_ms(|| (0..reps).try_for_each(|_| run(algo).map(drop)))? / reps as f32;
-            Ok(Trial { algo, ms, rel_err, tolerance: agree_tolerance(), out_of_memory: false })
+            Ok(Trial { algo, ms, rel_err, tolerance: agree_tolerance(opts.math), out_of_memory: false })
         };
         match measure() {
             Ok(t) => trials.push(t),
@@ -182,7 +189,7 @@ fn time_layer(
                 algo,
                 ms: f32::NAN,
                 rel_err: f32::INFINITY,
-                tolerance: agree_tolerance(),
+                tolerance: agree_tolerance(opts.math),
                 out_of_memory: true,
             }),
             Err(e) => return Err(e),

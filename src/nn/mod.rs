@@ -5,9 +5,20 @@ pub mod alexnet;
 pub mod conv_tune;
 
 use crate::error::{Error, Result};
+use crate::ops::conv2d::ConvAlgo;
+use crate::ops::gemm::GemmOpts;
 use crate::ops::sgd::sgd_update;
 use crate::tape::Gradients;
 use crate::tensor::Tensor;
+
+/// How a model runs its GEMM-based layers: the GEMM options (arithmetic, tiles) of every conv
+/// and dense layer, and the convolution algorithm. One value, held by the model and handed to
+/// each op it runs; nothing about it lives in global or thread-local state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Compute {
+    pub gemm: GemmOpts,
+    pub conv: ConvAlgo,
+}
 
 /// A trainable tensor and its name in PyTorch's `state_dict` (e.g. `0.weight`).
 pub struct Param {

@@ -5,9 +5,10 @@
 
 use crate::device::{grid_1d, DeviceBuf, Gpu};
 use crate::error::{Error, Result};
-use crate::ops::gemm_math::{gemm_kernel_names, GemmMath};
-use crate::ops::gemm_plan::{gemm_launch, split_chunk, split_count};
-use crate::ops::matmul_cpu::dot;
+use crate::ops::gemm::cpu::dot;
+use crate::ops::gemm::math::gemm_kernel_names;
+use crate::ops::gemm::plan::{split_chunk, Planner};
+use crate::ops::gemm::GemmOpts;
 use crate::ops::parallel::{for_each_row, map_ranges};
 use crate::ops::relu::{relu_value, through_fused_relu};
 use crate::ptx::Module;
@@ -141,11 +142,13 @@ fn params(x: &Tensor, w: &Tensor) -> Result<DenseParams> {
 }
 
 /// C (m x n) = A . B over k on `gpu`, with the `kernels` (a `gemm_kernel_names!` table) taking
-/// (in0, in1, out, params): split over K when the grid would leave the GPU (132 SMs, 2 blocks
-/// each) under-filled, then reduced (adding `bias` and applying p.relu) by dense_splitk_sum_f32.
+/// (in0, in1, out, params): split over K when the grid would leave the GPU's first wave (2
+/// blocks per SM) under-filled, then reduced (adding `bias` and applying p.relu) by
+/// dense_splitk_sum_f32.
 #[allow(clippy::too_many_arguments)]
 fn gemm_split(
     gpu: &Gpu,
+    opts: GemmOpts,
     kernels: &[[&'static str; 5]; 4],
     in0: &DeviceBuf<f32>,
     in1: &DeviceBuf<f32>,
@@ -153,11 +156,12 @@ fn gemm_split(
     mut p: DenseParams,
     (m, n, k): (usize, usize, usize),
 ) -> Result<DeviceBuf<f32>> {
-    let (mut cfg, tile) = gemm_launch(m, n, 1, None)?;
-    let name = GemmMath::kernel(kernels, tile);
+    let plan = Planner::new(gpu, opts);
+    let (mut cfg, tile) = plan.launch(m, n, 1, None)?;
+    let name = opts.math.kernel(kernels, tile);
     let blocks = (cfg.grid_dim.0 * cfg.grid_dim.1) as usize;
     // ~2 blocks per SM, each split summing at least 256 terms.
-    let splits = if blocks >= 264 || k < 1024 { 1 } else { split_count(blocks, k / 256) };
+    let splits = if blocks >= plan.wave() || k < 1024 { 1 } else { plan.split_count(blocks, k / 256) };
     let mut out = gpu.uninit::<f32>(m * n)?;
     if splits == 1 {
         p.k_chunk = 0;
@@ -199,8 +203,8 @@ fn gemm_split(
 }
 
 /// Forward: x (B, IN), w (OUT, IN), b (OUT) -> (B, OUT); `relu` fuses the ReLU
-/// (`ops::relu::relu_value`).
-pub fn dense_fwd(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
+/// (`ops::relu::relu_value`). `opts`: how the GEMM runs on CUDA (the CPU computes in fp32).
+pub fn dense_fwd(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool, opts: GemmOpts) -> Result<Tensor> {
     let mut p = params(x, w)?;
     let (batch, in_f, out_f) = (p.batch as usize, p.in_f as usize, p.out_f as usize);
     b.expect_shape(OP, "b", &[out_f])?;
@@ -211,7 +215,7 @@ pub fn dense_fwd(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Result<Tenso
             Storage::Cpu(dense_fwd_cpu(xv, wv, bv, in_f, out_f, relu))
         }
         (Storage::Cuda { gpu, buf: xb }, Storage::Cuda { buf: wb, .. }, Storage::Cuda { buf: bb, .. }) => {
-            let y = gemm_split(gpu, &gemm_kernel_names!("dense_fwd"), xb, wb, Some(bb), p, (batch, out_f, in_f))?;
+            let y = gemm_split(gpu, opts, &gemm_kernel_names!("dense_fwd"), xb, wb, Some(bb), p, (batch, out_f, in_f))?;
             Storage::Cuda { gpu: gpu.clone(), buf: y }
         }
         _ => unreachable!("checked by common_device"),
@@ -221,8 +225,14 @@ pub fn dense_fwd(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Result<Tenso
 
 /// Gradients given gy = dL/dy (B, OUT) of the pre-ReLU output. Returns (gx if `need_gx`,
 /// gw (OUT, IN), gb (OUT)).
-pub fn dense_bwd(x: &Tensor, w: &Tensor, gy: &Tensor, need_gx: bool) -> Result<(Option<Tensor>, Tensor, Tensor)> {
-    let (gx, gw, gb) = dense_grads(x, w, gy, [need_gx, true, true])?;
+pub fn dense_bwd(
+    x: &Tensor,
+    w: &Tensor,
+    gy: &Tensor,
+    need_gx: bool,
+    opts: GemmOpts,
+) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+    let (gx, gw, gb) = dense_grads(x, w, gy, [need_gx, true, true], opts)?;
     Ok((gx, gw.expect("asked for"), gb.expect("asked for")))
 }
 
@@ -232,6 +242,7 @@ fn dense_grads(
     w: &Tensor,
     gy: &Tensor,
     need: [bool; 3],
+    opts: GemmOpts,
 ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
     let p = params(x, w)?;
     let (batch, in_f, out_f) = (p.batch as usize, p.in_f as usize, p.out_f as usize);
@@ -244,27 +255,27 @@ fn dense_grads(
             need_gw.then(|| Storage::Cpu(dense_bwd_weight_cpu(xv, gv, in_f, out_f))),
             need_gb.then(|| Storage::Cpu(dense_bwd_bias_cpu(gv, out_f))),
         ),
-        (Storage::Cuda { gpu, buf: xb }, Storage::Cuda { buf: wb, .. }, Storage::Cuda { buf: gb, .. }) => {
+        (Storage::Cuda { gpu, buf: xb }, Storage::Cuda { buf: wb, .. }, Storage::Cuda { buf: gyb, .. }) => {
             let wrap = |buf| Storage::Cuda { gpu: gpu.clone(), buf };
             let gx = if need_gx {
                 let p = DenseParams { relu: 0, ..p };
                 let names = gemm_kernel_names!("dense_bwd_input");
-                Some(wrap(gemm_split(gpu, &names, wb, gb, None, p, (batch, in_f, out_f))?))
+                Some(wrap(gemm_split(gpu, opts, &names, wb, gyb, None, p, (batch, in_f, out_f))?))
             } else {
                 None
             };
             let gw = if need_gw {
                 let mut gw = gpu.uninit::<f32>(out_f * in_f)?;
-                let (cfg, tile) = gemm_launch(out_f, in_f, 1, None)?;
-                let name = GemmMath::kernel(&gemm_kernel_names!("dense_bwd_weight"), tile);
-                crate::launch!(gpu, Module::Dense, name, cfg, xb, gb, &mut gw, &p)?;
+                let (cfg, tile) = Planner::new(gpu, opts).launch(out_f, in_f, 1, None)?;
+                let name = opts.math.kernel(&gemm_kernel_names!("dense_bwd_weight"), tile);
+                crate::launch!(gpu, Module::Dense, name, cfg, xb, gyb, &mut gw, &p)?;
                 Some(wrap(gw))
             } else {
                 None
             };
             let gbias = if need_gb {
                 let mut g = gpu.uninit::<f32>(out_f)?;
-                crate::launch!(gpu, Module::Dense, "dense_bwd_bias_f32", grid_1d(out_f, 256), gb, &mut g, &p)?;
+                crate::launch!(gpu, Module::Dense, "dense_bwd_bias_f32", grid_1d(out_f, 256), gyb, &mut g, &p)?;
                 Some(wrap(g))
             } else {
                 None
@@ -281,16 +292,16 @@ fn dense_grads(
 }
 
 /// Recorded dense layer (+ fused ReLU when `relu`). The backward applies the ReLU mask (from the
-/// saved output) and then computes only the gradients the tape needs.
-pub fn dense(tape: &mut Tape, x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
-    let y = dense_fwd(x, w, b, relu)?;
+/// saved output) and then computes only the gradients the tape needs, with the same `opts`.
+pub fn dense(tape: &mut Tape, x: &Tensor, w: &Tensor, b: &Tensor, relu: bool, opts: GemmOpts) -> Result<Tensor> {
+    let y = dense_fwd(x, w, b, relu, opts)?;
     let need = [tape.requires_grad(x), tape.requires_grad(w), tape.requires_grad(b)];
     let ids = [x.id(), w.id(), b.id()];
     let (xs, ws) = (x.clone(), w.clone());
     let y_saved = relu.then(|| y.clone());
     tape.record(&y, &[x, w, b], move |gy, grads| {
         let gy = &through_fused_relu(y_saved.as_ref(), gy)?;
-        let (gx, gw, gb) = dense_grads(&xs, &ws, gy, need)?;
+        let (gx, gw, gb) = dense_grads(&xs, &ws, gy, need, opts)?;
         for (id, g) in ids.into_iter().zip([gx, gw, gb]) {
             if let Some(g) = g {
                 grads.accumulate(id, g)?;

@@ -3,14 +3,11 @@
 //! (`cpu` functions, the oracle the kernels are tested against), the CUDA launch, and the
 //! backward closure it records on the tape.
 
-pub mod add;
 pub mod conv2d;
 pub mod dense;
 pub mod dropout;
 pub mod fast_div;
-pub mod gemm_math;
-pub mod gemm_plan;
-pub mod matmul_cpu;
+pub mod gemm;
 pub mod maxpool2d;
 pub mod nonfinite;
 pub mod parallel;
@@ -19,4 +16,3 @@ pub mod reshape;
 pub mod resize;
 pub mod sgd;
 pub mod softmax_xent;
-pub mod winograd;

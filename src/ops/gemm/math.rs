@@ -16,15 +16,11 @@
 //!   stores the activations in bf16 (half the memory traffic); here every tensor stays fp32, and
 //!   only the GEMMs' operands are rounded, as they are read from shared memory.
 //!
-//! The choice is per thread, like PyTorch's autocast state: `GemmMath::scope` sets it until the
-//! returned guard is dropped, and every GEMM launched from that thread (forward, and the backward
-//! closures that `Tape::backward` runs on it) uses it. The CPU path always computes in fp32.
+//! The choice is a value (`GemmOpts::math`) that the model holds and passes to every op that runs
+//! GEMMs (forward and the backward it records); the CPU path always computes in fp32.
 
-use std::cell::Cell;
-
-use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::ops::gemm_plan::Tile;
+use crate::ops::gemm::plan::Tile;
 
 /// The arithmetic of the GEMM kernels' products; the discriminant indexes `gemm_kernel_names!`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -36,51 +32,12 @@ pub enum GemmMath {
     Bf16 = 3,
 }
 
-thread_local! {
-    static CURRENT: Cell<GemmMath> = const { Cell::new(GemmMath::Fp32) };
-}
-
 impl GemmMath {
     pub const ALL: [GemmMath; 4] = [GemmMath::Fp32, GemmMath::Tf32x3, GemmMath::Tf32, GemmMath::Bf16];
 
-    /// The arithmetic that GEMMs launched from this thread use now.
-    pub fn current() -> GemmMath {
-        CURRENT.with(Cell::get)
-    }
-
-    /// Makes `self` this thread's GEMM arithmetic until the guard is dropped (then the previous
-    /// one again).
-    #[must_use = "the setting lasts only as long as the guard"]
-    pub fn scope(self) -> MathScope {
-        MathScope { previous: CURRENT.with(|c| c.replace(self)) }
-    }
-
-    /// `scope` for the GEMMs on `device`: refused on the CPU, whose path computes in fp32 only
-    /// (asking it for tensor-core arithmetic is a mistake to report, not to ignore).
-    pub fn scope_on(self, device: &Device) -> Result<MathScope> {
-        if self != GemmMath::Fp32 && !device.is_cuda() {
-            return Err(Error::Data(format!(
-                "--math {self} needs a CUDA device (or emu); the CPU path computes in fp32 only, found {}",
-                device.label()
-            )));
-        }
-        Ok(self.scope())
-    }
-
-    /// The kernel of `names` (a `gemm_kernel_names!` table) for the current arithmetic and `tile`.
-    pub fn kernel(names: &[[&'static str; 5]; 4], tile: Tile) -> &'static str {
-        names[GemmMath::current() as usize][tile as usize]
-    }
-}
-
-/// Restores the previous GEMM arithmetic when dropped (see `GemmMath::scope`).
-pub struct MathScope {
-    previous: GemmMath,
-}
-
-impl Drop for MathScope {
-    fn drop(&mut self) {
-        CURRENT.with(|c| c.set(self.previous));
+    /// The kernel of `names` (a `gemm_kernel_names!` table) for this arithmetic and `tile`.
+    pub fn kernel(self, names: &[[&'static str; 5]; 4], tile: Tile) -> &'static str {
+        names[self as usize][tile as usize]
     }
 }
 

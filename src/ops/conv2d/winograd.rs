@@ -34,20 +34,18 @@ use cudarc::driver::LaunchConfig;
 
 use crate::device::{grid_1d, DeviceBuf, Gpu};
 use crate::error::{Error, Result};
-use crate::ops::conv2d::Conv2dParams;
+use crate::ops::conv2d::params::{Conv2dParams, KERNEL_ALPHAS};
 use crate::ops::fast_div::FastDiv;
-use crate::ops::gemm_math::{gemm_kernel_names, GemmMath};
-use crate::ops::gemm_plan::{gemm_launch, split_chunk, split_count, Tile};
-use crate::ops::matmul_cpu::{gemm_acc, transpose};
+use crate::ops::gemm::cpu::{gemm_acc, transpose};
+use crate::ops::gemm::math::{gemm_kernel_names, GemmMath};
+use crate::ops::gemm::plan::{split_chunk, Planner, Tile};
+use crate::ops::gemm::GemmOpts;
 use crate::ops::parallel::map_ranges;
 use crate::ops::relu::relu_value;
 use crate::ptx::Module;
 
 /// The largest tile side alpha of the matrices.
 pub const MAX_ALPHA: usize = 8;
-/// The tile sides the kernels are built for (`winograd_*_a4`, `_a6`, `_a8`): each is a template
-/// parameter, so that a tile is held in registers.
-pub const KERNEL_ALPHAS: [usize; 3] = [4, 6, 8];
 /// The interpolation points after infinity, in the order they are taken.
 const POINTS: [f64; MAX_ALPHA - 1] = [0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5];
 
@@ -316,19 +314,6 @@ pub fn tile_scatter_cpu(src: &[f32], bias: Option<&[f32]>, p: &TileParams, alpha
 // Plans: the transforms and GEMMs of each pass
 // ---------------------------------------------------------------------------------------------
 
-/// Whether F(m x m, r x r) applies to the convolution `p`, and which m: stride 1, a square
-/// kernel of side r >= 2, padding <= r - 1 (so that the input grad's padding r - 1 - pad is one),
-/// and alpha = m + r - 1 one of the kernels' sizes (4, 6, 8). `tile` None picks alpha = 6
-/// (F(4, 3), F(2, 5)) for r <= 5, else alpha = 8.
-pub fn output_tile(p: &Conv2dParams, tile: Option<usize>) -> Option<usize> {
-    let r = p.kh as usize;
-    if p.stride != 1 || p.kh != p.kw || r < 2 || p.pad as usize > r - 1 {
-        return None;
-    }
-    let m = tile.unwrap_or(if r <= 5 { 7 - r } else { 9usize.saturating_sub(r) });
-    (m >= 1 && KERNEL_ALPHAS.contains(&(m + r - 1))).then_some(m)
-}
-
 /// The GEMM of one pass: alpha^2 products C[xi] (M, N) = A[xi]^T B[xi], A[xi] (K, M) and B[xi]
 /// (K, N) dense and row-major, one after another (xi = 0 .. batch); C (splits, batch, M, N), each
 /// split reducing `k_chunk` of K. Mirrored field for field by `struct GemmParams` in
@@ -518,17 +503,23 @@ impl Pass {
         Ok((if scatter { SCATTER[slot] } else { GATHER[slot] }, grid_1d(t.c as usize * t.tiles(), 128)))
     }
 
-    /// The kernel and launch of the GEMM: the tile picked by `gemm_launch` unless `tile` is given.
-    pub fn gemm_launch(&self, tile: Option<Tile>) -> Result<(&'static str, LaunchConfig)> {
+    /// The kernel and launch of the GEMM in `math`: the tile `plan` picks unless `tile` is given.
+    pub fn gemm_launch(
+        &self,
+        plan: &Planner,
+        math: GemmMath,
+        tile: Option<Tile>,
+    ) -> Result<(&'static str, LaunchConfig)> {
         let g = &self.gemm;
-        let (cfg, tile) = gemm_launch(g.m as usize, g.n as usize, g.splits() * g.batch as usize, tile)?;
+        let (cfg, tile) = plan.launch(g.m as usize, g.n as usize, g.splits() * g.batch as usize, tile)?;
         const NAMES: [[&str; 5]; 4] = gemm_kernel_names!("winograd_gemm");
-        Ok((GemmMath::kernel(&NAMES, tile), cfg))
+        Ok((math.kernel(&NAMES, tile), cfg))
     }
 
     fn run_cuda(
         &self,
         gpu: &Gpu,
+        opts: GemmOpts,
         a_src: &DeviceBuf<f32>,
         b_src: &DeviceBuf<f32>,
         bias: Option<&DeviceBuf<f32>>,
@@ -543,7 +534,7 @@ impl Pass {
         let a = gather(a_src, &self.gather_a)?;
         let b = gather(b_src, &self.gather_b)?;
         let mut c = gpu.uninit::<f32>(self.gemm.out_len())?;
-        let (name, cfg) = self.gemm_launch(None)?;
+        let (name, cfg) = self.gemm_launch(&Planner::new(gpu, opts), opts.math, None)?;
         crate::launch!(gpu, Module::Winograd, name, cfg, &a, &b, &mut c, &self.gemm)?;
         let sc = &self.scatter;
         let mut out = gpu.uninit::<f32>(sc.plane_len())?;
@@ -563,13 +554,13 @@ fn alpha_slot(alpha: usize) -> Result<usize> {
     })
 }
 
-/// Splits of the weight grad's reduction over tiles (see `split_count`), each split at least
-/// 256 tiles long.
-pub fn weight_grad_splits(p: &Conv2dParams, m: usize) -> usize {
+/// Splits of the weight grad's reduction over tiles (see `Planner::split_count`), each split at
+/// least 256 tiles long.
+pub fn weight_grad_splits(p: &Conv2dParams, m: usize, plan: &Planner) -> usize {
     let alpha = m + p.kh as usize - 1;
     let blocks = alpha * alpha * (p.c_out as usize).div_ceil(128) * (p.c_in as usize).div_ceil(128);
     let tiles = p.n as usize * (p.oh as usize).div_ceil(m) * (p.ow as usize).div_ceil(m);
-    split_count(blocks, tiles.div_ceil(256))
+    plan.split_count(blocks, tiles.div_ceil(256))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -593,33 +584,33 @@ pub fn winograd_bwd_weight_cpu(x: &[f32], gy: &[f32], p: &Conv2dParams, m: usize
 
 pub(crate) fn winograd_fwd_cuda(
     gpu: &Gpu,
-    x: &DeviceBuf<f32>,
-    w: &DeviceBuf<f32>,
-    b: &DeviceBuf<f32>,
+    (x, w, b): (&DeviceBuf<f32>, &DeviceBuf<f32>, &DeviceBuf<f32>),
     p: &Conv2dParams,
     m: usize,
+    opts: GemmOpts,
 ) -> Result<DeviceBuf<f32>> {
-    Pass::correlation(p, m, false)?.run_cuda(gpu, w, x, Some(b))
+    Pass::correlation(p, m, false)?.run_cuda(gpu, opts, w, x, Some(b))
 }
 
 pub(crate) fn winograd_bwd_input_cuda(
     gpu: &Gpu,
-    w: &DeviceBuf<f32>,
-    gy: &DeviceBuf<f32>,
+    (w, gy): (&DeviceBuf<f32>, &DeviceBuf<f32>),
     p: &Conv2dParams,
     m: usize,
+    opts: GemmOpts,
 ) -> Result<DeviceBuf<f32>> {
-    Pass::correlation(p, m, true)?.run_cuda(gpu, w, gy, None)
+    Pass::correlation(p, m, true)?.run_cuda(gpu, opts, w, gy, None)
 }
 
 pub(crate) fn winograd_bwd_weight_cuda(
     gpu: &Gpu,
-    x: &DeviceBuf<f32>,
-    gy: &DeviceBuf<f32>,
+    (x, gy): (&DeviceBuf<f32>, &DeviceBuf<f32>),
     p: &Conv2dParams,
     m: usize,
+    opts: GemmOpts,
 ) -> Result<DeviceBuf<f32>> {
-    Pass::weight_grad(p, m, weight_grad_splits(p, m))?.run_cuda(gpu, gy, x, None)
+    let splits = weight_grad_splits(p, m, &Planner::new(gpu, opts));
+    Pass::weight_grad(p, m, splits)?.run_cuda(gpu, opts, gy, x, None)
 }
 
 #[cfg(test)]
