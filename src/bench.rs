@@ -227,10 +227,10 @@ pub fn layer_cases(
                 )
             }
             Layer::MaxPool2d { kernel, stride } => {
-                let (_, argmax) = maxpool2d::maxpool2d_fwd_with(&x, kernel, stride, after_relu)?;
+                let (_, argmax) = maxpool2d::maxpool2d_fwd(&x, kernel, stride, after_relu)?;
                 let shape = input.clone();
                 (
-                    Box::new(move || maxpool2d::maxpool2d_fwd_with(&x, kernel, stride, after_relu).map(drop)),
+                    Box::new(move || maxpool2d::maxpool2d_fwd(&x, kernel, stride, after_relu).map(drop)),
                     Some(Box::new(move || maxpool2d::maxpool2d_bwd(&argmax, &gy, &shape, kernel, stride).map(drop))),
                 )
             }

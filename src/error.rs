@@ -46,6 +46,33 @@ pub enum Error {
     #[error("{0}")]
     Data(String),
 
+    /// A setting or argument outside what it accepts: a flag or environment variable, or an
+    /// op's parameter (a stride of 0, a dropout rate of 1, a label beyond the classes).
+    #[error("{0}")]
+    Invalid(String),
+
+    /// A size beyond what the kernels' 32-bit indices or one launch's grid can hold.
+    #[error("{0}")]
+    TooLarge(String),
+
+    /// A dataset file that is not what it should be (missing, truncated, a wrong magic number,
+    /// labels out of range).
+    #[error("{0}")]
+    Dataset(String),
+
+    /// A checkpoint that cannot be written, read or used: its path, its format, its tensors'
+    /// names and shapes, its metadata, or another run holding it.
+    #[error("{0}")]
+    Checkpoint(String),
+
+    /// Training produced NaN or Inf; the message says where, and what is on disk.
+    #[error("{0}")]
+    Diverged(String),
+
+    /// A broken invariant of the engine: a bug to report, not something an input can cause.
+    #[error("internal error: {0}")]
+    Internal(String),
+
     /// A run was asked to stop (a signal, see `train::Stop`); the message says what is on disk.
     /// The `ptxgrad` command exits with 128 + `signal`, as a shell reports a process the signal
     /// ended.

@@ -1,7 +1,19 @@
 //! ptxgrad: a from-scratch CUDA tensor engine that trains AlexNet on Fashion-MNIST.
 //!
-//! Data flows one way: `data` -> `ops` (each a hand-written CUDA kernel plus a CPU reference)
-//! -> `tape` (autograd) -> `nn` (AlexNet, SGD) -> the `ptxgrad` binary.
+//! The modules form layers, and a module imports only from its own layer or those below it
+//! (tests/layers.rs checks this, and that no two modules import each other):
+//!
+//! 1. `error`: the one error type.
+//! 2. `ptx`, `buffer_pool`, `buffer`, `device`, `kernel_resources`: the embedded kernel modules,
+//!    memory, and the devices (CPU, CUDA, the kernel emulator) with their launches and facts.
+//! 3. `tensor`: shapes, storage, transfers, and the in-place add the tape accumulates with.
+//! 4. `tape`: autograd.
+//! 5. `ops`: one module per op (shape checks, CPU reference, launch, the backward it records);
+//!    `ops::gemm` holds the GEMM planning and arithmetic that conv2d and dense share.
+//! 6. `data` (IDX / Fashion-MNIST), `checkpoint` (safetensors files), `nn` (AlexNet, SGD, the
+//!    per-layer convolution tuning).
+//! 7. `train` (the loop, evaluation) and `bench` (measurements), used by the `ptxgrad` binary
+//!    (src/bin/ptxgrad/), which holds all of the command-line interface.
 
 pub mod bench;
 pub mod buffer;

@@ -162,7 +162,7 @@ impl<T: Elem> Tensor<T> {
         self.relu = ReluFact::None;
         let id = self.id;
         Arc::get_mut(&mut self.data).ok_or_else(|| {
-            Error::Data(format!("tensor {id:?} is shared (a tape still holds it) and cannot be updated in place"))
+            Error::Invalid(format!("tensor {id:?} is shared (a tape still holds it) and cannot be updated in place"))
         })
     }
 

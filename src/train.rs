@@ -396,7 +396,7 @@ pub fn load_checkpoint(path: &std::path::Path, device: &Device) -> Result<(AlexN
         )));
     }
     let model = AlexNet::from_named(resolution, tensors, device).map_err(|e| match e {
-        Error::Data(m) => Error::Data(format!("{shown}: {m}")),
+        Error::Checkpoint(m) => Error::Checkpoint(format!("{shown}: {m}")),
         e => e,
     })?;
     Ok((model, epoch))

@@ -216,19 +216,19 @@ impl AlexNet {
         let mut params = Vec::new();
         for (name, shape) in param_shapes(resolution)? {
             let (found_shape, data) = by_name.remove(&name).ok_or_else(|| {
-                Error::Data(format!(
+                Error::Checkpoint(format!(
                     "checkpoint has no tensor `{name}` (expected AlexNet at {resolution}x{resolution})"
                 ))
             })?;
             if found_shape != shape {
-                return Err(Error::Data(format!(
+                return Err(Error::Checkpoint(format!(
                     "checkpoint tensor `{name}`: expected shape {shape:?} (AlexNet at {resolution}x{resolution}), found {found_shape:?}"
                 )));
             }
             params.push(Param { name, value: Tensor::from_vec(&shape, data, device)? });
         }
         if let Some(extra) = by_name.keys().next() {
-            return Err(Error::Data(format!("checkpoint has an unexpected tensor `{extra}` (not part of AlexNet)")));
+            return Err(Error::Checkpoint(format!("checkpoint has an unexpected tensor `{extra}` (not part of AlexNet)")));
         }
         Ok(AlexNet { resolution, params, compute: Compute::default(), conv_tuned: Vec::new() })
     }
@@ -245,8 +245,9 @@ impl AlexNet {
             have.dedup();
             if !have.contains(&m) {
                 let have: Vec<String> = have.iter().map(|m| format!("winograd:{m}")).collect();
-                return Err(Error::Data(format!(
-                    "--conv-algo winograd:{m}: no conv layer of AlexNet has Winograd kernels for {m}x{m} output                      tiles; expected one of {}",
+                return Err(Error::Invalid(format!(
+                    "--conv-algo winograd:{m}: no conv layer of AlexNet has Winograd kernels for {m}x{m} output \
+                     tiles; expected one of {}",
                     have.join(", ")
                 )));
             }

@@ -32,7 +32,7 @@ pub fn sgd_step(params: &mut [Param], grads: &Gradients, lr: f32) -> Result<()> 
     for p in params {
         let g = grads
             .get(&p.value)
-            .ok_or_else(|| Error::Data(format!("no gradient was computed for parameter `{}`", p.name)))?;
+            .ok_or_else(|| Error::Internal(format!("no gradient was computed for parameter `{}`", p.name)))?;
         sgd_update(&mut p.value, g, lr)?;
     }
     Ok(())

@@ -136,7 +136,7 @@ fn params(x: &Tensor, w: &Tensor) -> Result<DenseParams> {
     }
     let biggest = (batch * in_f).max(batch * out_f).max(out_f * in_f);
     if biggest >= 1 << 31 {
-        return Err(Error::Data(format!("dense: a tensor of {biggest} elements exceeds the kernels' 2^31 limit")));
+        return Err(Error::TooLarge(format!("dense: a tensor of {biggest} elements exceeds the kernels' 2^31 limit")));
     }
     Ok(DenseParams { batch: batch as u32, in_f: in_f as u32, out_f: out_f as u32, relu: 0, k_chunk: 0 })
 }

@@ -44,7 +44,7 @@ pub fn dropout_mask_keep(seed: u64, index: u64, p: f32) -> bool {
 /// 1 / (1 - p), after checking that p is in [0, 1).
 fn scale_for(p: f32) -> Result<f32> {
     if !(0.0..1.0).contains(&p) {
-        return Err(Error::Data(format!("dropout: the rate p must be in [0, 1), found {p}")));
+        return Err(Error::Invalid(format!("dropout: the rate p must be in [0, 1), found {p}")));
     }
     Ok(1.0 / (1.0 - p))
 }

@@ -52,7 +52,7 @@ impl Maxpool2dParams {
         let [n, c, h, w] = <[usize; 4]>::try_from(x_shape)
             .map_err(|_| Error::shape("maxpool2d", "a 4-D (N, C, H, W) input", format!("shape {x_shape:?}")))?;
         if k == 0 || stride == 0 {
-            return Err(Error::Data(format!(
+            return Err(Error::Invalid(format!(
                 "maxpool2d: window and stride must be at least 1, found k = {k}, stride = {stride}"
             )));
         }
@@ -151,26 +151,17 @@ pub fn maxpool2d_bwd_cpu(argmax: &[u32], gy: &[f32], p: &Maxpool2dParams) -> Res
         for (&a, &g) in ap.iter().zip(gp).filter(|&(&a, _)| a != NO_GRAD) {
             let slot = gxp
                 .get_mut(a as usize)
-                .ok_or_else(|| Error::Data(format!("maxpool2d_bwd: argmax {a} outside a {}x{} plane", p.h, p.w)))?;
+                .ok_or_else(|| Error::Invalid(format!("maxpool2d_bwd: argmax {a} outside a {}x{} plane", p.h, p.w)))?;
             *slot += g;
         }
     }
     Ok(gx)
 }
 
-/// y = maxpool(x) and the argmax of each window, both (N, C, OH, OW).
-pub fn maxpool2d_fwd(x: &Tensor, k: usize, stride: usize) -> Result<(Tensor, Tensor<u32>)> {
-    maxpool2d_fwd_with(x, k, stride, false)
-}
-
-/// `maxpool2d_fwd`, where `drop_nonpositive` gives the windows whose maximum is <= 0 the
-/// argmax `NO_GRAD`: their gradient then goes nowhere (x a ReLU's output: see the module comment).
-pub fn maxpool2d_fwd_with(
-    x: &Tensor,
-    k: usize,
-    stride: usize,
-    drop_nonpositive: bool,
-) -> Result<(Tensor, Tensor<u32>)> {
+/// y = maxpool(x) and the argmax of each window, both (N, C, OH, OW). `drop_nonpositive` gives
+/// the windows whose maximum is <= 0 the argmax `NO_GRAD`: their gradient then goes nowhere (x a
+/// ReLU's output: see the module comment).
+pub fn maxpool2d_fwd(x: &Tensor, k: usize, stride: usize, drop_nonpositive: bool) -> Result<(Tensor, Tensor<u32>)> {
     let mut p = Maxpool2dParams::new(x.shape(), k, stride)?;
     p.drop_nonpositive = drop_nonpositive as u32;
     let out_shape = p.out_shape();
@@ -219,7 +210,7 @@ pub fn maxpool2d_bwd(argmax: &Tensor<u32>, gy: &Tensor, x_shape: &[usize], k: us
 /// ReLU, x's gradient comes out masked (see the module comment).
 pub fn maxpool2d(tape: &mut Tape, x: &Tensor, k: usize, stride: usize) -> Result<Tensor> {
     let after_relu = x.relu_fact() == ReluFact::Output;
-    let (y, argmax) = maxpool2d_fwd_with(x, k, stride, after_relu)?;
+    let (y, argmax) = maxpool2d_fwd(x, k, stride, after_relu)?;
     let (x_id, x_shape) = (x.id(), x.shape().to_vec());
     let fact = if after_relu { ReluFact::MaskedFor(x_id) } else { ReluFact::None };
     tape.record(&y, &[x], move |gy, grads| {

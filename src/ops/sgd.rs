@@ -22,7 +22,7 @@ pub fn sgd_update(param: &mut Tensor, grad: &Tensor, lr: f32) -> Result<()> {
         ));
     }
     if !lr.is_finite() {
-        return Err(Error::Data(format!("sgd_update: the learning rate must be finite, found {lr}")));
+        return Err(Error::Invalid(format!("sgd_update: the learning rate must be finite, found {lr}")));
     }
     common_device("sgd_update", &[param.device(), grad.device()])?;
     let n = grad.len() as u64;

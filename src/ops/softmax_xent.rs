@@ -36,7 +36,7 @@ fn check(op: &'static str, logits: &Tensor, labels: &Tensor<u32>) -> Result<(usi
 
 fn check_labels(op: &str, labels: &[u32], c: usize) -> Result<()> {
     match labels.iter().enumerate().find(|(_, &l)| l as usize >= c) {
-        Some((r, &l)) => Err(Error::Data(format!("{op}: row {r} has label {l}, but there are only {c} classes"))),
+        Some((r, &l)) => Err(Error::Invalid(format!("{op}: row {r} has label {l}, but there are only {c} classes"))),
         None => Ok(()),
     }
 }

@@ -56,7 +56,7 @@ impl Conv2dParams {
         // The kernels index with 32-bit ints.
         let biggest = (n * c_in * h * w).max(n * c_out * oh * ow).max(c_out * c_in * kh * kw);
         if biggest >= 1 << 31 {
-            return Err(Error::Data(format!("conv2d: a tensor of {biggest} elements exceeds the kernels' 2^31 limit")));
+            return Err(Error::TooLarge(format!("conv2d: a tensor of {biggest} elements exceeds the kernels' 2^31 limit")));
         }
         let u = |v: usize| v as u32;
         Ok(Conv2dParams {
@@ -108,7 +108,7 @@ impl Conv2dParams {
 /// an error if the window does not fit or the stride is 0.
 pub fn conv2d_out_size(h: usize, k: usize, stride: usize, pad: usize) -> Result<usize> {
     if stride == 0 {
-        return Err(Error::Data("conv2d: stride must be at least 1, found 0".into()));
+        return Err(Error::Invalid("conv2d: stride must be at least 1, found 0".into()));
     }
     if k == 0 || h + 2 * pad < k {
         return Err(Error::shape(
@@ -152,7 +152,7 @@ impl std::str::FromStr for ConvAlgo {
     fn from_str(s: &str) -> Result<Self> {
         let max = MAX_TILE;
         let bad = || {
-            Error::Data(format!(
+            Error::Invalid(format!(
                 "conv algorithm: expected auto, gemm, winograd or winograd:M (M = 1..={max}), found `{s}`"
             ))
         };

@@ -76,7 +76,7 @@ impl WinogradMatrices {
     pub fn new(m: usize, r: usize) -> Result<Self> {
         let alpha = (m + r).saturating_sub(1);
         if m == 0 || r == 0 || !(2..=MAX_ALPHA).contains(&alpha) {
-            return Err(Error::Data(format!(
+            return Err(Error::Invalid(format!(
                 "winograd: F({m}, {r}) needs m, r >= 1 and 2 <= m + r - 1 <= {MAX_ALPHA}, found m = {m}, r = {r}"
             )));
         }
@@ -482,7 +482,7 @@ impl Pass {
     fn check_size(&self) -> Result<()> {
         let big = self.gemm.out_len().max(self.gather_b.wino_len(self.alpha)).max(self.gather_a.wino_len(self.alpha));
         if big >= 1 << 31 {
-            return Err(Error::Data(format!("winograd: a buffer of {big} elements exceeds the kernels' 2^31 limit")));
+            return Err(Error::TooLarge(format!("winograd: a buffer of {big} elements exceeds the kernels' 2^31 limit")));
         }
         Ok(())
     }
@@ -550,7 +550,7 @@ impl Pass {
 /// The kernel variant for `alpha`, one of KERNEL_ALPHAS (which `output_tile` guarantees).
 fn alpha_slot(alpha: usize) -> Result<usize> {
     KERNEL_ALPHAS.iter().position(|&a| a == alpha).ok_or_else(|| {
-        Error::Data(format!("winograd: no kernel for tiles of {alpha}, expected one of {KERNEL_ALPHAS:?}"))
+        Error::Invalid(format!("winograd: no kernel for tiles of {alpha}, expected one of {KERNEL_ALPHAS:?}"))
     })
 }
 

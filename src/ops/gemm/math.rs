@@ -50,7 +50,7 @@ impl std::str::FromStr for GemmMath {
             "3xtf32" => Ok(GemmMath::Tf32x3),
             "tf32" => Ok(GemmMath::Tf32),
             "bf16" => Ok(GemmMath::Bf16),
-            _ => Err(Error::Data(format!("GEMM math: expected fp32, 3xtf32, tf32 or bf16, found `{s}`"))),
+            _ => Err(Error::Invalid(format!("GEMM math: expected fp32, 3xtf32, tf32 or bf16, found `{s}`"))),
         }
     }
 }

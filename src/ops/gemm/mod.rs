@@ -38,7 +38,7 @@ impl GemmOpts {
     /// for TF32 or BF16 is a mistake to report, not to ignore).
     pub fn check_device(&self, device: &Device) -> Result<()> {
         if self.math != GemmMath::Fp32 && !device.is_cuda() {
-            return Err(Error::Data(format!(
+            return Err(Error::Invalid(format!(
                 "--math {} needs a CUDA device (or emu); the CPU path computes in fp32 only, found {}",
                 self.math,
                 device.label()

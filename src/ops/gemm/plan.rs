@@ -114,7 +114,7 @@ impl Planner {
         let (bm, bn) = tile.size();
         let (gx, gy) = (n.div_ceil(bn), m.div_ceil(bm));
         if gy > 65535 || z > 65535 || gx > u32::MAX as usize {
-            return Err(Error::Data(format!("GEMM of {m} x {n} (x {z}) is too large for one launch")));
+            return Err(Error::TooLarge(format!("GEMM of {m} x {n} (x {z}) is too large for one launch")));
         }
         Ok((
             LaunchConfig { grid_dim: (gx as u32, gy as u32, z as u32), block_dim: (256, 1, 1), shared_mem_bytes: 0 },
