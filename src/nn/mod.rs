@@ -3,6 +3,9 @@
 
 pub mod alexnet;
 pub mod conv_tune;
+pub mod model;
+pub mod models;
+pub mod network;
 
 use crate::error::{Error, Result};
 use crate::ops::conv2d::ConvAlgo;
