@@ -1,17 +1,17 @@
-//! `ptxgrad bench`: the training-step throughput as `../shared/peer/torch_alexnet.py bench`
-//! defines it (batch 128, a synthetic 1x224x224 batch already on the GPU, 10 warm-up steps,
-//! 40 timed steps, synchronised before and after), then the GPU time of every layer's forward
-//! and backward, measured with CUDA events.
+//! The training-step throughput as `../shared/peer/torch_alexnet.py bench` defines it (batch
+//! 128, a synthetic 1x224x224 batch already on the GPU, 10 warm-up steps, 40 timed steps,
+//! synchronised before and after), then the GPU time of every layer's forward and backward,
+//! measured with CUDA events.
+//!
+//! Measurement only: [`run`] hands each figure to its caller as soon as it is known (the
+//! `ptxgrad bench` command prints them as JSON lines and a table).
 
 use std::time::Instant;
 
-use clap::Args;
-use serde_json::json;
-
-use crate::device::{Device, Gpu};
+use crate::device::{Device, Gpu, HostTraffic};
 use crate::error::{Error, Result};
 use crate::nn::alexnet::{layer_shapes, AlexNet, Layer, LAYERS};
-use crate::nn::conv_tune;
+use crate::nn::conv_tune::{self, LayerTuning};
 use crate::nn::Compute;
 use crate::ops::conv2d::ConvAlgo;
 use crate::ops::gemm::math::GemmMath;
@@ -20,40 +20,106 @@ use crate::ops::{conv2d, dense, dropout, maxpool2d, relu, resize, sgd, softmax_x
 use crate::tensor::{Images, Labels, ReluFact, Tensor};
 use crate::train::train_step;
 
-#[derive(Args, Debug, Clone)]
-pub struct BenchArgs {
-    #[arg(long, default_value_t = 128)]
+/// What [`run`] measures, and how.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub device: Device,
+    /// Examples per step (at least 1).
     pub batch_size: usize,
-    #[arg(long, default_value_t = 10)]
+    /// Untimed steps first (module loads, the allocator's pool filling up).
     pub warmup: usize,
-    #[arg(long, default_value_t = 40)]
+    /// Timed steps (at least 1).
     pub steps: usize,
-    /// Input height and width
-    #[arg(long, default_value_t = 224)]
-    pub resize: usize,
-    /// cuda, cuda:N, cpu, or emu (the CUDA path on the kernel emulator); cpu and emu are very
-    /// slow at 224: use --resize 65, a small batch and few steps
-    #[arg(long, default_value = "cuda")]
-    pub device: String,
-    /// Skip the per-layer table
-    #[arg(long)]
-    pub no_layers: bool,
+    /// Input height and width.
+    pub resolution: usize,
+    /// After the timed steps, time each layer on its own ([`Measured::Layers`]; CUDA only).
+    pub layers: bool,
     /// After the timed steps, run this many more inside a profiler range (cuProfilerStart /
-    /// cuProfilerStop), for a profiler started with `--profile-from-start off`, e.g.
-    /// `ncu --profile-from-start off ptxgrad bench --profile-steps 1` (scripts/gpu-check.sh)
-    #[arg(long, default_value_t = 0)]
+    /// cuProfilerStop), for a profiler started with `--profile-from-start off`; CUDA only.
     pub profile_steps: usize,
-    /// Convolution algorithm: auto (each conv layer takes the fastest of the others as timed
-    /// before the warm-up, among those that agree with gemm), gemm (implicit GEMM), winograd
-    /// (F(4x4,3x3) and F(2x2,5x5) where they apply), or winograd:M (output tile M)
-    #[arg(long, default_value = "auto")]
+    /// `auto`: each conv layer takes the fastest of the others as timed before the warm-up.
     pub conv_algo: ConvAlgo,
-    /// GEMM arithmetic (CUDA): fp32 (FFMAs, exact products: PyTorch's strict fp32), 3xtf32
-    /// (three TF32 tensor-core products per multiply-add: about fp32's accuracy), tf32 (one,
-    /// of operands rounded to 10 mantissa bits: PyTorch's default convolutions), or bf16 (one,
-    /// of operands rounded to bfloat16: the products of PyTorch's bf16 autocast)
-    #[arg(long, default_value = "fp32")]
     pub math: GemmMath,
+}
+
+/// What runs the bench, said before any work.
+#[derive(Debug, Clone)]
+pub struct Env {
+    /// `Device::label`: cpu, cuda:N or emu.
+    pub device: String,
+    /// `Device::hardware_name`: the GPU's name, or CPU.
+    pub device_name: String,
+    /// What compiled the kernels (`ptx::COMPILER`).
+    pub kernels: &'static str,
+}
+
+/// What the timed steps did besides launching kernels (CUDA and emu; the goal is none of each).
+#[derive(Debug, Clone, Copy)]
+pub struct StepCounts {
+    /// Device buffers allocated rather than taken from ptxgrad's cache (src/pool.rs).
+    pub allocations: u64,
+    /// Host <-> device copies and waits for the device.
+    pub traffic: HostTraffic,
+}
+
+/// The timed training steps.
+#[derive(Debug, Clone)]
+pub struct StepTimes {
+    /// The algorithm of each conv layer, in `LAYERS` order (what `auto` chose, where asked).
+    pub conv_algos: Vec<ConvAlgo>,
+    /// Wall time per step (ms), synchronised before and after all of them.
+    pub ms_per_step: f64,
+    /// Wall time of all warm-up steps (s).
+    pub warmup_s: f64,
+    /// The driver pool's high-water mark (bytes): tensors, workspaces and the buffers held in
+    /// ptxgrad's cache, not the CUDA context; closest to PyTorch's max_memory_reserved. None on
+    /// the CPU and the emulator.
+    pub peak_pool_bytes: Option<u64>,
+    /// `Device::kernel_code`: machine code or PTX (None on the CPU).
+    pub kernel_code: Option<String>,
+    /// None on the CPU.
+    pub counts: Option<StepCounts>,
+}
+
+impl StepTimes {
+    /// Training examples per second at `batch_size` examples per step.
+    pub fn examples_per_sec(&self, batch_size: usize) -> f64 {
+        batch_size as f64 * 1e3 / self.ms_per_step
+    }
+}
+
+/// GPU time of one [`LayerCase`]'s forward and backward, each the mean of `LAYER_REPS` runs.
+#[derive(Debug, Clone)]
+pub struct LayerTime {
+    pub name: String,
+    /// The convolution algorithm (conv layers only).
+    pub algo: Option<ConvAlgo>,
+    pub output: Vec<usize>,
+    pub fwd_ms: f32,
+    /// 0 where the case has no backward.
+    pub bwd_ms: f32,
+}
+
+/// Runs of each layer's forward and backward that a [`LayerTime`] averages.
+pub const LAYER_REPS: usize = 5;
+
+/// What [`run`] has measured, in this order: `Env`, `Tunings`, `Steps`, then `Profiled` and
+/// `Layers` where asked for.
+#[derive(Debug, Clone, Copy)]
+pub enum Measured<'a> {
+    Env(&'a Env),
+    /// One per conv layer: what each candidate algorithm measured and which one runs (empty
+    /// unless `conv_algo` is `auto`).
+    Tunings(&'a [LayerTuning]),
+    Steps(&'a StepTimes),
+    /// `steps` more training steps ran inside the profiler range, from step `first_step` on
+    /// (counting the warm-up's from 0).
+    Profiled {
+        steps: usize,
+        first_step: usize,
+    },
+    /// Every [`LayerCase`] timed on its own.
+    Layers(&'a [LayerTime]),
 }
 
 /// Pseudo-random values in [-1, 1) for a layer's inputs.
@@ -70,83 +136,81 @@ fn wall_ms(device: &Device, f: impl FnOnce() -> Result<()>) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64() * 1e3)
 }
 
-pub fn run(a: &BenchArgs) -> Result<()> {
-    let device = Device::parse(&a.device)?;
-    let (b, r) = (a.batch_size, a.resize);
-    if b == 0 || a.steps == 0 {
-        return Err(Error::Data("--batch-size and --steps must be at least 1".into()));
+/// Runs the bench `cfg` describes on a freshly initialised AlexNet (seed 0) and a synthetic
+/// batch, handing each result to `on` as soon as it is measured (see [`Measured`]).
+pub fn run(cfg: &BenchConfig, mut on: impl FnMut(Measured<'_>)) -> Result<()> {
+    let device = &cfg.device;
+    let (b, r) = (cfg.batch_size, cfg.resolution);
+    if b == 0 || cfg.steps == 0 {
+        return Err(Error::Data(format!(
+            "bench: expected a batch size and a number of steps of at least 1, found {b} and {}",
+            cfg.steps
+        )));
     }
-    if a.profile_steps > 0 && !device.is_cuda() {
-        return Err(Error::Data(format!("--profile-steps needs a CUDA device (or emu), not {}", device.label())));
+    let compute = Compute { gemm: GemmOpts::math(cfg.math), conv: cfg.conv_algo };
+    compute.gemm.check_device(device)?;
+    if cfg.profile_steps > 0 && !device.is_cuda() {
+        return Err(Error::Data(format!("bench: profiling needs a CUDA device (or emu), found {}", device.label())));
     }
-    println!(
-        "{}",
-        json!({"kind": "env", "engine": "ptxgrad", "device": device.label(), "device_name": device.hardware_name(), "kernels": crate::ptx::COMPILER})
-    );
-    let compute = Compute { gemm: GemmOpts::math(a.math), conv: a.conv_algo };
-    let mut model = AlexNet::new(r, 0, &device)?.with_compute(compute)?;
-    // auto: one line per conv layer, what each candidate measured and which one runs.
-    for t in model.tune_convs(b, conv_tune::REPS)? {
-        println!("{}", conv_tune::to_json(&t));
-    }
-    let conv_layers: Vec<usize> = (0..LAYERS.len()).filter(|&i| matches!(LAYERS[i], Layer::Conv2d { .. })).collect();
-    let conv_algos: Vec<String> = conv_layers.iter().map(|&i| model.conv_algo_of(i).to_string()).collect();
-    let x = Tensor::synthetic(&[b, 1, r, r], 0.0, 1.0, 1, &device)?;
+    on(Measured::Env(&Env {
+        device: device.label(),
+        device_name: device.hardware_name(),
+        kernels: crate::ptx::COMPILER,
+    }));
+    let mut model = AlexNet::new(r, 0, device)?.with_compute(compute)?;
+    on(Measured::Tunings(&model.tune_convs(b, conv_tune::REPS)?));
+    let conv_algos: Vec<ConvAlgo> = (0..LAYERS.len())
+        .filter(|&i| matches!(LAYERS[i], Layer::Conv2d { .. }))
+        .map(|i| model.conv_algo_of(i))
+        .collect();
+    let x = Tensor::synthetic(&[b, 1, r, r], 0.0, 1.0, 1, device)?;
     let labels: Vec<u32> = (0..b as u32).map(|i| (i * 7 + 3) % 10).collect();
-    let y = Labels::from_vec(&[b], labels, &device)?;
+    let y = Labels::from_vec(&[b], labels, device)?;
     let t0 = Instant::now();
-    for step in 0..a.warmup {
+    for step in 0..cfg.warmup {
         train_step(&mut model, &x, &y, step as u64, 0.01, None)?;
     }
     device.synchronize()?;
     let warmup_s = t0.elapsed().as_secs_f64();
-    // What the timed steps do besides launching kernels: device buffers allocated (not taken
-    // from the cache), host <-> device copies, waits for the device. The goal is none of each.
-    let counters = || match &device {
+    // Counted around the timed steps only: (fresh device buffers, host traffic).
+    let counters = || match device {
         Device::Cuda(g) => Some((g.pool_stats().fresh, g.host_traffic())),
         Device::Cpu => None,
     };
-    let mut counted = None;
-    let ms = wall_ms(&device, || {
+    let mut counts = None;
+    let ms = wall_ms(device, || {
         let before = counters();
-        for step in 0..a.steps {
-            train_step(&mut model, &x, &y, (a.warmup + step) as u64, 0.01, None)?;
+        for step in 0..cfg.steps {
+            train_step(&mut model, &x, &y, (cfg.warmup + step) as u64, 0.01, None)?;
         }
-        counted = counters().zip(before).map(|((fa, ta), (fb, tb))| (fa - fb, ta - tb));
+        counts =
+            counters().zip(before).map(|((fa, ta), (fb, tb))| StepCounts { allocations: fa - fb, traffic: ta - tb });
         Ok(())
     })?;
-    let ms_per_step = ms / a.steps as f64;
-    // The driver pool's high-water mark: tensors, workspaces and the buffers held in ptxgrad's
-    // cache (src/pool.rs), not the CUDA context; closest to PyTorch's max_memory_reserved.
-    let peak_gib = match &device {
-        Device::Cuda(g) => g.peak_pool_bytes().map(|b| b as f64 / (1u64 << 30) as f64),
+    let peak_pool_bytes = match device {
+        Device::Cuda(g) => g.peak_pool_bytes(),
         Device::Cpu => None,
     };
-    println!(
-        "{}",
-        json!({
-            "kind": "bench", "config": format!("ptxgrad-{}", a.math), "math": a.math.to_string(), "conv_algo": a.conv_algo.to_string(), "conv_algos": conv_algos, "batch": b, "resolution": r,
-            "examples_per_sec": (b as f64 * 1e3 / ms_per_step * 10.0).round() / 10.0,
-            "ms_per_step": (ms_per_step * 1e3).round() / 1e3, "warmup_s": (warmup_s * 100.0).round() / 100.0,
-            "peak_mem_gib": peak_gib.map(|m| (m * 100.0).round() / 100.0),
-            "kernel_code": device.kernel_code(),
-            "allocations_in_timed_steps": counted.map(|(fresh, _)| fresh),
-            "host_copies_in_timed_steps": counted.map(|(_, t)| t.uploads + t.downloads),
-            "synchronizations_in_timed_steps": counted.map(|(_, t)| t.synchronizations),
-        })
-    );
-    if let (Device::Cuda(gpu), true) = (&device, a.profile_steps > 0) {
-        let first = a.warmup + a.steps;
+    on(Measured::Steps(&StepTimes {
+        conv_algos,
+        ms_per_step: ms / cfg.steps as f64,
+        warmup_s,
+        peak_pool_bytes,
+        kernel_code: device.kernel_code(),
+        counts,
+    }));
+    if let (Device::Cuda(gpu), true) = (device, cfg.profile_steps > 0) {
+        let first = cfg.warmup + cfg.steps;
         gpu.profiled(|| {
-            for step in first..first + a.profile_steps {
+            for step in first..first + cfg.profile_steps {
                 train_step(&mut model, &x, &y, step as u64, 0.01, None)?;
             }
             Ok(())
         })?;
-        println!("{}", json!({"kind": "profiled", "steps": a.profile_steps, "first_step": first}));
+        on(Measured::Profiled { steps: cfg.profile_steps, first_step: first });
     }
-    if let (Device::Cuda(gpu), false) = (&device, a.no_layers) {
-        layer_table(gpu, &device, b, r, compute.gemm, &|i| model.conv_algo_of(i))?;
+    if let (Device::Cuda(gpu), true) = (device, cfg.layers) {
+        on(Measured::Layers(&layer_times(gpu, device, b, r, compute.gemm, &|i| model.conv_algo_of(i))?));
     }
     Ok(())
 }
@@ -281,62 +345,29 @@ pub fn layer_cases(
     Ok(cases)
 }
 
-/// GPU time of one case's forward and backward, averaged over reps.
-struct LayerTime {
-    name: String,
-    algo: Option<ConvAlgo>,
-    output: Vec<usize>,
-    fwd_ms: f32,
-    bwd_ms: f32,
-}
-
 fn time_avg(gpu: &Gpu, reps: usize, f: &mut Work) -> Result<f32> {
     f()?; // warm-up: loads the module, fills the allocator's pool
     let total = gpu.time_ms(|| (0..reps).try_for_each(|_| f()))?;
     Ok(total / reps as f32)
 }
 
-fn layer_table(
+/// Every case of [`layer_cases`] timed on `gpu` (CUDA events; wall time on the emulator).
+pub fn layer_times(
     gpu: &Gpu,
     device: &Device,
     b: usize,
     r: usize,
     gemm: GemmOpts,
     algo_of: &dyn Fn(usize) -> ConvAlgo,
-) -> Result<()> {
-    const REPS: usize = 5;
+) -> Result<Vec<LayerTime>> {
     let mut rows = Vec::new();
     for mut case in layer_cases(device, b, r, gemm, algo_of)? {
-        let fwd_ms = time_avg(gpu, REPS, &mut case.fwd)?;
+        let fwd_ms = time_avg(gpu, LAYER_REPS, &mut case.fwd)?;
         let bwd_ms = match case.bwd.as_mut() {
-            Some(bwd) => time_avg(gpu, REPS, bwd)?,
+            Some(bwd) => time_avg(gpu, LAYER_REPS, bwd)?,
             None => 0.0,
         };
         rows.push(LayerTime { name: case.name, algo: case.algo, output: case.output, fwd_ms, bwd_ms });
     }
-
-    let total: f32 = rows.iter().map(|r| r.fwd_ms + r.bwd_ms).sum();
-    for row in &rows {
-        println!(
-            "{}",
-            json!({"kind": "layer", "layer": row.name.trim(), "algo": row.algo.map(|a| a.to_string()),
-                   "output": row.output, "fwd_ms": row.fwd_ms, "bwd_ms": row.bwd_ms})
-        );
-    }
-    let clock = if gpu.is_emu() { "wall time on the kernel emulator" } else { "CUDA events" };
-    println!("\nper-layer GPU time, batch {b} at {r}x{r} ({clock}, mean of {REPS}):");
-    println!("{:<22} {:<11} {:>20} {:>9} {:>9} {:>7}", "layer", "algorithm", "output", "fwd ms", "bwd ms", "share");
-    for row in &rows {
-        println!(
-            "{:<22} {:<11} {:>20} {:>9.3} {:>9.3} {:>6.1}%",
-            row.name,
-            row.algo.map_or(String::new(), |a| a.to_string()),
-            format!("{:?}", row.output),
-            row.fwd_ms,
-            row.bwd_ms,
-            100.0 * (row.fwd_ms + row.bwd_ms) / total
-        );
-    }
-    println!("{:<22} {:<11} {:>20} {:>19.3}", "total", "", "", total);
-    Ok(())
+    Ok(rows)
 }

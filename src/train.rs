@@ -3,8 +3,12 @@
 //!
 //! Per step, the only host->device traffic is the batch itself as uint8 28x28 images and u32
 //! labels; resizing to the network's resolution happens on the device. Loss and accuracy are
-//! accumulated on the device and read back every `PROGRESS_EVERY` steps (for the progress bar
-//! and the non-finite check) and at the end of the epoch.
+//! accumulated on the device and read back every `PROGRESS_EVERY` steps (for the caller's
+//! [`Progress`] and the non-finite check) and at the end of the epoch.
+//!
+//! The loop prints nothing: what it has to tell goes to the [`Progress`] the caller passes (the
+//! `ptxgrad` command draws a progress bar and prints a line per epoch; tests pass
+//! [`NoProgress`]), and what went wrong comes back as the error.
 //!
 //! Nothing is lost and nothing silently wrong: a non-finite loss stops the run at the progress
 //! read that sees it, the parameters are checked on the device before every checkpoint is
@@ -16,8 +20,6 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-
-use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::checkpoint;
 use crate::data::fashion_mnist::{epoch_batches, sequential_batches, Split};
@@ -46,7 +48,6 @@ pub struct TrainConfig {
     /// Where the checkpoint is written after every epoch (None: not written), claimed for this
     /// run so that no other writes it meanwhile.
     pub checkpoint: Option<checkpoint::Claim>,
-    pub progress: bool,
     /// Asks the run to stop at its next step (see [`Stop`]).
     pub stop: Stop,
 }
@@ -113,6 +114,42 @@ impl EpochReport {
     }
 }
 
+/// What a run tells while it trains, in this order for each epoch: `epoch_start`; `steps` every
+/// 20 steps (each call is a read back from the device) and after the last; `steps_end`; then,
+/// once the epoch is evaluated and its checkpoint started, `epoch_end`. A run that fails makes
+/// no further calls. Each method does nothing unless implemented.
+pub trait Progress {
+    /// Epoch `epoch` of `epochs` begins; `steps` SGD steps follow.
+    fn epoch_start(&mut self, epoch: usize, epochs: usize, steps: usize) {
+        let _ = (epoch, epochs, steps);
+    }
+
+    /// The first `done` steps of the epoch have run; `loss` and `train_acc` are their means over
+    /// the examples seen so far.
+    fn steps(&mut self, done: usize, loss: f64, train_acc: f64) {
+        let _ = (done, loss, train_acc);
+    }
+
+    /// The epoch's steps are over: all of them (`completed`), or the run stops inside them (a
+    /// stop request or a non-finite loss; its error follows).
+    fn steps_end(&mut self, completed: bool) {
+        let _ = completed;
+    }
+
+    /// The epoch's figures, once it is evaluated and its checkpoint is being written. An error
+    /// stops the run with it.
+    fn epoch_end(&mut self, report: &EpochReport) -> Result<()> {
+        let _ = report;
+        Ok(())
+    }
+}
+
+/// A [`Progress`] that ignores everything: for runs nobody watches (tests, scripts).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {}
+
 /// Uploads a batch of host images (B*H*W bytes) and labels and resizes on the device.
 pub fn prepare_batch(
     pixels: Vec<u8>,
@@ -169,14 +206,14 @@ fn on_disk(cfg: &TrainConfig, writer: &mut checkpoint::Writer, done: usize, star
     }
 }
 
-/// Trains `model` for the epochs `start_epoch+1 ..= cfg.epochs`, calling `on_epoch` after each.
+/// Trains `model` for the epochs `start_epoch+1 ..= cfg.epochs`, telling `progress` how it goes.
 pub fn train(
     model: &mut AlexNet,
     train: &Split,
     test: &Split,
     cfg: &TrainConfig,
     start_epoch: usize,
-    mut on_epoch: impl FnMut(&EpochReport) -> Result<()>,
+    progress: &mut dyn Progress,
 ) -> Result<Vec<EpochReport>> {
     let device = model.device();
     let hw = (train.images.h, train.images.w);
@@ -192,7 +229,7 @@ pub fn train(
     for epoch in start_epoch + 1..=cfg.epochs {
         let epoch_start = Instant::now();
         let batches = epoch_batches(train.len(), cfg.batch_size, cfg.seed, epoch);
-        let bar = progress_bar(cfg.progress, batches.len(), epoch, cfg.epochs);
+        progress.epoch_start(epoch, cfg.epochs, batches.len());
         // [sum of per-example losses, correct predictions], kept on the device.
         let mut stats = Tensor::zeros(&[2], &device)?;
         // Every step's loss, copied on the device, so that a divergence is pinned to its step.
@@ -204,7 +241,7 @@ pub fn train(
         let loop_start = Instant::now();
         for (step, idx) in batches.iter().enumerate() {
             if let Some(signal) = cfg.stop.requested() {
-                bar.abandon();
+                progress.steps_end(false);
                 let when = format!("in epoch {epoch} before step {} of {}", step + 1, batches.len());
                 return Err(interrupted(&mut writer, saved, signal, when));
             }
@@ -217,7 +254,7 @@ pub fn train(
                 let s = stats.to_vec()?; // waits for the queued steps
                 let recent = &losses.to_vec()?[checked..=step];
                 if let Some(bad) = recent.iter().position(|l| !l.is_finite()) {
-                    bar.abandon();
+                    progress.steps_end(false);
                     // The previous epoch's save may still be running: what is on disk is only
                     // known once it has ended.
                     let kept = on_disk(cfg, &mut writer, saved, start_epoch);
@@ -231,13 +268,12 @@ pub fn train(
                 }
                 writer.poll()?; // a failed save stops training now, not an epoch later
                 checked = step + 1;
-                bar.set_position(step as u64 + 1);
-                bar.set_message(format!("loss {:.3}, train acc {:.3}", s[0] / seen as f32, s[1] / seen as f32));
+                progress.steps(step + 1, s[0] as f64 / seen as f64, s[1] as f64 / seen as f64);
             }
         }
         // The last step read the statistics back, so all its work has finished.
         let train_time = loop_start.elapsed();
-        bar.finish_and_clear();
+        progress.steps_end(true);
         let s = stats.to_vec()?;
         // A loss can stay finite while a parameter is not (a NaN gradient that no later step
         // reads): checked on the device, one read back for all of them.
@@ -273,7 +309,7 @@ pub fn train(
             examples: seen,
             epoch_seconds: epoch_start.elapsed().as_secs_f64(),
         };
-        on_epoch(&report)?;
+        progress.epoch_end(&report)?;
         reports.push(report);
     }
     Ok(reports)
@@ -290,20 +326,6 @@ pub fn nonfinite_params(model: &AlexNet) -> Result<Vec<String>> {
         .filter(|(_, k)| *k > 0)
         .map(|(p, k)| format!("`{}`: {k} of {} values", p.name, p.value.len()))
         .collect())
-}
-
-fn progress_bar(enabled: bool, steps: usize, epoch: usize, epochs: usize) -> ProgressBar {
-    if !enabled {
-        return ProgressBar::hidden();
-    }
-    // Draws only on a terminal (indicatif hides itself when stderr is not one).
-    let bar = ProgressBar::new(steps as u64);
-    let style = ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({eta} left)")
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> ");
-    bar.set_style(style);
-    bar.set_prefix(format!("{epoch}/{epochs}"));
-    bar
 }
 
 /// Predicted class of every example of `split` (eval mode), in order.

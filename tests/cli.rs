@@ -120,7 +120,6 @@ fn small_checkpoint(path: &std::path::Path) {
         resolution: 65,
         seed: 7,
         checkpoint: None,
-        progress: false,
         stop: Default::default(),
     };
     let (tensors, meta) = ptxgrad::train::checkpoint_contents(&model, 1, &cfg).unwrap();

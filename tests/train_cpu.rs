@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use ptxgrad::checkpoint::Claim;
 use ptxgrad::data::fashion_mnist::FashionMnist;
 use ptxgrad::nn::alexnet::AlexNet;
-use ptxgrad::train::{self, Stop, TrainConfig};
+use ptxgrad::train::{self, EpochReport, NoProgress, Progress, Stop, TrainConfig};
 use ptxgrad::{Device, Tensor};
 
 fn data(train_n: usize, test_n: usize) -> FashionMnist {
@@ -22,7 +22,7 @@ fn data(train_n: usize, test_n: usize) -> FashionMnist {
 /// A run's configuration; its checkpoint, if any, claimed for as long as the value lives.
 fn config(epochs: usize, batch_size: usize, lr: f32, checkpoint: Option<PathBuf>) -> TrainConfig {
     let checkpoint = checkpoint.map(|p| Claim::acquire(&p).expect("the checkpoint path can be claimed"));
-    TrainConfig { epochs, batch_size, lr, resolution: RES, seed: 0, checkpoint, progress: false, stop: Stop::default() }
+    TrainConfig { epochs, batch_size, lr, resolution: RES, seed: 0, checkpoint, stop: Stop::default() }
 }
 
 const RES: usize = 65;
@@ -38,7 +38,8 @@ fn cpu_training_lowers_the_loss_and_beats_chance() {
     let ckpt = dir.join("alexnet.safetensors");
     let mut model = AlexNet::new(RES, 1, &Device::Cpu).unwrap();
     let reports =
-        train::train(&mut model, &d.train, &d.test, &config(2, 8, 0.05, Some(ckpt.clone())), 0, |_| Ok(())).unwrap();
+        train::train(&mut model, &d.train, &d.test, &config(2, 8, 0.05, Some(ckpt.clone())), 0, &mut NoProgress)
+            .unwrap();
     for r in &reports {
         eprintln!("epoch {}: loss {:.3}, train acc {:.3}, test acc {:.3}", r.epoch, r.loss, r.train_acc, r.test_acc);
     }
@@ -61,11 +62,11 @@ fn resume_continues_from_the_checkpoint_epoch() {
     let dir = TempDir::new("train-cpu-resume");
     let ckpt = dir.join("resume.safetensors");
     let mut model = AlexNet::new(RES, 2, &Device::Cpu).unwrap();
-    train::train(&mut model, &d.train, &d.test, &config(1, 32, 0.01, Some(ckpt.clone())), 0, |_| Ok(())).unwrap();
+    train::train(&mut model, &d.train, &d.test, &config(1, 32, 0.01, Some(ckpt.clone())), 0, &mut NoProgress).unwrap();
     let (mut resumed, epoch) = train::load_checkpoint(&ckpt, &Device::Cpu).unwrap();
     assert_eq!(epoch, 1);
     let reports =
-        train::train(&mut resumed, &d.train, &d.test, &config(2, 32, 0.01, Some(ckpt.clone())), epoch, |_| Ok(()))
+        train::train(&mut resumed, &d.train, &d.test, &config(2, 32, 0.01, Some(ckpt.clone())), epoch, &mut NoProgress)
             .unwrap();
     assert_eq!(reports.len(), 1);
     assert_eq!(reports[0].epoch, 2);
@@ -77,7 +78,7 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
     let dir = TempDir::new("train-cpu-diverge");
     let ckpt = dir.join("diverge.safetensors");
     let mut model = AlexNet::new(RES, 3, &Device::Cpu).unwrap();
-    train::train(&mut model, &d.train, &d.test, &config(1, 32, 0.01, Some(ckpt.clone())), 0, |_| Ok(())).unwrap();
+    train::train(&mut model, &d.train, &d.test, &config(1, 32, 0.01, Some(ckpt.clone())), 0, &mut NoProgress).unwrap();
     let before = std::fs::read(&ckpt).unwrap();
     // What an overflow leaves behind: the output layer's bias is NaN, so every logit and the
     // loss are too, from the first step of epoch 2. (A huge learning rate is no reliable way to
@@ -85,7 +86,7 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
     let bias = model.params.last_mut().unwrap();
     assert_eq!(bias.name, "20.bias");
     bias.value = Tensor::from_vec(&[10], vec![f32::NAN; 10], &Device::Cpu).unwrap();
-    let err = train::train(&mut model, &d.train, &d.test, &config(2, 32, 0.01, Some(ckpt.clone())), 1, |_| Ok(()))
+    let err = train::train(&mut model, &d.train, &d.test, &config(2, 32, 0.01, Some(ckpt.clone())), 1, &mut NoProgress)
         .expect_err("training must stop");
     let msg = err.to_string();
     assert!(msg.contains("non-finite loss (NaN) in epoch 2 at step 1 of 8"), "{msg}");
@@ -114,13 +115,17 @@ fn a_stop_request_ends_the_run_before_its_next_step_and_says_what_is_on_disk() {
     let stop = Stop::default();
     cfg.stop = stop.clone();
     // Asked for while epoch 2 is reported (its checkpoint is being written): epoch 3 never runs.
-    let err = train::train(&mut model, &d.train, &d.test, &cfg, 0, |r| {
-        if r.epoch == 2 {
-            stop.request(2);
+    struct StopAfter2(Stop);
+    impl Progress for StopAfter2 {
+        fn epoch_end(&mut self, r: &EpochReport) -> ptxgrad::Result<()> {
+            if r.epoch == 2 {
+                self.0.request(2);
+            }
+            Ok(())
         }
-        Ok(())
-    })
-    .expect_err("the run must stop");
+    }
+    let err = train::train(&mut model, &d.train, &d.test, &cfg, 0, &mut StopAfter2(stop.clone()))
+        .expect_err("the run must stop");
     let ptxgrad::Error::Interrupted { signal, message } = err else { panic!("not an interruption: {err}") };
     assert_eq!(signal, 2);
     let want = format!("stopped by SIGINT (Ctrl-C) in epoch 3 before step 1 of 2; {} holds epoch 2", ckpt.display());
@@ -135,7 +140,7 @@ fn a_stop_request_ends_the_run_before_its_next_step_and_says_what_is_on_disk() {
     let fresh = dir.join("fresh.safetensors");
     let cfg = config(1, 32, 0.01, Some(fresh.clone()));
     cfg.stop.request(15);
-    let err = train::train(&mut model, &d.train, &d.test, &cfg, 0, |_| Ok(())).unwrap_err().to_string();
+    let err = train::train(&mut model, &d.train, &d.test, &cfg, 0, &mut NoProgress).unwrap_err().to_string();
     assert!(
         err.contains(&format!(
             "stopped by SIGTERM in epoch 1 before step 1 of 2; nothing was written to {}",
