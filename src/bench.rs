@@ -10,7 +10,9 @@ use std::time::Instant;
 
 use crate::device::{Device, Gpu, HostTraffic};
 use crate::error::{Error, Result};
-use crate::nn::alexnet::{layer_shapes, AlexNet, Layer, LAYERS};
+use crate::nn::model::Model;
+use crate::nn::models::ALEXNET;
+use crate::nn::network::{Layer, Network};
 use crate::nn::conv_tune::{self, LayerTuning};
 use crate::nn::Compute;
 use crate::ops::conv2d::ConvAlgo;
@@ -65,7 +67,7 @@ pub struct StepCounts {
 /// The timed training steps.
 #[derive(Debug, Clone)]
 pub struct StepTimes {
-    /// The algorithm of each conv layer, in `LAYERS` order (what `auto` chose, where asked).
+    /// The algorithm of each conv layer, in layer order (what `auto` chose, where asked).
     pub conv_algos: Vec<ConvAlgo>,
     /// Wall time per step (ms), synchronised before and after all of them.
     pub ms_per_step: f64,
@@ -157,11 +159,11 @@ pub fn run(cfg: &BenchConfig, mut on: impl FnMut(Measured<'_>)) -> Result<()> {
         device_name: device.hardware_name(),
         kernels: crate::ptx::COMPILER,
     }));
-    let mut model = AlexNet::new(r, 0, device)?.with_compute(compute)?;
+    let mut model = Model::new(&ALEXNET, r, 0, device)?.with_compute(compute)?;
     on(Measured::Tunings(&model.tune_convs(b, conv_tune::REPS)?));
-    let conv_algos: Vec<ConvAlgo> = (0..LAYERS.len())
-        .filter(|&i| matches!(LAYERS[i], Layer::Conv2d { .. }))
-        .map(|i| model.conv_algo_of(i))
+    let conv_algos: Vec<ConvAlgo> = (ALEXNET.leaves().iter().enumerate())
+        .filter(|(_, l)| matches!(l.layer, Layer::Conv2d { .. }))
+        .map(|(i, _)| model.conv_algo_of(i))
         .collect();
     let x = Tensor::synthetic(&[b, 1, r, r], 0.0, 1.0, 1, device)?;
     let labels: Vec<u32> = (0..b as u32).map(|i| (i * 7 + 3) % 10).collect();
@@ -219,7 +221,7 @@ pub fn run(cfg: &BenchConfig, mut on: impl FnMut(Measured<'_>)) -> Result<()> {
 /// launched.
 pub type Work = Box<dyn FnMut() -> Result<()>>;
 
-/// One step of the network, run in isolation on synthetic data: the layers of `LAYERS` (a
+/// One step of the network, run in isolation on synthetic data: the layers of its table (a
 /// fused ReLU included in its conv/linear layer), the input resize, the loss and SGD.
 pub struct LayerCase {
     pub name: String,
@@ -231,35 +233,37 @@ pub struct LayerCase {
     pub algo: Option<ConvAlgo>,
 }
 
-/// The per-layer cases for a batch of `b` inputs of `r`x`r`, with the AlexNet shapes and conv
-/// layer i (index in LAYERS) run by `algo_of(i)`; used by `ptxgrad bench` and the criterion
-/// bench `layers`.
+/// The per-layer cases of `net` for a batch of `b` inputs of `r`x`r`, conv layer i (index in
+/// `net.leaves()`) run by `algo_of(i)`; used by `ptxgrad bench` and the criterion bench `layers`.
 pub fn layer_cases(
+    net: &'static Network,
     device: &Device,
     b: usize,
     r: usize,
     gemm: GemmOpts,
     algo_of: &dyn Fn(usize) -> ConvAlgo,
 ) -> Result<Vec<LayerCase>> {
-    let shapes = layer_shapes(&[b, 1, r, r])?;
+    let input0 = net.input_shape(b, r).to_vec();
+    let shapes = net.leaf_shapes(&input0)?;
+    let leaves = net.leaves();
     let mut cases = Vec::new();
     // The input pipeline: uint8 28x28 -> f32 RxR.
     let images = Images::from_vec(&[b, 1, 28, 28], (0..b * 784).map(|i| (i * 31 % 251) as u8).collect(), device)?;
     let fwd: Work = Box::new(move || resize::resize_bilinear(&images, r, r).map(drop));
-    cases.push(LayerCase { name: "resize 28->R".into(), output: vec![b, 1, r, r], fwd, bwd: None, algo: None });
+    cases.push(LayerCase { name: "resize 28->R".into(), output: input0.clone(), fwd, bwd: None, algo: None });
 
     let mut i = 0;
-    while i < LAYERS.len() {
-        let input = if i == 0 { vec![b, 1, r, r] } else { shapes[i - 1].clone() };
-        let fused = LAYERS.get(i + 1) == Some(&Layer::Relu);
+    while i < leaves.len() {
+        let input = if i == 0 { input0.clone() } else { shapes[i - 1].clone() };
+        let fused = net.fuses_relu(&leaves, i);
         // As in training: a max-pool after a ReLU masks the gradient it returns, so the layer
         // before it gets gy already masked (ops::relu), and the pool's input is a ReLU's output.
-        let pooled = fused && matches!(LAYERS.get(i + 2), Some(Layer::MaxPool2d { .. }));
-        let after_relu = i > 0 && LAYERS[i - 1] == Layer::Relu;
+        let pooled = fused && matches!(leaves.get(i + 2).map(|l| l.layer), Some(Layer::MaxPool2d { .. }));
+        let after_relu = i > 0 && leaves[i - 1].layer == Layer::Relu;
         let x = rand_tensor(&input, i as u64, device)?;
         let x = if after_relu { relu::relu_fwd(&x)? } else { x };
         let gy = rand_tensor(&shapes[i], 100 + i as u64, device)?;
-        let (fwd, bwd): (Work, Option<Work>) = match LAYERS[i] {
+        let (fwd, bwd): (Work, Option<Work>) = match leaves[i].layer {
             Layer::Conv2d { out, kernel, stride, pad } => {
                 let conv = conv2d::Conv2d::new(stride, pad).relu(fused).algo(algo_of(i)).gemm(gemm);
                 let w = rand_tensor(&[out, input[1], kernel, kernel], 200 + i as u64, device)?;
@@ -311,15 +315,20 @@ pub fn layer_cases(
             }
             // A view: no kernel.
             Layer::Flatten => (Box::new(|| Ok(())), None),
+            other @ (Layer::Sigmoid | Layer::AvgPool2d { .. } | Layer::GlobalAvgPool2d) => {
+                return Err(Error::Internal(format!("no bench case for {} yet", other.name())))
+            }
+            Layer::Seq(_) => unreachable!("leaves() flattens blocks"),
         };
-        let name = format!("{i:>2} {}{}", LAYERS[i].name(), if fused { "+ReLU" } else { "" });
-        let algo = matches!(LAYERS[i], Layer::Conv2d { .. }).then(|| algo_of(i));
+        let name = format!("{i:>2} {}{}", leaves[i].layer.name(), if fused { "+ReLU" } else { "" });
+        let algo = matches!(leaves[i].layer, Layer::Conv2d { .. }).then(|| algo_of(i));
         cases.push(LayerCase { name, output: shapes[i].clone(), fwd, bwd, algo });
         i += if fused { 2 } else { 1 };
     }
 
-    let logits = rand_tensor(&[b, 10], 300, device)?;
-    let labels = Labels::from_vec(&[b], (0..b as u32).map(|i| i % 10).collect(), device)?;
+    let classes = net.classes;
+    let logits = rand_tensor(&[b, classes], 300, device)?;
+    let labels = Labels::from_vec(&[b], (0..b as u32).map(|i| i % classes as u32).collect(), device)?;
     let (_, probs) = softmax_xent::softmax_xent_fwd(&logits, &labels)?;
     let one = Tensor::full(&[1], 1.0, device)?;
     let labels2 = labels.clone();
@@ -331,7 +340,7 @@ pub fn layer_cases(
         algo: None,
     });
 
-    let model = AlexNet::new(r, 0, device)?;
+    let model = Model::new(net, r, 0, device)?;
     let count = model.param_count();
     let mut params: Vec<Tensor> = model.params.into_iter().map(|p| p.value).collect();
     let grads: Vec<Tensor> = params.iter().map(|p| Tensor::zeros(p.shape(), device)).collect::<Result<_>>()?;
@@ -361,7 +370,7 @@ pub fn layer_times(
     algo_of: &dyn Fn(usize) -> ConvAlgo,
 ) -> Result<Vec<LayerTime>> {
     let mut rows = Vec::new();
-    for mut case in layer_cases(device, b, r, gemm, algo_of)? {
+    for mut case in layer_cases(&ALEXNET, device, b, r, gemm, algo_of)? {
         let fwd_ms = time_avg(gpu, LAYER_REPS, &mut case.fwd)?;
         let bwd_ms = match case.bwd.as_mut() {
             Some(bwd) => time_avg(gpu, LAYER_REPS, bwd)?,

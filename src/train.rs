@@ -25,7 +25,8 @@ use crate::checkpoint;
 use crate::data::fashion_mnist::{epoch_batches, sequential_batches, Split};
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::nn::alexnet::AlexNet;
+use crate::nn::model::Model;
+use crate::nn::models::ALEXNET;
 use crate::nn::sgd_step;
 use crate::ops::nonfinite::nonfinite_counts;
 use crate::ops::resize::resize_bilinear;
@@ -172,7 +173,7 @@ fn step_seed(seed: u64, epoch: usize, step: usize) -> u64 {
 /// One SGD step on the batch (x, y): forward (recorded), loss, backward, update. Adds the
 /// batch's [loss sum, correct] into `stats` when given. Returns the loss (on the device).
 pub fn train_step(
-    model: &mut AlexNet,
+    model: &mut Model,
     x: &Tensor,
     y: &Labels,
     dropout_seed: u64,
@@ -208,7 +209,7 @@ fn on_disk(cfg: &TrainConfig, writer: &mut checkpoint::Writer, done: usize, star
 
 /// Trains `model` for the epochs `start_epoch+1 ..= cfg.epochs`, telling `progress` how it goes.
 pub fn train(
-    model: &mut AlexNet,
+    model: &mut Model,
     train: &Split,
     test: &Split,
     cfg: &TrainConfig,
@@ -316,7 +317,7 @@ pub fn train(
 }
 
 /// "`name`: k of n values" for every parameter holding NaN or Inf (empty when all are finite).
-pub fn nonfinite_params(model: &AlexNet) -> Result<Vec<String>> {
+pub fn nonfinite_params(model: &Model) -> Result<Vec<String>> {
     let tensors: Vec<&Tensor> = model.params.iter().map(|p| &p.value).collect();
     let counts = nonfinite_counts(&tensors)?;
     Ok(model
@@ -329,7 +330,7 @@ pub fn nonfinite_params(model: &AlexNet) -> Result<Vec<String>> {
 }
 
 /// Predicted class of every example of `split` (eval mode), in order.
-pub fn predict(model: &AlexNet, split: &Split, resolution: usize, limit: usize) -> Result<Vec<u32>> {
+pub fn predict(model: &Model, split: &Split, resolution: usize, limit: usize) -> Result<Vec<u32>> {
     let device = model.device();
     let hw = (split.images.h, split.images.w);
     let mut out = Vec::new();
@@ -344,12 +345,12 @@ pub fn predict(model: &AlexNet, split: &Split, resolution: usize, limit: usize) 
 
 /// Accuracy on `split` in eval mode (dropout off, nothing recorded). An empty split has no
 /// accuracy: NaN (the caller says so).
-pub fn evaluate(model: &AlexNet, split: &Split, resolution: usize) -> Result<f64> {
+pub fn evaluate(model: &Model, split: &Split, resolution: usize) -> Result<f64> {
     Ok(evaluate_until(model, split, resolution, None)?.unwrap_or(f64::NAN))
 }
 
 /// `evaluate`, given up (None) as soon as `stop` is requested.
-fn evaluate_until(model: &AlexNet, split: &Split, resolution: usize, stop: Option<&Stop>) -> Result<Option<f64>> {
+fn evaluate_until(model: &Model, split: &Split, resolution: usize, stop: Option<&Stop>) -> Result<Option<f64>> {
     let device = model.device();
     let hw = (split.images.h, split.images.w);
     let mut stats = Tensor::zeros(&[2], &device)?;
@@ -373,7 +374,7 @@ pub const META_RESOLUTION: &str = "resolution";
 /// What the checkpoint after `epoch` holds: the parameters, copied to the host (so that training
 /// may go on while they are written), and the metadata `load_checkpoint` needs.
 pub fn checkpoint_contents(
-    model: &AlexNet,
+    model: &Model,
     epoch: usize,
     cfg: &TrainConfig,
 ) -> Result<(Vec<checkpoint::NamedTensor>, BTreeMap<String, String>)> {
@@ -389,9 +390,9 @@ pub fn checkpoint_contents(
 }
 
 /// Loads a checkpoint: (model, epochs completed). Refuses one whose metadata does not describe
-/// an AlexNet ptxgrad can build, or whose tensors hold NaN or Inf (naming them: such weights
+/// a network ptxgrad can build, or whose tensors hold NaN or Inf (naming them: such weights
 /// evaluate to nonsense and would train on from it).
-pub fn load_checkpoint(path: &std::path::Path, device: &Device) -> Result<(AlexNet, usize)> {
+pub fn load_checkpoint(path: &std::path::Path, device: &Device) -> Result<(Model, usize)> {
     let (tensors, meta) = checkpoint::load(path)?;
     let shown = path.display();
     let field = |key: &str| -> Result<usize> {
@@ -401,7 +402,8 @@ pub fn load_checkpoint(path: &std::path::Path, device: &Device) -> Result<(AlexN
         v.parse().map_err(|_| Error::Data(format!("{shown}: metadata `{key}` is `{v}`, not a number")))
     };
     let (epoch, resolution) = (field(META_EPOCH)?, field(META_RESOLUTION)?);
-    crate::nn::alexnet::layer_shapes(&[1, crate::nn::alexnet::IN_CHANNELS, resolution, resolution])
+    let net = &ALEXNET;
+    net.leaf_shapes(&net.input_shape(1, resolution))
         .map_err(|e| Error::Data(format!("{shown}: metadata `{META_RESOLUTION}` is {resolution}: {e}")))?;
     let bad: Vec<String> = tensors
         .iter()
@@ -417,7 +419,7 @@ pub fn load_checkpoint(path: &std::path::Path, device: &Device) -> Result<(AlexN
             bad.join(", ")
         )));
     }
-    let model = AlexNet::from_named(resolution, tensors, device).map_err(|e| match e {
+    let model = Model::from_named(net, resolution, tensors, device).map_err(|e| match e {
         Error::Checkpoint(m) => Error::Checkpoint(format!("{shown}: {m}")),
         e => e,
     })?;

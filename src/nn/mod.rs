@@ -1,7 +1,6 @@
-//! Models built from the ops: parameters, AlexNet, the per-layer choice of convolution
-//! algorithm, and the SGD step.
+//! Networks built from the ops: the layer tables (`network`, `models`), the model that runs one
+//! (`model`), the per-layer choice of convolution algorithm (`conv_tune`), and the SGD step.
 
-pub mod alexnet;
 pub mod conv_tune;
 pub mod model;
 pub mod models;

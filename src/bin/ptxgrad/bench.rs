@@ -6,6 +6,7 @@ use serde_json::json;
 
 use ptxgrad::bench::{self, BenchConfig, LayerTime, Measured, StepTimes, LAYER_REPS};
 use ptxgrad::nn::conv_tune;
+use ptxgrad::ops::gemm::GemmOpts;
 use ptxgrad::Device;
 
 use crate::args::BenchArgs;
@@ -15,6 +16,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if a.batch_size == 0 || a.steps == 0 {
         bail!("--batch-size and --steps must be at least 1");
     }
+    GemmOpts::math(a.math).check_device(&device)?;
     if a.profile_steps > 0 && !device.is_cuda() {
         bail!("--profile-steps needs a CUDA device (or emu), not {}", device.label());
     }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 
-use ptxgrad::nn::alexnet::{self, AlexNet};
+use ptxgrad::nn::model::Model;
 use ptxgrad::nn::Compute;
 use ptxgrad::train;
 use ptxgrad::Device;
@@ -14,14 +14,14 @@ use crate::args::CheckpointArgs;
 use crate::report::print_predictions;
 use crate::setup::{check_memory, compute_of, load_data, open_checkpoint, pick_device};
 
-fn load_model(checkpoint: &Path, compute: Compute, device: &Device) -> Result<(AlexNet, usize)> {
+fn load_model(checkpoint: &Path, compute: Compute, device: &Device) -> Result<(Model, usize)> {
     let (model, epoch) = open_checkpoint(checkpoint, device, "")?;
     Ok((model.with_compute(compute)?, epoch))
 }
 
 /// `check_memory` for evaluating `model` in batches of `train::EVAL_BATCH`.
-fn check_eval_memory(model: &AlexNet, device: &Device) -> Result<()> {
-    let need = alexnet::footprint(model.resolution, train::EVAL_BATCH, false)?;
+fn check_eval_memory(model: &Model, device: &Device) -> Result<()> {
+    let need = model.net.footprint(model.resolution, train::EVAL_BATCH, false)?;
     let r = model.resolution;
     check_memory(device, need, &format!("the checkpoint's {r}x{r} inputs"), "evaluation")
 }

@@ -3,7 +3,7 @@
 use anyhow::Result;
 
 use ptxgrad::data::fashion_mnist::{FashionMnist, CLASS_NAMES};
-use ptxgrad::nn::alexnet::AlexNet;
+use ptxgrad::nn::model::Model;
 use ptxgrad::train;
 
 /// An accuracy for printing: "n/a" where there was nothing to measure it on (NaN).
@@ -16,7 +16,7 @@ pub fn accuracy(acc: f64) -> String {
 }
 
 /// True and predicted labels of the first `count` test images, and the accuracy on them.
-pub fn print_predictions(model: &AlexNet, data: &FashionMnist, count: usize) -> Result<()> {
+pub fn print_predictions(model: &Model, data: &FashionMnist, count: usize) -> Result<()> {
     let n = count.min(data.test.len());
     if n == 0 {
         println!("no test images to predict");

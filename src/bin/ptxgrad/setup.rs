@@ -6,7 +6,8 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 
 use ptxgrad::data::fashion_mnist::{resolve_data_dir, FashionMnist};
-use ptxgrad::nn::alexnet::{self, AlexNet};
+use ptxgrad::nn::model::Model;
+use ptxgrad::nn::network::Footprint;
 use ptxgrad::nn::Compute;
 use ptxgrad::ops::gemm::GemmOpts;
 use ptxgrad::train;
@@ -44,7 +45,7 @@ fn gigabytes(bytes: u64) -> String {
 
 /// Refuses a run whose model, at `flags`' sizes, cannot fit the memory `device` has left, before
 /// anything is allocated: what the OOM killer or a failed allocation would say later, hours in.
-pub fn check_memory(device: &Device, need: alexnet::Footprint, flags: &str, what: &str) -> Result<()> {
+pub fn check_memory(device: &Device, need: Footprint, flags: &str, what: &str) -> Result<()> {
     let free = device.memory_available()?;
     let parts = format!(
         "{} of parameters{}, {} of activations",
@@ -99,7 +100,7 @@ pub fn missing_checkpoint(what: &str, checkpoint: &Path) -> String {
 }
 
 /// The model and epoch of a checkpoint; `what` prefixes the errors (the flag that asked for it).
-pub fn open_checkpoint(checkpoint: &Path, device: &Device, what: &str) -> Result<(AlexNet, usize)> {
+pub fn open_checkpoint(checkpoint: &Path, device: &Device, what: &str) -> Result<(Model, usize)> {
     if !checkpoint.exists() {
         bail!(missing_checkpoint(what, checkpoint));
     }

@@ -6,7 +6,8 @@ use std::io::Write as _;
 use anyhow::{bail, Context, Result};
 
 use ptxgrad::checkpoint;
-use ptxgrad::nn::alexnet::{self, AlexNet};
+use ptxgrad::nn::model::Model;
+use ptxgrad::nn::models::ALEXNET;
 use ptxgrad::nn::conv_tune::{self, LayerTuning};
 use ptxgrad::train::{self, EpochReport, Stop, TrainConfig};
 use ptxgrad::Device;
@@ -47,7 +48,7 @@ pub fn run(a: TrainArgs, stop: Stop) -> Result<()> {
         bail!("--lr must be a positive number, got {lr}");
     }
     if let Some(r) = a.resize {
-        alexnet::layer_shapes(&[1, 1, r, r]).context("--resize")?;
+        ALEXNET.leaf_shapes(&ALEXNET.input_shape(1, r)).context("--resize")?;
     }
     // One writer per checkpoint, claimed before any work (and before it is read for --resume).
     let claim = checkpoint::Claim::acquire(&a.checkpoint).context("--checkpoint")?;
@@ -94,12 +95,12 @@ pub fn run(a: TrainArgs, stop: Stop) -> Result<()> {
         let resize = a.resize.unwrap_or(DEFAULT_RESIZE);
         // Sizes first: an impossible --resize or --batch-size is refused before it is allocated.
         let steps_batch = batch_size.min(data.train.len());
-        let need = alexnet::footprint(resize, steps_batch, true).context("--resize")?;
+        let need = ALEXNET.footprint(resize, steps_batch, true).context("--resize")?;
         check_memory(&device, need, &format!("--resize {resize} --batch-size {batch_size}"), "training")?;
-        (AlexNet::new(resize, seed, &device)?, 0)
+        (Model::new(&ALEXNET, resize, seed, &device)?, 0)
     };
     if a.resume {
-        let need = alexnet::footprint(model.resolution, batch_size.min(data.train.len()), true)?;
+        let need = model.net.footprint(model.resolution, batch_size.min(data.train.len()), true)?;
         check_memory(&device, need, &format!("--batch-size {batch_size}"), "training")?;
     }
     for c in &changed {
