@@ -111,8 +111,8 @@ fn train_on_the_cpu_reports_epochs_and_writes_its_checkpoint() {
 /// A checkpoint made by the library (an untrained AlexNet at 65x65 after "epoch 1", recorded
 /// with batch size 32, lr 0.01 and seed 7), without training anything.
 fn small_checkpoint(path: &std::path::Path) {
-    use ptxgrad::nn::alexnet::AlexNet;
-    let model = AlexNet::new(65, 7, &ptxgrad::Device::Cpu).unwrap();
+    use ptxgrad::nn::{model::Model, models::ALEXNET};
+    let model = Model::new(&ALEXNET, 65, 7, &ptxgrad::Device::Cpu).unwrap();
     let cfg = ptxgrad::train::TrainConfig {
         epochs: 1,
         batch_size: 32,

@@ -44,7 +44,11 @@ fn block_outputs_and_parameter_counts_are_pytorchs() {
             let shape: Vec<String> = dims(&b["output"]).iter().map(|d| d.to_string()).collect();
             let layer = b["layer"].as_str().expect("a layer name");
             assert!(row.starts_with(layer), "{}: `{row}` is not a {layer}", net.name);
-            assert!(row.ends_with(&format!("torch.Size([{}])", shape.join(", "))), "{}: `{row}` vs {shape:?}", net.name);
+            assert!(
+                row.ends_with(&format!("torch.Size([{}])", shape.join(", "))),
+                "{}: `{row}` vs {shape:?}",
+                net.name
+            );
         }
     }
 }

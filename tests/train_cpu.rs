@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use ptxgrad::checkpoint::Claim;
 use ptxgrad::data::fashion_mnist::FashionMnist;
-use ptxgrad::nn::alexnet::AlexNet;
+use ptxgrad::nn::{model::Model, models::ALEXNET};
 use ptxgrad::train::{self, EpochReport, NoProgress, Progress, Stop, TrainConfig};
 use ptxgrad::{Device, Tensor};
 
@@ -36,7 +36,7 @@ fn cpu_training_lowers_the_loss_and_beats_chance() {
     let d = data(1600, 500);
     let dir = TempDir::new("train-cpu-lowers");
     let ckpt = dir.join("alexnet.safetensors");
-    let mut model = AlexNet::new(RES, 1, &Device::Cpu).unwrap();
+    let mut model = Model::new(&ALEXNET, RES, 1, &Device::Cpu).unwrap();
     let reports =
         train::train(&mut model, &d.train, &d.test, &config(2, 8, 0.05, Some(ckpt.clone())), 0, &mut NoProgress)
             .unwrap();
@@ -61,7 +61,7 @@ fn resume_continues_from_the_checkpoint_epoch() {
     let d = data(64, 50);
     let dir = TempDir::new("train-cpu-resume");
     let ckpt = dir.join("resume.safetensors");
-    let mut model = AlexNet::new(RES, 2, &Device::Cpu).unwrap();
+    let mut model = Model::new(&ALEXNET, RES, 2, &Device::Cpu).unwrap();
     train::train(&mut model, &d.train, &d.test, &config(1, 32, 0.01, Some(ckpt.clone())), 0, &mut NoProgress).unwrap();
     let (mut resumed, epoch) = train::load_checkpoint(&ckpt, &Device::Cpu).unwrap();
     assert_eq!(epoch, 1);
@@ -77,7 +77,7 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
     let d = data(256, 50);
     let dir = TempDir::new("train-cpu-diverge");
     let ckpt = dir.join("diverge.safetensors");
-    let mut model = AlexNet::new(RES, 3, &Device::Cpu).unwrap();
+    let mut model = Model::new(&ALEXNET, RES, 3, &Device::Cpu).unwrap();
     train::train(&mut model, &d.train, &d.test, &config(1, 32, 0.01, Some(ckpt.clone())), 0, &mut NoProgress).unwrap();
     let before = std::fs::read(&ckpt).unwrap();
     // What an overflow leaves behind: the output layer's bias is NaN, so every logit and the
@@ -110,7 +110,7 @@ fn a_stop_request_ends_the_run_before_its_next_step_and_says_what_is_on_disk() {
     let d = data(64, 20);
     let dir = TempDir::new("train-cpu-stop");
     let ckpt = dir.join("stop.safetensors");
-    let mut model = AlexNet::new(RES, 5, &Device::Cpu).unwrap();
+    let mut model = Model::new(&ALEXNET, RES, 5, &Device::Cpu).unwrap();
     let mut cfg = config(3, 32, 0.01, Some(ckpt.clone()));
     let stop = Stop::default();
     cfg.stop = stop.clone();
@@ -154,7 +154,7 @@ fn a_stop_request_ends_the_run_before_its_next_step_and_says_what_is_on_disk() {
 #[test]
 fn non_finite_parameters_are_found_on_the_device_and_named() {
     for dev in [Device::Cpu, Device::parse("emu").unwrap()] {
-        let mut model = AlexNet::new(RES, 6, &dev).unwrap();
+        let mut model = Model::new(&ALEXNET, RES, 6, &dev).unwrap();
         assert_eq!(train::nonfinite_params(&model).unwrap(), Vec::<String>::new());
         let p = &mut model.params[2]; // 3.weight
         let mut v = p.value.to_vec().unwrap();

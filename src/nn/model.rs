@@ -53,7 +53,12 @@ impl Model {
     }
 
     /// Builds the model from named tensors (a checkpoint), checking every name and shape.
-    pub fn from_named(net: &'static Network, resolution: usize, named: Vec<NamedTensor>, device: &Device) -> Result<Self> {
+    pub fn from_named(
+        net: &'static Network,
+        resolution: usize,
+        named: Vec<NamedTensor>,
+        device: &Device,
+    ) -> Result<Self> {
         let mut by_name: std::collections::HashMap<String, (Vec<usize>, Vec<f32>)> =
             named.into_iter().map(|t| (t.name, (t.shape, t.data))).collect();
         let title = net.title;
@@ -72,7 +77,9 @@ impl Model {
             params.push(Param { name, value: Tensor::from_vec(&shape, data, device)? });
         }
         if let Some(extra) = by_name.keys().next() {
-            return Err(Error::Checkpoint(format!("checkpoint has an unexpected tensor `{extra}` (not part of {title})")));
+            return Err(Error::Checkpoint(format!(
+                "checkpoint has an unexpected tensor `{extra}` (not part of {title})"
+            )));
         }
         Ok(Model { net, resolution, params, compute: Compute::default(), conv_tuned: Vec::new() })
     }
@@ -89,8 +96,11 @@ impl Model {
             have.dedup();
             if !have.contains(&m) {
                 let have: Vec<String> = have.iter().map(|m| format!("winograd:{m}")).collect();
-                let expected =
-                    if have.is_empty() { "gemm or auto (no layer has Winograd kernels)".into() } else { have.join(", ") };
+                let expected = if have.is_empty() {
+                    "gemm or auto (no layer has Winograd kernels)".into()
+                } else {
+                    have.join(", ")
+                };
                 return Err(Error::Invalid(format!(
                     "--conv-algo winograd:{m}: no conv layer of {} has Winograd kernels for {m}x{m} output \
                      tiles; expected one of {expected}",

@@ -16,20 +16,35 @@ use crate::ops::conv2d::Conv2dParams;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Layer {
     /// `nn.Conv2d(in, out, kernel, stride, pad)`, `in` taken from the input.
-    Conv2d { out: usize, kernel: usize, stride: usize, pad: usize },
+    Conv2d {
+        out: usize,
+        kernel: usize,
+        stride: usize,
+        pad: usize,
+    },
     /// `nn.Linear(in, out)`, `in` taken from the input.
-    Linear { out: usize },
+    Linear {
+        out: usize,
+    },
     Relu,
     Sigmoid,
     /// `nn.MaxPool2d(kernel, stride)`, no padding.
-    MaxPool2d { kernel: usize, stride: usize },
+    MaxPool2d {
+        kernel: usize,
+        stride: usize,
+    },
     /// `nn.AvgPool2d(kernel, stride)`: no padding (so `count_include_pad` does not matter).
-    AvgPool2d { kernel: usize, stride: usize },
+    AvgPool2d {
+        kernel: usize,
+        stride: usize,
+    },
     /// `nn.AdaptiveAvgPool2d((1, 1))`: the mean of each channel's plane.
     GlobalAvgPool2d,
     Flatten,
     /// `nn.Dropout(p)`: the identity in evaluation.
-    Dropout { p: f32 },
+    Dropout {
+        p: f32,
+    },
     /// `nn.Sequential(...)`: a block whose layers are named `<block>.<i>`.
     Seq(&'static [Layer]),
 }
@@ -93,20 +108,25 @@ pub struct Leaf {
 
 /// The product of `dims`, or an error when it does not fit a usize (a huge --resize).
 pub fn elements(dims: &[usize]) -> Result<usize> {
-    dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| too_large(dims))
+    elements_of("shape", dims)
 }
 
-fn too_large(shape: &[usize]) -> Error {
-    Error::shape("network", "sizes that fit in 64 bits", format!("{shape:?} (the input is far too large)"))
+/// `elements`, the error naming `op`.
+fn elements_of(op: &'static str, dims: &[usize]) -> Result<usize> {
+    dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| too_large(op, dims))
+}
+
+fn too_large(op: &'static str, shape: &[usize]) -> Error {
+    Error::shape(op, "sizes that fit in 64 bits", format!("{shape:?} (the input is far too large)"))
 }
 
 /// The output of a `k`x`k` window with stride `s` and padding `p` over `input` (N, C, H, W):
 /// Ok(None) where the window does not fit, an error where the sizes overflow.
-fn windowed(input: &[usize], k: usize, s: usize, p: usize) -> Result<Option<[usize; 4]>> {
+fn windowed(op: &'static str, input: &[usize], k: usize, s: usize, p: usize) -> Result<Option<[usize; 4]>> {
     let [n, c, h, w] = <[usize; 4]>::try_from(input)
-        .map_err(|_| Error::shape("network", "a 4-D (N, C, H, W) input to a spatial layer", format!("{input:?}")))?;
+        .map_err(|_| Error::shape(op, "a 4-D (N, C, H, W) input to a spatial layer", format!("{input:?}")))?;
     let out = |x: usize| -> Result<Option<usize>> {
-        let padded = x.checked_add(2 * p).ok_or_else(|| too_large(input))?;
+        let padded = x.checked_add(2 * p).ok_or_else(|| too_large(op, input))?;
         Ok(padded.checked_sub(k).map(|v| v / s.max(1) + 1))
     };
     Ok(match (out(h)?, out(w)?) {
@@ -115,21 +135,22 @@ fn windowed(input: &[usize], k: usize, s: usize, p: usize) -> Result<Option<[usi
     })
 }
 
-/// The output shape of the leaf `layer` for `input`; Ok(None) where a window does not fit.
-fn leaf_output(layer: &Layer, input: &[usize]) -> Result<Option<Vec<usize>>> {
+/// The output shape of the leaf `layer` of network `op` for `input`; Ok(None) where a window
+/// does not fit.
+fn leaf_output(op: &'static str, layer: &Layer, input: &[usize]) -> Result<Option<Vec<usize>>> {
     let flat = |what: &str| -> Result<[usize; 2]> {
         <[usize; 2]>::try_from(input)
-            .map_err(|_| Error::shape("network", format!("a 2-D (N, F) input to {what}"), format!("{input:?}")))
+            .map_err(|_| Error::shape(op, format!("a 2-D (N, F) input to {what}"), format!("{input:?}")))
     };
     Ok(match *layer {
         Layer::Conv2d { out, kernel, stride, pad } => {
-            windowed(input, kernel, stride, pad)?.map(|[n, _, h, w]| vec![n, out, h, w])
+            windowed(op, input, kernel, stride, pad)?.map(|[n, _, h, w]| vec![n, out, h, w])
         }
         Layer::MaxPool2d { kernel, stride } | Layer::AvgPool2d { kernel, stride } => {
-            windowed(input, kernel, stride, 0)?.map(|s| s.to_vec())
+            windowed(op, input, kernel, stride, 0)?.map(|s| s.to_vec())
         }
-        Layer::GlobalAvgPool2d => windowed(input, 1, 1, 0)?.map(|[n, c, _, _]| vec![n, c, 1, 1]),
-        Layer::Flatten => Some(vec![input[0], elements(&input[1..])?]),
+        Layer::GlobalAvgPool2d => windowed(op, input, 1, 1, 0)?.map(|[n, c, _, _]| vec![n, c, 1, 1]),
+        Layer::Flatten => Some(vec![input[0], elements_of(op, &input[1..])?]),
         Layer::Linear { out } => Some(vec![flat("Linear")?[0], out]),
         Layer::Relu | Layer::Sigmoid | Layer::Dropout { .. } => Some(input.to_vec()),
         Layer::Seq(_) => unreachable!("leaves() flattens blocks"),
@@ -164,7 +185,7 @@ impl Network {
         let mut shapes = Vec::new();
         let mut cur = input.to_vec();
         for leaf in self.leaves() {
-            match leaf_output(&leaf.layer, &cur)? {
+            match leaf_output(self.title, &leaf.layer, &cur)? {
                 Some(next) => cur = next,
                 None => return Ok(None),
             }
@@ -185,7 +206,11 @@ impl Network {
         self.try_shapes(input)?.ok_or_else(|| {
             Error::shape(
                 self.title,
-                format!("an input of at least {m}x{m} (each window must fit)", m = self.min_resolution()),
+                format!(
+                    "an input large enough for every window ({} takes inputs from {m}x{m} up)",
+                    self.title,
+                    m = self.min_resolution()
+                ),
                 format!("{}x{}", input[2], input[3]),
             )
         })
@@ -218,9 +243,9 @@ impl Network {
 
     /// The number of parameters at `resolution`, checked (an error rather than a wrapped count).
     pub fn param_elements(&self, resolution: usize) -> Result<u64> {
-        self.param_shapes(resolution)?
-            .iter()
-            .try_fold(0u64, |acc, (_, shape)| acc.checked_add(elements(shape)? as u64).ok_or_else(|| too_large(shape)))
+        self.param_shapes(resolution)?.iter().try_fold(0u64, |acc, (_, shape)| {
+            acc.checked_add(elements_of(self.title, shape)? as u64).ok_or_else(|| too_large(self.title, shape))
+        })
     }
 
     /// The book's `summary`: each top-level layer's (or block's) output shape for one
@@ -266,12 +291,12 @@ impl Network {
     /// of `resolution`^2.
     pub fn footprint(&self, resolution: usize, batch: usize, training: bool) -> Result<Footprint> {
         const F32: u64 = 4;
-        let overflow = || too_large(&self.input_shape(batch, resolution));
+        let overflow = || too_large(self.title, &self.input_shape(batch, resolution));
         let mul = |a: u64, b: u64| a.checked_mul(b).ok_or_else(overflow);
         let shapes = self.leaf_shapes(&self.input_shape(1, resolution))?;
         let per_example: Vec<u64> =
-            shapes.iter().map(|s| elements(&s[1..]).map(|e| e as u64)).collect::<Result<_>>()?;
-        let input = elements(&[self.in_channels, resolution, resolution])? as u64;
+            shapes.iter().map(|s| elements_of(self.title, &s[1..]).map(|e| e as u64)).collect::<Result<_>>()?;
+        let input = elements_of(self.title, &[self.in_channels, resolution, resolution])? as u64;
         let widest = per_example.iter().copied().chain([input]).max().unwrap_or(0);
         let weights = mul(self.param_elements(resolution)?, F32)?;
         let leaves = self.leaves();
