@@ -333,5 +333,32 @@ fn write_table(out: &Path, sources: &[PathBuf], arch: Option<&str>, compiler: &s
         }
     }
     s.push_str("];\n");
+    write_module_enum(&mut s, sources);
     fs::write(out.join("ptx.rs"), s).expect("write ptx.rs");
+}
+
+/// `enum Module`, one variant per kernel file (the CamelCase of its stem: softmax_xent ->
+/// SoftmaxXent), in `MODULES` order, so that a variant's discriminant is its index there and a
+/// new kernels/<op>.cu needs no edit anywhere else to be launched as `Module::<Op>`.
+fn write_module_enum(s: &mut String, sources: &[PathBuf]) {
+    let stems: Vec<String> = sources.iter().map(|p| p.file_stem().unwrap().to_string_lossy().into_owned()).collect();
+    let camel = |stem: &str| -> String {
+        stem.split('_')
+            .map(|w| {
+                let mut c = w.chars();
+                c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+            })
+            .collect()
+    };
+    s.push_str("/// One variant per `kernels/<stem>.cu`, in the order of `MODULES`.\n");
+    s.push_str("#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]\npub enum Module {\n");
+    for stem in &stems {
+        writeln!(s, "    /// kernels/{stem}.cu\n    {},", camel(stem)).unwrap();
+    }
+    s.push_str("}\n\nimpl Module {\n    /// Every module, in `MODULES` order.\n");
+    writeln!(s, "    pub const ALL: [Module; {}] = [", stems.len()).unwrap();
+    for stem in &stems {
+        writeln!(s, "        Module::{},", camel(stem)).unwrap();
+    }
+    s.push_str("    ];\n\n    /// The file stem in `kernels/`.\n    pub fn stem(self) -> &'static str {\n        MODULES[self as usize].stem\n    }\n}\n");
 }

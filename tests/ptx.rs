@@ -497,3 +497,25 @@ fn emulator_kernel_table_matches_the_ptx() {
     assert!(ptx.len() > 40, "found only {} PTX entries", ptx.len());
     assert_eq!(emu, ptx, "emulator table (left) vs PTX (right)");
 }
+
+/// `ptx::Module` is generated from kernels/: one variant per .cu file, in file-name order, each
+/// naming its own file, and every one embedded in the build.
+#[test]
+fn every_kernel_file_is_a_module() {
+    use ptxgrad::ptx::Module;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    let mut stems: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+        .collect();
+    stems.sort();
+    let modules: Vec<&str> = Module::ALL.iter().map(|m| m.stem()).collect();
+    assert_eq!(modules, stems);
+    let built: Vec<&str> = ptxgrad::ptx::all().iter().map(|(stem, _)| *stem).collect();
+    assert_eq!(built, stems);
+    // The variant names follow the file names: softmax_xent.cu is Module::SoftmaxXent.
+    assert_eq!(format!("{:?}", Module::SoftmaxXent), "SoftmaxXent");
+    assert_eq!(Module::SoftmaxXent.stem(), "softmax_xent");
+}
