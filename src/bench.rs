@@ -10,10 +10,10 @@ use std::time::Instant;
 
 use crate::device::{Device, Gpu, HostTraffic};
 use crate::error::{Error, Result};
+use crate::nn::conv_tune::{self, LayerTuning};
 use crate::nn::model::Model;
 use crate::nn::models::ALEXNET;
 use crate::nn::network::{Layer, Network};
-use crate::nn::conv_tune::{self, LayerTuning};
 use crate::nn::Compute;
 use crate::ops::conv2d::ConvAlgo;
 use crate::ops::gemm::math::GemmMath;
@@ -58,7 +58,7 @@ pub struct Env {
 /// What the timed steps did besides launching kernels (CUDA and emu; the goal is none of each).
 #[derive(Debug, Clone, Copy)]
 pub struct StepCounts {
-    /// Device buffers allocated rather than taken from ptxgrad's cache (src/pool.rs).
+    /// Device buffers allocated rather than taken from ptxgrad's cache (src/buffer_pool.rs).
     pub allocations: u64,
     /// Host <-> device copies and waits for the device.
     pub traffic: HostTraffic,

@@ -1,4 +1,4 @@
-//! `DeviceBuf`: a device buffer that goes back to its device's buffer cache (`pool.rs`) when
+//! `DeviceBuf`: a device buffer that goes back to its device's buffer cache (`buffer_pool.rs`) when
 //! dropped, so that steady-state training allocates nothing. On a GPU it holds a cudarc
 //! `CudaSlice`; on the kernel emulator (`Device::parse("emu")`, see emu/) it holds host memory
 //! that the emulated kernels address directly.
@@ -10,10 +10,29 @@
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchArgs, PushKernelArg};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchArgs, PushKernelArg, ValidAsZeroBits};
 
-use crate::device::Elem;
-use crate::pool::BufferPool;
+use crate::buffer_pool::BufferPool;
+
+/// Element types that live in device buffers.
+pub trait Elem: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + std::fmt::Debug + 'static {
+    /// What the emulator fills a buffer from `Gpu::uninit` with, as a GPU gives such a buffer
+    /// unspecified contents: a NaN, or an index far out of any buffer (not `u32::MAX`, which
+    /// max-pool's argmax takes to mean "no gradient").
+    const POISON: Self;
+}
+impl Elem for f32 {
+    const POISON: f32 = f32::from_bits(0xffff_ffff);
+}
+impl Elem for u32 {
+    const POISON: u32 = 0xa5a5_a5a5;
+}
+impl Elem for u8 {
+    const POISON: u8 = 0xa5;
+}
+impl Elem for u64 {
+    const POISON: u64 = 0xa5a5_a5a5_a5a5_a5a5;
+}
 
 /// Host memory standing in for device memory on the emulator.
 ///

@@ -17,14 +17,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{
-    result::DriverError, sys::cudaError_enum as CuErr, CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr,
-    LaunchConfig, ValidAsZeroBits,
+    result::DriverError, sys::cudaError_enum as CuErr, CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig,
 };
 
-pub use crate::buffer::{DeviceBuf, EmuArg};
+pub use crate::buffer::{DeviceBuf, Elem, EmuArg};
 use crate::buffer::{HostMem, Mem};
+use crate::buffer_pool::{BufferPool, PoolStats};
 use crate::error::{Error, Result};
-use crate::pool::{BufferPool, PoolStats};
 use crate::ptx::{self, Module};
 
 /// Where a tensor lives and where its ops run.
@@ -236,7 +235,7 @@ pub struct Gpu {
     /// PTXGRAD_SYNC_LAUNCHES=1: synchronise after every launch, so that a faulting kernel is
     /// named in the error instead of surfacing at some later copy.
     sync_launches: bool,
-    /// Dropped buffers, reused by the next request of the same type and length (see pool.rs).
+    /// Dropped buffers, reused by the next request of the same type and length (see buffer_pool.rs).
     pool: Arc<BufferPool>,
     /// Counts of what makes the host wait on or feed the device (see `host_traffic`).
     traffic: TrafficCounters,
@@ -320,26 +319,6 @@ pub const EMU_SMS: usize = 132;
 
 /// The ordinal that stands for the emulator.
 const EMU_ORDINAL: usize = usize::MAX;
-
-/// Element types that live in device buffers.
-pub trait Elem: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + std::fmt::Debug + 'static {
-    /// What the emulator fills a buffer from `Gpu::uninit` with, as a GPU gives such a buffer
-    /// unspecified contents: a NaN, or an index far out of any buffer (not `u32::MAX`, which
-    /// max-pool's argmax takes to mean "no gradient").
-    const POISON: Self;
-}
-impl Elem for f32 {
-    const POISON: f32 = f32::from_bits(0xffff_ffff);
-}
-impl Elem for u32 {
-    const POISON: u32 = 0xa5a5_a5a5;
-}
-impl Elem for u8 {
-    const POISON: u8 = 0xa5;
-}
-impl Elem for u64 {
-    const POISON: u64 = 0xa5a5_a5a5_a5a5_a5a5;
-}
 
 /// Whether libcuda can be loaded at all, checked before any cudarc call (cudarc panics when
 /// the library is missing).

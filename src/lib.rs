@@ -17,6 +17,7 @@
 
 pub mod bench;
 pub mod buffer;
+pub mod buffer_pool;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
@@ -24,7 +25,6 @@ pub mod error;
 pub mod kernel_resources;
 pub mod nn;
 pub mod ops;
-pub mod pool;
 pub mod ptx;
 pub mod tape;
 pub mod tensor;

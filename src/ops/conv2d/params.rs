@@ -56,7 +56,9 @@ impl Conv2dParams {
         // The kernels index with 32-bit ints.
         let biggest = (n * c_in * h * w).max(n * c_out * oh * ow).max(c_out * c_in * kh * kw);
         if biggest >= 1 << 31 {
-            return Err(Error::TooLarge(format!("conv2d: a tensor of {biggest} elements exceeds the kernels' 2^31 limit")));
+            return Err(Error::TooLarge(format!(
+                "conv2d: a tensor of {biggest} elements exceeds the kernels' 2^31 limit"
+            )));
         }
         let u = |v: usize| v as u32;
         Ok(Conv2dParams {

@@ -482,7 +482,9 @@ impl Pass {
     fn check_size(&self) -> Result<()> {
         let big = self.gemm.out_len().max(self.gather_b.wino_len(self.alpha)).max(self.gather_a.wino_len(self.alpha));
         if big >= 1 << 31 {
-            return Err(Error::TooLarge(format!("winograd: a buffer of {big} elements exceeds the kernels' 2^31 limit")));
+            return Err(Error::TooLarge(format!(
+                "winograd: a buffer of {big} elements exceeds the kernels' 2^31 limit"
+            )));
         }
         Ok(())
     }

@@ -1,13 +1,13 @@
-//! The buffer cache (src/pool.rs) in use: after its first step, a training step allocates
+//! The buffer cache (src/buffer_pool.rs) in use: after its first step, a training step allocates
 //! nothing, on the kernel emulator (always: it runs the CUDA path's launches and buffers on the
-//! CPU) and on a GPU when there is one. (The cache's bookkeeping is unit-tested in src/pool.rs.)
+//! CPU) and on a GPU when there is one. (The cache's bookkeeping is unit-tested in src/buffer_pool.rs.)
 //! Nor does a step copy between host and device or wait for the device (`Gpu::host_traffic`):
 //! the batch is uploaded before it, and nothing is read back.
 //! No other test file's allocations can move the counters these read (a test binary each).
 mod common;
 use common::*;
 use ptxgrad::device::HostTraffic;
-use ptxgrad::nn::alexnet::AlexNet;
+use ptxgrad::nn::{model::Model, models::ALEXNET};
 use ptxgrad::ops::conv2d::ConvAlgo;
 use ptxgrad::train::{prepare_batch, train_step};
 use ptxgrad::{Device, Tensor};
@@ -18,7 +18,7 @@ use ptxgrad::{Device, Tensor};
 fn steady_state_allocates_nothing(dev: &Device, b: usize, r: usize, warm: u64, more: u64) {
     let Device::Cuda(gpu) = dev else { unreachable!("a CUDA or emulated device") };
     for algo in [ConvAlgo::ImplicitGemm, ConvAlgo::Winograd { tile: None }] {
-        let mut model = AlexNet::new(r, 0, dev).unwrap();
+        let mut model = Model::new(&ALEXNET, r, 0, dev).unwrap();
         model.conv_algo = algo;
         let mut stats = Tensor::zeros(&[2], dev).unwrap();
         // As in train(): upload uint8 images and labels, resize on the device, step.
