@@ -147,7 +147,7 @@ pub struct BenchArgs {
     pub no_layers: bool,
     /// After the timed steps, run this many more inside a profiler range (cuProfilerStart /
     /// cuProfilerStop), for a profiler started with `--profile-from-start off`, e.g.
-    /// `ncu --profile-from-start off ptxgrad bench --profile-steps 1` (scripts/gpu-check.sh)
+    /// `ncu --profile-from-start off ptxgrad bench --profile-steps 1` (tools/gpu/check.sh)
     #[arg(long, default_value_t = 0)]
     pub profile_steps: usize,
     /// Convolution algorithm: auto (each conv layer takes the fastest of the others as timed

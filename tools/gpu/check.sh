@@ -1,27 +1,25 @@
 #!/usr/bin/env bash
-# One prepared device run, sized for a 15-minute GPU lease: every CUDA test; every kernel as the
+# The whole GPU measurement in one run, within a time budget: every CUDA test; every kernel as the
 # GPU runs it, against the design rules (`ptxgrad kernels`: the machine code built here, then the
 # PTX as the driver compiles it); ptxgrad's bench with the per-layer table for --conv-algo auto
 # (and the timings it chose by); the PyTorch peer's bench; the bench with the tensor-core GEMMs
 # (--math 3xtf32, tf32, bf16); 10 epochs of training; a hardware-counter profile of one training
-# step (Nsight Compute, where it can read the counters); the bench of earlier builds (if
-# scripts/milestones.sh made them); the GEMM core's throughput; the conv timing test; the bench
+# step (Nsight Compute, where it can read the counters); the bench of other builds (if
+# tools/gpu/builds.sh made them); the GEMM core's throughput; the conv timing test; the bench
 # with the implicit GEMM, with Winograd, and with the PTX instead of the machine code; and, if
 # time is left, one small step under compute-sanitizer's racecheck and initcheck.
-# Build and pack here first:
-#     scripts/gpu-pack.sh     # ../shared/gpu/pack --data --peer at xz -9, and scripts/milestones.sh
-# then on the device (carry [".gpu", ".milestones"]):   bash scripts/gpu-check.sh [CONV_ALGO]
+# Build and pack on a machine with Rust first (tools/gpu/pack.sh), then on the GPU machine, with
+# .gpu/ (and .builds/) in the project root:   bash tools/gpu/check.sh [CONV_ALGO]
 # Training and the profile use CONV_ALGO (auto, gemm, winograd, winograd:M); by default auto if
 # every conv2d test passed (they include the Winograd kernels'), else gemm.
 #
-# The whole run keeps within PTXGRAD_CHECK_SECONDS (default 550, under the device tool's
-# 600-second command limit): the stages run in order of what the figures in BENCHMARKS.md need
+# The whole run keeps within PTXGRAD_CHECK_SECONDS (default 550): the stages run in order of what the figures in BENCHMARKS.md need
 # most, each under a cap and under what is left, and a stage with too little time left is
-# skipped with a line saying so. Logs go to $OUT (at most 8 files come back): gpu.txt, tests.txt,
+# skipped with a line saying so. Logs go to $OUT (default .gpu/out): gpu.txt, tests.txt,
 # bench.txt, peer-bench.jsonl, train.txt, train.jsonl, ncu.csv, and summary.md
-# (scripts/bench-table.py: the BENCHMARKS.md tables).
+# (tools/gpu/bench-table.py: the BENCHMARKS.md tables).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 out=${OUT:-.gpu/out}; mkdir -p "$out"
 end=$((SECONDS + ${PTXGRAD_CHECK_SECONDS:-550}))
 [ -d .gpu/bin ] || tar -C .gpu -xJf .gpu/bundle.tar.xz
@@ -113,12 +111,11 @@ else
 fi
 tail -n 3 "$out/bench.txt"
 
-# 4b. Earlier builds (scripts/milestones.sh, carried as .milestones/): each one's bench at its own
-# defaults, in this run, so that its ratio to the current build is what the work in between did
-# to the step rate. Their JSON lines gain "build": REV, which keeps them out of the current
+# 4b. Other builds (tools/gpu/builds.sh, in .builds/): each one's bench at its own defaults, in
+# this run, so that its ratio to the current build is what the commits in between changed. Their JSON lines gain "build": REV, which keeps them out of the current
 # build's tables in summary.md.
-if [ -f .milestones/bundle.tar.xz ]; then
-  ms=/tmp/ptxgrad-milestones; rm -rf "$ms"; mkdir -p "$ms" && tar -C "$ms" -xJf .milestones/bundle.tar.xz
+if [ -f .builds/bundle.tar.xz ]; then
+  ms=/tmp/ptxgrad-builds; rm -rf "$ms"; mkdir -p "$ms" && tar -C "$ms" -xJf .builds/bundle.tar.xz
   for rev in $(cat "$ms/order"); do
     { echo "== build $(cat "$ms/$rev/about")"
       t=$(budget 45 25) && timeout "$t" "$ms/$rev/bin-ptxgrad" bench --no-layers 2>&1 | sed -E "s/^\{/{\"build\":\"$rev\",/"
@@ -126,7 +123,7 @@ if [ -f .milestones/bundle.tar.xz ]; then
   done
   grep '"build"' "$out/bench.txt" | grep '"kind":"bench"'
 else
-  echo "== builds: none carried (scripts/milestones.sh makes them)" >> "$out/bench.txt"
+  echo "== builds: none (tools/gpu/builds.sh makes them)" >> "$out/bench.txt"
 fi
 
 # 5. The GEMM core alone (one large problem per load path), the algorithms one by one (the conv
@@ -158,4 +155,4 @@ for tool in racecheck initcheck; do
 done
 grep -A22 "== compute-sanitizer" "$out/tests.txt" | grep -E "== |ERROR SUMMARY|exit|skipped|not installed"
 
-python3 scripts/bench-table.py "$out" > "$out/summary.md" 2>&1; cat "$out/summary.md"
+python3 tools/gpu/bench-table.py "$out" > "$out/summary.md" 2>&1; cat "$out/summary.md"

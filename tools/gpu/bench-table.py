@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Turns one scripts/gpu-check.sh run's logs into the Markdown tables of BENCHMARKS.md.
+"""Turns one tools/gpu/check.sh run's logs into the Markdown tables of BENCHMARKS.md.
 
-    python3 scripts/bench-table.py DIR      # DIR: the run's $OUT (gpu.txt, bench.txt, ...)
+    python3 tools/gpu/bench-table.py DIR      # DIR: the run's $OUT (gpu.txt, bench.txt, ...)
 
 Reads what the run wrote and nothing else: every figure printed comes from a log line, and a
 missing log prints as "not run". Ratios are ptxgrad's examples/sec over PyTorch's, both from
@@ -53,11 +53,11 @@ def step_table(bench, peer):
 
 
 def build_table(builds, bench, peer):
-    """Earlier builds (scripts/milestones.sh) benched in this run, beside the current build's
+    """Other builds (tools/gpu/builds.sh) benched in this run, beside the current build's
     first bench (the auto, fp32 one) and PyTorch's strict fp32."""
     olds = [b for b in builds if b.get("kind") == "bench"]
     if not olds:
-        return "(no earlier builds were benched: scripts/milestones.sh makes them)"
+        return "(no other builds were benched: tools/gpu/builds.sh makes them)"
     now = next((b for b in bench if b.get("kind") == "bench"), None)
     strict = next((p for p in peer if p.get("kind") == "bench" and p.get("batch") == 128
                    and "strict" in str(p.get("config", ""))), None)
@@ -101,7 +101,7 @@ def tune_table(bench):
 
 
 def layer_table(bench):
-    """The per-layer rows that follow the first bench line (the auto run in gpu-check.sh)."""
+    """The per-layer rows that follow the first bench line (the auto run in check.sh)."""
     rows, started = [], False
     for line in bench:
         if line.get("kind") == "bench":
@@ -334,7 +334,7 @@ def main():
     d = Path(sys.argv[1])
     gpu = (d / "gpu.txt").read_text().strip() if (d / "gpu.txt").exists() else "unknown GPU"
     bench, peer, train = json_lines(d / "bench.txt"), json_lines(d / "peer-bench.jsonl"), json_lines(d / "train.jsonl")
-    # The earlier builds' lines (gpu-check.sh marks them "build") have their own table.
+    # The other builds' lines (check.sh marks them "build") have their own table.
     builds, bench = [b for b in bench if "build" in b], [b for b in bench if "build" not in b]
     print(f"GPU: {gpu}\n")
     first = next((b for b in bench if b.get("kind") == "bench"), {})
@@ -342,7 +342,7 @@ def main():
     print(f"## Training step ({shape}, synthetic input on the GPU; PyTorch at batch 128)\n")
     print(step_table(bench, peer) + "\n")
     print(step_hygiene(bench) + "\n")
-    print("## Earlier builds, benched in this run (scripts/milestones.sh)\n")
+    print("## Other builds, benched in this run (tools/gpu/builds.sh)\n")
     print(build_table(builds, bench, peer) + "\n")
     print("## --conv-algo auto: what each conv layer measured\n")
     print(tune_table(bench) + "\n")
