@@ -144,7 +144,7 @@ pub fn run(cfg: &BenchConfig, mut on: impl FnMut(Measured<'_>)) -> Result<()> {
     let device = &cfg.device;
     let (b, r) = (cfg.batch_size, cfg.resolution);
     if b == 0 || cfg.steps == 0 {
-        return Err(Error::Data(format!(
+        return Err(Error::Invalid(format!(
             "bench: expected a batch size and a number of steps of at least 1, found {b} and {}",
             cfg.steps
         )));
@@ -152,7 +152,7 @@ pub fn run(cfg: &BenchConfig, mut on: impl FnMut(Measured<'_>)) -> Result<()> {
     let compute = Compute { gemm: GemmOpts::math(cfg.math), conv: cfg.conv_algo };
     compute.gemm.check_device(device)?;
     if cfg.profile_steps > 0 && !device.is_cuda() {
-        return Err(Error::Data(format!("bench: profiling needs a CUDA device (or emu), found {}", device.label())));
+        return Err(Error::Invalid(format!("bench: profiling needs a CUDA device (or emu), found {}", device.label())));
     }
     on(Measured::Env(&Env {
         device: device.label(),

@@ -42,11 +42,11 @@ pub fn save(path: &Path, tensors: &[NamedTensor], metadata: &BTreeMap<String, St
     let mut bytes = Vec::with_capacity(tensors.len());
     for t in tensors {
         if !seen.insert(t.name.as_str()) {
-            return Err(Error::Data(format!("{name}: tensor `{}` appears twice: names must be unique", t.name)));
+            return Err(Error::Checkpoint(format!("{name}: tensor `{}` appears twice: names must be unique", t.name)));
         }
         let elems = t.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
         if elems != Some(t.data.len()) {
-            return Err(Error::Data(format!(
+            return Err(Error::Checkpoint(format!(
                 "{name}: tensor `{}`: shape {:?} needs {} values, found {}",
                 t.name,
                 t.shape,
@@ -61,14 +61,14 @@ pub fn save(path: &Path, tensors: &[NamedTensor], metadata: &BTreeMap<String, St
         .zip(&bytes)
         .map(|(t, b)| {
             let view = TensorView::new(Dtype::F32, t.shape.clone(), b)
-                .map_err(|e| Error::Data(format!("{name}: tensor `{}`: {e}", t.name)))?;
+                .map_err(|e| Error::Checkpoint(format!("{name}: tensor `{}`: {e}", t.name)))?;
             Ok((t.name.as_str(), view))
         })
         .collect::<Result<Vec<_>>>()?;
     let meta: Option<HashMap<String, String>> =
         (!metadata.is_empty()).then(|| metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
     let file = safetensors::tensor::serialize(views, meta)
-        .map_err(|e| Error::Data(format!("{name}: cannot serialise checkpoint: {e}")))?;
+        .map_err(|e| Error::Checkpoint(format!("{name}: cannot serialise checkpoint: {e}")))?;
     write_atomic(path, &file)
 }
 
@@ -78,7 +78,7 @@ pub fn load(path: &Path) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>)>
     let name = path.display().to_string();
     let bytes = fs::read(path).map_err(io_error(path))?;
     let invalid = |e: safetensors::SafeTensorError| {
-        Error::Data(format!("{name}: not a valid safetensors checkpoint ({} bytes): {e}", bytes.len()))
+        Error::Checkpoint(format!("{name}: not a valid safetensors checkpoint ({} bytes): {e}", bytes.len()))
     };
     let (_, header) = SafeTensors::read_metadata(&bytes).map_err(invalid)?;
     let file = SafeTensors::deserialize(&bytes).map_err(invalid)?;
@@ -86,7 +86,10 @@ pub fn load(path: &Path) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>)>
     for key in header.offset_keys() {
         let view = file.tensor(&key).map_err(invalid)?;
         if view.dtype() != Dtype::F32 {
-            return Err(Error::Data(format!("{name}: tensor `{key}` has dtype {:?}: expected F32", view.dtype())));
+            return Err(Error::Checkpoint(format!(
+                "{name}: tensor `{key}` has dtype {:?}: expected F32",
+                view.dtype()
+            )));
         }
         let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         tensors.push(NamedTensor { name: key, shape: view.shape().to_vec(), data });
@@ -104,11 +107,11 @@ pub fn metadata(path: &Path) -> Result<BTreeMap<String, String>> {
     let len = u64::from_le_bytes(len);
     // safetensors caps its header at 100 MB.
     if len > 100_000_000 {
-        return Err(Error::Data(format!("{name}: not a valid safetensors checkpoint (a {len}-byte header)")));
+        return Err(Error::Checkpoint(format!("{name}: not a valid safetensors checkpoint (a {len}-byte header)")));
     }
     let mut header = vec![0u8; len as usize];
     file.read_exact(&mut header).map_err(io_error(path))?;
-    let invalid = |why: String| Error::Data(format!("{name}: not a valid safetensors checkpoint: {why}"));
+    let invalid = |why: String| Error::Checkpoint(format!("{name}: not a valid safetensors checkpoint: {why}"));
     let json: serde_json::Value = serde_json::from_slice(&header).map_err(|e| invalid(e.to_string()))?;
     let Some(meta) = json.get("__metadata__") else { return Ok(BTreeMap::new()) };
     let meta = meta.as_object().ok_or_else(|| invalid("`__metadata__` is not an object".into()))?;
@@ -156,7 +159,7 @@ impl Writer {
     /// checkpoint, since it surfaces away from the code that asked for the save.
     pub fn finish(&mut self) -> Result<()> {
         let Some((path, handle)) = self.pending.take() else { return Ok(()) };
-        let failed = |why: String| Error::Data(format!("saving the checkpoint {}: {why}", path.display()));
+        let failed = |why: String| Error::Checkpoint(format!("saving the checkpoint {}: {why}", path.display()));
         match handle.join() {
             Ok(saved) => saved.map_err(|e| failed(e.to_string())),
             Err(panic) => {
@@ -195,7 +198,7 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> Error {
 fn create_parent(path: &Path) -> Result<Option<&Path>> {
     let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) else { return Ok(None) };
     if let Some(file) = dir.ancestors().find(|a| a.exists()).filter(|a| !a.is_dir()) {
-        return Err(Error::Data(format!("{}: expected a directory, found a file", file.display())));
+        return Err(Error::Checkpoint(format!("{}: expected a directory, found a file", file.display())));
     }
     fs::create_dir_all(dir).map_err(io_error(dir))?;
     Ok(Some(dir))
@@ -232,7 +235,7 @@ fn temp_of(name: &str, file: &str) -> Option<Option<u32>> {
 pub fn resolve(path: &Path) -> Result<PathBuf> {
     let shown = path.display();
     if path.as_os_str().is_empty() {
-        return Err(Error::Data("--checkpoint: expected a file path, found an empty one".into()));
+        return Err(Error::Checkpoint("--checkpoint: expected a file path, found an empty one".into()));
     }
     // Symlinks followed by hand (a link may name a checkpoint that does not exist yet), with
     // the kernel's limit on a chain's length.
@@ -247,15 +250,15 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
         }
     }
     if fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
-        return Err(Error::Data(format!("{shown}: too many levels of symbolic links")));
+        return Err(Error::Checkpoint(format!("{shown}: too many levels of symbolic links")));
     }
     let Some(name) = at.file_name() else {
-        return Err(Error::Data(format!("{shown}: expected a checkpoint file path, found a directory")));
+        return Err(Error::Checkpoint(format!("{shown}: expected a checkpoint file path, found a directory")));
     };
     let dir = create_parent(&at)?.unwrap_or(Path::new("."));
     let resolved = fs::canonicalize(dir).map_err(io_error(dir))?.join(name);
     if resolved.is_dir() {
-        return Err(Error::Data(format!(
+        return Err(Error::Checkpoint(format!(
             "{shown}: expected a checkpoint file path, found a directory (name a file in it, such as {})",
             path.join("alexnet.safetensors").display()
         )));
@@ -314,7 +317,7 @@ impl Claim {
                     let _ = file.read_to_string(&mut holder);
                     let holder = holder.trim();
                     let holder = if holder.is_empty() { "another process".to_string() } else { holder.to_string() };
-                    return Err(Error::Data(format!(
+                    return Err(Error::Checkpoint(format!(
                         "{shown} is in use: {holder} is writing it (it holds {}); wait for that run to end, or \
                          give this one another --checkpoint",
                         lock_path.display()

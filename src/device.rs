@@ -44,7 +44,7 @@ impl Device {
             "emu" => Ok(Device::Cuda(Gpu::get(EMU_ORDINAL)?)),
             s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Ok(Device::Cuda(Gpu::get(n)?)),
-                _ => Err(Error::Data(format!("unknown device `{s}`: expected cpu, cuda, cuda:N, emu or auto"))),
+                _ => Err(Error::Invalid(format!("unknown device `{s}`: expected cpu, cuda, cuda:N, emu or auto"))),
             },
         }
     }
@@ -389,7 +389,7 @@ impl Gpu {
             Err(_) | Ok("auto") => false,
             Ok("ptx") => true,
             Ok(other) => {
-                return Err(Error::Data(format!(
+                return Err(Error::Invalid(format!(
                     "PTXGRAD_KERNEL_CODE: expected auto (machine code where it was built for this GPU) or ptx, \
                      found `{other}`"
                 )))

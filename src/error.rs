@@ -42,10 +42,6 @@ pub enum Error {
     #[error("emulated kernel launch: {0}")]
     Emulator(String),
 
-    /// Bad input data (dataset files, checkpoints, labels out of range...).
-    #[error("{0}")]
-    Data(String),
-
     /// A setting or argument outside what it accepts: a flag or environment variable, or an
     /// op's parameter (a stride of 0, a dropout rate of 1, a label beyond the classes).
     #[error("{0}")]

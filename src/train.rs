@@ -259,7 +259,7 @@ pub fn train(
                     // The previous epoch's save may still be running: what is on disk is only
                     // known once it has ended.
                     let kept = on_disk(cfg, &mut writer, saved, start_epoch);
-                    return Err(Error::Data(format!(
+                    return Err(Error::Diverged(format!(
                         "training diverged: non-finite loss ({}) in epoch {epoch} at step {} of {} (lr {}); {kept}",
                         recent[bad],
                         checked + bad + 1,
@@ -281,7 +281,7 @@ pub fn train(
         let bad = nonfinite_params(model)?;
         if !bad.is_empty() {
             let kept = on_disk(cfg, &mut writer, saved, start_epoch);
-            return Err(Error::Data(format!(
+            return Err(Error::Diverged(format!(
                 "training diverged: after epoch {epoch} (lr {}) the parameters hold non-finite values ({}); \
                  the model was not saved; {kept}",
                 cfg.lr,
@@ -396,15 +396,15 @@ pub fn load_checkpoint(path: &std::path::Path, device: &Device) -> Result<(Model
     let (tensors, meta) = checkpoint::load(path)?;
     let shown = path.display();
     let field = |key: &str| -> Result<usize> {
-        let v = meta
-            .get(key)
-            .ok_or_else(|| Error::Data(format!("{shown}: not a ptxgrad checkpoint (no `{key}` in its metadata)")))?;
-        v.parse().map_err(|_| Error::Data(format!("{shown}: metadata `{key}` is `{v}`, not a number")))
+        let v = meta.get(key).ok_or_else(|| {
+            Error::Checkpoint(format!("{shown}: not a ptxgrad checkpoint (no `{key}` in its metadata)"))
+        })?;
+        v.parse().map_err(|_| Error::Checkpoint(format!("{shown}: metadata `{key}` is `{v}`, not a number")))
     };
     let (epoch, resolution) = (field(META_EPOCH)?, field(META_RESOLUTION)?);
     let net = &ALEXNET;
     net.leaf_shapes(&net.input_shape(1, resolution))
-        .map_err(|e| Error::Data(format!("{shown}: metadata `{META_RESOLUTION}` is {resolution}: {e}")))?;
+        .map_err(|e| Error::Checkpoint(format!("{shown}: metadata `{META_RESOLUTION}` is {resolution}: {e}")))?;
     let bad: Vec<String> = tensors
         .iter()
         .filter_map(|t| {
@@ -413,7 +413,7 @@ pub fn load_checkpoint(path: &std::path::Path, device: &Device) -> Result<(Model
         })
         .collect();
     if !bad.is_empty() {
-        return Err(Error::Data(format!(
+        return Err(Error::Checkpoint(format!(
             "{shown}: the checkpoint holds NaN or Inf ({}): it comes from a run that diverged; train afresh \
              (a lower --lr) or resume from an earlier checkpoint",
             bad.join(", ")

@@ -38,14 +38,14 @@ impl Split {
     /// `images_name` and `labels_name` (usually the file paths) are used in error messages.
     pub fn new(images: IdxImages, labels: Vec<u8>, images_name: &str, labels_name: &str) -> Result<Self> {
         if images.n != labels.len() {
-            return Err(Error::Data(format!(
+            return Err(Error::Dataset(format!(
                 "{images_name}: {} images but {labels_name} has {} labels",
                 images.n,
                 labels.len()
             )));
         }
         if let Some((i, &label)) = labels.iter().enumerate().find(|(_, &l)| l as usize >= NUM_CLASSES) {
-            return Err(Error::Data(format!(
+            return Err(Error::Dataset(format!(
                 "{labels_name}: label at index {i} is {label}: expected 0..={} ({NUM_CLASSES} classes)",
                 NUM_CLASSES - 1
             )));
@@ -115,13 +115,13 @@ impl FashionMnist {
         );
         match std::fs::metadata(dir) {
             Ok(meta) if !meta.is_dir() => {
-                return Err(Error::Data(format!(
+                return Err(Error::Dataset(format!(
                     "{}: expected the data directory, found a file; {expects}",
                     dir.display()
                 )))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::Data(format!("{}: data directory not found; {expects}", dir.display())))
+                return Err(Error::Dataset(format!("{}: data directory not found; {expects}", dir.display())))
             }
             // Anything else (e.g. no permission to look inside) shows up on the files below.
             _ => {}
@@ -136,13 +136,13 @@ impl FashionMnist {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => "file not found".to_string(),
                 Err(e) => format!("cannot be read ({e})"),
             };
-            return Err(Error::Data(format!("{}: {problem}; {expects}", path.display())));
+            return Err(Error::Dataset(format!("{}: {problem}; {expects}", path.display())));
         }
         let train = Split::from_files(&dir.join(TRAIN_IMAGES), &dir.join(TRAIN_LABELS))?;
         let test = Split::from_files(&dir.join(TEST_IMAGES), &dir.join(TEST_LABELS))?;
         let (tr, te) = (&train.images, &test.images);
         if (tr.h, tr.w) != (te.h, te.w) {
-            return Err(Error::Data(format!(
+            return Err(Error::Dataset(format!(
                 "{}: test images are {}x{}, expected {}x{} like the training images in {TRAIN_IMAGES}",
                 dir.join(TEST_IMAGES).display(),
                 te.h,

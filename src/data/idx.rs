@@ -91,14 +91,14 @@ pub fn parse_labels(bytes: &[u8], name: &str) -> Result<Vec<u8>> {
 fn images_header(bytes: &[u8], name: &str) -> Result<(usize, usize, usize)> {
     check_magic(bytes, name, IMAGES_MAGIC)?;
     if bytes.len() < IMAGES_HEADER {
-        return Err(Error::Data(format!(
+        return Err(Error::Dataset(format!(
             "{name}: truncated header: expected {IMAGES_HEADER} bytes (magic + 3 dims) for IDX images, file has {}",
             bytes.len()
         )));
     }
     let (n, h, w) = (be_u32(bytes, 4), be_u32(bytes, 8), be_u32(bytes, 12));
     let expected = n.checked_mul(h).and_then(|x| x.checked_mul(w)).ok_or_else(|| {
-        Error::Data(format!("{name}: header says {n} images of {h}x{w}, which overflows the address space"))
+        Error::Dataset(format!("{name}: header says {n} images of {h}x{w}, which overflows the address space"))
     })?;
     let found = bytes.len() - IMAGES_HEADER;
     check_len(name, found, expected, || format!("{n} images of {h}x{w} ({expected} bytes)"), "bytes of pixels")?;
@@ -109,7 +109,7 @@ fn images_header(bytes: &[u8], name: &str) -> Result<(usize, usize, usize)> {
 fn labels_header(bytes: &[u8], name: &str) -> Result<usize> {
     check_magic(bytes, name, LABELS_MAGIC)?;
     if bytes.len() < LABELS_HEADER {
-        return Err(Error::Data(format!(
+        return Err(Error::Dataset(format!(
             "{name}: truncated header: expected {LABELS_HEADER} bytes (magic + 1 dim) for IDX labels, file has {}",
             bytes.len()
         )));
@@ -122,14 +122,14 @@ fn labels_header(bytes: &[u8], name: &str) -> Result<usize> {
 
 fn check_magic(bytes: &[u8], name: &str, expected: u32) -> Result<()> {
     if bytes.len() < 4 {
-        return Err(Error::Data(format!(
+        return Err(Error::Dataset(format!(
             "{name}: truncated: expected at least a 4-byte IDX magic number, file has {} bytes",
             bytes.len()
         )));
     }
     let found = be_u32(bytes, 0) as u32;
     if found != expected {
-        return Err(Error::Data(format!(
+        return Err(Error::Dataset(format!(
             "{name}: wrong magic number: expected {expected} ({}), found {found}{}",
             describe_magic(expected),
             match found {
@@ -153,11 +153,11 @@ fn describe_magic(magic: u32) -> &'static str {
 /// file, longer means the file is not what its header says.
 fn check_len(name: &str, found: usize, expected: usize, declared: impl Fn() -> String, unit: &str) -> Result<()> {
     if found < expected {
-        return Err(Error::Data(format!("{name}: truncated: header says {}, file has {found} {unit}", declared())));
+        return Err(Error::Dataset(format!("{name}: truncated: header says {}, file has {found} {unit}", declared())));
     }
     if found > expected {
         let extra = found - expected;
-        return Err(Error::Data(format!(
+        return Err(Error::Dataset(format!(
             "{name}: trailing data: header says {}, file has {found} {unit} ({extra} byte{} too many)",
             declared(),
             if extra == 1 { "" } else { "s" }
@@ -178,11 +178,11 @@ fn decompress(path: &Path) -> Result<Vec<u8>> {
     // Reading a directory fails with a bare "Is a directory" (or not at all on some systems):
     // say what was expected instead.
     if path.is_dir() {
-        return Err(Error::Data(format!("{name}: expected a gzip-compressed IDX file, found a directory")));
+        return Err(Error::Dataset(format!("{name}: expected a gzip-compressed IDX file, found a directory")));
     }
     let compressed = fs::read(path).map_err(|reason| Error::Io { path: name.clone(), reason })?;
     if compressed.len() < 2 || compressed[..2] != [0x1f, 0x8b] {
-        return Err(Error::Data(format!(
+        return Err(Error::Dataset(format!(
             "{name}: not a gzip file: expected the gzip magic bytes 1f 8b, found {}",
             match compressed.len() {
                 0 => "an empty file".to_string(),
@@ -191,7 +191,7 @@ fn decompress(path: &Path) -> Result<Vec<u8>> {
             }
         )));
     }
-    let corrupt = |e: std::io::Error| Error::Data(format!("{name}: corrupt or truncated gzip data: {e}"));
+    let corrupt = |e: std::io::Error| Error::Dataset(format!("{name}: corrupt or truncated gzip data: {e}"));
 
     // Every member, not only the first: a file written by pigz, bgzip or `cat a.gz b.gz` would
     // otherwise look truncated. Bytes after the last member that do not start a member are an

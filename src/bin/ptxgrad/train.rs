@@ -6,9 +6,9 @@ use std::io::Write as _;
 use anyhow::{bail, Context, Result};
 
 use ptxgrad::checkpoint;
+use ptxgrad::nn::conv_tune::{self, LayerTuning};
 use ptxgrad::nn::model::Model;
 use ptxgrad::nn::models::ALEXNET;
-use ptxgrad::nn::conv_tune::{self, LayerTuning};
 use ptxgrad::train::{self, EpochReport, Stop, TrainConfig};
 use ptxgrad::Device;
 
