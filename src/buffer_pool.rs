@@ -10,7 +10,7 @@
 //! instead (back to the driver's stream-ordered pool), and `clear` empties the cache, which the
 //! device does before retrying an allocation that ran out of memory.
 //!
-//! Generic over the buffer type (`B`: CudaSlice<T> on a GPU) so that the bookkeeping is tested on
+//! Generic over the buffer type (`B`: `CudaSlice<T>` on a GPU) so that the bookkeeping is tested on
 //! machines without one.
 
 use std::any::{Any, TypeId};

@@ -298,7 +298,7 @@ struct Cuda {
 /// What a kernel module was loaded from on a GPU.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LoadedCode {
-    /// The machine code built ahead of time for this GPU (sm_<arch>, see build.rs): the code
+    /// The machine code built ahead of time for this GPU (`sm_<arch>`, see build.rs): the code
     /// tests/ptx.rs reads, loaded as built.
     Sass(u32),
     /// The PTX, compiled by the driver as it loaded; why no machine code was used.

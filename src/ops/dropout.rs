@@ -49,7 +49,7 @@ fn scale_for(p: f32) -> Result<f32> {
     Ok(1.0 / (1.0 - p))
 }
 
-/// CPU reference: out[i] = v[i] * (keep(seed, i) ? scale : 0) (the forward on x, the backward on
+/// CPU reference: `out[i]` = `v[i]` * (keep(seed, i) ? scale : 0) (the forward on x, the backward on
 /// gy): the mask multiplies, as in PyTorch, so a dropped NaN or inf gives NaN.
 pub fn dropout_cpu(v: &[f32], p: f32, seed: u64) -> Result<Vec<f32>> {
     let scale = scale_for(p)?;

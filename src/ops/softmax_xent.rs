@@ -1,5 +1,5 @@
 //! Softmax cross-entropy over the rows of (N, C) logits with u32 class labels (N):
-//! loss = mean_r -log softmax(x_r)[label_r], computed by log-sum-exp (see kernels/softmax_xent.cu).
+//! loss = mean_r -log `softmax(x_r)[label_r]`, computed by log-sum-exp (see kernels/softmax_xent.cu).
 //! Also the training statistics (summed loss, correct predictions) and a row argmax, both kept on
 //! the device so that training does not copy to the host every step.
 
@@ -95,7 +95,7 @@ pub fn argmax_rows_cpu(x: &[f32], c: usize) -> Vec<u32> {
         .collect()
 }
 
-/// (loss [1], probs (N, C)): the batch mean of -log softmax(logits)[label].
+/// (loss `[1]`, probs (N, C)): the batch mean of -log `softmax(logits)[label]`.
 pub fn softmax_xent_fwd(logits: &Tensor, labels: &Tensor<u32>) -> Result<(Tensor, Tensor)> {
     let (n, c) = check("softmax_xent", logits, labels)?;
     let (loss, probs) = match (logits.storage(), labels.storage()) {
@@ -130,7 +130,7 @@ pub fn softmax_xent_fwd(logits: &Tensor, labels: &Tensor<u32>) -> Result<(Tensor
     Ok((Tensor::from_storage(vec![1], loss), Tensor::from_storage(vec![n, c], probs)))
 }
 
-/// d loss / d logits = (probs - onehot(labels)) * gloss / N; gloss is the [1] gradient of the loss.
+/// d loss / d logits = (probs - onehot(labels)) * gloss / N; gloss is the `[1]` gradient of the loss.
 pub fn softmax_xent_bwd(probs: &Tensor, labels: &Tensor<u32>, gloss: &Tensor) -> Result<Tensor> {
     let (n, c) = check("softmax_xent_bwd", probs, labels)?;
     gloss.expect_shape("softmax_xent_bwd", "gloss", &[1])?;
@@ -149,7 +149,7 @@ pub fn softmax_xent_bwd(probs: &Tensor, labels: &Tensor<u32>, gloss: &Tensor) ->
     Ok(Tensor::from_storage(vec![n, c], storage))
 }
 
-/// Recorded softmax cross-entropy: the scalar (shape [1]) mean loss. The tape keeps probs.
+/// Recorded softmax cross-entropy: the scalar (shape `[1]`) mean loss. The tape keeps probs.
 pub fn softmax_xent(tape: &mut Tape, logits: &Tensor, labels: &Tensor<u32>) -> Result<Tensor> {
     let (loss, probs) = softmax_xent_fwd(logits, labels)?;
     let (x_id, labels) = (logits.id(), labels.clone());

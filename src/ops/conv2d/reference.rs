@@ -9,7 +9,7 @@ use crate::ops::relu::relu_value;
 
 /// Writes the im2col columns of one image, x_img: (Cin, H, W), into `cols`, a matrix of K =
 /// Cin*KH*KW rows of `ld` floats, at columns `col0..col0 + OH*OW`: row (ci, kh, kw), column
-/// (oh, ow) holds x[ci][oh*s-pad+kh][ow*s-pad+kw], 0 in the padding. Several images side by
+/// (oh, ow) holds `x[ci][oh*s-pad+kh][ow*s-pad+kw]`, 0 in the padding. Several images side by
 /// side (`ld` = images * OH*OW) make one wide matrix product instead of many narrow ones.
 pub fn im2col_cpu(x_img: &[f32], p: &Conv2dParams, cols: &mut [f32], ld: usize, col0: usize) {
     let (h, w, oh, ow, s, pad) =
@@ -175,7 +175,7 @@ pub fn conv2d_bwd_weight_cpu(x: &[f32], gy: &[f32], p: &Conv2dParams) -> Vec<f32
     gw
 }
 
-/// CPU reference bias grad: gb[co] = sum over (n, oh, ow) of gy.
+/// CPU reference bias grad: `gb[co]` = sum over (n, oh, ow) of gy.
 pub fn conv2d_bwd_bias_cpu(gy: &[f32], p: &Conv2dParams) -> Vec<f32> {
     let (ohw, cout) = (p.ohw(), p.c_out as usize);
     let mut gb = vec![0.0f32; cout];

@@ -9,16 +9,16 @@
 //!
 //! 1. gather: each alpha x alpha input tile d -> B^T d B, stored as V (alpha^2, Cin, P), P = tiles;
 //! 2. gather: each filter g -> G g G^T, stored as U (alpha^2, Cin, Cout);
-//! 3. alpha^2 GEMMs: M[xi] (Cout, P) = U[xi]^T (Cout, Cin) . V[xi] (Cin, P), on kernels/gemm.cuh;
+//! 3. alpha^2 GEMMs: `M[xi]` (Cout, P) = `U[xi]^T` (Cout, Cin) . `V[xi]` (Cin, P), on kernels/gemm.cuh;
 //! 4. scatter: each tile of M -> A^T M A, plus bias (and ReLU), into y (N, Cout, OH, OW).
 //!
 //! The input grad is the same pipeline on gy with the filters flipped and Cin/Cout swapped
 //! (padding r - 1 - pad; U is then (alpha^2, Cout, Cin)). The weight grad is F(r x r, m x m):
 //! gy's m x m tiles are the "filters" (transformed by G'), x's alpha x alpha tiles the inputs (B
 //! is the same matrix), both gathered tile-major, and the GEMM reduces over the tiles:
-//! M[xi] (Cout, Cin) = GY[xi]^T (Cout, P) . X[xi] (P, Cin), then A'^T M A'.
+//! `M[xi]` (Cout, Cin) = `GY[xi]^T` (Cout, P) . `X[xi]` (P, Cin), then A'^T M A'.
 //!
-//! Every GEMM is thus C[xi] (M, N) = A[xi]^T B[xi] with A[xi] (K, M) and B[xi] (K, N) dense and
+//! Every GEMM is thus `C[xi]` (M, N) = `A[xi]^T` `B[xi]` with `A[xi]` (K, M) and `B[xi]` (K, N) dense and
 //! row-major: both operands are read along rows (m and n contiguous), which lets the GEMM core
 //! load whole 16-byte groups (gemm.cuh's vec4 path) when M and N are multiples of 4.
 //!
@@ -169,10 +169,10 @@ fn transpose_f64(a: &[f64], rows: usize, cols: usize) -> Vec<f64> {
 ///
 /// Tile (th, tw) of a plane covers rows th*step - pad .. + extent (and the same for columns).
 /// - gather: each tile T (extent x extent, 0 outside the plane) becomes L T L^T (alpha x alpha),
-///   stored at out[xi][c][p] for xi = (i, j) < alpha^2, p = (n, th, tw): (alpha^2, C, P); or,
-///   with `tile_major`, at out[xi][p][c]: (alpha^2, P, C).
-/// - scatter: the alpha x alpha tile read from in[xi][c][p] (summed over `splits` partials
-///   `split_len` apart) becomes L T L^T, whose top-left extent x extent corner (plus bias[c],
+///   stored at `out[xi][c][p]` for xi = (i, j) < alpha^2, p = (n, th, tw): (alpha^2, C, P); or,
+///   with `tile_major`, at `out[xi][p][c]`: (alpha^2, P, C).
+/// - scatter: the alpha x alpha tile read from `in[xi][c][p]` (summed over `splits` partials
+///   `split_len` apart) becomes L T L^T, whose top-left extent x extent corner (plus `bias[c]`,
 ///   then the ReLU if `relu`: `relu_value`, NaN staying NaN) is stored into the tile's in-plane
 ///   pixels.
 #[repr(C)]
@@ -314,7 +314,7 @@ pub fn tile_scatter_cpu(src: &[f32], bias: Option<&[f32]>, p: &TileParams, alpha
 // Plans: the transforms and GEMMs of each pass
 // ---------------------------------------------------------------------------------------------
 
-/// The GEMM of one pass: alpha^2 products C[xi] (M, N) = A[xi]^T B[xi], A[xi] (K, M) and B[xi]
+/// The GEMM of one pass: alpha^2 products `C[xi]` (M, N) = `A[xi]^T` `B[xi]`, `A[xi]` (K, M) and `B[xi]`
 /// (K, N) dense and row-major, one after another (xi = 0 .. batch); C (splits, batch, M, N), each
 /// split reducing `k_chunk` of K. Mirrored field for field by `struct GemmParams` in
 /// kernels/winograd.cu.
