@@ -14,8 +14,6 @@
 //! (BENCHMARKS.md), so every layer takes the implicit GEMM. The emulator tunes like a GPU (its
 //! wall time decides, which says nothing about a GPU): that is how tests run this code.
 
-use serde_json::json;
-
 use crate::device::{Device, Gpu};
 use crate::error::{Error, Result};
 use crate::ops::conv2d::{conv2d_bwd, conv2d_fwd, winograd_tiles, Conv2d, Conv2dParams, ConvAlgo};
@@ -196,47 +194,6 @@ fn time_layer(
         }
     }
     Ok(trials)
-}
-
-/// One line per conv layer: its shape, the choice, and what each candidate measured.
-pub fn report(tunings: &[LayerTuning]) -> String {
-    let mut out = String::new();
-    for t in tunings {
-        let p = &t.params;
-        let shape =
-            format!("{}x{} stride {}, ({}, {}, {}, {}) -> {}", p.kh, p.kw, p.stride, p.n, p.c_in, p.h, p.w, p.c_out);
-        let trials: Vec<String> = t
-            .trials
-            .iter()
-            .map(|tr| {
-                if tr.out_of_memory {
-                    format!("{} out of memory", tr.algo)
-                } else if tr.agrees() {
-                    format!("{} {:.3} ms", tr.algo, tr.ms)
-                } else {
-                    format!("{} disagrees ({:.1e})", tr.algo, tr.rel_err)
-                }
-            })
-            .collect();
-        let measured = if trials.is_empty() { "not timed".to_string() } else { trials.join(", ") };
-        out.push_str(&format!("  conv {:>2} {shape}: {} [{measured}]\n", t.layer, t.chosen));
-    }
-    out
-}
-
-/// One layer's tuning as a JSON line (`"kind": "conv_tune"`), for `bench` and `train --json`.
-pub fn to_json(t: &LayerTuning) -> serde_json::Value {
-    let trials: Vec<_> = t
-        .trials
-        .iter()
-        .map(|tr| {
-            // NaN and infinity are not JSON: null where the candidate did not run.
-            let finite = |v: f32| v.is_finite().then_some(v);
-            json!({"algo": tr.algo.to_string(), "ms": finite(tr.ms), "rel_err": finite(tr.rel_err),
-                   "agrees": tr.agrees(), "out_of_memory": tr.out_of_memory})
-        })
-        .collect();
-    json!({"kind": "conv_tune", "layer": t.layer, "chosen": t.chosen.to_string(), "trials": trials})
 }
 
 /// max |got - want| / max |want| (infinite where got has a NaN or the lengths differ).

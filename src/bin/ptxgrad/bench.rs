@@ -5,7 +5,6 @@ use anyhow::{bail, Result};
 use serde_json::json;
 
 use ptxgrad::bench::{self, BenchConfig, LayerTime, Measured, StepTimes, LAYER_REPS};
-use ptxgrad::nn::conv_tune;
 use ptxgrad::ops::gemm::GemmOpts;
 use ptxgrad::Device;
 
@@ -38,7 +37,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         ),
         Measured::Tunings(tunings) => {
             for t in tunings {
-                println!("{}", conv_tune::to_json(t));
+                println!("{}", crate::report::tuning_json(t));
             }
         }
         Measured::Steps(s) => println!("{}", steps_json(&cfg, s)),

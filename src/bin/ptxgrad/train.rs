@@ -14,7 +14,7 @@ use ptxgrad::Device;
 
 use crate::args::TrainArgs;
 use crate::progress::Console;
-use crate::report::{accuracy, print_predictions};
+use crate::report::{accuracy, print_predictions, tuning_json, tunings_table};
 use crate::setup::{check_memory, compute_of, load_data, missing_checkpoint, open_checkpoint, pick_device};
 
 /// The book's recipe: what `train` runs with when not told otherwise.
@@ -144,7 +144,7 @@ pub fn run(a: TrainArgs, stop: Stop) -> Result<()> {
     };
     if let Some(f) = json.as_mut() {
         for t in &tunings {
-            writeln!(f, "{}", conv_tune::to_json(t))?;
+            writeln!(f, "{}", tuning_json(t))?;
         }
     }
     let mut console = Console::new(!a.quiet, json.as_mut());
@@ -170,7 +170,7 @@ fn print_tunings(tunings: &[LayerTuning], device: &Device) {
         Device::Cuda(g) => {
             let clock =
                 if g.is_emu() { "wall time on the kernel emulator, says nothing of a GPU" } else { "CUDA events" };
-            print!("convolution algorithms per layer (auto, timed by {clock}):\n{}", conv_tune::report(tunings));
+            print!("convolution algorithms per layer (auto, timed by {clock}):\n{}", tunings_table(tunings));
         }
     }
 }
