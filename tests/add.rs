@@ -1,7 +1,9 @@
-//! add_assign, the tape's gradient accumulator: CUDA against the CPU reference, and errors.
+//! add_assign (dst += src in place), the tape's gradient accumulator: every device against a
+//! naive elementwise sum, IEEE special values as PyTorch's add_ gives them, and the errors
+//! (shapes, devices, a shared destination).
 mod common;
 use common::*;
-use ptxgrad::ops::add::{add_assign, add_assign_cpu};
+use ptxgrad::ops::add::add_assign;
 use ptxgrad::{Device, Tensor};
 
 const SHAPES: &[&[usize]] = &[
@@ -13,30 +15,86 @@ const SHAPES: &[&[usize]] = &[
     &[3, 5, 7],
     &[1, 1, 1, 1],
     &[10, 4096],
-    &[1000003],
+    &[1000003], // odd length, thousands of blocks
     &[2, 3, 4, 5],
 ];
 
-test_device!(add_assign_matches_cpu_reference, |dev| {
-    for (k, shape) in SHAPES.iter().enumerate() {
-        let mut dst = rand_tensor(shape, k as u64, &dev);
-        let src = rand_tensor(shape, 50 + k as u64, &dev);
-        let mut want = dst.to_vec().unwrap();
-        add_assign_cpu(&mut want, &src.to_vec().unwrap());
+/// The emulator runs the cases up to this many elements (all but the two AlexNet-sized ones).
+const EMULATED_MAX: usize = 1 << 21;
+
+/// The naive oracle: dst + src, one IEEE f32 addition per element.
+fn naive_add(dst: &[f32], src: &[f32]) -> Vec<f32> {
+    assert_eq!(dst.len(), src.len());
+    let mut out = Vec::with_capacity(dst.len());
+    for i in 0..dst.len() {
+        out.push(dst[i] + src[i]);
+    }
+    out
+}
+
+test_device!(add_assign_matches_naive_sum, |dev| {
+    for (k, shape, _) in cases_on(&dev, SHAPES, EMULATED_MAX) {
+        let (dst_host, mut dst) = rand_host_and_tensor(shape, k as u64, &dev);
+        let (src_host, src) = rand_host_and_tensor(shape, 50 + k as u64, &dev);
+        let id = dst.id();
         add_assign(&mut dst, &src).unwrap();
-        // One fp32 addition per element, the same on both sides: exact.
-        assert_close(&format!("add_assign {shape:?}"), &want, &dst.to_vec().unwrap(), 0.0, 0.0);
+        // One correctly rounded f32 addition per element on every path: exact.
+        let what = format!("add_assign {shape:?}");
+        assert_close(&what, &naive_add(&dst_host, &src_host), &dst.to_vec().unwrap(), 0.0, 0.0);
+        assert_eq!((dst.id(), dst.shape()), (id, shape), "{what}: in place, shape kept");
+        assert_eq!(src.to_vec().unwrap(), src_host, "{what}: src untouched");
     }
 });
 
+test_device!(add_assign_propagates_nan_and_infinity, |dev| {
+    // As PyTorch's add_: NaN + anything is NaN, inf + -inf is NaN, inf + finite is inf, the
+    // largest finite values overflow to inf, and the signs of zeros follow IEEE (-0 + -0 = -0,
+    // -0 + +0 = +0).
+    let (nan, inf) = (f32::NAN, f32::INFINITY);
+    #[rustfmt::skip]
+    let dst_host = vec![nan, 1.0, inf, inf, -inf, inf, f32::MAX, -f32::MAX, -0.0, -0.0, 0.0, 2.5, -nan];
+    #[rustfmt::skip]
+    let src_host = vec![1.0, nan, -inf, 1.0, -2.0, inf, f32::MAX, -f32::MAX, -0.0, 0.0, -0.0, -2.5, nan];
+    #[rustfmt::skip]
+    let want = vec![nan, nan, nan, inf, -inf, inf, inf, -inf, -0.0, 0.0, 0.0, 0.0, nan];
+    let mut dst = Tensor::from_vec(&[13], dst_host.clone(), &dev).unwrap();
+    add_assign(&mut dst, &Tensor::from_vec(&[13], src_host.clone(), &dev).unwrap()).unwrap();
+    assert_same_bits("add_assign", &want, &dst.to_vec().unwrap(), |i| format!("{} + {}", dst_host[i], src_host[i]));
+});
+
 #[test]
-fn add_assign_rejects_mismatched_shapes_and_shared_destinations() {
-    let mut a = Tensor::from_vec(&[2, 3], vec![0.0; 6], &Device::Cpu).unwrap();
-    let b = Tensor::from_vec(&[3, 2], vec![0.0; 6], &Device::Cpu).unwrap();
-    let err = add_assign(&mut a, &b).unwrap_err().to_string();
-    assert!(err.contains("[2, 3]") && err.contains("[3, 2]"), "{err}");
-    let c = Tensor::from_vec(&[2, 3], vec![1.0; 6], &Device::Cpu).unwrap();
-    let _shared = a.clone();
-    let err = add_assign(&mut a, &c).unwrap_err().to_string();
-    assert!(err.contains("shared"), "{err}");
+fn add_assign_rejects_mismatched_shapes() {
+    let dev = Device::Cpu;
+    let mut dst = rand_tensor(&[2, 3], 0, &dev);
+    // The same number of elements in another shape is still a mismatch.
+    for src_shape in [&[3, 2][..], &[6], &[2, 3, 1], &[2, 4]] {
+        let msg = err_msg(add_assign(&mut dst, &rand_tensor(src_shape, 1, &dev)));
+        assert_mentions(&msg, &["add_assign", "src of shape [2, 3]", &format!("found {src_shape:?}")]);
+    }
 }
+
+#[test]
+fn add_assign_rejects_operands_on_different_devices() {
+    let emu = Device::parse("emu").unwrap();
+    for (dst_dev, src_dev) in [(Device::Cpu, emu.clone()), (emu, Device::Cpu)] {
+        let mut dst = rand_tensor(&[4], 0, &dst_dev);
+        let msg = err_msg(add_assign(&mut dst, &rand_tensor(&[4], 1, &src_dev)));
+        let found = format!("found {}, {}", dst_dev.label(), src_dev.label());
+        assert_mentions(&msg, &["add_assign", "all operands must be on one device", &found]);
+        assert_eq!(dst.to_vec().unwrap(), uniform(4, -1.0, 1.0, 0), "dst untouched");
+    }
+}
+
+test_device!(add_assign_refuses_a_shared_destination, |dev| {
+    // A destination whose storage a clone still holds (as a tape's closure may) cannot be updated
+    // in place: the clone would change with it.
+    let (dst_host, mut dst) = rand_host_and_tensor(&[2, 3], 0, &dev);
+    let (src_host, src) = rand_host_and_tensor(&[2, 3], 1, &dev);
+    let held = dst.clone();
+    assert_mentions(&err_msg(add_assign(&mut dst, &src)), &["shared", "in place"]);
+    assert_eq!(held.to_vec().unwrap(), dst_host, "the clone is untouched");
+    // Once the clone is gone, the same update goes through.
+    drop(held);
+    add_assign(&mut dst, &src).unwrap();
+    assert_close("after the clone is dropped", &naive_add(&dst_host, &src_host), &dst.to_vec().unwrap(), 0.0, 0.0);
+});

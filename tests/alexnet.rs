@@ -30,10 +30,11 @@ fn summary_matches_the_book() {
         ("Dropout", "[1, 4096]"),
         ("Linear", "[1, 10]"),
     ];
+    assert_eq!(lines.len(), want.len() + 1, "a line per layer, then the count:\n{s}");
     for (line, (name, shape)) in lines.iter().zip(want) {
         assert!(line.starts_with(name) && line.ends_with(&format!("torch.Size({shape})")), "{line}");
     }
-    assert_eq!(lines[21], "parameters: 46764746");
+    assert_eq!(lines[want.len()], "parameters: 46764746");
 }
 
 #[test]
@@ -60,20 +61,20 @@ fn the_graph_works_from_65_pixels_and_says_why_below() {
 
 #[test]
 fn xavier_uniform_init_and_zero_biases() {
-    let m = AlexNet::new(67, 3, &Device::Cpu).unwrap();
-    for p in &m.params {
-        let v = p.value.to_vec().unwrap();
+    let model = AlexNet::new(67, 3, &Device::Cpu).unwrap();
+    for p in &model.params {
+        let values = p.value.to_vec().unwrap();
         if p.name.ends_with("bias") {
-            assert!(v.iter().all(|&x| x == 0.0), "{} not zero", p.name);
+            assert!(values.iter().all(|&x| x == 0.0), "{} not zero", p.name);
         } else {
-            let s = p.value.shape();
-            let rf: usize = s[2..].iter().product();
-            let bound = (6.0 / ((s[0] + s[1]) * rf) as f64).sqrt() as f32;
-            let max = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let shape = p.value.shape();
+            let receptive_field: usize = shape[2..].iter().product();
+            let bound = (6.0 / ((shape[0] + shape[1]) * receptive_field) as f64).sqrt() as f32;
+            let max = values.iter().fold(0f32, |max, x| max.max(x.abs()));
             // Uniform on (-bound, bound): the largest |w| of thousands of draws is close to bound.
             assert!(max <= bound && max > 0.9 * bound, "{}: max {max}, bound {bound}", p.name);
         }
     }
     let again = AlexNet::new(67, 3, &Device::Cpu).unwrap();
-    assert_eq!(m.params[0].value.to_vec().unwrap(), again.params[0].value.to_vec().unwrap(), "seeded");
+    assert_eq!(model.params[0].value.to_vec().unwrap(), again.params[0].value.to_vec().unwrap(), "seeded");
 }

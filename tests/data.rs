@@ -24,21 +24,21 @@ fn temp_dir(test: &str) -> TempDir {
 
 /// Raw (uncompressed) IDX images: magic 2051, dims (n, h, w), then pixel k = (k * 7 + seed) % 256.
 fn idx_images(n: u32, h: u32, w: u32, seed: u8) -> Vec<u8> {
-    let mut b = Vec::new();
+    let mut bytes = Vec::new();
     for v in [2051u32, n, h, w] {
-        b.extend(v.to_be_bytes());
+        bytes.extend(v.to_be_bytes());
     }
-    b.extend((0..(n * h * w) as usize).map(|k| (k * 7 + seed as usize) as u8));
-    b
+    bytes.extend((0..(n * h * w) as usize).map(|k| (k * 7 + seed as usize) as u8));
+    bytes
 }
 
 /// Raw (uncompressed) IDX labels: magic 2049, dim n, then the labels.
 fn idx_labels(labels: &[u8]) -> Vec<u8> {
-    let mut b = Vec::new();
-    b.extend(2049u32.to_be_bytes());
-    b.extend((labels.len() as u32).to_be_bytes());
-    b.extend(labels);
-    b
+    let mut bytes = Vec::new();
+    bytes.extend(2049u32.to_be_bytes());
+    bytes.extend((labels.len() as u32).to_be_bytes());
+    bytes.extend(labels);
+    bytes
 }
 
 fn gzip(raw: &[u8]) -> Vec<u8> {
@@ -123,19 +123,19 @@ fn trailing_bytes_are_an_error() {
 #[test]
 fn absurd_header_sizes_do_not_panic_or_allocate() {
     // 2^32-1 images of 2^32-1 x 2^32-1: the size overflows 64 bits.
-    let mut b = Vec::new();
+    let mut bytes = Vec::new();
     for v in [2051u32, u32::MAX, u32::MAX, u32::MAX] {
-        b.extend(v.to_be_bytes());
+        bytes.extend(v.to_be_bytes());
     }
-    assert_mentions(&err_msg(parse_images(&b, "big.gz")), &["big.gz", "overflows"]);
+    assert_mentions(&err_msg(parse_images(&bytes, "big.gz")), &["big.gz", "overflows"]);
     // Through the gzip path too: the reservation is capped by the compressed size.
     let dir = temp_dir("absurd");
     let path = dir.join("big.gz");
-    let mut b = Vec::new();
+    let mut bytes = Vec::new();
     for v in [2051u32, 60000, 60000, 60000] {
-        b.extend(v.to_be_bytes());
+        bytes.extend(v.to_be_bytes());
     }
-    write_gz(&path, &b);
+    write_gz(&path, &bytes);
     assert_mentions(&err_msg(read_images(&path)), &["truncated", "60000 images of 60000x60000"]);
 }
 
@@ -320,10 +320,10 @@ fn split_truncate_and_gather() {
     let images = parse_images(&idx_images(6, 2, 3, 0), "i").unwrap();
     let mut split = Split::new(images.clone(), vec![0, 1, 2, 3, 4, 5], "i", "l").unwrap();
     // Gather keeps the order of the indices, duplicates allowed.
-    let (px, lb) = split.gather(&[4, 1, 4]);
-    assert_eq!(lb, vec![4, 1, 4]);
+    let (pixels, labels) = split.gather(&[4, 1, 4]);
+    assert_eq!(labels, vec![4, 1, 4]);
     let img = |i: usize| images.pixels[i * 6..(i + 1) * 6].to_vec();
-    assert_eq!(px, [img(4), img(1), img(4)].concat());
+    assert_eq!(pixels, [img(4), img(1), img(4)].concat());
     assert_eq!(split.gather(&[]), (vec![], vec![]));
 
     split.truncate(4);

@@ -1,5 +1,6 @@
-//! Dropout: the counter-based mask (statistics, determinism, CPU == CUDA bit for bit), scaling,
-//! eval-mode identity, the backward, and argument errors.
+//! Dropout: every device against a naive oracle (its mask a splitmix64 stream, as
+//! kernels/dropout.cu specifies it, bit for bit), the mask's statistics and independence, the
+//! backward, eval-mode identity, NaN under the mask, and argument errors.
 mod common;
 use common::*;
 use ptxgrad::ops::dropout::{dropout, dropout_bwd, dropout_cpu, dropout_fwd, dropout_mask_keep};
@@ -20,6 +21,44 @@ const SHAPES: &[&[usize]] = &[
     &[257],
 ];
 
+/// The emulator runs the cases up to this many elements: all of them (the largest has 2M).
+const EMULATED_MAX: usize = 1 << 22;
+
+/// splitmix64 (Steele, Lea, Flood 2014) as a sequential generator: each output adds the golden
+/// gamma to the state and mixes the sum.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// The naive mask of `n` elements at rate p under `seed`, as kernels/dropout.cu specifies it: the
+/// seed's stream is a splitmix64 generator started at the first output of one started at the
+/// seed; element i takes the stream's (i + 1)-th output and is kept iff its top 24 bits, as a
+/// fraction of 2^24, are >= p.
+fn naive_mask(n: usize, p: f32, seed: u64) -> Vec<bool> {
+    let mut stream = SplitMix64(SplitMix64(seed).next());
+    (0..n).map(|_| (stream.next() >> 40) as f64 / (1u64 << 24) as f64 >= p as f64).collect()
+}
+
+/// The naive oracle, PyTorch's inverted dropout: v * mask * (1 / (1 - p)), the scale in f32. The
+/// mask multiplies: a dropped NaN or infinity gives NaN, a dropped finite value a signed zero.
+fn naive_dropout(v: &[f32], p: f32, seed: u64) -> Vec<f32> {
+    let scale = 1.0f32 / (1.0 - p);
+    let mask = naive_mask(v.len(), p, seed);
+    let mut out = Vec::with_capacity(v.len());
+    for i in 0..v.len() {
+        out.push(if mask[i] { v[i] * scale } else { v[i] * 0.0 });
+    }
+    out
+}
+
 fn kept(n: usize, p: f32, seed: u64) -> usize {
     (0..n as u64).filter(|&i| dropout_mask_keep(seed, i, p)).count()
 }
@@ -32,28 +71,40 @@ fn dropout_mask_fraction_is_p() {
         // Dropped ~ Binomial(n, p) (P(drop) = ceil(p * 2^24) / 2^24, within 2^-24 of p). Allow
         // 6 standard deviations, sqrt(n p (1 - p)) <= 500: a false failure has probability ~2e-9.
         let sd = (n as f64 * p as f64 * (1.0 - p as f64)).sqrt();
-        let dev = (dropped as f64 - n as f64 * p as f64).abs();
-        assert!(dev <= 6.0 * sd, "p = {p}: dropped {dropped} of {n}, {dev} from the mean > 6 sd = {}", 6.0 * sd);
+        let deviation = (dropped as f64 - n as f64 * p as f64).abs();
+        assert!(
+            deviation <= 6.0 * sd,
+            "p = {p}: dropped {dropped} of {n}, {deviation} from the mean > 6 sd = {}",
+            6.0 * sd
+        );
     }
     // p = 0 keeps everything (u >= 0 always).
     assert_eq!(kept(10_000, 0.0, 3), 10_000);
 }
 
 #[test]
+fn dropout_mask_is_the_splitmix64_stream() {
+    for (seed, p, n) in [(0u64, 0.5f32, 1000usize), (42, 0.1, 1000), (7 + (1 << 32), 0.9, 1000), (u64::MAX, 0.3, 77)] {
+        let want = naive_mask(n, p, seed);
+        let got: Vec<bool> = (0..n as u64).map(|i| dropout_mask_keep(seed, i, p)).collect();
+        assert_eq!(got, want, "seed {seed}, p {p}");
+    }
+}
+
+#[test]
 fn dropout_masks_depend_on_seed_and_index_only() {
     let n = 100_000u64;
     let mask = |seed| (0..n).map(|i| dropout_mask_keep(seed, i, 0.5)).collect::<Vec<_>>();
-    assert_eq!(mask(42), mask(42), "same seed, same mask");
     // Masks of neighbouring seeds must be independent: they agree on ~half the elements
     // (Binomial(n, 1/2), sd = 158; 6 sd = 950).
     for (a, b) in [(42u64, 43u64), (0, 1), (7, 7 + (1 << 32))] {
-        let (ma, mb) = (mask(a), mask(b));
-        let agree = ma.iter().zip(&mb).filter(|(x, y)| x == y).count() as f64;
+        let (mask_a, mask_b) = (mask(a), mask(b));
+        let agree = mask_a.iter().zip(&mask_b).filter(|(x, y)| x == y).count() as f64;
         assert!((agree - n as f64 / 2.0).abs() < 950.0, "seeds {a} and {b}: masks agree on {agree} of {n}");
     }
     // Nor may a mask be its neighbour's shifted by one index.
-    let m = mask(5);
-    let shifted = m.windows(2).filter(|w| w[0] == w[1]).count() as f64;
+    let one_mask = mask(5);
+    let shifted = one_mask.windows(2).filter(|w| w[0] == w[1]).count() as f64;
     assert!((shifted - (n - 1) as f64 / 2.0).abs() < 950.0, "adjacent elements agree {shifted} times");
 }
 
@@ -61,53 +112,43 @@ fn dropout_masks_depend_on_seed_and_index_only() {
 fn dropout_cpu_backward_matches_finite_differences() {
     let (p, seed) = (0.3f32, 99u64);
     let x = uniform(300, -1.0, 1.0, 1);
-    let w = uniform(300, -1.0, 1.0, 2);
-    let analytic = dropout_cpu(&w, p, seed).unwrap(); // the backward is the same map, on gy = w
+    let loss_weights = uniform(300, -1.0, 1.0, 2);
+    // The backward is the same map as the forward, on gy = loss_weights.
+    let analytic = dropout_cpu(&loss_weights, p, seed).unwrap();
     let scale = 1.0 / (1.0 - p as f64);
-    let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
-    let numeric = numeric_grad(&x64, 1e-3, |x| {
-        x.iter()
-            .enumerate()
-            .map(|(i, &v)| if dropout_mask_keep(seed, i as u64, p) { v * scale * w[i] as f64 } else { 0.0 })
-            .sum()
+    let mask = naive_mask(x.len(), p, seed);
+    let numeric = numeric_grad_at(&x, 1e-3, |x| {
+        x.iter().enumerate().map(|(i, &v)| if mask[i] { v * scale * loss_weights[i] as f64 } else { 0.0 }).sum()
     });
-    let numeric: Vec<f32> = numeric.iter().map(|&v| v as f32).collect();
     // Linear in x: central differences are exact up to f64 rounding (the sum of 300 terms < 1e-12)
-    // plus the f32 rounding of w * scale in the analytic gradient (< 1 ulp, 1.2e-7 relative).
+    // plus the f32 rounding of the loss weights times scale in the analytic gradient (< 1 ulp,
+    // 1.2e-7 relative).
     assert_close("dropout grad", &numeric, &analytic, 1e-6, 1e-6);
 }
 
-test_device!(dropout_matches_cpu_reference, |dev| {
-    for (k, shape) in SHAPES.iter().enumerate() {
+test_device!(dropout_matches_naive_oracle, |dev| {
+    for (k, shape, _) in cases_on(&dev, SHAPES, EMULATED_MAX) {
         let (p, seed) = ([0.5f32, 0.1, 0.9][k % 3], 1234 + k as u64);
-        let x = rand_tensor(shape, k as u64, &dev);
+        let (x_host, x) = rand_host_and_tensor(shape, k as u64, &dev);
         let y = dropout_fwd(&x, p, seed).unwrap().to_vec().unwrap();
         let gx = dropout_bwd(&x, p, seed).unwrap().to_vec().unwrap();
-        let xh = x.to_vec().unwrap();
-        let r = dropout_cpu(&xh, p, seed).unwrap();
-        // Same integer hash and one IEEE multiply by the same f32 scale: bit-identical, so the
-        // zero pattern (the mask) is identical too; the loop below checks it element by element
-        // against dropout_mask_keep (an x that is exactly 0 cannot hide a mask difference there).
-        assert_close("dropout fwd", &r, &y, 0.0, 0.0);
-        assert_close("dropout bwd", &r, &gx, 0.0, 0.0);
-        let scale = 1.0 / (1.0 - p);
-        for (i, (&xv, &yv)) in xh.iter().zip(&y).enumerate() {
-            let keep = dropout_mask_keep(seed, i as u64, p);
-            assert_eq!(yv, if keep { xv * scale } else { 0.0 }, "element {i} of {shape:?}");
-        }
+        // The same integer hash and one IEEE multiply by the same f32 scale: bit-identical, the
+        // mask (the zeros) included (x is never 0 here, so a zero in y is a dropped element).
+        let want = naive_dropout(&x_host, p, seed);
+        assert_close(&format!("dropout fwd {shape:?}, p {p}"), &want, &y, 0.0, 0.0);
+        assert_close(&format!("dropout bwd {shape:?}, p {p}"), &want, &gx, 0.0, 0.0);
     }
 });
 
 test_device!(dropout_is_identity_in_eval_mode_and_at_p_zero, |dev| {
-    let x = rand_tensor(&[3, 4096], 5, &dev);
+    let (x_host, x) = rand_host_and_tensor(&[3, 4096], 5, &dev);
     let y = dropout(&mut Tape::eval(), &x, 0.5, 7).unwrap();
-    assert_eq!(y.id(), x.id(), "eval mode returns x itself");
+    assert_eq!((y.id(), y.to_vec().unwrap()), (x.id(), x_host.clone()), "eval mode returns x itself");
     let mut tape = Tape::train();
     tape.watch(&x);
     let y = dropout(&mut tape, &x, 0.0, 7).unwrap();
-    assert_eq!(y.id(), x.id(), "p = 0 returns x itself");
+    assert_eq!((y.id(), y.to_vec().unwrap()), (x.id(), x_host), "p = 0 returns x itself");
     assert!(tape.is_empty());
-    assert_eq!(y.to_vec().unwrap(), x.to_vec().unwrap());
 });
 
 test_device!(dropout_records_its_backward, |dev| {
@@ -124,9 +165,10 @@ test_device!(dropout_records_its_backward, |dev| {
     let one = Tensor::from_vec(&[1], vec![1.0], &dev).unwrap();
     let gy = softmax_xent_bwd(&probs, &labels, &one).unwrap();
     let want = dropout_bwd(&gy, 0.25, 77).unwrap().to_vec().unwrap();
-    // The same kernels on the same values: identical.
+    // The same kernels on the same values: identical; zero exactly where the mask drops.
     assert_close("dropout recorded grad", &want, &gx, 0.0, 0.0);
-    assert!(gx.iter().enumerate().all(|(i, &g)| (g == 0.0) != dropout_mask_keep(77, i as u64, 0.25)));
+    let mask = naive_mask(40, 0.25, 77);
+    assert!(gx.iter().zip(&mask).all(|(&g, &keep)| (g == 0.0) != keep), "{gx:?}");
 });
 
 test_device!(dropout_keeps_nan_where_it_drops, |dev| {
@@ -134,36 +176,28 @@ test_device!(dropout_keeps_nan_where_it_drops, |dev| {
     // (NaN * 0 and inf * 0 are NaN), a dropped finite value is +-0 (its sign times 0), a kept one
     // x * scale. The backward is the same map on gy.
     let (p, seed) = (0.5f32, 99);
-    let scale = 1.0 / (1.0 - p);
-    let keep: Vec<bool> = (0..64).map(|i| dropout_mask_keep(seed, i, p)).collect();
+    let keep = naive_mask(64, p, seed);
     let kept: Vec<usize> = (0..64).filter(|&i| keep[i]).take(4).collect();
     let dropped: Vec<usize> = (0..64).filter(|&i| !keep[i]).take(4).collect();
     assert!(kept.len() == 4 && dropped.len() == 4, "seed {seed} keeps and drops within 64");
     let n = kept.iter().chain(&dropped).max().unwrap() + 1;
-    let mut v = uniform(n, -1.0, 1.0, 5);
+    let mut x_host = uniform(n, -1.0, 1.0, 5);
     for idx in [&kept, &dropped] {
-        (v[idx[0]], v[idx[1]], v[idx[2]], v[idx[3]]) = (f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.75);
+        (x_host[idx[0]], x_host[idx[1]], x_host[idx[2]], x_host[idx[3]]) =
+            (f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.75);
     }
-    let t = Tensor::from_vec(&[n], v.clone(), &dev).unwrap();
-    let want: Vec<f32> = (0..n).map(|i| v[i] * if keep[i] { scale } else { 0.0 }).collect();
-    assert!(dropped[..3].iter().all(|&i| want[i].is_nan()) && want[dropped[3]].to_bits() == (-0.0f32).to_bits());
-    let fwd = dropout_fwd(&t, p, seed).unwrap().to_vec().unwrap();
-    let bwd = dropout_bwd(&t, p, seed).unwrap().to_vec().unwrap();
-    let cpu = dropout_cpu(&v, p, seed).unwrap();
-    for (what, got) in [("forward", &fwd), ("backward", &bwd), ("CPU reference", &cpu)] {
-        for i in 0..n {
-            let same = want[i].to_bits() == got[i].to_bits() || (want[i].is_nan() && got[i].is_nan());
-            assert!(same, "{what}: element {i} (x {}, kept {}): {} instead of {}", v[i], keep[i], got[i], want[i]);
-        }
-    }
+    let t = Tensor::from_vec(&[n], x_host.clone(), &dev).unwrap();
+    let want = naive_dropout(&x_host, p, seed);
+    let operand = |i: usize| format!("x {}, kept {}", x_host[i], keep[i]);
+    assert_same_bits("forward", &want, &dropout_fwd(&t, p, seed).unwrap().to_vec().unwrap(), operand);
+    assert_same_bits("backward", &want, &dropout_bwd(&t, p, seed).unwrap().to_vec().unwrap(), operand);
 });
 
 #[test]
 fn dropout_rejects_bad_rates() {
     let x = Tensor::from_vec(&[2], vec![1.0, 2.0], &Device::Cpu).unwrap();
     for p in [1.0f32, 1.5, -0.1, f32::NAN] {
-        let err = dropout_fwd(&x, p, 0).unwrap_err().to_string();
-        assert!(err.contains("[0, 1)") && err.contains(&format!("{p}")), "{err}");
+        assert_mentions(&err_msg(dropout_fwd(&x, p, 0)), &["dropout", "[0, 1)", &format!("found {p}")]);
         assert!(dropout_bwd(&x, p, 0).is_err());
         assert!(dropout(&mut Tape::eval(), &x, p, 0).is_err(), "eval mode still checks p");
     }

@@ -14,21 +14,39 @@ use ptxgrad::Device;
 /// The loss of one step and each parameter's change (after - before).
 type Step = (f32, Vec<Vec<f32>>);
 
-/// One AlexNet training step (batch 2, 65x65 inputs) on `dev` with the conv algorithm `algo`.
+/// One AlexNet training step (a batch of two synthetic 28x28 images resized to 65x65, the
+/// smallest input the graph takes) on `dev` with the conv algorithm `algo`.
 fn one_step(dev: &Device, algo: ConvAlgo) -> Step {
-    let (b, r) = (2, 65);
-    let mut model = AlexNet::new(r, 7, dev).unwrap();
+    let (batch, resolution) = (2, 65);
+    let mut model = AlexNet::new(resolution, 7, dev).unwrap();
     model.conv_algo = algo;
     let before: Vec<Vec<f32>> = model.params.iter().map(|p| p.value.to_vec().unwrap()).collect();
-    let pixels: Vec<u8> = (0..b * 784).map(|p| ((p * 37) % 256) as u8).collect();
-    let (x, y) = prepare_batch(pixels, vec![3, 8], (28, 28), r, dev).unwrap();
-    let loss = train_step(&mut model, &x, &y, 11, 0.05, None).unwrap();
-    let deltas = model
-        .params
-        .iter()
-        .zip(before)
-        .map(|(p, b)| p.value.to_vec().unwrap().iter().zip(b).map(|(a, b)| a - b).collect());
-    (loss.to_vec().unwrap()[0], deltas.collect())
+    let pixels: Vec<u8> = (0..batch * 784).map(|i| ((i * 37) % 256) as u8).collect();
+    let (x, labels) = prepare_batch(pixels, vec![3, 8], (28, 28), resolution, dev).unwrap();
+    let loss = train_step(&mut model, &x, &labels, 11, 0.05, None).unwrap();
+    let changes = model.params.iter().zip(before).map(|(p, before)| {
+        let after = p.value.to_vec().unwrap();
+        after.iter().zip(before).map(|(a, b)| a - b).collect()
+    });
+    (loss.to_vec().unwrap()[0], changes.collect())
+}
+
+/// Asserts the emulated step's loss within `rtol` of the CPU's (relative to max(|loss|, 1)).
+fn assert_losses_agree(what: &str, cpu_loss: f32, emu_loss: f32, rtol: f32) {
+    let allowed = rtol * cpu_loss.abs().max(1.0);
+    assert!((cpu_loss - emu_loss).abs() <= allowed, "{what}: loss {cpu_loss} on the CPU vs {emu_loss} emulated");
+}
+
+/// Asserts every parameter's change in the emulated step close to the CPU's, elementwise. The
+/// SGD update (lr x gradient): the gradients' sums differ in order only (1e-5 relative), the
+/// subtraction w - (w - update) rounds at the weights' scale (|w| < 0.2: 1.5e-8), so 1e-3
+/// relative + 2e-7 holds with room, while a wrong or missing gradient term does not.
+fn assert_changes_agree(what: &str, cpu_changes: &[Vec<f32>], emu_changes: &[Vec<f32>]) {
+    assert_eq!(cpu_changes.len(), emu_changes.len());
+    for (i, (cpu, emu)) in cpu_changes.iter().zip(emu_changes).enumerate() {
+        assert!(cpu.iter().any(|&d| d != 0.0), "{what}: parameter {i} did not change on the CPU");
+        assert_close(&format!("{what}: change of parameter {i} in one step"), cpu, emu, 2e-7, 1e-3);
+    }
 }
 
 /// `one_step` with the implicit GEMM on the CPU, then on the emulator with the GEMMs in `math`.
@@ -44,17 +62,10 @@ fn emulated_training_step_matches_the_cpu() {
     let emu = Device::parse("emu").unwrap();
     assert_eq!(emu.label(), "emu");
     for algo in [ConvAlgo::ImplicitGemm, ConvAlgo::Winograd { tile: None }] {
-        let (cpu_loss, cpu_deltas) = one_step(&Device::Cpu, algo);
-        let (emu_loss, emu_deltas) = one_step(&emu, algo);
-        assert!((cpu_loss - emu_loss).abs() <= 1e-4 * cpu_loss.abs().max(1.0), "{algo}: loss {cpu_loss} vs {emu_loss}");
-        for (i, (c, e)) in cpu_deltas.iter().zip(&emu_deltas).enumerate() {
-            // The SGD update (lr x gradient) of every parameter: the gradients' sums differ in
-            // order only (1e-5 relative), the subtraction w - (w - update) rounds at the
-            // weights' scale (|w| < 0.2: 1.5e-8), so 1e-3 relative + 2e-7 holds with room,
-            // while a wrong or missing gradient term does not.
-            assert!(c.iter().any(|&d| d != 0.0), "{algo}: parameter {i} did not change on the CPU");
-            assert_close(&format!("{algo}: change of parameter {i} in one step"), c, e, 2e-7, 1e-3);
-        }
+        let (cpu_loss, cpu_changes) = one_step(&Device::Cpu, algo);
+        let (emu_loss, emu_changes) = one_step(&emu, algo);
+        assert_losses_agree(&algo.to_string(), cpu_loss, emu_loss, 1e-4);
+        assert_changes_agree(&algo.to_string(), &cpu_changes, &emu_changes);
     }
 }
 
@@ -64,11 +75,9 @@ fn emulated_training_step_matches_the_cpu() {
 /// only: an emulated mma step takes about ten times an FFMA one.
 #[test]
 fn emulated_training_step_with_3xtf32_gemms_matches_the_cpu() {
-    let ((cpu_loss, cpu_deltas), (emu_loss, emu_deltas)) = cpu_and_emulated_steps(GemmMath::Tf32x3);
-    assert!((cpu_loss - emu_loss).abs() <= 1e-4 * cpu_loss.abs().max(1.0), "loss {cpu_loss} vs {emu_loss}");
-    for (i, (c, e)) in cpu_deltas.iter().zip(&emu_deltas).enumerate() {
-        assert_close(&format!("3xtf32: change of parameter {i} in one step"), c, e, 2e-7, 1e-3);
-    }
+    let ((cpu_loss, cpu_changes), (emu_loss, emu_changes)) = cpu_and_emulated_steps(GemmMath::Tf32x3);
+    assert_losses_agree("3xtf32", cpu_loss, emu_loss, 1e-4);
+    assert_changes_agree("3xtf32", &cpu_changes, &emu_changes);
 }
 
 /// The same step with the GEMMs in bf16: every GEMM kernel of the step through its bf16 mma.sync
@@ -80,11 +89,11 @@ fn emulated_training_step_with_3xtf32_gemms_matches_the_cpu() {
 /// fragment index or a missing term costs 100% or more.
 #[test]
 fn emulated_training_step_with_bf16_gemms_is_close_to_the_cpu() {
-    let ((cpu_loss, cpu_deltas), (emu_loss, emu_deltas)) = cpu_and_emulated_steps(GemmMath::Bf16);
-    assert!((cpu_loss - emu_loss).abs() <= 1e-3 * cpu_loss.abs().max(1.0), "loss {cpu_loss} vs {emu_loss}");
+    let ((cpu_loss, cpu_changes), (emu_loss, emu_changes)) = cpu_and_emulated_steps(GemmMath::Bf16);
+    assert_losses_agree("bf16", cpu_loss, emu_loss, 1e-3);
     let norm = |v: &mut dyn Iterator<Item = f32>| v.map(|x| x as f64 * x as f64).sum::<f64>().sqrt();
-    for (i, (c, e)) in cpu_deltas.iter().zip(&emu_deltas).enumerate() {
-        let rel = norm(&mut c.iter().zip(e).map(|(a, b)| a - b)) / norm(&mut c.iter().copied());
+    for (i, (cpu, emu)) in cpu_changes.iter().zip(&emu_changes).enumerate() {
+        let rel = norm(&mut cpu.iter().zip(emu).map(|(a, b)| a - b)) / norm(&mut cpu.iter().copied());
         assert!(rel <= 0.3, "bf16: change of parameter {i} in one step is {rel:.3} of its norm off the CPU's");
     }
 }
@@ -172,11 +181,11 @@ fn emulated_uninit_buffers_hold_poison() {
     let Device::Cuda(gpu) = Device::parse("emu").unwrap() else { panic!("emu is a CUDA-path device") };
     for round in 0..2 {
         // The second round takes the first round's buffers back from the cache.
-        let f = gpu.uninit::<f32>(1000).unwrap();
-        let u = gpu.uninit::<u32>(1000).unwrap();
-        let (fv, uv) = (gpu.download(&f).unwrap(), gpu.download(&u).unwrap());
-        assert!(fv.iter().all(|v| v.is_nan()), "round {round}: {:?}", &fv[..4]);
-        assert!(uv.iter().all(|&v| v == 0xa5a5_a5a5), "round {round}: {:?}", &uv[..4]);
+        let floats = gpu.uninit::<f32>(1000).unwrap();
+        let words = gpu.uninit::<u32>(1000).unwrap();
+        let (float_values, word_values) = (gpu.download(&floats).unwrap(), gpu.download(&words).unwrap());
+        assert!(float_values.iter().all(|v| v.is_nan()), "round {round}: {:?}", &float_values[..4]);
+        assert!(word_values.iter().all(|&v| v == 0xa5a5_a5a5), "round {round}: {:?}", &word_values[..4]);
     }
 }
 
@@ -262,8 +271,8 @@ fn emulated_cp_async_lands_at_the_wait_for_its_group() {
     use std::ffi::c_void;
     let src = [7.0f32, 9.0];
     let mut out = [0.0f32; 5];
-    let (mut s, mut o) = (src.as_ptr() as u64, out.as_mut_ptr() as u64);
-    let args = [&mut s as *mut u64 as *mut c_void, &mut o as *mut u64 as *mut c_void];
+    let (mut src_ptr, mut out_ptr) = (src.as_ptr() as u64, out.as_mut_ptr() as u64);
+    let args = [&mut src_ptr as *mut u64 as *mut c_void, &mut out_ptr as *mut u64 as *mut c_void];
     // SAFETY: one thread reads src[0..2] and writes out[0..5].
     unsafe { ptxgrad_emu::call("selftest", "emu_selftest_cp_async_order", (1, 1, 1), 1, &args) }.unwrap();
     assert_eq!(

@@ -1,5 +1,6 @@
-//! Max pooling: CPU backward vs finite differences, CUDA vs the CPU reference (bit-exact), ties,
-//! NaN, overlapping windows, the ReLU mask it applies after a ReLU, and argument errors.
+//! Max pooling: every device against a naive oracle (bit-exact), the CPU reference's backward
+//! against finite differences, ties, NaN, overlapping windows, the ReLU mask it applies after a
+//! ReLU, and argument errors.
 mod common;
 use common::*;
 use ptxgrad::ops::maxpool2d::{
@@ -31,6 +32,12 @@ const CASES: &[(&[usize], usize, usize)] = &[
 /// The emulator runs the cases up to this many input elements (the AlexNet ones are for GPUs).
 const EMULATED_MAX: usize = 20_000;
 
+/// The CASES that run on `dev` (`case_runs_on`), with their index.
+fn pool_cases_on(dev: &Device) -> impl Iterator<Item = (usize, &'static [usize], usize, usize)> + '_ {
+    let cases = CASES.iter().enumerate().map(|(i, &(shape, k, s))| (i, shape, k, s));
+    cases.filter(move |&(_, shape, _, _)| case_runs_on(dev, shape.iter().product(), EMULATED_MAX))
+}
+
 /// Distinct values (a shuffled ramp with spacing 1/len), so that no window has a tie.
 fn distinct(n: usize, seed: u64) -> Vec<f32> {
     let mut v: Vec<f32> = (0..n).map(|i| i as f32 / n as f32 - 0.5).collect();
@@ -38,19 +45,70 @@ fn distinct(n: usize, seed: u64) -> Vec<f32> {
     v
 }
 
-fn maxpool_f64(x: &[f64], p: &Maxpool2dParams) -> Vec<f64> {
-    let (h, w, k, s) = (p.h as usize, p.w as usize, p.k as usize, p.stride as usize);
-    let mut y = Vec::new();
-    for xp in x.chunks_exact(h * w) {
-        for oy in 0..p.oh as usize {
-            for ox in 0..p.ow as usize {
-                let mut m = f64::NEG_INFINITY;
-                for ky in 0..k {
-                    for kx in 0..k {
-                        m = m.max(xp[(oy * s + ky) * w + ox * s + kx]);
+/// The flat indices, in a plane of width `w`, of the k x k window of output (oy, ox) at stride
+/// s, in row-major order.
+fn window(w: usize, k: usize, s: usize, oy: usize, ox: usize) -> impl Iterator<Item = usize> + Clone {
+    (0..k).flat_map(move |ky| (0..k).map(move |kx| (oy * s + ky) * w + ox * s + kx))
+}
+
+/// (N, C, H, W, OH, OW) of an input `shape` pooled by k x k windows at stride s (no padding).
+fn pooled_dims(shape: &[usize], k: usize, s: usize) -> [usize; 6] {
+    let &[n, c, h, w] = shape else { panic!("x (N, C, H, W), not {shape:?}") };
+    [n, c, h, w, (h - k) / s + 1, (w - k) / s + 1]
+}
+
+/// The naive oracle: PyTorch's max_pool2d (no padding, dilation 1, floor mode) with its
+/// indices. x (N, C, H, W) -> (y, argmax), both (N, C, OH, OW), OH = (H - k) / s + 1, each argmax a
+/// flat h * W + w index into its plane. A window's maximum is its largest value, the first of
+/// equal ones in row-major order; a NaN is larger than everything, and of several NaNs the last
+/// is taken (PyTorch's kernels update on `val > max || isnan(val)`). With `drop_nonpositive`, a
+/// window whose maximum is <= 0 gets the argmax NO_GRAD: after a ReLU, its gradient is zeroed.
+fn naive_maxpool(x: &[f32], shape: &[usize], k: usize, s: usize, drop_nonpositive: bool) -> (Vec<f32>, Vec<u32>) {
+    let [_, _, h, w, oh, ow] = pooled_dims(shape, k, s);
+    let (mut y, mut argmax) = (Vec::new(), Vec::new());
+    for plane in x.chunks_exact(h * w) {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let win = window(w, k, s, oy, ox);
+                let best = match win.clone().filter(|&i| plane[i].is_nan()).last() {
+                    Some(last_nan) => last_nan,
+                    None => {
+                        let max = win.clone().map(|i| plane[i]).fold(f32::NEG_INFINITY, f32::max);
+                        win.clone().find(|&i| plane[i] == max).expect("the maximum is in the window")
                     }
-                }
-                y.push(m);
+                };
+                y.push(plane[best]);
+                argmax.push(if drop_nonpositive && plane[best] <= 0.0 { NO_GRAD } else { best as u32 });
+            }
+        }
+    }
+    (y, argmax)
+}
+
+/// The naive backward: gx (N, C, H, W) starts at zero, and each output's gradient is added at
+/// its window's argmax (NO_GRAD: nowhere), output by output in row-major order, so that where
+/// windows overlap the sums come in that order.
+fn naive_maxpool_bwd(argmax: &[u32], gy: &[f32], shape: &[usize], k: usize, s: usize) -> Vec<f32> {
+    let [n, c, h, w, oh, ow] = pooled_dims(shape, k, s);
+    let mut gx = vec![0.0f32; n * c * h * w];
+    for plane in 0..n * c {
+        for o in plane * oh * ow..(plane + 1) * oh * ow {
+            if argmax[o] != NO_GRAD {
+                gx[plane * h * w + argmax[o] as usize] += gy[o];
+            }
+        }
+    }
+    gx
+}
+
+/// The values of max pooling, in f64, for finite differences (no NaN).
+fn maxpool_f64(x: &[f64], shape: &[usize], k: usize, s: usize) -> Vec<f64> {
+    let [_, _, h, w, oh, ow] = pooled_dims(shape, k, s);
+    let mut y = Vec::new();
+    for plane in x.chunks_exact(h * w) {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                y.push(window(w, k, s, oy, ox).map(|i| plane[i]).fold(f64::NEG_INFINITY, f64::max));
             }
         }
     }
@@ -63,39 +121,33 @@ fn maxpool2d_cpu_backward_matches_finite_differences() {
         let p = Maxpool2dParams::new(&shape, k, s).unwrap();
         let n: usize = shape.iter().product();
         let x = distinct(n, 7);
-        let (y, arg) = maxpool2d_fwd_cpu(&x, &p);
-        let w = uniform(y.len(), -1.0, 1.0, 3);
-        let analytic = maxpool2d_bwd_cpu(&arg, &w, &p).unwrap();
-        let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let (y, argmax) = maxpool2d_fwd_cpu(&x, &p);
+        let loss_weights = uniform(y.len(), -1.0, 1.0, 3);
+        let analytic = maxpool2d_bwd_cpu(&argmax, &loss_weights, &p).unwrap();
         // eps = 0.1 / n is below half the spacing (1/n) between distinct values: no window's
         // argmax changes under the perturbation, so the max is locally linear.
-        let numeric = numeric_grad(&x64, 0.1 / n as f64, |x| {
-            maxpool_f64(x, &p).iter().zip(&w).map(|(&y, &w)| y * w as f64).sum()
+        let numeric = numeric_grad_at(&x, 0.1 / n as f64, |x| {
+            maxpool_f64(x, &shape, k, s).iter().zip(&loss_weights).map(|(&y, &r)| y * r as f64).sum()
         });
-        let numeric: Vec<f32> = numeric.iter().map(|&v| v as f32).collect();
-        // Locally linear: central differences are exact up to f64 rounding of the sums of w
-        // (|w| < 1, at most 9 terms per input), far below 1e-5.
+        // Locally linear: central differences are exact up to f64 rounding of the sums of the
+        // loss weights (each below 1 in magnitude, at most 9 terms per input), far below 1e-5.
         assert_close("maxpool grad", &numeric, &analytic, 1e-5, 1e-5);
     }
 }
 
-test_device!(maxpool2d_matches_cpu_reference, |dev| {
-    for (i, &(shape, k, s)) in CASES.iter().enumerate() {
-        if dev.label() == "emu" && shape.iter().product::<usize>() > EMULATED_MAX {
-            continue;
-        }
+test_device!(maxpool2d_matches_naive_oracle, |dev| {
+    for (i, shape, k, s) in pool_cases_on(&dev) {
         let x = rand_tensor(shape, i as u64, &dev);
-        let (y, arg) = maxpool2d_fwd(&x, k, s).unwrap();
+        let (y, argmax) = maxpool2d_fwd(&x, k, s).unwrap();
         let gy = rand_tensor(y.shape(), 50 + i as u64, &dev);
-        let gx = maxpool2d_bwd(&arg, &gy, shape, k, s).unwrap();
-        let p = Maxpool2dParams::new(shape, k, s).unwrap();
-        let (yr, ar) = maxpool2d_fwd_cpu(&x.to_vec().unwrap(), &p);
+        let gx = maxpool2d_bwd(&argmax, &gy, shape, k, s).unwrap();
+        let (want_y, want_argmax) = naive_maxpool(&x.to_vec().unwrap(), shape, k, s, false);
         // Max and selection are exact; the backward adds the same values in the same order as
-        // the CPU scatter (see kernels/maxpool2d.cu): all three must be bit-identical.
-        assert_close("maxpool fwd", &yr, &y.to_vec().unwrap(), 0.0, 0.0);
-        assert_eq!(ar, arg.to_vec().unwrap(), "maxpool argmax, case {shape:?}");
-        let gr = maxpool2d_bwd_cpu(&ar, &gy.to_vec().unwrap(), &p).unwrap();
-        assert_close("maxpool bwd", &gr, &gx.to_vec().unwrap(), 0.0, 0.0);
+        // the oracle (see kernels/maxpool2d.cu): all three bit-identical.
+        assert_close(&format!("maxpool fwd {shape:?}"), &want_y, &y.to_vec().unwrap(), 0.0, 0.0);
+        assert_eq!(argmax.to_vec().unwrap(), want_argmax, "maxpool argmax {shape:?}");
+        let want_gx = naive_maxpool_bwd(&want_argmax, &gy.to_vec().unwrap(), shape, k, s);
+        assert_close(&format!("maxpool bwd {shape:?}"), &want_gx, &gx.to_vec().unwrap(), 0.0, 0.0);
     }
 });
 
@@ -110,13 +162,13 @@ test_device!(maxpool2d_ties_go_to_the_first_maximum, |dev| {
         0.0, 0.0, 0.0, 0.0, 0.0,
     ];
     let x = Tensor::from_vec(&[1, 1, 5, 5], x, &dev).unwrap();
-    let (y, arg) = maxpool2d_fwd(&x, 3, 2).unwrap();
+    let (y, argmax) = maxpool2d_fwd(&x, 3, 2).unwrap();
     assert_eq!(y.to_vec().unwrap(), vec![5.0, 1.0, 1.0, 0.0]);
     // Window (0,0): 5.0 at (0,1) and (1,0): row-major first is (0,1) = 1. Window (0,2): 1.0 at
     // (0,2) = 2. Window (2,0): 1.0 at (2,0) = 10. Window (2,2): all zero: its first, (2,2) = 12.
-    assert_eq!(arg.to_vec().unwrap(), vec![1, 2, 10, 12]);
+    assert_eq!(argmax.to_vec().unwrap(), vec![1, 2, 10, 12]);
     let gy = Tensor::from_vec(&[1, 1, 2, 2], vec![1.0, 2.0, 4.0, 8.0], &dev).unwrap();
-    let gx = maxpool2d_bwd(&arg, &gy, &[1, 1, 5, 5], 3, 2).unwrap().to_vec().unwrap();
+    let gx = maxpool2d_bwd(&argmax, &gy, &[1, 1, 5, 5], 3, 2).unwrap().to_vec().unwrap();
     let mut want = vec![0.0; 25];
     (want[1], want[2], want[10], want[12]) = (1.0, 2.0, 4.0, 8.0);
     assert_eq!(gx, want);
@@ -128,26 +180,29 @@ test_device!(maxpool2d_overlapping_windows_accumulate, |dev| {
     x[12] = 9.0;
     x[25 + 12] = -1.0; // second plane: the centre is the one value below 0, never chosen
     let x = Tensor::from_vec(&[1, 2, 5, 5], x, &dev).unwrap();
-    let (y, arg) = maxpool2d_fwd(&x, 3, 2).unwrap();
+    let (y, argmax) = maxpool2d_fwd(&x, 3, 2).unwrap();
     assert_eq!(y.to_vec().unwrap()[..4], [9.0; 4]);
-    assert_eq!(arg.to_vec().unwrap(), vec![12, 12, 12, 12, 0, 2, 10, 13]);
+    assert_eq!(argmax.to_vec().unwrap(), vec![12, 12, 12, 12, 0, 2, 10, 13]);
     let gy = Tensor::from_vec(&[1, 2, 2, 2], vec![1.0, 2.0, 4.0, 8.0, 1.0, 1.0, 1.0, 1.0], &dev).unwrap();
-    let gx = maxpool2d_bwd(&arg, &gy, &[1, 2, 5, 5], 3, 2).unwrap().to_vec().unwrap();
+    let gx = maxpool2d_bwd(&argmax, &gy, &[1, 2, 5, 5], 3, 2).unwrap().to_vec().unwrap();
     let mut want = vec![0.0; 50];
-    want[12] = 15.0; // 1 + 2 + 4 + 8: the sum over all four windows
-                     // Second plane: the windows' first maxima (0,0) (0,2) (2,0), and (2,3) past the -1 centre.
+    // First plane: 1 + 2 + 4 + 8 at the centre, the sum over all four windows. Second plane: the
+    // windows' first maxima (0,0) (0,2) (2,0), and (2,3) past the -1 centre.
+    want[12] = 15.0;
     (want[25], want[27], want[35], want[38]) = (1.0, 1.0, 1.0, 1.0);
     assert_eq!(gx, want);
 });
 
 test_device!(maxpool2d_propagates_nan, |dev| {
-    let mut x = vec![0.0f32; 9];
-    x[4] = f32::NAN;
-    x[7] = 3.0;
-    let x = Tensor::from_vec(&[1, 1, 3, 3], x, &dev).unwrap();
-    let (y, arg) = maxpool2d_fwd(&x, 3, 2).unwrap();
-    assert!(y.to_vec().unwrap()[0].is_nan());
-    assert_eq!(arg.to_vec().unwrap(), vec![4]); // the NaN, not the later 3.0
+    // Two 3x3 planes, one window each. First: a NaN, then a larger value (3.0) after it. Second:
+    // two NaNs, at 2 and 6, around a 5.0.
+    let mut x = vec![0.0f32; 18];
+    (x[4], x[7]) = (f32::NAN, 3.0);
+    (x[9 + 2], x[9 + 4], x[9 + 6]) = (f32::NAN, 5.0, f32::NAN);
+    let (y, argmax) = maxpool2d_fwd(&Tensor::from_vec(&[1, 2, 3, 3], x, &dev).unwrap(), 3, 2).unwrap();
+    assert!(y.to_vec().unwrap().iter().all(|v| v.is_nan()), "{y:?}");
+    // The NaN, not the later 3.0; of two NaNs the last, as PyTorch's max_pool2d indices.
+    assert_eq!(argmax.to_vec().unwrap(), vec![4, 6]);
 });
 
 test_device!(maxpool2d_records_its_backward, |dev| {
@@ -166,8 +221,8 @@ test_device!(maxpool2d_records_its_backward, |dev| {
 /// Asserts that of `g`, dL/dx for a loss that is the global max of x, exactly one element, the
 /// place of that max, is non-zero, and is 1.
 fn only_the_global_max_gets_1(g: &[f32], x: &Tensor) {
-    let xs = x.to_vec().unwrap();
-    let imax = (0..xs.len()).fold(0, |b, i| if xs[i] > xs[b] { i } else { b });
+    let x_host = x.to_vec().unwrap();
+    let imax = (0..x_host.len()).fold(0, |b, i| if x_host[i] > x_host[b] { i } else { b });
     assert_eq!(g.iter().filter(|&&v| v != 0.0).count(), 1);
     assert_eq!(g[imax], 1.0);
 }
@@ -176,40 +231,32 @@ fn only_the_global_max_gets_1(g: &[f32], x: &Tensor) {
 /// of zeros, so that every plane has a window (the first) with no positive value.
 fn relu_output(shape: &[usize], k: usize, seed: u64, dev: &Device) -> Tensor {
     let w = shape[3];
-    let mut v = uniform(shape.iter().product(), -1.0, 1.0, seed);
-    for plane in v.chunks_exact_mut(shape[2] * w) {
+    let mut pre = uniform(shape.iter().product(), -1.0, 1.0, seed);
+    for plane in pre.chunks_exact_mut(shape[2] * w) {
         for r in 0..k {
             plane[r * w..r * w + k].fill(-0.5);
         }
     }
-    relu_fwd(&Tensor::from_vec(shape, v, dev).unwrap()).unwrap()
+    relu_fwd(&Tensor::from_vec(shape, pre, dev).unwrap()).unwrap()
 }
 
 test_device!(maxpool2d_after_relu_routes_only_what_the_relu_passes, |dev| {
-    for (i, &(shape, k, s)) in CASES.iter().enumerate() {
-        if dev.label() == "emu" && shape.iter().product::<usize>() > EMULATED_MAX {
-            continue;
-        }
+    for (i, shape, k, s) in pool_cases_on(&dev) {
         let x = relu_output(shape, k, 70 + i as u64, &dev);
         assert_eq!(x.relu_fact(), ReluFact::Output);
-        let (y0, arg0) = maxpool2d_fwd(&x, k, s).unwrap();
-        let (y, arg) = maxpool2d_fwd_with(&x, k, s, true).unwrap();
-        // The values are those of plain pooling; the argmax differs exactly where the max is 0.
-        assert_close("pooled after relu", &y0.to_vec().unwrap(), &y.to_vec().unwrap(), 0.0, 0.0);
-        let (yv, a0, a) = (y.to_vec().unwrap(), arg0.to_vec().unwrap(), arg.to_vec().unwrap());
-        for j in 0..yv.len() {
-            assert_eq!(a[j], if yv[j] > 0.0 { a0[j] } else { NO_GRAD }, "case {shape:?}, window {j}");
-        }
-        assert!(a.contains(&NO_GRAD), "case {shape:?}: the zero corner makes windows with nothing to route");
-        // The kernels (CUDA, emulated) agree with the CPU reference's argmax.
-        let mut p = Maxpool2dParams::new(shape, k, s).unwrap();
-        p.drop_nonpositive = 1;
-        assert_eq!(maxpool2d_fwd_cpu(&x.to_vec().unwrap(), &p).1, a, "case {shape:?}");
+        let x_host = x.to_vec().unwrap();
+        let (y, argmax) = maxpool2d_fwd_with(&x, k, s, true).unwrap();
+        // The values of plain pooling; NO_GRAD where the maximum is <= 0.
+        let (want_y, want_argmax) = naive_maxpool(&x_host, shape, k, s, true);
+        assert_close(&format!("pooled after relu {shape:?}"), &want_y, &y.to_vec().unwrap(), 0.0, 0.0);
+        assert_eq!(argmax.to_vec().unwrap(), want_argmax, "argmax after relu {shape:?}");
+        assert!(want_argmax.contains(&NO_GRAD), "{shape:?}: the zero corner makes windows with nothing to route");
         // The gradient is the ReLU-masked gradient of plain pooling, bit for bit.
-        let gy = rand_tensor(y.shape(), 80 + i as u64, &dev);
-        let masked = relu_bwd(&x, &maxpool2d_bwd(&arg0, &gy, shape, k, s).unwrap()).unwrap();
-        let gx = maxpool2d_bwd(&arg, &gy, shape, k, s).unwrap();
-        assert_close("maxpool bwd after relu", &masked.to_vec().unwrap(), &gx.to_vec().unwrap(), 0.0, 0.0);
+        let (gy_host, gy) = rand_host_and_tensor(y.shape(), 80 + i as u64, &dev);
+        let gx = maxpool2d_bwd(&argmax, &gy, shape, k, s).unwrap();
+        let (_, plain_argmax) = naive_maxpool(&x_host, shape, k, s, false);
+        let want_gx = naive::relu_backward(&x_host, &naive_maxpool_bwd(&plain_argmax, &gy_host, shape, k, s));
+        assert_close(&format!("maxpool bwd after relu {shape:?}"), &want_gx, &gx.to_vec().unwrap(), 0.0, 0.0);
     }
 });
 
@@ -266,48 +313,38 @@ test_device!(maxpool2d_after_relu_routes_the_gradient_of_a_nan_maximum, |dev| {
         }
     }
     let x = relu_fwd(&Tensor::from_vec(&[1, 1, 4, 4], pre, &dev).unwrap()).unwrap();
-    let (y, arg) = maxpool2d_fwd_with(&x, 2, 2, true).unwrap();
+    let (y, argmax) = maxpool2d_fwd_with(&x, 2, 2, true).unwrap();
     let y = y.to_vec().unwrap();
     assert!(y[0] == 0.0 && y[1].is_nan() && y[2] == 0.5 && y[3].is_nan(), "{y:?}");
-    let want_arg = vec![NO_GRAD, at(1, 0) as u32, at(2, 2) as u32, at(3, 2) as u32];
-    assert_eq!(arg.to_vec().unwrap(), want_arg);
-    let mut p = Maxpool2dParams::new(&[1, 1, 4, 4], 2, 2).unwrap();
-    p.drop_nonpositive = 1;
-    assert_eq!(maxpool2d_fwd_cpu(&x.to_vec().unwrap(), &p).1, want_arg, "CPU reference");
+    assert_eq!(argmax.to_vec().unwrap(), vec![NO_GRAD, at(1, 0) as u32, at(2, 2) as u32, at(3, 2) as u32]);
 
     // A NaN gradient for the window that routes nothing goes nowhere, as the ReLU's backward
     // would zero it there (y = 0); the others reach their argmax. The same as plain pooling
     // followed by the ReLU's backward.
     let gy = Tensor::from_vec(&[1, 1, 2, 2], vec![nan, 2.0, 3.0, 4.0], &dev).unwrap();
-    let gx = maxpool2d_bwd(&arg, &gy, &[1, 1, 4, 4], 2, 2).unwrap().to_vec().unwrap();
+    let gx = maxpool2d_bwd(&argmax, &gy, &[1, 1, 4, 4], 2, 2).unwrap().to_vec().unwrap();
     let mut want = vec![0.0f32; 16];
     (want[at(1, 0)], want[at(2, 2)], want[at(3, 2)]) = (2.0, 3.0, 4.0);
     assert_eq!(gx, want);
-    let (_, arg0) = maxpool2d_fwd(&x, 2, 2).unwrap();
-    let masked = relu_bwd(&x, &maxpool2d_bwd(&arg0, &gy, &[1, 1, 4, 4], 2, 2).unwrap()).unwrap();
+    let (_, plain_argmax) = maxpool2d_fwd(&x, 2, 2).unwrap();
+    let masked = relu_bwd(&x, &maxpool2d_bwd(&plain_argmax, &gy, &[1, 1, 4, 4], 2, 2).unwrap()).unwrap();
     assert_eq!(masked.to_vec().unwrap(), want, "plain pooling, then the ReLU's backward");
 });
 
 #[test]
 fn maxpool2d_rejects_bad_arguments() {
     let dev = Device::Cpu;
-    let x = rand_tensor(&[1, 1, 2, 5], 0, &dev);
-    let err = maxpool2d_fwd(&x, 3, 2).unwrap_err().to_string();
-    assert!(err.contains("3x3") && err.contains("2x5"), "{err}");
-    let err = maxpool2d_fwd(&rand_tensor(&[4, 4, 4], 0, &dev), 2, 2).unwrap_err().to_string();
-    assert!(err.contains("4-D") && err.contains("[4, 4, 4]"), "{err}");
-    let err = maxpool2d_fwd(&rand_tensor(&[1, 1, 4, 4], 0, &dev), 2, 0).unwrap_err().to_string();
-    assert!(err.contains("stride = 0"), "{err}");
-    let err = maxpool2d_fwd(&rand_tensor(&[1, 1, 4, 4], 0, &dev), 0, 1).unwrap_err().to_string();
-    assert!(err.contains("k = 0"), "{err}");
+    let x = |shape: &[usize]| rand_tensor(shape, 0, &dev);
+    assert_mentions(&err_msg(maxpool2d_fwd(&x(&[1, 1, 2, 5]), 3, 2)), &["maxpool2d", "3x3", "2x5"]);
+    assert_mentions(&err_msg(maxpool2d_fwd(&x(&[4, 4, 4]), 2, 2)), &["4-D", "[4, 4, 4]"]);
+    assert_mentions(&err_msg(maxpool2d_fwd(&x(&[1, 1, 4, 4]), 2, 0)), &["stride = 0"]);
+    assert_mentions(&err_msg(maxpool2d_fwd(&x(&[1, 1, 4, 4]), 0, 1)), &["k = 0"]);
     // Backward: gy must have the pooled shape.
-    let (_, arg) = maxpool2d_fwd(&rand_tensor(&[1, 1, 5, 5], 0, &dev), 3, 2).unwrap();
-    let gy = rand_tensor(&[1, 1, 3, 3], 0, &dev);
-    let err = maxpool2d_bwd(&arg, &gy, &[1, 1, 5, 5], 3, 2).unwrap_err().to_string();
-    assert!(err.contains("[1, 1, 2, 2]") && err.contains("[1, 1, 3, 3]"), "{err}");
+    let (_, argmax) = maxpool2d_fwd(&x(&[1, 1, 5, 5]), 3, 2).unwrap();
+    let msg = err_msg(maxpool2d_bwd(&argmax, &x(&[1, 1, 3, 3]), &[1, 1, 5, 5], 3, 2));
+    assert_mentions(&msg, &["maxpool2d_bwd", "[1, 1, 2, 2]", "found [1, 1, 3, 3]"]);
     // A corrupt argmax is an error on the CPU, not a panic.
     let bad = Tensor::from_vec(&[1, 1, 2, 2], vec![0u32, 1, 2, 99], &dev).unwrap();
-    let gy = rand_tensor(&[1, 1, 2, 2], 0, &dev);
-    let err = maxpool2d_bwd(&bad, &gy, &[1, 1, 5, 5], 3, 2).unwrap_err().to_string();
-    assert!(err.contains("99"), "{err}");
+    let msg = err_msg(maxpool2d_bwd(&bad, &x(&[1, 1, 2, 2]), &[1, 1, 5, 5], 3, 2));
+    assert_mentions(&msg, &["argmax 99", "5x5 plane"]);
 }

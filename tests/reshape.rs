@@ -16,16 +16,18 @@ test_device!(reshape_keeps_data_and_gets_a_fresh_id, |dev| {
     .into_iter()
     .enumerate()
     {
-        let x = rand_tensor(from, k as u64, &dev);
+        let (x_host, x) = rand_host_and_tensor(from, k as u64, &dev);
         let y = reshape(&mut Tape::train(), &x, to).unwrap();
         assert_eq!(y.shape(), to);
         assert_ne!(y.id(), x.id(), "the tape must tell input and output apart");
-        assert_eq!(y.to_vec().unwrap(), x.to_vec().unwrap());
+        assert_eq!(y.to_vec().unwrap(), x_host, "{from:?} -> {to:?}: the same elements in the same order");
+        assert_eq!((x.shape(), x.to_vec().unwrap()), (from, x_host), "x untouched");
     }
 });
 
 test_device!(reshape_backward_restores_the_shape, |dev| {
-    let x = rand_tensor(&[2, 3, 2, 2], 1, &dev);
+    // x: (2, 3, 2, 2), flattened to (2, 12) logits.
+    let (x_host, x) = rand_host_and_tensor(&[2, 3, 2, 2], 1, &dev);
     let labels = Tensor::from_vec(&[2], vec![4u32, 11], &dev).unwrap();
     let mut tape = Tape::train();
     tape.watch(&x);
@@ -34,25 +36,15 @@ test_device!(reshape_backward_restores_the_shape, |dev| {
     let grads = tape.backward(&loss).unwrap();
     let gx = grads.get(&x).expect("x has a gradient");
     assert_eq!(gx.shape(), x.shape());
-    // The gradient of the mean cross-entropy: (softmax - onehot) / N, row by row of the flat view.
-    let xs = x.to_vec().unwrap();
-    let mut want = Vec::new();
-    for (r, row) in xs.chunks(12).enumerate() {
-        let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-        let s: f32 = row.iter().map(|v| (v - m).exp()).sum();
-        want.extend(
-            row.iter()
-                .enumerate()
-                .map(|(j, v)| ((v - m).exp() / s - if j as u32 == [4, 11][r] { 1.0 } else { 0.0 }) / 2.0),
-        );
-    }
-    // f32 softmax here vs the op's f64/kernel one: a few ulp of probabilities <= 1.
-    assert_close("reshape grad", &want, &gx.to_vec().unwrap(), 1e-6, 1e-5);
+    // The gradient of the mean cross-entropy of the flat view, in x's shape: the same elements.
+    let (_, probs) = naive::softmax_xent(&naive::f64s(&x_host), &[4, 11], 12);
+    let want = naive::f32s(&naive::softmax_xent_grad(&probs, &[4, 11], 12, 1.0));
+    // As in tests/softmax_xent.rs: a few ulp of probabilities <= 1.
+    assert_close("reshape grad", &want, &gx.to_vec().unwrap(), 1e-7, 1e-5);
 });
 
 #[test]
 fn reshape_rejects_a_different_element_count() {
     let x = rand_tensor(&[2, 3], 0, &Device::Cpu);
-    let err = reshape(&mut Tape::train(), &x, &[7]).unwrap_err().to_string();
-    assert!(err.contains("6 elements") && err.contains("[7]"), "{err}");
+    assert_mentions(&err_msg(reshape(&mut Tape::train(), &x, &[7])), &["6 elements", "[7]"]);
 }

@@ -18,22 +18,29 @@ test_device!(write_at_copies_into_a_range, |dev| {
     let src = Tensor::from_vec(&[2], vec![7.0, 8.0], &dev).unwrap();
     dst.write_at(3, &src).unwrap();
     assert_eq!(dst.to_vec().unwrap(), vec![0.0, 0.0, 0.0, 7.0, 8.0, 0.0]);
-    let err = dst.write_at(5, &src).unwrap_err().to_string();
-    assert!(err.contains("write_at"), "{err}");
+    // 2 elements from offset 5 of 6: one too many; nothing written.
+    assert_mentions(&err_msg(dst.write_at(5, &src)), &["write_at", "at most 1 elements from offset 5", "found 2"]);
+    assert_mentions(&err_msg(dst.write_at(7, &src)), &["at most 0 elements from offset 7"]);
+    assert_eq!(dst.to_vec().unwrap(), vec![0.0, 0.0, 0.0, 7.0, 8.0, 0.0]);
+    // Operands on two devices.
+    let other = if dev.is_cuda() { Device::Cpu } else { Device::parse("emu").unwrap() };
+    let msg = err_msg(dst.write_at(0, &Tensor::from_vec(&[2], vec![1.0, 2.0], &other).unwrap()));
+    assert_mentions(&msg, &["write_at", "one device", &other.label()]);
 });
 
 test_device!(reshaped_shares_data_under_a_fresh_id, |dev| {
-    let t = rand_tensor(&[2, 3, 4], 1, &dev);
-    let r = t.reshaped(&[2, 12]).unwrap();
-    assert_ne!(r.id(), t.id());
-    assert_eq!(r.shape(), &[2, 12]);
-    assert_eq!(r.to_vec().unwrap(), t.to_vec().unwrap());
-    let err = t.reshaped(&[5, 5]).unwrap_err().to_string();
-    assert!(err.contains("24 elements") && err.contains("[5, 5]"), "{err}");
+    let (data, t) = rand_host_and_tensor(&[2, 3, 4], 1, &dev);
+    let reshaped_t = t.reshaped(&[2, 12]).unwrap();
+    assert_ne!(reshaped_t.id(), t.id());
+    assert_eq!((reshaped_t.shape(), reshaped_t.to_vec().unwrap()), (&[2, 12][..], data.clone()));
+    assert_eq!((t.shape(), t.to_vec().unwrap()), (&[2, 3, 4][..], data));
+    assert_mentions(&err_msg(t.reshaped(&[5, 5])), &["24 elements", "[5, 5]"]);
 });
 
 #[test]
 fn from_vec_checks_the_length() {
-    let err = Tensor::from_vec(&[2, 3], vec![0.0; 5], &Device::Cpu).unwrap_err().to_string();
-    assert!(err.contains("6 elements") && err.contains("5"), "{err}");
+    assert_mentions(
+        &err_msg(Tensor::from_vec(&[2, 3], vec![0.0; 5], &Device::Cpu)),
+        &["6 elements for shape [2, 3]", "found 5"],
+    );
 }

@@ -4,21 +4,25 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ptxgrad::{Device, Tensor};
+use ptxgrad::{Device, Error, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-/// The CUDA device, or None with a printed reason when no GPU can be used here.
-/// Under PTXGRAD_REQUIRE_GPU=1 a missing GPU is a failure, not a skip.
+pub mod naive;
+
+/// The CUDA device, or None with a printed reason when no GPU is present (`Error::NoCuda`: a
+/// build without kernels, no driver, no device). A GPU that is present but cannot be used fails
+/// the test, as does a missing one when PTXGRAD_REQUIRE_GPU is set (to any value): a GPU run
+/// must not count skipped tests as passed.
 pub fn gpu_or_skip(test: &str) -> Option<Device> {
+    let required = std::env::var_os("PTXGRAD_REQUIRE_GPU").is_some();
     match Device::parse("cuda") {
         Ok(d) => Some(d),
-        Err(e) if std::env::var("PTXGRAD_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
-            panic!("{test}: PTXGRAD_REQUIRE_GPU=1 but no GPU can be used: {e}")
-        }
-        Err(e) => {
+        Err(e @ Error::NoCuda(_)) if !required => {
             eprintln!("SKIPPED {test}: no GPU ({e})");
             None
         }
+        Err(e @ Error::NoCuda(_)) => panic!("{test}: PTXGRAD_REQUIRE_GPU is set but no GPU can be used: {e}"),
+        Err(e) => panic!("{test}: a GPU is present but cannot be used: {e}"),
     }
 }
 
@@ -49,6 +53,23 @@ macro_rules! test_device {
     };
 }
 
+/// The largest case, in elements, that the op tests run on the CPU. The AlexNet-sized cases (tens
+/// of millions of elements at batch 128) are there for a GPU's launch limits; the CPU path has
+/// no code that only they reach (its worker pool splits from 2^18 elements on), and each costs
+/// seconds on CI's two cores.
+pub const CPU_CASE_MAX: usize = 1 << 22;
+
+/// Whether a test case of `elems` elements runs on `dev`: every case on a GPU, up to
+/// CPU_CASE_MAX on the CPU, up to `emulated_max` on the kernel emulator (which runs a kernel's
+/// threads one after another, and runs again under AddressSanitizer in CI).
+pub fn case_runs_on(dev: &Device, elems: usize, emulated_max: usize) -> bool {
+    match dev {
+        Device::Cpu => elems <= CPU_CASE_MAX,
+        Device::Cuda(gpu) if gpu.is_emu() => elems <= emulated_max,
+        Device::Cuda(_) => true,
+    }
+}
+
 /// Seeded uniform values in [lo, hi).
 pub fn uniform(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -57,8 +78,23 @@ pub fn uniform(n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
 
 /// A seeded tensor with values in [-1, 1).
 pub fn rand_tensor(shape: &[usize], seed: u64, dev: &Device) -> Tensor {
-    let n = shape.iter().product();
-    Tensor::from_vec(shape, uniform(n, -1.0, 1.0, seed), dev).expect("tensor")
+    rand_host_and_tensor(shape, seed, dev).1
+}
+
+/// `rand_tensor`'s values and the tensor of them: the host copy is what an oracle reads.
+pub fn rand_host_and_tensor(shape: &[usize], seed: u64, dev: &Device) -> (Vec<f32>, Tensor) {
+    let values = uniform(shape.iter().product(), -1.0, 1.0, seed);
+    (values.clone(), Tensor::from_vec(shape, values, dev).expect("tensor"))
+}
+
+/// The cases of `shapes` that run on `dev` (`case_runs_on`), as (index, shape, elements).
+pub fn cases_on<'a>(
+    dev: &'a Device,
+    shapes: &'a [&'a [usize]],
+    emulated_max: usize,
+) -> impl Iterator<Item = (usize, &'a [usize], usize)> + 'a {
+    let cases = shapes.iter().enumerate().map(|(k, &shape)| (k, shape, shape.iter().product()));
+    cases.filter(move |&(_, _, n)| case_runs_on(dev, n, emulated_max))
 }
 
 /// Asserts |reference - got| <= atol + rtol * |reference| elementwise, naming the worst element.
@@ -110,6 +146,20 @@ pub fn backward_from(mut tape: ptxgrad::Tape, y: &Tensor, gy: &Tensor) -> ptxgra
     tape.backward(&loss).expect("the backward runs")
 }
 
+/// Equal bit for bit (so +0.0 is not -0.0), or both NaN (of any sign and payload).
+pub fn same_bits(a: f32, b: f32) -> bool {
+    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+}
+
+/// Asserts `got` equals `want` element by element as `same_bits` does, naming the first
+/// difference and the input it came from (`input(i)`, e.g. the operands of element i).
+pub fn assert_same_bits(what: &str, want: &[f32], got: &[f32], input: impl Fn(usize) -> String) {
+    assert_eq!(want.len(), got.len(), "{what}: lengths differ");
+    for i in 0..want.len() {
+        assert!(same_bits(want[i], got[i]), "{what}: element {i} ({}): got {}, want {}", input(i), got[i], want[i]);
+    }
+}
+
 /// Central finite differences of a scalar function, in f64.
 pub fn numeric_grad(x: &[f64], eps: f64, f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
     let mut x = x.to_vec();
@@ -124,6 +174,11 @@ pub fn numeric_grad(x: &[f64], eps: f64, f: impl Fn(&[f64]) -> f64) -> Vec<f64> 
             (up - down) / (2.0 * eps)
         })
         .collect()
+}
+
+/// `numeric_grad` at an f32 point, as f32: the function sees the point in f64.
+pub fn numeric_grad_at(x: &[f32], eps: f64, f: impl Fn(&[f64]) -> f64) -> Vec<f32> {
+    naive::f32s(&numeric_grad(&naive::f64s(x), eps, f))
 }
 
 /// A fresh, empty directory under the system temp dir, unique to this process and test; removed
