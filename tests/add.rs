@@ -3,7 +3,6 @@
 //! (shapes, devices, a shared destination).
 mod common;
 use common::*;
-use ptxgrad::ops::add::add_assign;
 use ptxgrad::{Device, Tensor};
 
 const SHAPES: &[&[usize]] = &[
@@ -37,7 +36,7 @@ test_device!(add_assign_matches_naive_sum, |dev| {
         let (dst_host, mut dst) = rand_host_and_tensor(shape, k as u64, &dev);
         let (src_host, src) = rand_host_and_tensor(shape, 50 + k as u64, &dev);
         let id = dst.id();
-        add_assign(&mut dst, &src).unwrap();
+        dst.add_assign(&src).unwrap();
         // One correctly rounded f32 addition per element on every path: exact.
         let what = format!("add_assign {shape:?}");
         assert_close(&what, &naive_add(&dst_host, &src_host), &dst.to_vec().unwrap(), 0.0, 0.0);
@@ -58,7 +57,7 @@ test_device!(add_assign_propagates_nan_and_infinity, |dev| {
     #[rustfmt::skip]
     let want = vec![nan, nan, nan, inf, -inf, inf, inf, -inf, -0.0, 0.0, 0.0, 0.0, nan];
     let mut dst = Tensor::from_vec(&[13], dst_host.clone(), &dev).unwrap();
-    add_assign(&mut dst, &Tensor::from_vec(&[13], src_host.clone(), &dev).unwrap()).unwrap();
+    dst.add_assign(&Tensor::from_vec(&[13], src_host.clone(), &dev).unwrap()).unwrap();
     assert_same_bits("add_assign", &want, &dst.to_vec().unwrap(), |i| format!("{} + {}", dst_host[i], src_host[i]));
 });
 
@@ -68,7 +67,7 @@ fn add_assign_rejects_mismatched_shapes() {
     let mut dst = rand_tensor(&[2, 3], 0, &dev);
     // The same number of elements in another shape is still a mismatch.
     for src_shape in [&[3, 2][..], &[6], &[2, 3, 1], &[2, 4]] {
-        let msg = err_msg(add_assign(&mut dst, &rand_tensor(src_shape, 1, &dev)));
+        let msg = err_msg(dst.add_assign(&rand_tensor(src_shape, 1, &dev)));
         assert_mentions(&msg, &["add_assign", "src of shape [2, 3]", &format!("found {src_shape:?}")]);
     }
 }
@@ -78,7 +77,7 @@ fn add_assign_rejects_operands_on_different_devices() {
     let emu = Device::parse("emu").unwrap();
     for (dst_dev, src_dev) in [(Device::Cpu, emu.clone()), (emu, Device::Cpu)] {
         let mut dst = rand_tensor(&[4], 0, &dst_dev);
-        let msg = err_msg(add_assign(&mut dst, &rand_tensor(&[4], 1, &src_dev)));
+        let msg = err_msg(dst.add_assign(&rand_tensor(&[4], 1, &src_dev)));
         let found = format!("found {}, {}", dst_dev.label(), src_dev.label());
         assert_mentions(&msg, &["add_assign", "all operands must be on one device", &found]);
         assert_eq!(dst.to_vec().unwrap(), uniform(4, -1.0, 1.0, 0), "dst untouched");
@@ -91,10 +90,10 @@ test_device!(add_assign_refuses_a_shared_destination, |dev| {
     let (dst_host, mut dst) = rand_host_and_tensor(&[2, 3], 0, &dev);
     let (src_host, src) = rand_host_and_tensor(&[2, 3], 1, &dev);
     let held = dst.clone();
-    assert_mentions(&err_msg(add_assign(&mut dst, &src)), &["shared", "in place"]);
+    assert_mentions(&err_msg(dst.add_assign(&src)), &["shared", "in place"]);
     assert_eq!(held.to_vec().unwrap(), dst_host, "the clone is untouched");
     // Once the clone is gone, the same update goes through.
     drop(held);
-    add_assign(&mut dst, &src).unwrap();
+    dst.add_assign(&src).unwrap();
     assert_close("after the clone is dropped", &naive_add(&dst_host, &src_host), &dst.to_vec().unwrap(), 0.0, 0.0);
 });

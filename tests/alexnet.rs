@@ -1,10 +1,11 @@
 //! The AlexNet graph: layer shapes as the book prints them, parameter count and names, init.
-use ptxgrad::nn::alexnet::{layer_shapes, min_resolution, param_shapes, summary, AlexNet};
+use ptxgrad::nn::model::Model;
+use ptxgrad::nn::models::ALEXNET;
 use ptxgrad::Device;
 
 #[test]
 fn summary_matches_the_book() {
-    let s = summary(224).unwrap();
+    let s = ALEXNET.summary(224).unwrap();
     let lines: Vec<&str> = s.lines().collect();
     // d2l §8.1.2, for X = torch.randn(1, 1, 224, 224).
     let want = [
@@ -39,11 +40,11 @@ fn summary_matches_the_book() {
 
 #[test]
 fn parameter_names_follow_torch_sequential() {
-    let names: Vec<String> = param_shapes(224).unwrap().into_iter().map(|(n, _)| n).collect();
+    let names: Vec<String> = ALEXNET.param_shapes(224).unwrap().into_iter().map(|(n, _)| n).collect();
     let want: Vec<String> =
         [0, 3, 6, 8, 10, 14, 17, 20].iter().flat_map(|i| [format!("{i}.weight"), format!("{i}.bias")]).collect();
     assert_eq!(names, want);
-    let shapes = param_shapes(224).unwrap();
+    let shapes = ALEXNET.param_shapes(224).unwrap();
     assert_eq!(shapes[0].1, vec![96, 1, 11, 11]); // conv weights OIHW
     assert_eq!(shapes[10].1, vec![4096, 6400]); // dense weights [out, in]
 }
@@ -52,16 +53,16 @@ fn parameter_names_follow_torch_sequential() {
 fn the_graph_works_from_65_pixels_and_says_why_below() {
     // conv1 (11x11, s4, p1) must leave 15x15 for the three 3x3/s2 pools to end at 1x1:
     // floor((r + 2 - 11) / 4) + 1 >= 15  <=>  r - 9 >= 56  <=>  r >= 65.
-    assert_eq!(min_resolution(), 65);
-    assert_eq!(layer_shapes(&[1, 1, 65, 65]).unwrap()[13], vec![1, 256]);
-    assert_eq!(layer_shapes(&[1, 1, 67, 67]).unwrap()[13], vec![1, 256]);
-    let err = layer_shapes(&[1, 1, 64, 64]).unwrap_err().to_string();
+    assert_eq!(ALEXNET.min_resolution(), 65);
+    assert_eq!(ALEXNET.leaf_shapes(&[1, 1, 65, 65]).unwrap()[13], vec![1, 256]);
+    assert_eq!(ALEXNET.leaf_shapes(&[1, 1, 67, 67]).unwrap()[13], vec![1, 256]);
+    let err = ALEXNET.leaf_shapes(&[1, 1, 64, 64]).unwrap_err().to_string();
     assert!(err.contains("from 65x65 up"), "{err}");
 }
 
 #[test]
 fn xavier_uniform_init_and_zero_biases() {
-    let model = AlexNet::new(67, 3, &Device::Cpu).unwrap();
+    let model = Model::new(&ALEXNET, 67, 3, &Device::Cpu).unwrap();
     for p in &model.params {
         let values = p.value.to_vec().unwrap();
         if p.name.ends_with("bias") {
@@ -75,6 +76,6 @@ fn xavier_uniform_init_and_zero_biases() {
             assert!(max <= bound && max > 0.9 * bound, "{}: max {max}, bound {bound}", p.name);
         }
     }
-    let again = AlexNet::new(67, 3, &Device::Cpu).unwrap();
+    let again = Model::new(&ALEXNET, 67, 3, &Device::Cpu).unwrap();
     assert_eq!(model.params[0].value.to_vec().unwrap(), again.params[0].value.to_vec().unwrap(), "seeded");
 }

@@ -7,6 +7,7 @@
 mod common;
 use common::*;
 use ptxgrad::device::HostTraffic;
+use ptxgrad::nn::Compute;
 use ptxgrad::nn::{model::Model, models::ALEXNET};
 use ptxgrad::ops::conv2d::ConvAlgo;
 use ptxgrad::train::{prepare_batch, train_step};
@@ -18,8 +19,8 @@ use ptxgrad::{Device, Tensor};
 fn steady_state_allocates_nothing(dev: &Device, b: usize, r: usize, warm: u64, more: u64) {
     let Device::Cuda(gpu) = dev else { unreachable!("a CUDA or emulated device") };
     for algo in [ConvAlgo::ImplicitGemm, ConvAlgo::Winograd { tile: None }] {
-        let mut model = Model::new(&ALEXNET, r, 0, dev).unwrap();
-        model.conv_algo = algo;
+        let compute = Compute { conv: algo, ..Compute::default() };
+        let mut model = Model::new(&ALEXNET, r, 0, dev).unwrap().with_compute(compute).unwrap();
         let mut stats = Tensor::zeros(&[2], dev).unwrap();
         // As in train(): upload uint8 images and labels, resize on the device, step.
         let mut step = |i: u64| {

@@ -5,9 +5,11 @@
 //! grids, buffer sizes) on machines without a GPU; the kernels' arithmetic is checked per op.
 mod common;
 use common::*;
-use ptxgrad::nn::alexnet::AlexNet;
+use ptxgrad::nn::Compute;
+use ptxgrad::nn::{model::Model, models::ALEXNET};
 use ptxgrad::ops::conv2d::ConvAlgo;
-use ptxgrad::ops::gemm_math::GemmMath;
+use ptxgrad::ops::gemm::math::GemmMath;
+use ptxgrad::ops::gemm::GemmOpts;
 use ptxgrad::train::{prepare_batch, train_step};
 use ptxgrad::Device;
 
@@ -15,11 +17,11 @@ use ptxgrad::Device;
 type Step = (f32, Vec<Vec<f32>>);
 
 /// One AlexNet training step (a batch of two synthetic 28x28 images resized to 65x65, the
-/// smallest input the graph takes) on `dev` with the conv algorithm `algo`.
-fn one_step(dev: &Device, algo: ConvAlgo) -> Step {
+/// smallest input the graph takes) on `dev` with the conv algorithm `algo` and GEMMs in `math`.
+fn one_step(dev: &Device, algo: ConvAlgo, math: GemmMath) -> Step {
     let (batch, resolution) = (2, 65);
-    let mut model = AlexNet::new(resolution, 7, dev).unwrap();
-    model.conv_algo = algo;
+    let compute = Compute { gemm: GemmOpts::math(math), conv: algo };
+    let mut model = Model::new(&ALEXNET, resolution, 7, dev).unwrap().with_compute(compute).unwrap();
     let before: Vec<Vec<f32>> = model.params.iter().map(|p| p.value.to_vec().unwrap()).collect();
     let pixels: Vec<u8> = (0..batch * 784).map(|i| ((i * 37) % 256) as u8).collect();
     let (x, labels) = prepare_batch(pixels, vec![3, 8], (28, 28), resolution, dev).unwrap();
@@ -52,9 +54,8 @@ fn assert_changes_agree(what: &str, cpu_changes: &[Vec<f32>], emu_changes: &[Vec
 /// `one_step` with the implicit GEMM on the CPU, then on the emulator with the GEMMs in `math`.
 fn cpu_and_emulated_steps(math: GemmMath) -> (Step, Step) {
     let algo = ConvAlgo::ImplicitGemm;
-    let cpu = one_step(&Device::Cpu, algo);
-    let _m = math.scope();
-    (cpu, one_step(&Device::parse("emu").unwrap(), algo))
+    let cpu = one_step(&Device::Cpu, algo, GemmMath::Fp32);
+    (cpu, one_step(&Device::parse("emu").unwrap(), algo, math))
 }
 
 #[test]
@@ -62,8 +63,8 @@ fn emulated_training_step_matches_the_cpu() {
     let emu = Device::parse("emu").unwrap();
     assert_eq!(emu.label(), "emu");
     for algo in [ConvAlgo::ImplicitGemm, ConvAlgo::Winograd { tile: None }] {
-        let (cpu_loss, cpu_changes) = one_step(&Device::Cpu, algo);
-        let (emu_loss, emu_changes) = one_step(&emu, algo);
+        let (cpu_loss, cpu_changes) = one_step(&Device::Cpu, algo, GemmMath::Fp32);
+        let (emu_loss, emu_changes) = one_step(&emu, algo, GemmMath::Fp32);
         assert_losses_agree(&algo.to_string(), cpu_loss, emu_loss, 1e-4);
         assert_changes_agree(&algo.to_string(), &cpu_changes, &emu_changes);
     }
@@ -111,9 +112,9 @@ fn emulated_training_step_does_not_depend_on_thread_order() {
     let emu = Device::parse("emu").unwrap();
     for algo in [ConvAlgo::ImplicitGemm, ConvAlgo::Winograd { tile: None }] {
         let previous = set_schedule(Schedule::Forward);
-        let forward = one_step(&emu, algo);
+        let forward = one_step(&emu, algo, GemmMath::Fp32);
         set_schedule(Schedule::Reverse);
-        let reverse = one_step(&emu, algo);
+        let reverse = one_step(&emu, algo, GemmMath::Fp32);
         set_schedule(previous);
         assert_eq!(forward.0.to_bits(), reverse.0.to_bits(), "{algo}: loss {} vs {}", forward.0, reverse.0);
         for (i, (f, r)) in forward.1.iter().zip(&reverse.1).enumerate() {

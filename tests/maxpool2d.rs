@@ -4,8 +4,7 @@
 mod common;
 use common::*;
 use ptxgrad::ops::maxpool2d::{
-    maxpool2d, maxpool2d_bwd, maxpool2d_bwd_cpu, maxpool2d_fwd, maxpool2d_fwd_cpu, maxpool2d_fwd_with, Maxpool2dParams,
-    NO_GRAD,
+    maxpool2d, maxpool2d_bwd, maxpool2d_bwd_cpu, maxpool2d_fwd, maxpool2d_fwd_cpu, Maxpool2dParams, NO_GRAD,
 };
 use ptxgrad::ops::relu::{relu, relu_bwd, relu_fwd};
 use ptxgrad::ops::reshape::reshape;
@@ -138,7 +137,7 @@ fn maxpool2d_cpu_backward_matches_finite_differences() {
 test_device!(maxpool2d_matches_naive_oracle, |dev| {
     for (i, shape, k, s) in pool_cases_on(&dev) {
         let x = rand_tensor(shape, i as u64, &dev);
-        let (y, argmax) = maxpool2d_fwd(&x, k, s).unwrap();
+        let (y, argmax) = maxpool2d_fwd(&x, k, s, false).unwrap();
         let gy = rand_tensor(y.shape(), 50 + i as u64, &dev);
         let gx = maxpool2d_bwd(&argmax, &gy, shape, k, s).unwrap();
         let (want_y, want_argmax) = naive_maxpool(&x.to_vec().unwrap(), shape, k, s, false);
@@ -162,7 +161,7 @@ test_device!(maxpool2d_ties_go_to_the_first_maximum, |dev| {
         0.0, 0.0, 0.0, 0.0, 0.0,
     ];
     let x = Tensor::from_vec(&[1, 1, 5, 5], x, &dev).unwrap();
-    let (y, argmax) = maxpool2d_fwd(&x, 3, 2).unwrap();
+    let (y, argmax) = maxpool2d_fwd(&x, 3, 2, false).unwrap();
     assert_eq!(y.to_vec().unwrap(), vec![5.0, 1.0, 1.0, 0.0]);
     // Window (0,0): 5.0 at (0,1) and (1,0): row-major first is (0,1) = 1. Window (0,2): 1.0 at
     // (0,2) = 2. Window (2,0): 1.0 at (2,0) = 10. Window (2,2): all zero: its first, (2,2) = 12.
@@ -180,7 +179,7 @@ test_device!(maxpool2d_overlapping_windows_accumulate, |dev| {
     x[12] = 9.0;
     x[25 + 12] = -1.0; // second plane: the centre is the one value below 0, never chosen
     let x = Tensor::from_vec(&[1, 2, 5, 5], x, &dev).unwrap();
-    let (y, argmax) = maxpool2d_fwd(&x, 3, 2).unwrap();
+    let (y, argmax) = maxpool2d_fwd(&x, 3, 2, false).unwrap();
     assert_eq!(y.to_vec().unwrap()[..4], [9.0; 4]);
     assert_eq!(argmax.to_vec().unwrap(), vec![12, 12, 12, 12, 0, 2, 10, 13]);
     let gy = Tensor::from_vec(&[1, 2, 2, 2], vec![1.0, 2.0, 4.0, 8.0, 1.0, 1.0, 1.0, 1.0], &dev).unwrap();
@@ -199,7 +198,7 @@ test_device!(maxpool2d_propagates_nan, |dev| {
     let mut x = vec![0.0f32; 18];
     (x[4], x[7]) = (f32::NAN, 3.0);
     (x[9 + 2], x[9 + 4], x[9 + 6]) = (f32::NAN, 5.0, f32::NAN);
-    let (y, argmax) = maxpool2d_fwd(&Tensor::from_vec(&[1, 2, 3, 3], x, &dev).unwrap(), 3, 2).unwrap();
+    let (y, argmax) = maxpool2d_fwd(&Tensor::from_vec(&[1, 2, 3, 3], x, &dev).unwrap(), 3, 2, false).unwrap();
     assert!(y.to_vec().unwrap().iter().all(|v| v.is_nan()), "{y:?}");
     // The NaN, not the later 3.0; of two NaNs the last, as PyTorch's max_pool2d indices.
     assert_eq!(argmax.to_vec().unwrap(), vec![4, 6]);
@@ -245,7 +244,7 @@ test_device!(maxpool2d_after_relu_routes_only_what_the_relu_passes, |dev| {
         let x = relu_output(shape, k, 70 + i as u64, &dev);
         assert_eq!(x.relu_fact(), ReluFact::Output);
         let x_host = x.to_vec().unwrap();
-        let (y, argmax) = maxpool2d_fwd_with(&x, k, s, true).unwrap();
+        let (y, argmax) = maxpool2d_fwd(&x, k, s, true).unwrap();
         // The values of plain pooling; NO_GRAD where the maximum is <= 0.
         let (want_y, want_argmax) = naive_maxpool(&x_host, shape, k, s, true);
         assert_close(&format!("pooled after relu {shape:?}"), &want_y, &y.to_vec().unwrap(), 0.0, 0.0);
@@ -313,7 +312,7 @@ test_device!(maxpool2d_after_relu_routes_the_gradient_of_a_nan_maximum, |dev| {
         }
     }
     let x = relu_fwd(&Tensor::from_vec(&[1, 1, 4, 4], pre, &dev).unwrap()).unwrap();
-    let (y, argmax) = maxpool2d_fwd_with(&x, 2, 2, true).unwrap();
+    let (y, argmax) = maxpool2d_fwd(&x, 2, 2, true).unwrap();
     let y = y.to_vec().unwrap();
     assert!(y[0] == 0.0 && y[1].is_nan() && y[2] == 0.5 && y[3].is_nan(), "{y:?}");
     assert_eq!(argmax.to_vec().unwrap(), vec![NO_GRAD, at(1, 0) as u32, at(2, 2) as u32, at(3, 2) as u32]);
@@ -326,7 +325,7 @@ test_device!(maxpool2d_after_relu_routes_the_gradient_of_a_nan_maximum, |dev| {
     let mut want = vec![0.0f32; 16];
     (want[at(1, 0)], want[at(2, 2)], want[at(3, 2)]) = (2.0, 3.0, 4.0);
     assert_eq!(gx, want);
-    let (_, plain_argmax) = maxpool2d_fwd(&x, 2, 2).unwrap();
+    let (_, plain_argmax) = maxpool2d_fwd(&x, 2, 2, false).unwrap();
     let masked = relu_bwd(&x, &maxpool2d_bwd(&plain_argmax, &gy, &[1, 1, 4, 4], 2, 2).unwrap()).unwrap();
     assert_eq!(masked.to_vec().unwrap(), want, "plain pooling, then the ReLU's backward");
 });
@@ -335,12 +334,12 @@ test_device!(maxpool2d_after_relu_routes_the_gradient_of_a_nan_maximum, |dev| {
 fn maxpool2d_rejects_bad_arguments() {
     let dev = Device::Cpu;
     let x = |shape: &[usize]| rand_tensor(shape, 0, &dev);
-    assert_mentions(&err_msg(maxpool2d_fwd(&x(&[1, 1, 2, 5]), 3, 2)), &["maxpool2d", "3x3", "2x5"]);
-    assert_mentions(&err_msg(maxpool2d_fwd(&x(&[4, 4, 4]), 2, 2)), &["4-D", "[4, 4, 4]"]);
-    assert_mentions(&err_msg(maxpool2d_fwd(&x(&[1, 1, 4, 4]), 2, 0)), &["stride = 0"]);
-    assert_mentions(&err_msg(maxpool2d_fwd(&x(&[1, 1, 4, 4]), 0, 1)), &["k = 0"]);
+    assert_mentions(&err_msg(maxpool2d_fwd(&x(&[1, 1, 2, 5]), 3, 2, false)), &["maxpool2d", "3x3", "2x5"]);
+    assert_mentions(&err_msg(maxpool2d_fwd(&x(&[4, 4, 4]), 2, 2, false)), &["4-D", "[4, 4, 4]"]);
+    assert_mentions(&err_msg(maxpool2d_fwd(&x(&[1, 1, 4, 4]), 2, 0, false)), &["stride = 0"]);
+    assert_mentions(&err_msg(maxpool2d_fwd(&x(&[1, 1, 4, 4]), 0, 1, false)), &["k = 0"]);
     // Backward: gy must have the pooled shape.
-    let (_, argmax) = maxpool2d_fwd(&x(&[1, 1, 5, 5]), 3, 2).unwrap();
+    let (_, argmax) = maxpool2d_fwd(&x(&[1, 1, 5, 5]), 3, 2, false).unwrap();
     let msg = err_msg(maxpool2d_bwd(&argmax, &x(&[1, 1, 3, 3]), &[1, 1, 5, 5], 3, 2));
     assert_mentions(&msg, &["maxpool2d_bwd", "[1, 1, 2, 2]", "found [1, 1, 3, 3]"]);
     // A corrupt argmax is an error on the CPU, not a panic.

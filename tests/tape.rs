@@ -4,7 +4,10 @@
 mod common;
 use common::*;
 
-use ptxgrad::ops::{conv2d::conv2d, dense::dense, dropout::dropout, maxpool2d::maxpool2d, reshape::reshape};
+use ptxgrad::ops::gemm::GemmOpts;
+use ptxgrad::ops::{
+    conv2d::conv2d, conv2d::Conv2d, dense::dense, dropout::dropout, maxpool2d::maxpool2d, reshape::reshape,
+};
 use ptxgrad::ops::{relu::relu, softmax_xent::softmax_xent};
 use ptxgrad::{Device, Gradients, Labels, ReluFact, Tape, Tensor};
 
@@ -17,14 +20,14 @@ fn net_loss(tape: &mut Tape, x: &Tensor, y: &Labels, params: &[Tensor]) -> Tenso
         tape.watch(p);
     }
     // x: (2, 2, 9, 9) -> conv 3x3 s2 p1 + ReLU -> (2, 4, 5, 5) -> maxpool 3 s2 -> (2, 4, 2, 2)
-    let h = conv2d(tape, x, &params[0], &params[1], 2, 1, true).unwrap();
+    let h = conv2d(tape, x, &params[0], &params[1], &Conv2d::new(2, 1).relu(true)).unwrap();
     let h = maxpool2d(tape, &h, 3, 2).unwrap();
     let h = reshape(tape, &h, &[2, 16]).unwrap();
-    let h = dense(tape, &h, &params[2], &params[3], false).unwrap();
+    let h = dense(tape, &h, &params[2], &params[3], false, GemmOpts::default()).unwrap();
     let h = relu(tape, &h).unwrap();
     // A fixed seed: the same mask on every evaluation, so the loss is a smooth function.
     let h = dropout(tape, &h, 0.25, 1234).unwrap();
-    let h = dense(tape, &h, &params[4], &params[5], false).unwrap();
+    let h = dense(tape, &h, &params[4], &params[5], false, GemmOpts::default()).unwrap();
     softmax_xent(tape, &h, y).unwrap()
 }
 
@@ -96,8 +99,8 @@ test_device!(gradients_accumulate_when_a_tensor_is_used_twice, |dev| {
     let labels = Labels::from_vec(&[1], vec![0], &dev).unwrap();
     let mut tape = Tape::train();
     tape.watch(&x);
-    let y = dense(&mut tape, &x, &x, &b, false).unwrap(); // (1, 1): 5.25
-    let logits = dense(&mut tape, &y, &w2, &b2, false).unwrap(); // (1, 2): [s, -s]
+    let y = dense(&mut tape, &x, &x, &b, false, GemmOpts::default()).unwrap(); // (1, 1): 5.25
+    let logits = dense(&mut tape, &y, &w2, &b2, false, GemmOpts::default()).unwrap(); // (1, 2): [s, -s]
     let loss = softmax_xent(&mut tape, &logits, &labels).unwrap();
     let g = tape.backward(&loss).unwrap().get(&x).unwrap().to_vec().unwrap();
     // L = log(1 + e^{-2s}), dL/ds = -2 / (1 + e^{2s}), s = |x|² = 5.25.
