@@ -9,7 +9,7 @@
 //!   `_auto`: with each conv layer's algorithm picked by timing (`--conv-algo auto`, tuned
 //!   before the timed iterations); `_auto_3xtf32` / `_auto_tf32` / `_auto_bf16`: `_auto` with the
 //!   tensor-core GEMMs (`--math 3xtf32`, fp32-accurate, `--math tf32` and `--math bf16`; see
-//!   ops::gemm_math).
+//!   ops::gemm::math).
 //!
 //! Each iteration ends with a device synchronisation inside the timed region: kernels are
 //! asynchronous, and timing only their launch would overstate the speed.
@@ -17,15 +17,18 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ptxgrad::nn::alexnet::AlexNet;
 use ptxgrad::nn::conv_tune;
+use ptxgrad::nn::Compute;
 use ptxgrad::ops::conv2d::ConvAlgo;
-use ptxgrad::ops::gemm_math::GemmMath;
+use ptxgrad::ops::gemm::math::GemmMath;
+use ptxgrad::ops::gemm::GemmOpts;
 use ptxgrad::train::train_step;
 use ptxgrad::{Device, Labels, Tensor};
 
-fn bench_step(c: &mut Criterion, name: &str, device: &Device, batch: usize, res: usize, algo: ConvAlgo) {
+/// The training step of AlexNet at `batch` inputs of `res` x `res` on `device`, its GEMMs and
+/// convolutions run as `compute` says.
+fn bench_step(c: &mut Criterion, name: &str, device: &Device, (batch, res): (usize, usize), compute: Compute) {
     let device = device.clone();
-    let mut model = AlexNet::new(res, 0, &device).expect("model");
-    model.conv_algo = algo;
+    let mut model = AlexNet::new(res, 0, &device).and_then(|m| m.with_compute(compute)).expect("model");
     model.tune_convs(batch, conv_tune::REPS).expect("timing the convolution algorithms");
     let pixels: Vec<f32> = (0..batch * res * res).map(|i| (i % 255) as f32 / 255.0).collect();
     let x = Tensor::from_vec(&[batch, 1, res, res], pixels, &device).expect("input");
@@ -47,16 +50,17 @@ fn bench_step(c: &mut Criterion, name: &str, device: &Device, batch: usize, res:
 }
 
 fn benches(c: &mut Criterion) {
-    let wino = ConvAlgo::Winograd { tile: None };
-    bench_step(c, "cpu_b4_67px", &Device::Cpu, 4, 67, ConvAlgo::ImplicitGemm);
+    let conv = |conv| Compute { conv, ..Compute::default() };
+    bench_step(c, "cpu_b4_67px", &Device::Cpu, (4, 67), conv(ConvAlgo::ImplicitGemm));
     match Device::parse("cuda") {
         Ok(gpu) => {
-            bench_step(c, "cuda_b128_224px", &gpu, 128, 224, ConvAlgo::ImplicitGemm);
-            bench_step(c, "cuda_b128_224px_winograd", &gpu, 128, 224, wino);
-            bench_step(c, "cuda_b128_224px_auto", &gpu, 128, 224, ConvAlgo::Auto);
+            let full = (128, 224);
+            bench_step(c, "cuda_b128_224px", &gpu, full, conv(ConvAlgo::ImplicitGemm));
+            bench_step(c, "cuda_b128_224px_winograd", &gpu, full, conv(ConvAlgo::Winograd { tile: None }));
+            bench_step(c, "cuda_b128_224px_auto", &gpu, full, conv(ConvAlgo::Auto));
             for math in [GemmMath::Tf32x3, GemmMath::Tf32, GemmMath::Bf16] {
-                let _m = math.scope();
-                bench_step(c, &format!("cuda_b128_224px_auto_{math}"), &gpu, 128, 224, ConvAlgo::Auto);
+                let compute = Compute { gemm: GemmOpts::math(math), conv: ConvAlgo::Auto };
+                bench_step(c, &format!("cuda_b128_224px_auto_{math}"), &gpu, full, compute);
             }
         }
         Err(e) if std::env::var("PTXGRAD_REQUIRE_GPU").is_ok_and(|v| v == "1") => {
