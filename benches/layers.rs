@@ -27,7 +27,8 @@ use std::time::Duration;
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use ptxgrad::bench::layer_cases;
-use ptxgrad::nn::alexnet::{layer_shapes, Layer, LAYERS};
+use ptxgrad::nn::models::ALEXNET;
+use ptxgrad::nn::network::Layer;
 use ptxgrad::ops::conv2d::{conv2d_bwd, conv2d_fwd, winograd_tiles, Conv2d, Conv2dParams, ConvAlgo};
 use ptxgrad::ops::dense::{dense_bwd, dense_fwd};
 use ptxgrad::ops::gemm::math::GemmMath;
@@ -77,8 +78,9 @@ fn layers(c: &mut Criterion) {
     let mut group = c.benchmark_group("layers");
     // Every layer with the implicit-GEMM convolutions, then the convolutions again with Winograd.
     let opts = GemmOpts::default();
-    let gemm = layer_cases(&device, BATCH, RES, opts, &|_| ConvAlgo::ImplicitGemm).expect("layer cases");
-    let wino = layer_cases(&device, BATCH, RES, opts, &|_| ConvAlgo::Winograd { tile: None }).expect("layer cases");
+    let gemm = layer_cases(&ALEXNET, &device, BATCH, RES, opts, &|_| ConvAlgo::ImplicitGemm).expect("layer cases");
+    let wino =
+        layer_cases(&ALEXNET, &device, BATCH, RES, opts, &|_| ConvAlgo::Winograd { tile: None }).expect("layer cases");
     let wino = wino.into_iter().filter(|c| c.name.contains("Conv2d")).map(|c| ("winograd_", c));
     for (prefix, case) in gemm.into_iter().map(|c| ("", c)).chain(wino) {
         let name = format!("{prefix}{}", case.name.trim().replace(' ', "_"));
@@ -92,7 +94,7 @@ fn layers(c: &mut Criterion) {
 
 /// One of AlexNet's layers at batch `BATCH`.
 struct AlexLayer {
-    /// Index in LAYERS.
+    /// Index in `ALEXNET.leaves()`.
     index: usize,
     layer: Layer,
     input: Vec<usize>,
@@ -103,16 +105,17 @@ struct AlexLayer {
 
 /// AlexNet's layers of one kind, in order.
 fn alexnet_layers(kind: fn(&Layer) -> bool) -> Vec<AlexLayer> {
-    let input = vec![BATCH, 1, RES, RES];
-    let shapes = layer_shapes(&input).expect("AlexNet's shapes");
-    (0..LAYERS.len())
-        .filter(|&i| kind(&LAYERS[i]))
+    let input = ALEXNET.input_shape(BATCH, RES).to_vec();
+    let shapes = ALEXNET.leaf_shapes(&input).expect("AlexNet's shapes");
+    let leaves = ALEXNET.leaves();
+    (0..leaves.len())
+        .filter(|&i| kind(&leaves[i].layer))
         .map(|i| AlexLayer {
             index: i,
-            layer: LAYERS[i],
+            layer: leaves[i].layer,
             input: if i == 0 { input.clone() } else { shapes[i - 1].clone() },
             output: shapes[i].clone(),
-            relu: LAYERS.get(i + 1) == Some(&Layer::Relu),
+            relu: ALEXNET.fuses_relu(&leaves, i),
         })
         .collect()
 }

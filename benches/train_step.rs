@@ -15,9 +15,9 @@
 //! asynchronous, and timing only their launch would overstate the speed.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use ptxgrad::nn::alexnet::AlexNet;
 use ptxgrad::nn::conv_tune;
 use ptxgrad::nn::Compute;
+use ptxgrad::nn::{model::Model, models::ALEXNET};
 use ptxgrad::ops::conv2d::ConvAlgo;
 use ptxgrad::ops::gemm::math::GemmMath;
 use ptxgrad::ops::gemm::GemmOpts;
@@ -28,7 +28,7 @@ use ptxgrad::{Device, Labels, Tensor};
 /// convolutions run as `compute` says.
 fn bench_step(c: &mut Criterion, name: &str, device: &Device, (batch, res): (usize, usize), compute: Compute) {
     let device = device.clone();
-    let mut model = AlexNet::new(res, 0, &device).and_then(|m| m.with_compute(compute)).expect("model");
+    let mut model = Model::new(&ALEXNET, res, 0, &device).and_then(|m| m.with_compute(compute)).expect("model");
     model.tune_convs(batch, conv_tune::REPS).expect("timing the convolution algorithms");
     let pixels: Vec<f32> = (0..batch * res * res).map(|i| (i % 255) as f32 / 255.0).collect();
     let x = Tensor::from_vec(&[batch, 1, res, res], pixels, &device).expect("input");

@@ -5,8 +5,10 @@
 //! a GPU: the test checks the machinery, not the choice.)
 mod common;
 use common::*;
-use ptxgrad::nn::alexnet::{AlexNet, Layer, LAYERS};
 use ptxgrad::nn::conv_tune::{candidates, tune, ConvLayer, LayerTuning, AGREE, AGREE_TF32};
+use ptxgrad::nn::model::Model;
+use ptxgrad::nn::models::ALEXNET;
+use ptxgrad::nn::network::Layer;
 use ptxgrad::nn::Compute;
 use ptxgrad::ops::conv2d::{Conv2dParams, ConvAlgo};
 use ptxgrad::ops::gemm::math::GemmMath;
@@ -17,13 +19,14 @@ use ptxgrad::{Device, Labels, Tensor};
 const RES: usize = 65; // the smallest resolution AlexNet takes: small emulated convolutions
 
 fn conv_layers() -> Vec<usize> {
-    (0..LAYERS.len()).filter(|&i| matches!(LAYERS[i], Layer::Conv2d { .. })).collect()
+    let leaves = ALEXNET.leaves();
+    (0..leaves.len()).filter(|&i| matches!(leaves[i].layer, Layer::Conv2d { .. })).collect()
 }
 
 /// AlexNet at `res` on `dev`, its convolutions tuned (`--conv-algo auto`).
-fn auto_model(dev: &Device, res: usize) -> AlexNet {
+fn auto_model(dev: &Device, res: usize) -> Model {
     let auto = Compute { conv: ConvAlgo::Auto, ..Compute::default() };
-    AlexNet::new(res, 3, dev).unwrap().with_compute(auto).unwrap()
+    Model::new(&ALEXNET, res, 3, dev).unwrap().with_compute(auto).unwrap()
 }
 
 /// Checks a tuning report: each layer's candidates were all tried (timed, compared with the

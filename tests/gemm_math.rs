@@ -13,8 +13,8 @@
 mod common;
 use common::kernels::*;
 use common::*;
-use ptxgrad::nn::alexnet::AlexNet;
 use ptxgrad::nn::Compute;
+use ptxgrad::nn::{model::Model, models::ALEXNET};
 use ptxgrad::ops::conv2d::{conv2d_bwd, conv2d_fwd, Conv2d, Conv2dParams, ConvAlgo};
 use ptxgrad::ops::dense::{dense, dense_bwd, dense_fwd};
 use ptxgrad::ops::gemm::math::GemmMath;
@@ -74,7 +74,7 @@ fn gemm_opts_refuse_tensor_core_math_on_the_cpu() {
 #[test]
 fn alexnet_with_compute_refuses_what_it_cannot_run() {
     const RES: usize = 65; // the smallest AlexNet: cheap to build
-    let model = |dev: &Device| AlexNet::new(RES, 0, dev).unwrap();
+    let model = |dev: &Device| Model::new(&ALEXNET, RES, 0, dev).unwrap();
     let (cpu, emu) = (Device::Cpu, Device::parse("emu").unwrap());
     let tf32 = Compute { gemm: GemmOpts::math(GemmMath::Tf32), ..Compute::default() };
     assert_mentions(&err_msg(model(&cpu).with_compute(tf32).map(|m| m.compute())), &["--math tf32", "cpu"]);

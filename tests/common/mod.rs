@@ -7,6 +7,7 @@ use std::process::Command;
 use ptxgrad::{Device, Error, Tensor};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+pub mod kernels;
 pub mod naive;
 
 /// The CUDA device, or None with a printed reason when no GPU is present (`Error::NoCuda`: a
@@ -211,18 +212,6 @@ impl Drop for TempDir {
     }
 }
 
-/// Mean wall time of `f` over 10 runs after one warm-up, synchronising `dev` around them.
-pub fn time_on(dev: &Device, f: &dyn Fn()) -> f64 {
-    f();
-    dev.synchronize().unwrap();
-    let t = std::time::Instant::now();
-    for _ in 0..10 {
-        f();
-    }
-    dev.synchronize().unwrap();
-    t.elapsed().as_secs_f64() / 10.0
-}
-
 /// The error's message, failing the test if it is not an error.
 pub fn err_msg<T: std::fmt::Debug>(r: Result<T, ptxgrad::Error>) -> String {
     match r {
@@ -244,35 +233,6 @@ pub fn assert_mentions(msg: &str, pieces: &[&str]) {
 /// this. A wrong or missing term changes an output by O(1/3), far above it up to k ~ 10^4.
 pub fn wino_atol(k: usize) -> f32 {
     1e-3 * (1.0 + (k as f32).sqrt() / 3.0)
-}
-
-/// Device memory stand-in for the kernel emulator: NaN-filled, so that an element a kernel fails
-/// to write shows up in the comparison.
-pub fn emu_uninit(len: usize) -> Vec<f32> {
-    vec![f32::NAN; len]
-}
-
-/// The emulated kernel called `name` among the listed `extern "C"` symbols, as the fn-pointer
-/// type the call site expects: `emu_kernel!(name, kernel_a, kernel_b)` (a kernel picked by name,
-/// as the engine's launch plans name them).
-#[macro_export]
-macro_rules! emu_kernel {
-    ($name:expr, $($kernel:ident),+ $(,)?) => {
-        match $name {
-            $(stringify!($kernel) => $kernel as _,)+
-            other => panic!("no emulated kernel {other}"),
-        }
-    };
-}
-
-/// One emulated launch (ptxgrad-emu) of `kernel` on the grid of `cfg` (1-D blocks), like a
-/// launch followed by a synchronisation. Pointers travel into `kernel` as usize (raw pointers
-/// are not Sync).
-pub fn emu_launch(cfg: cudarc::driver::LaunchConfig, kernel: &(dyn Fn() + Sync)) {
-    assert_eq!((cfg.block_dim.1, cfg.block_dim.2), (1, 1), "1-D blocks");
-    if let Err(e) = ptxgrad_emu::launch(cfg.grid_dim, cfg.block_dim.0, kernel) {
-        panic!("emulated launch failed: {e}");
-    }
 }
 
 /// The `ptxgrad` binary cargo built for this test run; when the test binary was copied elsewhere
