@@ -30,7 +30,7 @@
 // a few MB) per GEMM.
 // Every GEMM kernel comes in 128 x 128, 128 x 64, 64 x 64, 96 x 128 and 128 x 96-tile variants
 // (suffix _t128 / _t128x64 / _t64 / _t96 / _t128x96); the host picks by how well each grid fills
-// the GPU's waves and M and N the tile (ops::gemm_plan::gemm_launch).
+// the GPU's waves and M and N the tile (ops::gemm::plan::Planner::launch).
 #include "gemm.cuh"
 
 // Mirrors ops::conv2d::Conv2dParams field for field.

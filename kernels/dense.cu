@@ -15,7 +15,7 @@
 //       then writes its raw partial to a workspace, and dense_splitk_sum_f32 adds the partials in
 //       a fixed order and applies the bias and ReLU: deterministic, no atomics.
 // Each GEMM kernel comes in 128 x 128, 128 x 64, 64 x 64, 96 x 128 and 128 x 96-tile variants
-// (suffix _t128 / _t128x64 / _t64 / _t96 / _t128x96), picked by ops::gemm_plan::gemm_launch.
+// (suffix _t128 / _t128x64 / _t64 / _t96 / _t128x96), picked by ops::gemm::plan::Planner::launch.
 // __launch_bounds__(256, 2): at most 128 registers, so that two blocks fit on an SM, as the split-K
 // sizing in ops::dense assumes (with a bare (256), ptxas gave the t128 forward 130 registers: one block).
 #include "gemm.cuh"

@@ -14,7 +14,7 @@
 //   (warp tiling: fewer distinct shared-memory reads per warp than a 2 x 16 row).
 // - Block tile BM x BN (128 x 128; 128 x 64 or 64 x 64 where 128 x 128 blocks fill the GPU's
 //   waves badly; 96 x 128 or 128 x 96 where M or N leaves a 128-wide tile a quarter empty, as
-//   AlexNet's 96 channels do: see ops::gemm_plan::gemm_launch), k-tile BK = 8.
+//   AlexNet's 96 channels do: see ops::gemm::plan::Planner::launch), k-tile BK = 8.
 // - Each thread owns a TM x TN register micro-tile (8 x 8, 8 x 4, 6 x 8, 8 x 6 or 4 x 4): rows
 //   ty*4 + {0..3} (+ 64 + ty*4 + {0..3}, or + 64 + ty*2 + {0, 1} when TM is 6), columns likewise
 //   with tx, so that its operands are float4 (float2) reads from shared memory and the 8 threads
@@ -88,7 +88,7 @@ using Tile128x64 = Tile128x64Of<GemmMath::Ffma>;
 using Tile64 = Tile64Of<GemmMath::Ffma>;
 
 // Instantiates KERNELS(tile, suffix) once per GemmMath: suffixes f32_<s>, tf32_<s>, 3xtf32_<s> and
-// bf16_<s> (kernel names such as dense_fwd_3xtf32_t128; ops::gemm_math's gemm_kernel_names!
+// bf16_<s> (kernel names such as dense_fwd_3xtf32_t128; ops::gemm::math's gemm_kernel_names!
 // mirrors them).
 #define GEMM_FOR_EACH_MATH(KERNELS, TILE_OF, SUFFIX)    \
     KERNELS(TILE_OF<GemmMath::Ffma>, f32_##SUFFIX)      \
@@ -96,7 +96,7 @@ using Tile64 = Tile64Of<GemmMath::Ffma>;
     KERNELS(TILE_OF<GemmMath::Tf32x3>, 3xtf32_##SUFFIX) \
     KERNELS(TILE_OF<GemmMath::Bf16>, bf16_##SUFFIX)
 
-// Instantiates KERNELS(tile, suffix) for every block tile (ops::gemm_plan::Tile: t128, t128x64,
+// Instantiates KERNELS(tile, suffix) for every block tile (ops::gemm::plan::Tile: t128, t128x64,
 // t64, t96, t128x96) and GemmMath: one list for every kernel family, so that they cannot drift.
 #define GEMM_FOR_EACH_TILE(KERNELS)                    \
     GEMM_FOR_EACH_MATH(KERNELS, Tile128Of, t128)       \

@@ -24,7 +24,7 @@
 
 constexpr int kMaxAlpha = 8;
 
-// Mirrors ops::winograd::TileParams field for field.
+// Mirrors ops::conv2d::winograd::TileParams field for field.
 struct TileParams {
     unsigned n, c, h, w;       // the planes
     unsigned tiles_h, tiles_w;  // tiles per plane
@@ -37,7 +37,7 @@ struct TileParams {
     float l[kMaxAlpha * kMaxAlpha];  // L, row pitch kMaxAlpha, zero-padded
 };
 
-// Mirrors ops::winograd::GemmParams field for field.
+// Mirrors ops::conv2d::winograd::GemmParams field for field.
 struct GemmParams {
     unsigned m, n, k, batch, k_chunk;
 };

@@ -70,7 +70,7 @@ fn emulated_training_step_matches_the_cpu() {
     }
 }
 
-/// The same step with the tensor-core GEMMs in 3xtf32 (ops::gemm_math): every GEMM kernel of the
+/// The same step with the tensor-core GEMMs in 3xtf32 (ops::gemm::math): every GEMM kernel of the
 /// step through its mma.sync variant, held to the fp32 step's tolerances (3xtf32 is
 /// fp32-accurate; a wrong fragment index or a missing product term is not). The implicit GEMM
 /// only: an emulated mma step takes about ten times an FFMA one.

@@ -4,10 +4,10 @@
 //! bounds, parameter layouts, the shared-memory pipeline's ordering) on machines without a GPU;
 //! it says nothing about speed, and it is slow: keep shapes small.
 //!
-//! Two ways in: [`launch`] runs a closure that calls a kernel's `extern "C"` symbol directly
-//! (tests declare the kernels they call with the engine's `#[repr(C)]` parameter types); [`call`]
-//! runs a kernel by name with a CUDA-style argument array, which is how the engine's `emu`
-//! device launches every kernel.
+//! The way in is [`call`]: a kernel by name, from the table of every kernel that build.rs makes
+//! from the sources ([`KERNELS`]), with a CUDA-style argument array. It is how the engine's `emu`
+//! device launches every kernel, the tests' included; [`launch`] runs a closure on a grid, and
+//! is what `call` is made of.
 
 use std::ffi::c_void;
 

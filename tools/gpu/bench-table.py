@@ -241,17 +241,17 @@ def ncu_table(path, top=25):
 
 
 def timing_lines(path):
-    """The plain-text lines of the timing tests in bench.txt (the GEMM core, the conv layers per
-    algorithm), as they printed them."""
+    """The plain-text lines of the criterion bench `layers` in bench.txt (the GEMM core, the conv
+    layers per algorithm, the dense layers), as it printed them."""
     if not path.exists():
         return "(bench.txt missing)"
     keep, lines = False, []
     for line in path.read_text(errors="replace").splitlines():
         if line.startswith("== "):
-            keep = line.startswith(("== GEMM core", "== conv timing"))
+            keep = line.startswith("== layers bench")
         elif keep and line.strip() and not line.startswith(("{", "test ")):
             lines.append("    " + line)
-    return "\n".join(lines) if lines else "(the timing tests were not run)"
+    return "\n".join(lines) if lines else "(the layers bench was not run)"
 
 
 def test_summary(path):
@@ -354,7 +354,7 @@ def main():
     print(kernel_summary(d / "tests.txt") + "\n")
     print("## 10-epoch training\n")
     print(train_summary(train) + "\n")
-    print("## The GEMM core and the conv layers, timed by the tests (10 runs each, synchronised)\n")
+    print("## The GEMM core and the conv layers (`cargo bench --bench layers`)\n")
     print(timing_lines(d / "bench.txt") + "\n")
     print("## One training step under Nsight Compute (ncu.csv)\n")
     try:

@@ -5,7 +5,7 @@
 # (and the timings it chose by); the PyTorch peer's bench; the bench with the tensor-core GEMMs
 # (--math 3xtf32, tf32, bf16); 10 epochs of training; a hardware-counter profile of one training
 # step (Nsight Compute, where it can read the counters); the bench of other builds (if
-# tools/gpu/builds.sh made them); the GEMM core's throughput; the conv timing test; the bench
+# tools/gpu/builds.sh made them); the GEMM core's throughput; the layers bench (GEMM core, conv algorithms); the bench
 # with the implicit GEMM, with Winograd, and with the PTX instead of the machine code; and, if
 # time is left, one small step under compute-sanitizer's racecheck and initcheck.
 # Build and pack on a machine with Rust first (tools/gpu/pack.sh), then on the GPU machine, with
@@ -126,17 +126,15 @@ else
   echo "== builds: none (tools/gpu/builds.sh makes them)" >> "$out/bench.txt"
 fi
 
-# 5. The GEMM core alone (one large problem per load path), the algorithms one by one (the conv
-# timing test), and the bench with each.
-{ echo "== GEMM core"
-  t=$(budget 60 20) && timeout "$t" .gpu/bin/test-dense --ignored --nocapture dense_cuda_gemm_core_timing 2>&1 | grep -E "GEMM core|panicked|SKIPPED"
-  echo "== conv timing (gemm, winograd, both without the 96-wide tiles, winograd:2, winograd:4, winograd:6, 3xtf32)"
-  t=$(budget 120 40) && timeout "$t" .gpu/bin/test-conv2d --ignored --nocapture conv2d_cuda_alexnet_timing 2>&1 | grep -vE "^$|running"
+# 5. The GEMM core alone (one large problem per load path), the convolution algorithms one by one
+# (the criterion bench `layers`), and `ptxgrad bench` with each.
+{ echo "== layers bench: gemm_core (4096^3 per load path and math), conv_algos (gemm, each Winograd tile, without the 96-wide tiles, 3xtf32), dense"
+  t=$(budget 180 60) && timeout "$t" .gpu/bin/bench-layers --bench --warm-up-time 1 --measurement-time 2 'gemm_core|conv_algos|dense' 2>&1 | grep -vE "^$|Warming|Collecting|Analyzing|Found|outlier|^ +[0-9]+ \("
   for a in gemm winograd; do [ "$a" = "$algo" ] || bench "$a"; done
   # The machine code built here against the driver compiling the PTX, same settings.
   PTXGRAD_KERNEL_CODE=ptx bench "$algo" --no-layers
 } >> "$out/bench.txt" 2>&1
-grep -E '"bench"|GEMM core|conv total|^gemm|^winograd' "$out/bench.txt"
+grep -E '"bench"|^gemm_core|^conv_algos|^dense|time:' "$out/bench.txt" | head -n 60
 
 # 6. If time is left: one small training step under compute-sanitizer's racecheck (shared-memory
 # hazards at any interleaving, where the emulator's two schedules see only barrier-to-barrier
