@@ -316,7 +316,7 @@ pub fn layer_cases(
             // A view: no kernel.
             Layer::Flatten => (Box::new(|| Ok(())), None),
             other @ (Layer::Sigmoid | Layer::AvgPool2d { .. } | Layer::GlobalAvgPool2d) => {
-                return Err(Error::Internal(format!("no bench case for {} yet", other.name())))
+                return Err(Error::Invalid(format!("{}: ptxgrad has no {} op to bench", net.title, other.name())))
             }
             Layer::Seq(_) => unreachable!("leaves() flattens blocks"),
         };

@@ -15,8 +15,6 @@
 //! Where build.rs assembled machine code for this GPU (sm_90 by default) the driver loads it as
 //! built, and these figures should equal ptxas's. The `code` column says which ran.
 
-use serde_json::json;
-
 use crate::device::{Gpu, LoadedCode};
 use crate::error::{Error, Result};
 use crate::ptx::{self, Module};
@@ -72,17 +70,6 @@ impl KernelResources {
         }
         v
     }
-
-    pub fn to_json(&self) -> serde_json::Value {
-        json!({
-            "kind": "kernel", "module": self.module, "kernel": self.kernel,
-            "registers": self.registers, "local_bytes": self.local_bytes,
-            "shared_bytes": self.shared_bytes, "max_threads": self.max_threads,
-            "bound_threads": self.bound_threads, "bound_blocks": self.bound_blocks,
-            "blocks_per_sm": self.blocks_per_sm, "binary_version": self.binary_version,
-            "code": self.code.to_string(), "violations": self.violations(),
-        })
-    }
 }
 
 /// Every kernel of every module, loaded (and so compiled by the driver) on `gpu`. Needs a GPU:
@@ -132,42 +119,4 @@ pub fn kernel_resources(gpu: &Gpu) -> Result<Vec<KernelResources>> {
 /// Every rule `kernels` break, as "kernel: sentence" (empty when all keep them).
 pub fn broken_rules(kernels: &[KernelResources]) -> Vec<String> {
     kernels.iter().flat_map(|k| k.violations().into_iter().map(move |v| format!("{}: {v}", k.kernel))).collect()
-}
-
-/// A table of `kernels`, one line each, then a line of totals.
-pub fn report(kernels: &[KernelResources]) -> String {
-    let opt = |v: Option<u32>| v.map_or("-".to_string(), |v| v.to_string());
-    let mut s = format!(
-        "{:<12} {:<34} {:>5} {:>4} {:>6} {:>7} {:>7} {:>7} {:>7}  {}\n",
-        "module", "kernel", "code", "regs", "local", "shared", "threads", "blk/SM", "bounds", "breaks"
-    );
-    for k in kernels {
-        let bounds = format!("{}x{}", opt(k.bound_threads), opt(k.bound_blocks));
-        s += &format!(
-            "{:<12} {:<34} {:>5} {:>4} {:>6} {:>7} {:>7} {:>7} {:>7}  {}\n",
-            k.module,
-            k.kernel,
-            match k.code {
-                LoadedCode::Sass(arch) => format!("sm_{arch}"),
-                LoadedCode::Ptx(_) => "ptx".into(),
-            },
-            k.registers,
-            k.local_bytes,
-            k.shared_bytes,
-            k.max_threads,
-            opt(k.blocks_per_sm),
-            bounds,
-            k.violations().join("; ")
-        );
-    }
-    let breaking = kernels.iter().filter(|k| !k.violations().is_empty()).count();
-    let arch: std::collections::BTreeSet<u32> = kernels.iter().map(|k| k.binary_version).collect();
-    s += &format!(
-        "{} kernels (machine code for sm_{}), {} with local memory, {} breaking a design rule\n",
-        kernels.len(),
-        arch.iter().map(u32::to_string).collect::<Vec<_>>().join("/sm_"),
-        kernels.iter().filter(|k| k.local_bytes > 0).count(),
-        breaking
-    );
-    s
 }

@@ -5,7 +5,7 @@
 mod common;
 
 use ptxgrad::device::LoadedCode;
-use ptxgrad::kernel_resources::{broken_rules, kernel_resources, report, KernelResources};
+use ptxgrad::kernel_resources::{broken_rules, kernel_resources, KernelResources};
 use ptxgrad::Device;
 
 /// A GEMM kernel as the rules want it: 128 registers, 2 blocks of 256 threads per SM.
@@ -55,21 +55,6 @@ fn violations_name_each_broken_rule() {
 }
 
 #[test]
-fn report_lists_every_kernel_and_the_totals() {
-    let kernels = [gemm_kernel(), KernelResources { kernel: "conv2d_fwd_f32_t64", local_bytes: 8, ..gemm_kernel() }];
-    let table = report(&kernels);
-    let lines: Vec<&str> = table.lines().collect();
-    assert_eq!(lines.len(), 4, "{table}");
-    assert!(lines[1].contains("conv2d_fwd_f32_t128") && lines[1].trim_end().ends_with("256x2"), "{table}");
-    assert!(lines[1].contains(" sm_90 "), "{table}");
-    assert!(lines[2].contains("8 bytes of local memory"), "{table}");
-    assert_eq!(lines[3], "2 kernels (machine code for sm_90), 1 with local memory, 1 breaking a design rule");
-    let json = kernels[1].to_json();
-    assert_eq!(json["local_bytes"], 8);
-    assert_eq!(json["violations"].as_array().map(Vec::len), Some(1));
-}
-
-#[test]
 fn kernel_resources_refuse_the_emulator() {
     let Device::Cuda(emu) = Device::parse("emu").expect("the emulator is always there") else {
         panic!("emu is a CUDA-path device")
@@ -85,7 +70,7 @@ fn kernel_resources_cuda_keep_the_design_rules() {
         return;
     };
     let kernels = kernel_resources(&gpu).expect("every kernel loads and reports its attributes");
-    print!("{}", report(&kernels));
+    println!("{} kernels, as the driver built them", kernels.len());
     let expected: usize =
         ptxgrad::ptx::all().iter().filter_map(|(_, ptx)| *ptx).map(|p| ptxgrad::ptx::entries(p).len()).sum();
     assert_eq!(kernels.len(), expected, "one record per `.entry` of the PTX");

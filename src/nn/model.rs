@@ -186,8 +186,8 @@ impl Model {
                     reshape(tape, &h, &[n, f])?
                 }
                 Layer::Dropout { p } => dropout(tape, &h, p, dropout_seed.wrapping_add(i as u64))?,
-                Layer::Sigmoid | Layer::AvgPool2d { .. } | Layer::GlobalAvgPool2d => {
-                    return Err(Error::Internal(format!("{} is not built yet", leaves[i].layer.name())))
+                other @ (Layer::Sigmoid | Layer::AvgPool2d { .. } | Layer::GlobalAvgPool2d) => {
+                    return Err(Error::Invalid(format!("{} cannot run: ptxgrad has no {} op", net.title, other.name())))
                 }
                 Layer::Seq(_) => unreachable!("leaves() flattens blocks"),
             };
