@@ -12,7 +12,6 @@ use crate::device::{Device, Gpu, HostTraffic};
 use crate::error::{Error, Result};
 use crate::nn::conv_tune::{self, LayerTuning};
 use crate::nn::model::Model;
-use crate::nn::models::ALEXNET;
 use crate::nn::network::{Layer, Network};
 use crate::nn::Compute;
 use crate::ops::conv2d::ConvAlgo;
@@ -25,6 +24,8 @@ use crate::train::train_step;
 /// What [`run`] measures, and how.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
+    /// The network whose training step is timed (`nn::models`).
+    pub net: &'static Network,
     pub device: Device,
     /// Examples per step (at least 1).
     pub batch_size: usize,
@@ -138,8 +139,8 @@ fn wall_ms(device: &Device, f: impl FnOnce() -> Result<()>) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64() * 1e3)
 }
 
-/// Runs the bench `cfg` describes on a freshly initialised AlexNet (seed 0) and a synthetic
-/// batch, handing each result to `on` as soon as it is measured (see [`Measured`]).
+/// Runs the bench `cfg` describes on a freshly initialised `cfg.net` (seed 0) and a synthetic
+/// batch, stepping with the net's recipe's learning rate, handing each result to `on` as soon as it is measured (see [`Measured`]).
 pub fn run(cfg: &BenchConfig, mut on: impl FnMut(Measured<'_>)) -> Result<()> {
     let device = &cfg.device;
     let (b, r) = (cfg.batch_size, cfg.resolution);
@@ -159,18 +160,20 @@ pub fn run(cfg: &BenchConfig, mut on: impl FnMut(Measured<'_>)) -> Result<()> {
         device_name: device.hardware_name(),
         kernels: crate::ptx::COMPILER,
     }));
-    let mut model = Model::new(&ALEXNET, r, 0, device)?.with_compute(compute)?;
+    let net = cfg.net;
+    let lr = net.recipe.lr;
+    let mut model = Model::new(net, r, 0, device)?.with_compute(compute)?;
     on(Measured::Tunings(&model.tune_convs(b, conv_tune::REPS)?));
-    let conv_algos: Vec<ConvAlgo> = (ALEXNET.leaves().iter().enumerate())
+    let conv_algos: Vec<ConvAlgo> = (net.leaves().iter().enumerate())
         .filter(|(_, l)| matches!(l.layer, Layer::Conv2d { .. }))
         .map(|(i, _)| model.conv_algo_of(i))
         .collect();
     let x = Tensor::synthetic(&[b, 1, r, r], 0.0, 1.0, 1, device)?;
-    let labels: Vec<u32> = (0..b as u32).map(|i| (i * 7 + 3) % 10).collect();
+    let labels: Vec<u32> = (0..b as u32).map(|i| (i * 7 + 3) % net.classes as u32).collect();
     let y = Labels::from_vec(&[b], labels, device)?;
     let t0 = Instant::now();
     for step in 0..cfg.warmup {
-        train_step(&mut model, &x, &y, step as u64, 0.01, None)?;
+        train_step(&mut model, &x, &y, step as u64, lr, None)?;
     }
     device.synchronize()?;
     let warmup_s = t0.elapsed().as_secs_f64();
@@ -183,7 +186,7 @@ pub fn run(cfg: &BenchConfig, mut on: impl FnMut(Measured<'_>)) -> Result<()> {
     let ms = wall_ms(device, || {
         let before = counters();
         for step in 0..cfg.steps {
-            train_step(&mut model, &x, &y, (cfg.warmup + step) as u64, 0.01, None)?;
+            train_step(&mut model, &x, &y, (cfg.warmup + step) as u64, lr, None)?;
         }
         counts =
             counters().zip(before).map(|((fa, ta), (fb, tb))| StepCounts { allocations: fa - fb, traffic: ta - tb });
@@ -205,14 +208,14 @@ pub fn run(cfg: &BenchConfig, mut on: impl FnMut(Measured<'_>)) -> Result<()> {
         let first = cfg.warmup + cfg.steps;
         gpu.profiled(|| {
             for step in first..first + cfg.profile_steps {
-                train_step(&mut model, &x, &y, step as u64, 0.01, None)?;
+                train_step(&mut model, &x, &y, step as u64, lr, None)?;
             }
             Ok(())
         })?;
         on(Measured::Profiled { steps: cfg.profile_steps, first_step: first });
     }
     if let (Device::Cuda(gpu), true) = (device, cfg.layers) {
-        on(Measured::Layers(&layer_times(gpu, device, b, r, compute.gemm, &|i| model.conv_algo_of(i))?));
+        on(Measured::Layers(&layer_times(net, gpu, device, b, r, compute.gemm, &|i| model.conv_algo_of(i))?));
     }
     Ok(())
 }
@@ -360,8 +363,10 @@ fn time_avg(gpu: &Gpu, reps: usize, f: &mut Work) -> Result<f32> {
     Ok(total / reps as f32)
 }
 
-/// Every case of [`layer_cases`] timed on `gpu` (CUDA events; wall time on the emulator).
+/// Every case of [`layer_cases`] of `net` timed on `gpu` (CUDA events; wall time on the
+/// emulator).
 pub fn layer_times(
+    net: &'static Network,
     gpu: &Gpu,
     device: &Device,
     b: usize,
@@ -370,7 +375,7 @@ pub fn layer_times(
     algo_of: &dyn Fn(usize) -> ConvAlgo,
 ) -> Result<Vec<LayerTime>> {
     let mut rows = Vec::new();
-    for mut case in layer_cases(&ALEXNET, device, b, r, gemm, algo_of)? {
+    for mut case in layer_cases(net, device, b, r, gemm, algo_of)? {
         let fwd_ms = time_avg(gpu, LAYER_REPS, &mut case.fwd)?;
         let bwd_ms = match case.bwd.as_mut() {
             Some(bwd) => time_avg(gpu, LAYER_REPS, bwd)?,

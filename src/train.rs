@@ -16,7 +16,6 @@
 //! the `ptxgrad` command) ends the run at the next step, after the save in flight has finished.
 //! Each of these errors says what the checkpoint on disk holds.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,7 +25,7 @@ use crate::data::fashion_mnist::{epoch_batches, sequential_batches, Split};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::nn::model::Model;
-use crate::nn::models::ALEXNET;
+use crate::nn::saved;
 use crate::nn::sgd_step;
 use crate::ops::nonfinite::nonfinite_counts;
 use crate::ops::resize::resize_bilinear;
@@ -294,7 +293,7 @@ pub fn train(
             return Err(interrupted(&mut writer, saved, signal, when));
         };
         if let Some(claim) = &cfg.checkpoint {
-            let (tensors, metadata) = checkpoint_contents(model, epoch, cfg)?;
+            let (tensors, metadata) = saved::contents(model, epoch, cfg.seed, cfg.lr, cfg.batch_size)?;
             writer.start(claim.path(), tensors, metadata)?;
             saved = epoch;
             if epoch == cfg.epochs {
@@ -367,80 +366,16 @@ fn evaluate_until(model: &Model, split: &Split, resolution: usize, stop: Option<
     Ok(Some(if split.is_empty() { f64::NAN } else { s[1] as f64 / split.len() as f64 }))
 }
 
-/// Metadata keys stored in checkpoints.
-pub const META_EPOCH: &str = "epoch";
-pub const META_RESOLUTION: &str = "resolution";
-
-/// What the checkpoint after `epoch` holds: the parameters, copied to the host (so that training
-/// may go on while they are written), and the metadata `load_checkpoint` needs.
-pub fn checkpoint_contents(
-    model: &Model,
-    epoch: usize,
-    cfg: &TrainConfig,
-) -> Result<(Vec<checkpoint::NamedTensor>, BTreeMap<String, String>)> {
-    let tensors = model.to_named()?;
-    let mut meta = BTreeMap::new();
-    meta.insert("format".to_string(), "ptxgrad alexnet v1 (torch nn.Sequential state_dict names)".to_string());
-    meta.insert(META_EPOCH.to_string(), epoch.to_string());
-    meta.insert(META_RESOLUTION.to_string(), model.resolution.to_string());
-    meta.insert("seed".to_string(), cfg.seed.to_string());
-    meta.insert("lr".to_string(), cfg.lr.to_string());
-    meta.insert("batch_size".to_string(), cfg.batch_size.to_string());
-    Ok((tensors, meta))
-}
-
-/// Loads a checkpoint: (model, epochs completed). Refuses one whose metadata does not describe
-/// a network ptxgrad can build, or whose tensors hold NaN or Inf (naming them: such weights
-/// evaluate to nonsense and would train on from it).
-pub fn load_checkpoint(path: &std::path::Path, device: &Device) -> Result<(Model, usize)> {
-    let (tensors, meta) = checkpoint::load(path)?;
-    let shown = path.display();
-    let field = |key: &str| -> Result<usize> {
-        let v = meta.get(key).ok_or_else(|| {
-            Error::Checkpoint(format!("{shown}: not a ptxgrad checkpoint (no `{key}` in its metadata)"))
-        })?;
-        v.parse().map_err(|_| Error::Checkpoint(format!("{shown}: metadata `{key}` is `{v}`, not a number")))
-    };
-    let (epoch, resolution) = (field(META_EPOCH)?, field(META_RESOLUTION)?);
-    let net = &ALEXNET;
-    net.leaf_shapes(&net.input_shape(1, resolution))
-        .map_err(|e| Error::Checkpoint(format!("{shown}: metadata `{META_RESOLUTION}` is {resolution}: {e}")))?;
-    let bad: Vec<String> = tensors
-        .iter()
-        .filter_map(|t| {
-            let k = crate::ops::nonfinite::count_nonfinite_cpu(&t.data);
-            (k > 0).then(|| format!("`{}`: {k} of {} values", t.name, t.data.len()))
-        })
-        .collect();
-    if !bad.is_empty() {
-        return Err(Error::Checkpoint(format!(
-            "{shown}: the checkpoint holds NaN or Inf ({}): it comes from a run that diverged; train afresh \
-             (a lower --lr) or resume from an earlier checkpoint",
-            bad.join(", ")
-        )));
+/// The logits (eval mode) of the first `limit` examples of `split`, in order: (n, classes)
+/// row-major, n = min(limit, split.len()).
+pub fn logits(model: &Model, split: &Split, limit: usize) -> Result<Vec<f32>> {
+    let device = model.device();
+    let hw = (split.images.h, split.images.w);
+    let mut out = Vec::new();
+    for idx in sequential_batches(split.len().min(limit), EVAL_BATCH) {
+        let (pixels, labels) = split.gather(&idx);
+        let (x, _) = prepare_batch(pixels, labels, hw, model.resolution, &device)?;
+        out.extend(model.forward(&mut Tape::eval(), &x, 0)?.to_vec()?);
     }
-    let model = Model::from_named(net, resolution, tensors, device).map_err(|e| match e {
-        Error::Checkpoint(m) => Error::Checkpoint(format!("{shown}: {m}")),
-        e => e,
-    })?;
-    Ok((model, epoch))
-}
-
-/// The hyperparameters a checkpoint recorded (`seed`, `lr`, `batch_size`), where present and
-/// readable: what `--resume` continues with unless told otherwise.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Recorded {
-    pub seed: Option<u64>,
-    pub lr: Option<f32>,
-    pub batch_size: Option<usize>,
-}
-
-/// Reads [`Recorded`] from a checkpoint's metadata (the header only).
-pub fn recorded_hyperparameters(path: &std::path::Path) -> Result<Recorded> {
-    let meta = checkpoint::metadata(path)?;
-    Ok(Recorded {
-        seed: meta.get("seed").and_then(|v| v.parse().ok()),
-        lr: meta.get("lr").and_then(|v| v.parse().ok()),
-        batch_size: meta.get("batch_size").and_then(|v| v.parse().ok()),
-    })
+    Ok(out)
 }

@@ -113,16 +113,7 @@ fn train_on_the_cpu_reports_epochs_and_writes_its_checkpoint() {
 fn small_checkpoint(path: &std::path::Path) {
     use ptxgrad::nn::{model::Model, models::ALEXNET};
     let model = Model::new(&ALEXNET, 65, 7, &ptxgrad::Device::Cpu).unwrap();
-    let cfg = ptxgrad::train::TrainConfig {
-        epochs: 1,
-        batch_size: 32,
-        lr: 0.01,
-        resolution: 65,
-        seed: 7,
-        checkpoint: None,
-        stop: Default::default(),
-    };
-    let (tensors, meta) = ptxgrad::train::checkpoint_contents(&model, 1, &cfg).unwrap();
+    let (tensors, meta) = ptxgrad::nn::saved::contents(&model, 1, 7, 0.01, 32).unwrap();
     ptxgrad::checkpoint::save(path, &tensors, &meta).unwrap();
 }
 

@@ -6,9 +6,16 @@ use std::path::PathBuf;
 
 use ptxgrad::checkpoint::Claim;
 use ptxgrad::data::fashion_mnist::FashionMnist;
-use ptxgrad::nn::{model::Model, models::ALEXNET};
+use ptxgrad::nn::{model::Model, models::ALEXNET, saved};
 use ptxgrad::train::{self, EpochReport, NoProgress, Progress, Stop, TrainConfig};
 use ptxgrad::{Device, Tensor};
+
+/// A checkpoint read back onto the CPU: (model, epochs done).
+fn load(path: &std::path::Path) -> (Model, usize) {
+    let loaded = saved::load(path, &Device::Cpu, saved::Expect::default()).unwrap();
+    let epoch = loaded.epoch();
+    (loaded.model, epoch)
+}
 
 fn data(train_n: usize, test_n: usize) -> FashionMnist {
     // Relative to the working directory (the crate root under `cargo test`).
@@ -49,7 +56,7 @@ fn cpu_training_lowers_the_loss_and_beats_chance() {
     assert!(reports[1].test_acc > 0.25, "test acc {} should clearly beat chance (0.1)", reports[1].test_acc);
 
     // The checkpoint holds the trained model: same test accuracy after a round trip.
-    let (loaded, epoch) = train::load_checkpoint(&ckpt, &Device::Cpu).unwrap();
+    let (loaded, epoch) = load(&ckpt);
     assert_eq!(epoch, 2);
     let acc = train::evaluate(&loaded, &d.test, RES).unwrap();
     assert_eq!(acc, reports[1].test_acc);
@@ -63,7 +70,7 @@ fn resume_continues_from_the_checkpoint_epoch() {
     let ckpt = dir.join("resume.safetensors");
     let mut model = Model::new(&ALEXNET, RES, 2, &Device::Cpu).unwrap();
     train::train(&mut model, &d.train, &d.test, &config(1, 32, 0.01, Some(ckpt.clone())), 0, &mut NoProgress).unwrap();
-    let (mut resumed, epoch) = train::load_checkpoint(&ckpt, &Device::Cpu).unwrap();
+    let (mut resumed, epoch) = load(&ckpt);
     assert_eq!(epoch, 1);
     let reports =
         train::train(&mut resumed, &d.train, &d.test, &config(2, 32, 0.01, Some(ckpt.clone())), epoch, &mut NoProgress)
@@ -131,7 +138,7 @@ fn a_stop_request_ends_the_run_before_its_next_step_and_says_what_is_on_disk() {
     let want = format!("stopped by SIGINT (Ctrl-C) in epoch 3 before step 1 of 2; {} holds epoch 2", ckpt.display());
     assert!(message.contains(&want), "{message}");
     // The save in flight was waited for: the file is whole, and it is epoch 2's.
-    let (loaded, epoch) = train::load_checkpoint(&ckpt, &Device::Cpu).unwrap();
+    let (loaded, epoch) = load(&ckpt);
     assert_eq!(epoch, 2);
     for (a, b) in loaded.params.iter().zip(&model.params) {
         assert_eq!(a.value.to_vec().unwrap(), b.value.to_vec().unwrap(), "{}", a.name);

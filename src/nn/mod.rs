@@ -5,6 +5,7 @@ pub mod conv_tune;
 pub mod model;
 pub mod models;
 pub mod network;
+pub mod saved;
 
 use crate::error::{Error, Result};
 use crate::ops::conv2d::ConvAlgo;

@@ -8,6 +8,8 @@
 //! Shapes: an image layer maps (N, C, H, W) to (N, C', H', W'); `Flatten` maps (N, C, H, W) to
 //! (N, C*H*W); `Linear` maps (N, F) to (N, F').
 
+use std::collections::HashMap;
+
 use crate::error::{Error, Result};
 use crate::nn::conv_tune::ConvLayer;
 use crate::ops::conv2d::Conv2dParams;
@@ -94,6 +96,32 @@ pub struct Network {
     /// Outputs of the last layer (Fashion-MNIST: 10 classes).
     pub classes: usize,
     pub recipe: Recipe,
+}
+
+/// The largest input size [`Network::fitting_resolutions`] tries (a network that fits every
+/// size, as one whose global pooling makes its parameters independent of the input, fits up to
+/// here).
+pub const MAX_FITTED_RESOLUTION: usize = 1024;
+
+/// Sizes from [`Network::fitting_resolutions`] for messages: `224`, `224-227`, `63 up`, or
+/// `64, 80-81`.
+pub fn describe_sizes(sizes: &[usize]) -> String {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for &r in sizes {
+        match runs.last_mut() {
+            Some((_, hi)) if *hi + 1 == r => *hi = r,
+            _ => runs.push((r, r)),
+        }
+    }
+    let runs: Vec<String> = runs
+        .iter()
+        .map(|&(lo, hi)| match hi - lo {
+            _ if hi == MAX_FITTED_RESOLUTION => format!("{lo}x{lo} up"),
+            0 => format!("{lo}x{lo}"),
+            _ => format!("{lo}x{lo} to {hi}x{hi}"),
+        })
+        .collect();
+    runs.join(", ")
 }
 
 /// A layer of the flattened table: what the forward pass runs, in order.
@@ -239,6 +267,51 @@ impl Network {
             out.push((format!("{}.bias", leaf.path), bias));
         }
         Ok(out)
+    }
+
+    /// The input sizes (ascending, from `min_resolution()` up to [`MAX_FITTED_RESOLUTION`]) at
+    /// which this network's parameters have exactly `params`' names and shapes: what a
+    /// state_dict without metadata (a PyTorch `save_file`) says of the input it was made for.
+    /// Empty when none does; see [`Network::misfit`] for why.
+    pub fn fitting_resolutions(&self, params: &HashMap<String, Vec<usize>>) -> Vec<usize> {
+        if !self.has_param_names(params) {
+            return Vec::new();
+        }
+        (self.min_resolution()..=MAX_FITTED_RESOLUTION)
+            .filter(|&r| {
+                self.param_shapes(r).is_ok_and(|want| want.iter().all(|(name, shape)| params.get(name) == Some(shape)))
+            })
+            .collect()
+    }
+
+    /// Whether `params` holds exactly this network's parameter names (whatever their shapes).
+    pub fn has_param_names(&self, params: &HashMap<String, Vec<usize>>) -> bool {
+        match self.param_shapes(self.min_resolution()) {
+            Ok(want) => want.len() == params.len() && want.iter().all(|(name, _)| params.contains_key(name)),
+            Err(_) => false,
+        }
+    }
+
+    /// Why `params` is not this network's at `resolution`: the first missing, unexpected or
+    /// misshapen tensor (None when it fits).
+    pub fn misfit(&self, params: &HashMap<String, Vec<usize>>, resolution: usize) -> Option<String> {
+        let at = format!("{} at {resolution}x{resolution}", self.title);
+        let want = match self.param_shapes(resolution) {
+            Ok(want) => want,
+            Err(e) => return Some(e.to_string()),
+        };
+        for (name, shape) in &want {
+            match params.get(name) {
+                None => return Some(format!("no tensor `{name}` (expected {at})")),
+                Some(found) if found != shape => {
+                    return Some(format!("tensor `{name}`: expected shape {shape:?} ({at}), found {found:?}"))
+                }
+                Some(_) => {}
+            }
+        }
+        let mut extra: Vec<&String> = params.keys().filter(|k| !want.iter().any(|(n, _)| n == *k)).collect();
+        extra.sort();
+        extra.first().map(|e| format!("an unexpected tensor `{e}` (not part of {})", self.title))
     }
 
     /// The number of parameters at `resolution`, checked (an error rather than a wrapped count).

@@ -1,7 +1,7 @@
 //! `ptxgrad bench`: the library's `bench::run`, printed as JSON lines as each figure comes
 //! (`"kind"`: env, conv_tune, bench, profiled, layer), then the per-layer table.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use ptxgrad::bench::{self, BenchConfig, LayerTime, Measured, StepTimes, LAYER_REPS};
@@ -12,7 +12,11 @@ use crate::args::BenchArgs;
 
 pub fn run(a: &BenchArgs) -> Result<()> {
     let device = Device::parse(&a.device)?;
-    if a.batch_size == 0 || a.steps == 0 {
+    let net = a.model;
+    let batch_size = a.batch_size.unwrap_or(net.recipe.batch_size);
+    let resolution = a.resize.unwrap_or(net.recipe.resolution);
+    net.leaf_shapes(&net.input_shape(1, resolution)).context("--resize")?;
+    if batch_size == 0 || a.steps == 0 {
         bail!("--batch-size and --steps must be at least 1");
     }
     GemmOpts::math(a.math).check_device(&device)?;
@@ -20,11 +24,12 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         bail!("--profile-steps needs a CUDA device (or emu), not {}", device.label());
     }
     let cfg = BenchConfig {
+        net,
         device,
-        batch_size: a.batch_size,
+        batch_size,
         warmup: a.warmup,
         steps: a.steps,
-        resolution: a.resize,
+        resolution,
         layers: !a.no_layers,
         profile_steps: a.profile_steps,
         conv_algo: a.conv_algo,
@@ -33,7 +38,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     bench::run(&cfg, |m| match m {
         Measured::Env(env) => println!(
             "{}",
-            json!({"kind": "env", "engine": "ptxgrad", "device": env.device, "device_name": env.device_name, "kernels": env.kernels})
+            json!({"kind": "env", "engine": "ptxgrad", "model": cfg.net.name, "device": env.device, "device_name": env.device_name, "kernels": env.kernels})
         ),
         Measured::Tunings(tunings) => {
             for t in tunings {
@@ -56,7 +61,7 @@ fn steps_json(cfg: &BenchConfig, s: &StepTimes) -> serde_json::Value {
     let peak_gib = s.peak_pool_bytes.map(|b| b as f64 / (1u64 << 30) as f64);
     let conv_algos: Vec<String> = s.conv_algos.iter().map(|a| a.to_string()).collect();
     json!({
-        "kind": "bench", "config": format!("ptxgrad-{}", cfg.math), "math": cfg.math.to_string(),
+        "kind": "bench", "model": cfg.net.name, "config": format!("ptxgrad-{}", cfg.math), "math": cfg.math.to_string(),
         "conv_algo": cfg.conv_algo.to_string(), "conv_algos": conv_algos,
         "batch": cfg.batch_size, "resolution": cfg.resolution,
         "examples_per_sec": round(s.examples_per_sec(cfg.batch_size), 10.0),
@@ -82,7 +87,7 @@ fn print_layers(cfg: &BenchConfig, rows: &[LayerTime]) {
     }
     let emulated = matches!(&cfg.device, Device::Cuda(g) if g.is_emu());
     let clock = if emulated { "wall time on the kernel emulator" } else { "CUDA events" };
-    println!("\nper-layer GPU time, batch {b} at {r}x{r} ({clock}, mean of {LAYER_REPS}):");
+    println!("\nper-layer GPU time of {}, batch {b} at {r}x{r} ({clock}, mean of {LAYER_REPS}):", cfg.net.title);
     println!("{:<22} {:<11} {:>20} {:>9} {:>9} {:>7}", "layer", "algorithm", "output", "fwd ms", "bwd ms", "share");
     for row in rows {
         println!(

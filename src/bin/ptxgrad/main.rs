@@ -17,7 +17,6 @@ mod train;
 use clap::Parser;
 
 use args::{Cli, Command};
-use ptxgrad::nn::models::ALEXNET;
 use ptxgrad::train::Stop;
 
 fn main() {
@@ -31,7 +30,9 @@ fn main() {
     }
     let result = match cli.command {
         Command::Train(a) => train::run(a, stop),
-        Command::Summary { resize } => ALEXNET.summary(resize).map(|s| print!("{s}")).map_err(Into::into),
+        Command::Summary { model, resize } => {
+            model.summary(resize.unwrap_or(model.recipe.resolution)).map(|s| print!("{s}")).map_err(Into::into)
+        }
         Command::Eval(a) => eval::eval(a),
         Command::Predict { common, count } => eval::predict(common, count),
         Command::Bench(a) => bench::run(&a),

@@ -1,16 +1,14 @@
 //! What `train`, `eval` and `predict` share before any work: the device, the memory check, the
-//! data and the checkpoint to read.
+//! data, and what a missing checkpoint is told with.
 
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
 use ptxgrad::data::fashion_mnist::{resolve_data_dir, FashionMnist};
-use ptxgrad::nn::model::Model;
 use ptxgrad::nn::network::Footprint;
 use ptxgrad::nn::Compute;
 use ptxgrad::ops::gemm::GemmOpts;
-use ptxgrad::train;
 use ptxgrad::Device;
 
 use crate::args::DataArgs;
@@ -97,15 +95,6 @@ pub fn missing_checkpoint(what: &str, checkpoint: &Path) -> String {
          file)",
         checkpoint.display()
     )
-}
-
-/// The model and epoch of a checkpoint; `what` prefixes the errors (the flag that asked for it).
-pub fn open_checkpoint(checkpoint: &Path, device: &Device, what: &str) -> Result<(Model, usize)> {
-    if !checkpoint.exists() {
-        bail!(missing_checkpoint(what, checkpoint));
-    }
-    // The errors of `load_checkpoint` name the file already.
-    train::load_checkpoint(checkpoint, device).with_context(|| format!("{what}loading a checkpoint"))
 }
 
 /// How the model runs its GEMMs and convolutions, as --math and --conv-algo say; refused at once

@@ -9,18 +9,14 @@ use ptxgrad::checkpoint;
 use ptxgrad::nn::conv_tune::{self, LayerTuning};
 use ptxgrad::nn::model::Model;
 use ptxgrad::nn::models::ALEXNET;
+use ptxgrad::nn::saved::{self, Expect, Source};
 use ptxgrad::train::{self, EpochReport, Stop, TrainConfig};
 use ptxgrad::Device;
 
-use crate::args::TrainArgs;
+use crate::args::{default_checkpoint, TrainArgs};
 use crate::progress::Console;
 use crate::report::{accuracy, print_predictions, tuning_json, tunings_table};
-use crate::setup::{check_memory, compute_of, load_data, missing_checkpoint, open_checkpoint, pick_device};
-
-/// The book's recipe: what `train` runs with when not told otherwise.
-const DEFAULT_BATCH: usize = 128;
-const DEFAULT_LR: f32 = 0.01;
-const DEFAULT_RESIZE: usize = 224;
+use crate::setup::{check_memory, compute_of, load_data, missing_checkpoint, pick_device};
 
 /// One hyperparameter of a run: the flag's value if given, else the one the checkpoint recorded
 /// (with --resume), else the default. A flag that differs from the recorded value is noted in
@@ -47,11 +43,14 @@ pub fn run(a: TrainArgs, stop: Stop) -> Result<()> {
     if let Some(lr) = a.lr.filter(|lr| !(lr.is_finite() && *lr > 0.0)) {
         bail!("--lr must be a positive number, got {lr}");
     }
-    if let Some(r) = a.resize {
-        ALEXNET.leaf_shapes(&ALEXNET.input_shape(1, r)).context("--resize")?;
+    // Without --resume the network is known now; with it, once the checkpoint is read.
+    let net = a.model.unwrap_or(&ALEXNET);
+    if let (Some(r), false) = (a.resize, a.resume) {
+        net.leaf_shapes(&net.input_shape(1, r)).context("--resize")?;
     }
+    let path = a.checkpoint.clone().unwrap_or_else(|| default_checkpoint(a.model));
     // One writer per checkpoint, claimed before any work (and before it is read for --resume).
-    let claim = checkpoint::Claim::acquire(&a.checkpoint).context("--checkpoint")?;
+    let claim = checkpoint::Claim::acquire(&path).context("--checkpoint")?;
     for stale in claim.removed_stale() {
         println!("removed {}, a temp file that a killed run left behind", stale.display());
     }
@@ -60,23 +59,31 @@ pub fn run(a: TrainArgs, stop: Stop) -> Result<()> {
         bail!(
             "--checkpoint {} exists already: --resume continues it, --overwrite starts afresh and replaces it \
              after the first epoch, or --checkpoint PATH names another file",
-            a.checkpoint.display()
+            path.display()
         );
     }
     if a.resume && !exists {
-        bail!(missing_checkpoint("--resume: ", &a.checkpoint));
+        bail!(missing_checkpoint("--resume: ", &path));
     }
-    // --resume continues with the checkpoint's recipe unless told otherwise (and then says so).
-    let recorded = match a.resume {
-        true => train::recorded_hyperparameters(claim.path()).context("--resume")?,
-        false => train::Recorded::default(),
-    };
-    let mut changed = Vec::new();
-    let batch_size = choose("--batch-size", a.batch_size, recorded.batch_size, DEFAULT_BATCH, &mut changed);
-    let lr = choose("--lr", a.lr, recorded.lr, DEFAULT_LR, &mut changed);
-    let seed = choose("--seed", a.seed, recorded.seed, 0, &mut changed);
-    let device = pick_device(&a.data.device, if a.resume { a.resize } else { a.resize.or(Some(DEFAULT_RESIZE)) })?;
+    let device = pick_device(&a.data.device, a.resize.or((!a.resume).then_some(net.recipe.resolution)))?;
     let compute = compute_of(&a.data, &device)?;
+    // --resume continues the checkpoint's network with its recipe unless told otherwise (and
+    // then says so); a PyTorch state_dict starts at epoch 0 with the network's recipe.
+    let resumed = match a.resume {
+        true => {
+            let expect = Expect { net: a.model, resolution: a.resize };
+            let loaded = saved::load(claim.path(), &device, expect).context("--resume: loading a checkpoint")?;
+            Some(loaded)
+        }
+        false => None,
+    };
+    let net = resumed.as_ref().map_or(net, |l| l.model.net);
+    let recorded = resumed.as_ref().map(|l| l.recorded()).unwrap_or_default();
+    let recipe = net.recipe;
+    let mut changed = Vec::new();
+    let batch_size = choose("--batch-size", a.batch_size, recorded.batch_size, recipe.batch_size, &mut changed);
+    let lr = choose("--lr", a.lr, recorded.lr, recipe.lr, &mut changed);
+    let seed = choose("--seed", a.seed, recorded.seed, 0, &mut changed);
     let data = load_data(&a.data, a.max_examples)?;
     if data.train.is_empty() {
         bail!("no training examples (--max-examples 0?)");
@@ -84,25 +91,27 @@ pub fn run(a: TrainArgs, stop: Stop) -> Result<()> {
     if data.test.is_empty() {
         eprintln!("warning: no test examples: test accuracy is not measured (it prints as n/a)");
     }
-    let (model, start_epoch) = if a.resume {
-        let (m, epoch) = open_checkpoint(claim.path(), &device, "--resume: ")?;
-        if let Some(r) = a.resize.filter(|&r| r != m.resolution) {
-            bail!("--resume: the checkpoint was trained at {0}x{0}, but --resize is {r}", m.resolution);
+    let steps_batch = batch_size.min(data.train.len());
+    let (model, start_epoch) = match resumed {
+        Some(loaded) => {
+            let epoch = loaded.epoch();
+            match &loaded.source {
+                Source::Ptxgrad { .. } => println!("resuming from {} after epoch {epoch}", path.display()),
+                Source::StateDict { note } => println!("resuming from {}: {note}; epochs count from 0", path.display()),
+            }
+            let m = loaded.model;
+            let need = m.net.footprint(m.resolution, steps_batch, true)?;
+            check_memory(&device, need, &format!("--batch-size {batch_size}"), "training")?;
+            (m, epoch)
         }
-        println!("resuming from {} after epoch {epoch}", a.checkpoint.display());
-        (m, epoch)
-    } else {
-        let resize = a.resize.unwrap_or(DEFAULT_RESIZE);
-        // Sizes first: an impossible --resize or --batch-size is refused before it is allocated.
-        let steps_batch = batch_size.min(data.train.len());
-        let need = ALEXNET.footprint(resize, steps_batch, true).context("--resize")?;
-        check_memory(&device, need, &format!("--resize {resize} --batch-size {batch_size}"), "training")?;
-        (Model::new(&ALEXNET, resize, seed, &device)?, 0)
+        None => {
+            let resize = a.resize.unwrap_or(recipe.resolution);
+            // Sizes first: an impossible --resize or --batch-size is refused before it is allocated.
+            let need = net.footprint(resize, steps_batch, true).context("--resize")?;
+            check_memory(&device, need, &format!("--resize {resize} --batch-size {batch_size}"), "training")?;
+            (Model::new(net, resize, seed, &device)?, 0)
+        }
     };
-    if a.resume {
-        let need = model.net.footprint(model.resolution, batch_size.min(data.train.len()), true)?;
-        check_memory(&device, need, &format!("--batch-size {batch_size}"), "training")?;
-    }
     for c in &changed {
         println!("--resume: continuing with {c}");
     }
@@ -120,7 +129,8 @@ pub fn run(a: TrainArgs, stop: Stop) -> Result<()> {
         stop,
     };
     println!(
-        "training AlexNet ({} parameters) on {} ({}), {} train / {} test examples at {}x{}, batch {}, lr {}, {} epochs, {} convolutions, {} GEMMs",
+        "training {} ({} parameters) on {} ({}), {} train / {} test examples at {}x{}, batch {}, lr {}, {} epochs, {} convolutions, {} GEMMs",
+        model.net.title,
         model.param_count(),
         device.label(),
         device.hardware_name(),
@@ -151,10 +161,10 @@ pub fn run(a: TrainArgs, stop: Stop) -> Result<()> {
     let reports = train::train(&mut model, &data.train, &data.test, &cfg, start_epoch, &mut console)?;
     print_run(&reports, &device, json.as_mut())?;
     print_predictions(&model, &data, 10)?;
-    let linked = std::fs::symlink_metadata(&a.checkpoint).is_ok_and(|m| m.file_type().is_symlink());
+    let linked = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
     match cfg.checkpoint.as_ref().map(|c| c.path()) {
-        Some(p) if linked => println!("checkpoint: {} (-> {})", a.checkpoint.display(), p.display()),
-        _ => println!("checkpoint: {}", a.checkpoint.display()),
+        Some(p) if linked => println!("checkpoint: {} (-> {})", path.display(), p.display()),
+        _ => println!("checkpoint: {}", path.display()),
     }
     Ok(())
 }
