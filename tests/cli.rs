@@ -274,3 +274,92 @@ fn the_cpu_fallback_warning_names_the_size_asked_for() {
         }
     }
 }
+
+#[test]
+fn every_model_is_summarised_at_its_recipes_size() {
+    for (model, size, count) in [("lenet", 28, 61_706), ("vgg11", 224, 43_093_322), ("nin", 224, 1_992_166)] {
+        let (code, out, err) = ptxgrad(&["summary", "--model", model]);
+        assert_eq!(code, 0, "{model}: {err}");
+        assert!(out.contains(&format!("parameters: {count}")), "{model}: {out}");
+        // One (1, 1, size, size) input: the first layer keeps or shrinks the plane.
+        assert!(out.lines().next().is_some_and(|l| l.contains("torch.Size([1, ")), "{model} at {size}: {out}");
+    }
+    fails_with(&["summary", "--model", "resnet"], "expected one of lenet, alexnet, vgg11, nin");
+    fails_with(&["train", "--model", "resnet"], "invalid value 'resnet' for '--model");
+}
+
+/// A PyTorch-style state_dict (no metadata) of an AlexNet at 65x65, as `save_file` writes one.
+fn plain_state_dict(path: &std::path::Path) {
+    use ptxgrad::nn::{model::Model, models::ALEXNET};
+    let model = Model::new(&ALEXNET, 65, 7, &ptxgrad::Device::Cpu).unwrap();
+    ptxgrad::checkpoint::save(path, &model.to_named().unwrap(), &Default::default()).unwrap();
+}
+
+#[test]
+fn eval_and_predict_read_a_plain_state_dict_and_give_logits_as_json() {
+    let dir = common::TempDir::new("cli-plain");
+    let path = dir.join("torch.safetensors");
+    plain_state_dict(&path);
+    let p = path.display().to_string();
+    // Its shapes fit 65 to 96, not AlexNet's recipe (224): the size is asked for by flag name.
+    fails_with(&["eval", "--device", "cpu", "--checkpoint", &p], "give --resize");
+    let base = ["--device", "cpu", "--checkpoint", &p, "--resize", "65", "--max-examples", "7"];
+    let (code, out, err) = ptxgrad(&[&["eval"][..], &base].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("a PyTorch state_dict (no ptxgrad metadata): AlexNet found from its tensor names"), "{out}");
+    let text_acc: f64 = out
+        .split("test acc ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no accuracy in {out}"));
+    assert!(out.contains("on 7 examples"), "{out}");
+    for (command, images) in [("eval", 7), ("predict", 3)] {
+        let (code, out, err) = ptxgrad(
+            &[&[command][..], &base, &["--json", "-n", "3"][..]]
+                .concat()
+                .iter()
+                .copied()
+                .filter(|a| command == "predict" || !["-n", "3"].contains(a))
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(code, 0, "{command}: {err}");
+        let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), images + 1, "{command}: {out}");
+        let mut correct = 0;
+        for (i, line) in lines[..images].iter().enumerate() {
+            assert_eq!((line["kind"].as_str(), line["index"].as_u64()), (Some("image"), Some(i as u64)), "{line}");
+            let logits: Vec<f64> = line["logits"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            assert_eq!(logits.len(), 10, "{line}");
+            // The predicted class is the largest logit.
+            let best = (0..10).fold(0, |b, j| if logits[j] > logits[b] { j } else { b });
+            assert_eq!(line["predicted"].as_u64(), Some(best as u64), "{line}");
+            correct += usize::from(line["predicted"] == line["label"]);
+        }
+        let totals = &lines[images];
+        assert_eq!((totals["kind"].as_str(), totals["examples"].as_u64()), (Some("totals"), Some(images as u64)));
+        assert_eq!(totals["correct"].as_u64(), Some(correct as u64), "{totals}");
+        assert_eq!(totals["plain_state_dict"], true, "{totals}");
+        if command == "eval" {
+            // The device's count and the logits' agree.
+            assert_eq!(format!("{:.4}", totals["accuracy"].as_f64().unwrap()), format!("{text_acc:.4}"), "{totals}");
+        }
+    }
+}
+
+#[test]
+fn train_resumes_from_a_plain_state_dict_at_epoch_0_with_the_recipe() {
+    let dir = common::TempDir::new("cli-plain-resume");
+    let path = dir.join("torch.safetensors");
+    plain_state_dict(&path);
+    let p = path.display().to_string();
+    let args = ["train", "--device", "cpu", "--resume", "--resize", "65", "--max-examples", "32", "--epochs", "1"];
+    let (code, out, err) = ptxgrad(&[&args[..], &["--batch-size", "32", "--quiet", "--checkpoint", &p]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("epochs count from 0"), "{out}");
+    assert!(out.contains("training AlexNet"), "{out}");
+    // AlexNet's recipe lr where the file recorded none; now a ptxgrad checkpoint after epoch 1.
+    assert!(out.contains("lr 0.01, 1 epochs"), "{out}");
+    let meta = ptxgrad::checkpoint::metadata(&path).unwrap();
+    assert_eq!((meta["model"].as_str(), meta["epoch"].as_str()), ("alexnet", "1"));
+}
