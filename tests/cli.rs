@@ -88,18 +88,28 @@ fn train_on_the_cpu_reports_epochs_and_writes_its_checkpoint() {
     let dir = common::TempDir::new("cli-train");
     let (ckpt, json) = (dir.join("a.safetensors"), dir.join("train.jsonl"));
     let (ckpt_s, json_s) = (ckpt.display().to_string(), json.display().to_string());
+    let plot = dir.join("curves.svg");
+    let plot_s = plot.display().to_string();
     let args = ["train", "--device", "cpu", "--resize", "65", "--max-examples", "64", "--epochs", "2"];
-    let rest = ["--batch-size", "32", "--quiet", "--checkpoint", &ckpt_s, "--json", &json_s];
+    let rest = ["--batch-size", "32", "--quiet", "--checkpoint", &ckpt_s, "--json", &json_s, "--plot", &plot_s];
     let (code, out, err) = ptxgrad(&[&args[..], &rest[..]].concat());
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("epoch 2: loss"), "{out}");
     assert!(out.contains("end to end (2 epochs in "), "{out}");
+    assert!(out.contains(" first reached after epoch "), "{out}");
+    // The figure of both epochs, titled with the run's recipe.
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("AlexNet on Fashion-MNIST: lr 0.01, batch 32, 65x65"), "{svg}");
+    for label in ["train loss", "train acc", "test acc"] {
+        assert!(svg.contains(label), "no `{label}` in the figure");
+    }
     let lines: Vec<serde_json::Value> =
         std::fs::read_to_string(&json).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let epochs: Vec<_> = lines.iter().filter(|v| v["kind"] == "epoch").map(|v| v["epoch"].as_u64()).collect();
     assert_eq!(epochs, [Some(1), Some(2)]);
     let last = lines.last().unwrap();
     assert_eq!(last["kind"], "final", "{last}");
+    assert!(last["final_test_acc_first_epoch"].as_u64().is_some_and(|e| (1..=2).contains(&e)), "{last}");
     let (rate, e2e) =
         (last["examples_per_sec"].as_f64().unwrap(), last["end_to_end_examples_per_sec"].as_f64().unwrap());
     assert!(e2e > 0.0 && e2e <= rate, "end to end {e2e} counts more than the steps' {rate}");

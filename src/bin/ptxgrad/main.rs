@@ -9,8 +9,6 @@ mod args;
 mod bench;
 mod eval;
 mod kernels;
-// `train --plot`'s figure; only its tests call it until `train` takes that flag.
-#[allow(dead_code)]
 mod plot;
 mod progress;
 mod report;

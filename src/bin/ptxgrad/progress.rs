@@ -1,14 +1,25 @@
 //! How `ptxgrad train` shows a run as it goes: a progress bar over each epoch's steps (on
-//! stderr, only on a terminal), then a line per epoch on stdout and in the `--json` file.
+//! stderr, only on a terminal), then a line per epoch on stdout and in the `--json` file, and
+//! the `--plot` figure redrawn with every epoch (so that a run stopped early still has its
+//! picture).
 
 use std::fs::File;
 use std::io::Write as _;
+use std::path::PathBuf;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
 use ptxgrad::train::{EpochReport, Progress};
 
+use crate::plot::{self, Point};
 use crate::report::accuracy;
+
+/// `--plot`: where the figure goes, its title, and the epochs drawn so far.
+pub struct Plot {
+    pub path: PathBuf,
+    pub title: String,
+    pub epochs: Vec<Point>,
+}
 
 /// The [`Progress`] of `ptxgrad train`.
 pub struct Console<'a> {
@@ -18,11 +29,12 @@ pub struct Console<'a> {
     bar: Option<ProgressBar>,
     /// The `--json` file: one `"kind": "epoch"` line per epoch.
     json: Option<&'a mut File>,
+    plot: Option<Plot>,
 }
 
 impl<'a> Console<'a> {
-    pub fn new(bar_shown: bool, json: Option<&'a mut File>) -> Console<'a> {
-        Console { bar_shown, bar: None, json }
+    pub fn new(bar_shown: bool, json: Option<&'a mut File>, plot: Option<Plot>) -> Console<'a> {
+        Console { bar_shown, bar: None, json, plot }
     }
 }
 
@@ -75,6 +87,13 @@ impl Progress for Console<'_> {
                 "end_to_end_examples_per_sec": r.end_to_end_examples_per_sec(),
             });
             writeln!(f, "{line}").map_err(|e| ptxgrad::Error::Io { path: "--json".into(), reason: e })?;
+        }
+        if let Some(p) = self.plot.as_mut() {
+            p.epochs.push(Point::from(r));
+            // A figure that cannot be written stops the run now, not at its end: the error
+            // names the file and the reason, and the checkpoint is kept.
+            plot::write_svg(&p.path, &p.title, &p.epochs)
+                .map_err(|e| ptxgrad::Error::Invalid(format!("--plot: {e:#}")))?;
         }
         Ok(())
     }

@@ -14,7 +14,7 @@ use ptxgrad::train::{self, EpochReport, Stop, TrainConfig};
 use ptxgrad::Device;
 
 use crate::args::{default_checkpoint, TrainArgs};
-use crate::progress::Console;
+use crate::progress::{Console, Plot};
 use crate::report::{accuracy, print_predictions, tuning_json, tunings_table};
 use crate::setup::{check_memory, compute_of, load_data, missing_checkpoint, pick_device};
 
@@ -157,7 +157,16 @@ pub fn run(a: TrainArgs, stop: Stop) -> Result<()> {
             writeln!(f, "{}", tuning_json(t))?;
         }
     }
-    let mut console = Console::new(!a.quiet, json.as_mut());
+    let plot = a.plot.clone().map(|path| Plot {
+        path,
+        title: format!(
+            "{} on Fashion-MNIST: lr {lr}, batch {batch_size}, {r}x{r}",
+            model.net.title,
+            r = model.resolution
+        ),
+        epochs: Vec::new(),
+    });
+    let mut console = Console::new(!a.quiet, json.as_mut(), plot);
     let reports = train::train(&mut model, &data.train, &data.test, &cfg, start_epoch, &mut console)?;
     print_run(&reports, &device, json.as_mut())?;
     print_predictions(&model, &data, 10)?;
@@ -203,9 +212,19 @@ fn print_run(reports: &[EpochReport], device: &Device, json: Option<&mut std::fs
         device.hardware_name(),
         reports.len()
     );
+    // How long the run took to reach its final test accuracy: the first epoch at it (or above:
+    // an earlier epoch may have scored higher), with the wall time up to that epoch's end.
+    let reached = reports.iter().position(|r| r.test_acc >= last.test_acc).map(|i| {
+        let seconds: f64 = reports[..=i].iter().map(|r| r.epoch_seconds).sum();
+        (reports[i].epoch, seconds)
+    });
+    if let Some((epoch, secs)) = reached {
+        println!("test acc {} first reached after epoch {epoch}, {secs:.1} s into the run", accuracy(last.test_acc));
+    }
     if let Some(f) = json {
         let line = serde_json::json!({
             "kind": "final", "loss": last.loss, "train_acc": last.train_acc, "test_acc": last.test_acc,
+            "final_test_acc_first_epoch": reached.map(|r| r.0), "final_test_acc_first_seconds": reached.map(|r| r.1),
             "examples_per_sec": rate, "end_to_end_examples_per_sec": end_to_end, "seconds": wall,
             "device": device.label(), "device_name": device.hardware_name(),
             "kernel_code": device.kernel_code(),
