@@ -1,9 +1,8 @@
 //! Compiles every `kernels/*.cu` to PTX and writes `$OUT_DIR/ptx.rs`, a table of the PTX texts
 //! (and of the machine code below) that `src/ptx.rs` includes, each zlib-compressed
 //! (`<stem>.ptx.z`; `src/ptx.rs` inflates a module when it is first loaded). Every binary of the
-//! crate embeds all of them, and the 28 binaries travel to a GPU machine together in at most
-//! 64 MiB with the working tree: compressed, the 9.3 MB of PTX weighs 1.7 MB per binary, the
-//! 5.1 MB of sm_90 cubins 1.7 MB.
+//! crate embeds all of them: compressed, the 9.3 MB of PTX weighs 1.7 MB per binary, the 5.1 MB
+//! of sm_90 cubins 1.7 MB.
 //!
 //! Compiler search, first hit wins:
 //! 1. nvcc: `$NVCC`, `$CUDA_HOME/bin`, `$CUDA_PATH/bin`, `/usr/local/cuda/bin`, `$PATH`;

@@ -468,10 +468,10 @@ impl Gpu {
             Some(cubin) => match cuda.ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin)) {
                 Ok(m) => (m, LoadedCode::Sass(arch)),
                 Err(e) => {
-                    // Not expected (the driver accepts cubins of older toolkits for its GPU):
-                    // said once per module, and the PTX still runs.
+                    // Not expected (the driver accepts cubins of older toolkits for its GPU): the
+                    // PTX still runs, and the reason travels with it (`kernel_code`, which
+                    // `ptxgrad bench`, `train --json` and `ptxgrad kernels` report).
                     let why = format!("its sm_{arch} machine code did not load: {e}");
-                    eprintln!("warning: kernel module `{}`: {why}; loading its PTX instead", module.stem());
                     (self.load_ptx(module)?, LoadedCode::Ptx(why))
                 }
             },

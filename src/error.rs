@@ -27,7 +27,7 @@ pub enum Error {
     #[error(
         "the GPU driver cannot load kernel module `{module}`: its PTX (built by {compiler} for {arch}) \
          is newer than this driver supports (driver API {driver_version}). Update the NVIDIA driver, \
-         or rebuild with an older nvcc/NVRTC (see README, 'Kernels')"
+         or rebuild with an older nvcc/NVRTC (see docs/kernels.md)"
     )]
     PtxTooNew { module: String, compiler: String, arch: String, driver_version: String },
 

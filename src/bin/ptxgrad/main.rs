@@ -22,6 +22,12 @@ use ptxgrad::train::Stop;
 
 fn main() {
     let cli = Cli::parse();
+    // A closed stdout (`ptxgrad predict --json | head -1`) ends the process quietly, as it ends
+    // `cat`: Rust ignores SIGPIPE, so each print would fail with EPIPE and panic instead.
+    let always = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    if let Err(e) = signal_hook::flag::register_conditional_default(signal_hook::consts::SIGPIPE, always) {
+        eprintln!("warning: a closed standard output will end ptxgrad with an error: {e}");
+    }
     // Ctrl-C and SIGTERM stop `train` cleanly (see `train::run`); a second one ends it at once.
     let stop = Stop::default();
     if matches!(cli.command, Command::Train(_)) {
