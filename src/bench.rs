@@ -17,7 +17,9 @@ use crate::nn::Compute;
 use crate::ops::conv2d::ConvAlgo;
 use crate::ops::gemm::math::GemmMath;
 use crate::ops::gemm::GemmOpts;
-use crate::ops::{conv2d, dense, dropout, maxpool2d, relu, resize, sgd, softmax_xent};
+use crate::ops::{
+    adaptive_avgpool2d, avgpool2d, conv2d, dense, dropout, maxpool2d, relu, resize, sgd, sigmoid, softmax_xent,
+};
 use crate::tensor::{Images, Labels, ReluFact, Tensor};
 use crate::train::train_step;
 
@@ -318,8 +320,27 @@ pub fn layer_cases(
             }
             // A view: no kernel.
             Layer::Flatten => (Box::new(|| Ok(())), None),
-            other @ (Layer::Sigmoid | Layer::AvgPool2d { .. } | Layer::GlobalAvgPool2d) => {
-                return Err(Error::Invalid(format!("{}: ptxgrad has no {} op to bench", net.title, other.name())))
+            Layer::Sigmoid => {
+                let y = sigmoid::sigmoid_fwd(&x)?;
+                (
+                    Box::new(move || sigmoid::sigmoid_fwd(&x).map(drop)),
+                    Some(Box::new(move || sigmoid::sigmoid_bwd(&y, &gy).map(drop))),
+                )
+            }
+            Layer::AvgPool2d { kernel, stride } => {
+                let pool = avgpool2d::AvgPool2d::new(kernel, stride, 0);
+                let shape = input.clone();
+                (
+                    Box::new(move || avgpool2d::avgpool2d_fwd(&x, &pool).map(drop)),
+                    Some(Box::new(move || avgpool2d::avgpool2d_bwd(&gy, &shape, &pool).map(drop))),
+                )
+            }
+            Layer::GlobalAvgPool2d => {
+                let shape = input.clone();
+                (
+                    Box::new(move || adaptive_avgpool2d::adaptive_avgpool2d_fwd(&x).map(drop)),
+                    Some(Box::new(move || adaptive_avgpool2d::adaptive_avgpool2d_bwd(&gy, &shape).map(drop))),
+                )
             }
             Layer::Seq(_) => unreachable!("leaves() flattens blocks"),
         };

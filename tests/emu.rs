@@ -5,8 +5,12 @@
 //! grids, buffer sizes) on machines without a GPU; the kernels' arithmetic is checked per op.
 mod common;
 use common::*;
+use ptxgrad::nn::network::Network;
 use ptxgrad::nn::Compute;
-use ptxgrad::nn::{model::Model, models::ALEXNET};
+use ptxgrad::nn::{
+    model::Model,
+    models::{ALEXNET, LENET, NIN, VGG11},
+};
 use ptxgrad::ops::conv2d::ConvAlgo;
 use ptxgrad::ops::gemm::math::GemmMath;
 use ptxgrad::ops::gemm::GemmOpts;
@@ -19,9 +23,14 @@ type Step = (f32, Vec<Vec<f32>>);
 /// One AlexNet training step (a batch of two synthetic 28x28 images resized to 65x65, the
 /// smallest input the graph takes) on `dev` with the conv algorithm `algo` and GEMMs in `math`.
 fn one_step(dev: &Device, algo: ConvAlgo, math: GemmMath) -> Step {
-    let (batch, resolution) = (2, 65);
+    net_step(&ALEXNET, 65, dev, algo, math)
+}
+
+/// One training step of `net` on a batch of two synthetic 28x28 images resized to `resolution`.
+fn net_step(net: &'static Network, resolution: usize, dev: &Device, algo: ConvAlgo, math: GemmMath) -> Step {
+    let batch = 2;
     let compute = Compute { gemm: GemmOpts::math(math), conv: algo };
-    let mut model = Model::new(&ALEXNET, resolution, 7, dev).unwrap().with_compute(compute).unwrap();
+    let mut model = Model::new(net, resolution, 7, dev).unwrap().with_compute(compute).unwrap();
     let before: Vec<Vec<f32>> = model.params.iter().map(|p| p.value.to_vec().unwrap()).collect();
     let pixels: Vec<u8> = (0..batch * 784).map(|i| ((i * 37) % 256) as u8).collect();
     let (x, labels) = prepare_batch(pixels, vec![3, 8], (28, 28), resolution, dev).unwrap();
@@ -56,6 +65,22 @@ fn cpu_and_emulated_steps(math: GemmMath) -> (Step, Step) {
     let algo = ConvAlgo::ImplicitGemm;
     let cpu = one_step(&Device::Cpu, algo, GemmMath::Fp32);
     (cpu, one_step(&Device::parse("emu").unwrap(), algo, math))
+}
+
+/// Every other network's step (at its smallest input, LeNet at its own 28x28): their layers
+/// (sigmoid, average pooling, the global pool, VGG's and NiN's blocks) on the kernels as on
+/// the CPU references.
+#[test]
+fn every_networks_emulated_step_matches_the_cpu() {
+    let emu = Device::parse("emu").unwrap();
+    for net in [&LENET, &VGG11, &NIN] {
+        let r = if net.name == "lenet" { 28 } else { net.min_resolution() };
+        let what = format!("{} at {r}x{r}", net.title);
+        let (cpu_loss, cpu_changes) = net_step(net, r, &Device::Cpu, ConvAlgo::ImplicitGemm, GemmMath::Fp32);
+        let (emu_loss, emu_changes) = net_step(net, r, &emu, ConvAlgo::ImplicitGemm, GemmMath::Fp32);
+        assert_losses_agree(&what, cpu_loss, emu_loss, 1e-4);
+        assert_changes_agree(&what, &cpu_changes, &emu_changes);
+    }
 }
 
 #[test]

@@ -11,7 +11,10 @@ use crate::error::{Error, Result};
 use crate::nn::conv_tune::{self, LayerTuning};
 use crate::nn::network::{Layer, Network};
 use crate::nn::{Compute, Param};
+use crate::ops::adaptive_avgpool2d::global_avgpool2d;
+use crate::ops::avgpool2d::{avgpool2d, AvgPool2d};
 use crate::ops::conv2d::{conv2d, winograd_tiles, Conv2d, ConvAlgo};
+use crate::ops::sigmoid::sigmoid;
 use crate::ops::{dense::dense, dropout::dropout, maxpool2d::maxpool2d, relu::relu, reshape::reshape};
 use crate::tape::Tape;
 use crate::tensor::Tensor;
@@ -179,6 +182,9 @@ impl Model {
                 }
                 Layer::Linear { .. } => dense(tape, &h, next(), next(), fuse_relu, self.compute.gemm)?,
                 Layer::Relu => relu(tape, &h)?,
+                Layer::Sigmoid => sigmoid(tape, &h)?,
+                Layer::AvgPool2d { kernel, stride } => avgpool2d(tape, &h, &AvgPool2d::new(kernel, stride, 0))?,
+                Layer::GlobalAvgPool2d => global_avgpool2d(tape, &h)?,
                 Layer::MaxPool2d { kernel, stride } => maxpool2d(tape, &h, kernel, stride)?,
                 Layer::Flatten => {
                     let n = h.shape()[0];
@@ -186,9 +192,6 @@ impl Model {
                     reshape(tape, &h, &[n, f])?
                 }
                 Layer::Dropout { p } => dropout(tape, &h, p, dropout_seed.wrapping_add(i as u64))?,
-                other @ (Layer::Sigmoid | Layer::AvgPool2d { .. } | Layer::GlobalAvgPool2d) => {
-                    return Err(Error::Invalid(format!("{} cannot run: ptxgrad has no {} op", net.title, other.name())))
-                }
                 Layer::Seq(_) => unreachable!("leaves() flattens blocks"),
             };
             i += if fuse_relu { 2 } else { 1 };

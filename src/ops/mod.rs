@@ -3,6 +3,8 @@
 //! (`cpu` functions, the oracle the kernels are tested against), the CUDA launch, and the
 //! backward closure it records on the tape.
 
+pub mod adaptive_avgpool2d;
+pub mod avgpool2d;
 pub mod conv2d;
 pub mod dense;
 pub mod dropout;
@@ -15,4 +17,5 @@ pub mod relu;
 pub mod reshape;
 pub mod resize;
 pub mod sgd;
+pub mod sigmoid;
 pub mod softmax_xent;

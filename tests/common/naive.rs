@@ -1,7 +1,7 @@
 //! Naive oracles that several test files compare the engine with: plain loops that follow
 //! PyTorch's documented semantics, written apart from the library's CPU references (so that a
 //! test of the CPU path compares it with something else) and slow where that keeps them obvious.
-//! The oracles of one op alone live beside its tests (tests/<op>.rs).
+//! (Some oracles of one op alone live beside its tests, tests/<op>.rs.)
 
 /// The values as f64, for the oracles that work in f64.
 pub fn f64s(v: &[f32]) -> Vec<f64> {
@@ -89,4 +89,149 @@ pub fn argmax_rows(x: &[f32], c: usize) -> Vec<u32> {
         out.push(best as u32);
     }
     out
+}
+
+/// torch.sigmoid in f64: 1 / (1 + exp(-x)), the definition as written. f64 has the range that
+/// f32 inputs need (exp(-x) overflows only to +inf, where the value is 0), so it needs no
+/// rearranging; -inf gives 0, +inf gives 1, NaN stays NaN.
+pub fn sigmoid(x: &[f32]) -> Vec<f64> {
+    let mut y = Vec::with_capacity(x.len());
+    for &v in x {
+        y.push(1.0 / (1.0 + (-(v as f64)).exp()));
+    }
+    y
+}
+
+/// The sigmoid's backward from its output y, in f64: gx = gy * y * (1 - y) (the derivative of
+/// the sigmoid at x is sigmoid(x) * (1 - sigmoid(x))).
+pub fn sigmoid_backward(y: &[f32], gy: &[f32]) -> Vec<f64> {
+    assert_eq!(y.len(), gy.len());
+    let mut gx = Vec::with_capacity(y.len());
+    for i in 0..y.len() {
+        let y = y[i] as f64;
+        gx.push(gy[i] as f64 * y * (1.0 - y));
+    }
+    gx
+}
+
+/// The geometry of PyTorch's nn.AvgPool2d(k, stride=s, padding=p, ceil_mode=False,
+/// count_include_pad) on an input x (N, C, H, W).
+#[derive(Debug, Clone, Copy)]
+pub struct AvgPool {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub s: usize,
+    pub p: usize,
+    pub count_include_pad: bool,
+}
+
+impl AvgPool {
+    pub fn new(x_shape: &[usize], k: usize, s: usize, p: usize, count_include_pad: bool) -> AvgPool {
+        let &[n, c, h, w] = x_shape else { panic!("x (N, C, H, W), not {x_shape:?}") };
+        AvgPool { n, c, h, w, k, s, p, count_include_pad }
+    }
+
+    /// (OH, OW): floor((H + 2p - k) / s) + 1, as PyTorch's docs give the output size.
+    pub fn out_hw(&self) -> (usize, usize) {
+        ((self.h + 2 * self.p - self.k) / self.s + 1, (self.w + 2 * self.p - self.k) / self.s + 1)
+    }
+
+    pub fn out_shape(&self) -> Vec<usize> {
+        let (oh, ow) = self.out_hw();
+        vec![self.n, self.c, oh, ow]
+    }
+
+    /// The k x k cells of output (oy, ox)'s window, as (row, column) of x (signed: a padding cell
+    /// is outside [0, H) x [0, W)), and the divisor: the number of cells inside the padded input
+    /// [-p, H + p) x [-p, W + p) with count_include_pad, else the number inside x itself.
+    fn window(&self, oy: usize, ox: usize) -> (Vec<(i64, i64)>, f64) {
+        let (h, w, p) = (self.h as i64, self.w as i64, self.p as i64);
+        let (mut cells, mut padded, mut real) = (Vec::new(), 0, 0);
+        for ky in 0..self.k {
+            for kx in 0..self.k {
+                let iy = (oy * self.s + ky) as i64 - p;
+                let ix = (ox * self.s + kx) as i64 - p;
+                if iy < h + p && ix < w + p {
+                    padded += 1;
+                }
+                if (0..h).contains(&iy) && (0..w).contains(&ix) {
+                    real += 1;
+                }
+                cells.push((iy, ix));
+            }
+        }
+        (cells, if self.count_include_pad { padded } else { real } as f64)
+    }
+
+    fn real(&self, (iy, ix): (i64, i64)) -> Option<usize> {
+        ((0..self.h as i64).contains(&iy) && (0..self.w as i64).contains(&ix))
+            .then(|| iy as usize * self.w + ix as usize)
+    }
+
+    /// The forward in f64: each window's sum (padding cells are zeros) over its divisor.
+    pub fn forward(&self, x: &[f64]) -> Vec<f64> {
+        assert_eq!(x.len(), self.n * self.c * self.h * self.w, "x of {self:?}");
+        let (oh, ow) = self.out_hw();
+        let mut y = Vec::new();
+        for plane in x.chunks_exact(self.h * self.w) {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let (cells, divisor) = self.window(oy, ox);
+                    let sum: f64 = cells.into_iter().map(|cell| self.real(cell).map_or(0.0, |i| plane[i])).sum();
+                    y.push(sum / divisor);
+                }
+            }
+        }
+        y
+    }
+
+    /// The backward in f64: gy (N, C, OH, OW) -> gx (N, C, H, W); each output sends gy / divisor
+    /// to every real cell of its window (dy/dx of the forward's sum over divisor).
+    pub fn backward(&self, gy: &[f64]) -> Vec<f64> {
+        let (oh, ow) = self.out_hw();
+        assert_eq!(gy.len(), self.n * self.c * oh * ow, "gy of {self:?}");
+        let mut gx = vec![0.0f64; self.n * self.c * self.h * self.w];
+        for (gxp, gp) in gx.chunks_exact_mut(self.h * self.w).zip(gy.chunks_exact(oh * ow)) {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let (cells, divisor) = self.window(oy, ox);
+                    for i in cells.into_iter().filter_map(|cell| self.real(cell)) {
+                        gxp[i] += gp[oy * ow + ox] / divisor;
+                    }
+                }
+            }
+        }
+        gx
+    }
+}
+
+/// nn.AdaptiveAvgPool2d((1, 1)) in f64: x (N, C, H, W) -> (N, C, 1, 1), each plane's mean.
+pub fn global_avg_pool2d(x: &[f64], x_shape: &[usize]) -> Vec<f64> {
+    let &[n, c, h, w] = x_shape else { panic!("x (N, C, H, W), not {x_shape:?}") };
+    assert_eq!(x.len(), n * c * h * w);
+    let mut y = Vec::new();
+    for plane in 0..n * c {
+        let mut sum = 0.0;
+        for i in 0..h * w {
+            sum += x[plane * h * w + i];
+        }
+        y.push(sum / (h * w) as f64);
+    }
+    y
+}
+
+/// Its backward: gy (N, C, 1, 1) -> gx (N, C, H, W), gy / (H * W) at every element of the plane.
+pub fn global_avg_pool2d_backward(gy: &[f64], x_shape: &[usize]) -> Vec<f64> {
+    let &[n, c, h, w] = x_shape else { panic!("x (N, C, H, W), not {x_shape:?}") };
+    assert_eq!(gy.len(), n * c);
+    let mut gx = Vec::new();
+    for &g in gy {
+        for _ in 0..h * w {
+            gx.push(g / (h * w) as f64);
+        }
+    }
+    gx
 }
