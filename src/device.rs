@@ -808,6 +808,16 @@ macro_rules! launch {
     }};
 }
 
+/// The launch of a per-plane kernel (max-pool, average pooling): grid x over `planes` planes,
+/// grid y over one plane's `elems` elements, blocks of up to 256 threads (fewer, in whole warps,
+/// for small planes), both capped at CUDA's limits (the kernels loop over what the grid leaves).
+pub fn grid_planes(planes: usize, elems: u32) -> cudarc::driver::LaunchConfig {
+    let threads = elems.div_ceil(32).clamp(1, 8) * 32;
+    let grid_y = elems.div_ceil(threads).clamp(1, 65535);
+    let grid_x = (planes as u64).clamp(1, (1 << 31) - 1) as u32;
+    cudarc::driver::LaunchConfig { grid_dim: (grid_x, grid_y, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// A 1-D launch of `threads`-wide blocks covering `n` items.
 pub fn grid_1d(n: usize, threads: u32) -> cudarc::driver::LaunchConfig {
     let blocks = n.div_ceil(threads as usize).max(1) as u32;

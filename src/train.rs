@@ -29,7 +29,7 @@ use crate::nn::saved;
 use crate::nn::sgd_step;
 use crate::ops::nonfinite::nonfinite_counts;
 use crate::ops::resize::resize_bilinear;
-use crate::ops::softmax_xent::{accumulate_stats, argmax_rows, softmax_xent};
+use crate::ops::softmax_xent::{accumulate_stats, argmax_rows_cpu, softmax_xent};
 use crate::tape::Tape;
 use crate::tensor::{Images, Labels, Tensor};
 
@@ -328,18 +328,10 @@ pub fn nonfinite_params(model: &Model) -> Result<Vec<String>> {
         .collect())
 }
 
-/// Predicted class of every example of `split` (eval mode), in order.
-pub fn predict(model: &Model, split: &Split, resolution: usize, limit: usize) -> Result<Vec<u32>> {
-    let device = model.device();
-    let hw = (split.images.h, split.images.w);
-    let mut out = Vec::new();
-    for idx in sequential_batches(split.len().min(limit), EVAL_BATCH) {
-        let (pixels, labels) = split.gather(&idx);
-        let (x, _) = prepare_batch(pixels, labels, hw, resolution, &device)?;
-        let logits = model.forward(&mut Tape::eval(), &x, 0)?;
-        out.extend(argmax_rows(&logits)?.to_vec()?);
-    }
-    Ok(out)
+/// Predicted class (torch.argmax of the logits) of the first `limit` examples of `split` (eval
+/// mode), in order.
+pub fn predict(model: &Model, split: &Split, limit: usize) -> Result<Vec<u32>> {
+    Ok(argmax_rows_cpu(&logits(model, split, limit)?, model.net.classes))
 }
 
 /// Accuracy on `split` in eval mode (dropout off, nothing recorded). An empty split has no

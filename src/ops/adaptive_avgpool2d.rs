@@ -4,6 +4,7 @@
 
 use cudarc::driver::LaunchConfig;
 
+use crate::device::grid_planes;
 use crate::error::{Error, Result};
 use crate::ops::parallel::for_each_row;
 use crate::ptx::Module;
@@ -51,14 +52,9 @@ fn fwd_launch(planes: usize, hw: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (grid_x, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// The backward's launch, as max-pool's (ops::maxpool2d): grid x over the planes, grid y over
-/// one plane's elements, blocks of up to 256 threads (whole warps), both capped at CUDA's limits.
+/// The backward's launch: one thread per element, the planes over grid x (`grid_planes`).
 fn bwd_launch(planes: usize, hw: usize) -> LaunchConfig {
-    let hw = hw as u32;
-    let threads = hw.div_ceil(32).clamp(1, 8) * 32;
-    let grid_y = hw.div_ceil(threads).clamp(1, 65535);
-    let grid_x = (planes as u64).clamp(1, (1 << 31) - 1) as u32;
-    LaunchConfig { grid_dim: (grid_x, grid_y, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+    grid_planes(planes, hw as u32)
 }
 
 /// y = the mean of each plane: x (N, C, H, W) -> y (N, C, 1, 1).

@@ -7,6 +7,7 @@
 
 use cudarc::driver::LaunchConfig;
 
+use crate::device::grid_planes;
 use crate::error::{Error, Result};
 use crate::ops::fast_div::FastDiv;
 use crate::ops::parallel::for_each_row;
@@ -145,14 +146,9 @@ impl Avgpool2dParams {
         (lo as usize, hi as usize, factor as usize)
     }
 
-    /// The kernels' launch over `elems` elements per plane, as max-pool's (ops::maxpool2d): grid
-    /// x over the planes, grid y over one plane's elements, blocks of up to 256 threads (fewer,
-    /// in whole warps, for small planes), both capped at CUDA's limits.
+    /// The kernels' launch over `elems` elements per plane (`grid_planes`).
     fn launch(&self, elems: u32) -> LaunchConfig {
-        let threads = elems.div_ceil(32).clamp(1, 8) * 32;
-        let grid_y = elems.div_ceil(threads).clamp(1, 65535);
-        let grid_x = (self.planes() as u64).clamp(1, (1 << 31) - 1) as u32;
-        LaunchConfig { grid_dim: (grid_x, grid_y, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+        grid_planes(self.planes(), elems)
     }
 }
 

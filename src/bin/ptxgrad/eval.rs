@@ -43,19 +43,13 @@ fn open(a: &CheckpointArgs) -> Result<(Loaded, FashionMnist, Device)> {
     Ok((loaded, data, device))
 }
 
-/// The JSON line of test image `index`: its label, the predicted class and the logits.
-fn image_json(index: usize, label: u8, logits: &[f32]) -> serde_json::Value {
-    let predicted = argmax(logits);
+/// The JSON line of test image `index`: its label, the predicted class (torch.argmax of the
+/// logits, as the device's accuracy counts it) and the logits.
+fn image_json(index: usize, label: u8, predicted: u32, logits: &[f32]) -> serde_json::Value {
     json!({
         "kind": "image", "index": index, "label": label, "label_name": CLASS_NAMES.get(label as usize),
-        "predicted": predicted, "predicted_name": CLASS_NAMES.get(predicted), "logits": logits,
+        "predicted": predicted, "predicted_name": CLASS_NAMES.get(predicted as usize), "logits": logits,
     })
-}
-
-/// The predicted class: torch.argmax's (the first of equal logits; a NaN wins), as the
-/// device's accuracy counts it.
-fn argmax(logits: &[f32]) -> usize {
-    argmax_rows_cpu(logits, logits.len().max(1)).first().map_or(0, |&c| c as usize)
 }
 
 /// Prints every image's JSON line for the first `n` test images and returns how many were
@@ -63,11 +57,12 @@ fn argmax(logits: &[f32]) -> usize {
 fn print_images(model: &Model, data: &FashionMnist, n: usize) -> Result<usize> {
     let classes = model.net.classes;
     let logits = train::logits(model, &data.test, n)?;
+    let predicted = argmax_rows_cpu(&logits, classes);
     let mut correct = 0;
-    for (i, row) in logits.chunks(classes).enumerate() {
+    for (i, (row, &p)) in logits.chunks(classes).zip(&predicted).enumerate() {
         let label = data.test.labels[i];
-        correct += usize::from(argmax(row) == label as usize);
-        println!("{}", image_json(i, label, row));
+        correct += usize::from(p == label as u32);
+        println!("{}", image_json(i, label, p, row));
     }
     Ok(correct)
 }

@@ -26,7 +26,7 @@ pub fn print_predictions(model: &Model, data: &FashionMnist, count: usize) -> Re
         println!("no test images to predict");
         return Ok(());
     }
-    let pred = train::predict(model, &data.test, model.resolution, n)?;
+    let pred = train::predict(model, &data.test, n)?;
     println!("first {n} test images:");
     println!("  {:>3}  {:<12} {:<12}", "#", "true", "predicted");
     let mut correct = 0;

@@ -69,12 +69,9 @@ pub fn run(a: TrainArgs, stop: Stop) -> Result<()> {
     let compute = compute_of(&a.data, &device)?;
     // --resume continues the checkpoint's network with its recipe unless told otherwise (and
     // then says so); a PyTorch state_dict starts at epoch 0 with the network's recipe.
+    let expect = Expect { net: a.model, resolution: a.resize };
     let resumed = match a.resume {
-        true => {
-            let expect = Expect { net: a.model, resolution: a.resize };
-            let loaded = saved::load(claim.path(), &device, expect).context("--resume: loading a checkpoint")?;
-            Some(loaded)
-        }
+        true => Some(saved::load(claim.path(), &device, expect).context("--resume: loading a checkpoint")?),
         false => None,
     };
     let net = resumed.as_ref().map_or(net, |l| l.model.net);
