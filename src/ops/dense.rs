@@ -5,11 +5,11 @@
 
 use crate::device::{grid_1d, DeviceBuf, Gpu};
 use crate::error::{Error, Result};
-use crate::ops::gemm::cpu::dot;
+use crate::ops::gemm::cpu::{gemm_abt_acc, gemm_acc, transpose};
 use crate::ops::gemm::math::gemm_kernel_names;
 use crate::ops::gemm::plan::{split_chunk, Planner};
 use crate::ops::gemm::GemmOpts;
-use crate::ops::parallel::{for_each_row, map_ranges};
+use crate::ops::parallel::map_ranges;
 use crate::ops::relu::{relu_value, through_fused_relu};
 use crate::ptx::Module;
 use crate::tape::Tape;
@@ -37,70 +37,41 @@ unsafe impl cudarc::driver::DeviceRepr for DenseParams {}
 // ---------------------------------------------------------------------------------------------
 
 /// y (B, OUT) = x (B, IN) . w^T + b, then the ReLU (`relu_value`: NaN stays NaN) if `relu`.
-///
-/// Loops run over weight rows outermost, so each row of w is read once per batch rather than
-/// once per example (fc2's w is 64 MB); per output element the sums run in the same order as
-/// the textbook loop. Rows of w are split over the cores.
+/// Rows of x split over the cores; each core's product reads w once (`gemm_abt_acc`).
 pub fn dense_fwd_cpu(x: &[f32], w: &[f32], b: &[f32], in_f: usize, out_f: usize, relu: bool) -> Vec<f32> {
-    let batch = x.len() / in_f;
-    // Each part holds y transposed, (o, batch), for its range of o.
-    let parts = map_ranges(out_f, |os| {
-        let mut t = Vec::with_capacity(os.len() * batch);
-        for o in os {
-            let wr = &w[o * in_f..][..in_f];
-            for xr in x.chunks_exact(in_f) {
-                let v = b[o] + dot(xr, wr);
-                t.push(if relu { relu_value(v) } else { v });
-            }
+    let batch = x.len() / in_f.max(1);
+    let parts = map_ranges(batch, |rows| {
+        let mut y: Vec<f32> = rows.clone().flat_map(|_| b[..out_f].iter().copied()).collect();
+        gemm_abt_acc(rows.len(), out_f, in_f, &x[rows.start * in_f..], w, &mut y);
+        if relu {
+            y.iter_mut().for_each(|v| *v = relu_value(*v));
         }
-        t
+        y
     });
-    let mut y = vec![0.0f32; batch * out_f];
-    let mut o0 = 0;
-    for part in parts {
-        for (k, &v) in part.iter().enumerate() {
-            y[(k % batch) * out_f + o0 + k / batch] = v;
-        }
-        o0 += part.len() / batch.max(1);
-    }
-    y
+    parts.concat()
 }
 
-/// gx (B, IN) = gy (B, OUT) . w (OUT, IN): columns of gx split over the cores, rows of w
-/// outermost (read once per batch), sums over o in order.
+/// gx (B, IN) = gy (B, OUT) . w (OUT, IN): rows of gx split over the cores.
 pub fn dense_bwd_input_cpu(w: &[f32], gy: &[f32], in_f: usize, out_f: usize) -> Vec<f32> {
-    let batch = gy.len() / out_f;
-    let parts = map_ranges(in_f, |cs| {
-        let len = cs.len();
-        let mut t = vec![0.0f32; batch * len];
-        for o in 0..out_f {
-            let wr = &w[o * in_f + cs.start..][..len];
-            for (bb, tr) in t.chunks_exact_mut(len.max(1)).enumerate() {
-                let g = gy[bb * out_f + o];
-                tr.iter_mut().zip(wr).for_each(|(d, &v)| *d += g * v);
-            }
-        }
-        (cs, t)
+    let batch = gy.len() / out_f.max(1);
+    let parts = map_ranges(batch, |rows| {
+        let mut gx = vec![0.0f32; rows.len() * in_f];
+        gemm_acc(rows.len(), in_f, out_f, &gy[rows.start * out_f..], w, &mut gx);
+        gx
     });
-    let mut gx = vec![0.0f32; batch * in_f];
-    for (cs, t) in parts {
-        for (bb, tr) in t.chunks_exact(cs.len().max(1)).enumerate() {
-            gx[bb * in_f + cs.start..][..cs.len()].copy_from_slice(tr);
-        }
-    }
-    gx
+    parts.concat()
 }
 
 /// gw (OUT, IN) = gy^T (OUT, B) . x (B, IN): rows of gw split over the cores.
 pub fn dense_bwd_weight_cpu(x: &[f32], gy: &[f32], in_f: usize, out_f: usize) -> Vec<f32> {
-    let mut gw = vec![0.0f32; out_f * in_f];
-    for_each_row(&mut gw, in_f, |o, gwr| {
-        for (bb, xr) in x.chunks_exact(in_f).enumerate() {
-            let g = gy[bb * out_f + o];
-            gwr.iter_mut().zip(xr).for_each(|(d, &v)| *d += g * v);
-        }
+    let batch = gy.len() / out_f.max(1);
+    let gy_t = transpose(gy, batch, out_f); // (OUT, B)
+    let parts = map_ranges(out_f, |os| {
+        let mut gw = vec![0.0f32; os.len() * in_f];
+        gemm_acc(os.len(), in_f, batch, &gy_t[os.start * batch..], x, &mut gw);
+        gw
     });
-    gw
+    parts.concat()
 }
 
 /// gb (OUT) = sum over the batch of gy.

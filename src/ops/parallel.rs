@@ -23,3 +23,12 @@ pub fn map_ranges<T: Send>(items: usize, f: impl Fn(Range<usize>) -> T + Sync) -
 pub fn for_each_row(out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     out.par_chunks_mut(chunk.max(1)).enumerate().for_each(|(i, row)| f(i, row));
 }
+
+/// Elements per task of `map_elementwise`: enough that a task outweighs handing it to a worker.
+const ELEMENTWISE_CHUNK: usize = 1 << 15;
+
+/// `f(i)` for every index of an output of `len` elements, computed in chunks over the cores.
+/// Collected straight into the new vector: zero-filling it first would cost as much as the work.
+pub fn map_elementwise(len: usize, f: impl Fn(usize) -> f32 + Sync + Send) -> Vec<f32> {
+    (0..len).into_par_iter().with_min_len(ELEMENTWISE_CHUNK).map(f).collect()
+}

@@ -12,6 +12,7 @@
 
 use crate::device::grid_1d;
 use crate::error::Result;
+use crate::ops::parallel::map_elementwise;
 use crate::ptx::Module;
 use crate::tape::Tape;
 use crate::tensor::{common_device, ReluFact, Storage, Tensor};
@@ -39,12 +40,12 @@ pub fn relu_passes_grad(y: f32) -> bool {
 
 /// CPU reference, forward.
 pub fn relu_fwd_cpu(x: &[f32]) -> Vec<f32> {
-    x.iter().map(|&v| relu_value(v)).collect()
+    map_elementwise(x.len(), |i| relu_value(x[i]))
 }
 
 /// CPU reference, backward: gx = gy where the output y passes it (`relu_passes_grad`), else 0.
 pub fn relu_bwd_cpu(y: &[f32], gy: &[f32]) -> Vec<f32> {
-    y.iter().zip(gy).map(|(&y, &g)| if relu_passes_grad(y) { g } else { 0.0 }).collect()
+    map_elementwise(y.len().min(gy.len()), |i| if relu_passes_grad(y[i]) { gy[i] } else { 0.0 })
 }
 
 /// y = relu(x), any shape; y is marked `ReluFact::Output`.

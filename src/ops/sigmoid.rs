@@ -5,6 +5,7 @@
 use cudarc::driver::LaunchConfig;
 
 use crate::error::Result;
+use crate::ops::parallel::map_elementwise;
 use crate::ptx::Module;
 use crate::tape::Tape;
 use crate::tensor::{common_device, Storage, Tensor};
@@ -27,12 +28,12 @@ pub fn sigmoid_grad_value(y: f32, gy: f32) -> f32 {
 
 /// CPU reference, forward.
 pub fn sigmoid_fwd_cpu(x: &[f32]) -> Vec<f32> {
-    x.iter().map(|&v| sigmoid_value(v)).collect()
+    map_elementwise(x.len(), |i| sigmoid_value(x[i]))
 }
 
 /// CPU reference, backward: gx = gy * (1 - y) * y from the forward output y.
 pub fn sigmoid_bwd_cpu(y: &[f32], gy: &[f32]) -> Vec<f32> {
-    y.iter().zip(gy).map(|(&y, &g)| sigmoid_grad_value(y, g)).collect()
+    map_elementwise(y.len().min(gy.len()), |i| sigmoid_grad_value(y[i], gy[i]))
 }
 
 /// The elementwise kernels' launch over `n` elements: blocks of 256 threads, one element per

@@ -1,17 +1,28 @@
-//! The CPU reference of the implicit-GEMM convolution: im2col + a plain matrix product per
-//! group of images (`im2col_cpu`), spread over the cores. The oracle the kernels are tested
+//! The CPU reference of the implicit-GEMM convolution: im2col + a matrix product per image
+//! (`im2col_cpu`, `gemm::cpu`), images spread over the cores. The oracle the kernels are tested
 //! against, and the CPU path. x: (N, Cin, H, W), w: (Cout, Cin, KH, KW), y: (N, Cout, OH, OW).
 
+use std::ops::Range;
+
 use crate::ops::conv2d::params::Conv2dParams;
-use crate::ops::gemm::cpu::{gemm_acc, transpose};
+use crate::ops::gemm::cpu::{gemm_abt_acc, gemm_acc, transpose};
 use crate::ops::parallel::map_ranges;
 use crate::ops::relu::relu_value;
+use rayon::prelude::*;
 
-/// Writes the im2col columns of one image, x_img: (Cin, H, W), into `cols`, a matrix of K =
-/// Cin*KH*KW rows of `ld` floats, at columns `col0..col0 + OH*OW`: row (ci, kh, kw), column
-/// (oh, ow) holds `x[ci][oh*s-pad+kh][ow*s-pad+kw]`, 0 in the padding. Several images side by
-/// side (`ld` = images * OH*OW) make one wide matrix product instead of many narrow ones.
-pub fn im2col_cpu(x_img: &[f32], p: &Conv2dParams, cols: &mut [f32], ld: usize, col0: usize) {
+/// The output columns x whose input column x*s - pad + kw lies in 0..w (the rest read padding).
+fn in_bounds(w: isize, ow: usize, s: isize, pad: isize, kw: isize) -> Range<usize> {
+    // x*s >= pad - kw, and x*s <= w - 1 + pad - kw.
+    let lo = if pad - kw <= 0 { 0 } else { (pad - kw + s - 1) / s } as usize;
+    let hi = if w - 1 + pad - kw < 0 { 0 } else { (w - 1 + pad - kw) / s + 1 } as usize;
+    let lo = lo.min(ow);
+    lo..hi.clamp(lo, ow)
+}
+
+/// Writes the im2col matrix of one image, x_img: (Cin, H, W), into `cols`: (K, OH*OW) with
+/// K = Cin*KH*KW; row (ci, kh, kw), column (oh, ow) holds `x[ci][oh*s-pad+kh][ow*s-pad+kw]`, 0
+/// in the padding.
+pub fn im2col_cpu(x_img: &[f32], p: &Conv2dParams, cols: &mut [f32]) {
     let (h, w, oh, ow, s, pad) =
         (p.h as isize, p.w as isize, p.oh as usize, p.ow as usize, p.stride as isize, p.pad as isize);
     let ohw = oh * ow;
@@ -20,7 +31,7 @@ pub fn im2col_cpu(x_img: &[f32], p: &Conv2dParams, cols: &mut [f32], ld: usize, 
         let plane = &x_img[ci * (h * w) as usize..][..(h * w) as usize];
         for kh in 0..p.kh as isize {
             for kw in 0..p.kw as isize {
-                let dst = &mut cols[row * ld + col0..][..ohw];
+                let dst = &mut cols[row * ohw..][..ohw];
                 for y in 0..oh {
                     let ih = y as isize * s - pad + kh;
                     let out = &mut dst[y * ow..][..ow];
@@ -29,38 +40,16 @@ pub fn im2col_cpu(x_img: &[f32], p: &Conv2dParams, cols: &mut [f32], ld: usize, 
                         continue;
                     }
                     let src = &plane[(ih * w) as usize..][..w as usize];
-                    for (x, o) in out.iter_mut().enumerate() {
-                        let iw = x as isize * s - pad + kw;
-                        *o = if iw >= 0 && iw < w { src[iw as usize] } else { 0.0 };
-                    }
-                }
-                row += 1;
-            }
-        }
-    }
-}
-
-/// The adjoint of `im2col_cpu`: adds each column entry back onto the pixel it came from.
-pub fn col2im_add_cpu(cols: &[f32], p: &Conv2dParams, ld: usize, col0: usize, x_img: &mut [f32]) {
-    let (h, w, oh, ow, s, pad) =
-        (p.h as isize, p.w as isize, p.oh as usize, p.ow as usize, p.stride as isize, p.pad as isize);
-    let ohw = oh * ow;
-    let mut row = 0;
-    for ci in 0..p.c_in as usize {
-        let plane = &mut x_img[ci * (h * w) as usize..][..(h * w) as usize];
-        for kh in 0..p.kh as isize {
-            for kw in 0..p.kw as isize {
-                let src = &cols[row * ld + col0..][..ohw];
-                for y in 0..oh {
-                    let ih = y as isize * s - pad + kh;
-                    if ih < 0 || ih >= h {
-                        continue;
-                    }
-                    let dst = &mut plane[(ih * w) as usize..][..w as usize];
-                    for (x, &v) in src[y * ow..][..ow].iter().enumerate() {
-                        let iw = x as isize * s - pad + kw;
-                        if iw >= 0 && iw < w {
-                            dst[iw as usize] += v;
+                    let cols = in_bounds(w, ow, s, pad, kw);
+                    out[..cols.start].fill(0.0);
+                    out[cols.end..].fill(0.0);
+                    if !cols.is_empty() {
+                        let first = (cols.start as isize * s - pad + kw) as usize;
+                        if s == 1 {
+                            out[cols.clone()].copy_from_slice(&src[first..][..cols.len()]);
+                        } else {
+                            let taps = src[first..].iter().step_by(s as usize);
+                            out[cols].iter_mut().zip(taps).for_each(|(o, &v)| *o = v);
                         }
                     }
                 }
@@ -70,100 +59,92 @@ pub fn col2im_add_cpu(cols: &[f32], p: &Conv2dParams, ld: usize, col0: usize, x_
     }
 }
 
-/// Images per im2col matrix: as many as keep it under 4M floats (16 MB), at least one.
-fn images_per_chunk(p: &Conv2dParams) -> usize {
-    ((1usize << 22) / (p.k() * p.ohw()).max(1)).max(1)
-}
-
-/// The im2col matrix (K, g*OHW) of images `first..first + g`.
-fn im2col_images(x: &[f32], p: &Conv2dParams, first: usize, g: usize) -> Vec<f32> {
-    let (img_len, ohw) = (p.x_len() / p.n as usize, p.ohw());
-    let mut cols = vec![0.0f32; p.k() * g * ohw];
-    for i in 0..g {
-        im2col_cpu(&x[(first + i) * img_len..][..img_len], p, &mut cols, g * ohw, i * ohw);
-    }
-    cols
-}
-
-/// gy of images `first..first + g`, (g, Cout, OHW), regrouped as the matrix (Cout, g*OHW).
-fn gy_matrix(gy: &[f32], p: &Conv2dParams, first: usize, g: usize) -> Vec<f32> {
-    let (ohw, cout) = (p.ohw(), p.c_out as usize);
-    let np = g * ohw;
-    let mut m = vec![0.0f32; cout * np];
-    for i in 0..g {
-        for co in 0..cout {
-            m[co * np + i * ohw..][..ohw].copy_from_slice(&gy[((first + i) * cout + co) * ohw..][..ohw]);
+/// The adjoint of `im2col_cpu`: adds each entry of `cols` (K, OH*OW) back onto the pixel of
+/// x_img (Cin, H, W) it came from.
+pub fn col2im_add_cpu(cols: &[f32], p: &Conv2dParams, x_img: &mut [f32]) {
+    let (h, w, oh, ow, s, pad) =
+        (p.h as isize, p.w as isize, p.oh as usize, p.ow as usize, p.stride as isize, p.pad as isize);
+    let ohw = oh * ow;
+    let mut row = 0;
+    for ci in 0..p.c_in as usize {
+        let plane = &mut x_img[ci * (h * w) as usize..][..(h * w) as usize];
+        for kh in 0..p.kh as isize {
+            for kw in 0..p.kw as isize {
+                let src = &cols[row * ohw..][..ohw];
+                for y in 0..oh {
+                    let ih = y as isize * s - pad + kh;
+                    if ih < 0 || ih >= h {
+                        continue;
+                    }
+                    let dst = &mut plane[(ih * w) as usize..][..w as usize];
+                    let cols = in_bounds(w, ow, s, pad, kw);
+                    if !cols.is_empty() {
+                        let first = (cols.start as isize * s - pad + kw) as usize;
+                        let src = &src[y * ow..][cols];
+                        if s == 1 {
+                            dst[first..][..src.len()].iter_mut().zip(src).for_each(|(d, &v)| *d += v);
+                        } else {
+                            dst[first..].iter_mut().step_by(s as usize).zip(src).for_each(|(d, &v)| *d += v);
+                        }
+                    }
+                }
+                row += 1;
+            }
         }
     }
-    m
 }
 
 /// CPU reference forward: y = conv(x, w) + b, then the ReLU (`relu_value`: NaN stays NaN) if `relu`.
 /// x: (N, Cin, H, W), w: (Cout, Cin*KH*KW), b: (Cout) -> (N, Cout, OH, OW).
-/// Per chunk of images: Y (Cout, g*OHW) = W (Cout, K) . im2col (K, g*OHW); chunks of images
-/// are split over the cores.
+/// Per image: Y_img (Cout, OH*OW) = W (Cout, K) . im2col (K, OH*OW), written in place.
 pub fn conv2d_fwd_cpu(x: &[f32], w: &[f32], b: &[f32], p: &Conv2dParams, relu: bool) -> Vec<f32> {
-    let (k, ohw, cout, n) = (p.k(), p.ohw(), p.c_out as usize, p.n as usize);
-    let chunk = images_per_chunk(p);
-    let parts = map_ranges(n, |images| {
-        let mut out = Vec::with_capacity(images.len() * cout * ohw);
-        for first in images.clone().step_by(chunk) {
-            let g = chunk.min(images.end - first);
-            let np = g * ohw;
-            let cols = im2col_images(x, p, first, g);
-            let mut ym: Vec<f32> = (0..cout).flat_map(|co| std::iter::repeat_n(b[co], np)).collect();
-            gemm_acc(cout, np, k, w, &cols, &mut ym);
-            // (Cout, g*OHW) -> (g, Cout, OHW)
-            for i in 0..g {
-                for co in 0..cout {
-                    let row = &ym[co * np + i * ohw..][..ohw];
-                    out.extend(row.iter().map(|&v| if relu { relu_value(v) } else { v }));
-                }
+    let (k, ohw, cout) = (p.k(), p.ohw(), p.c_out as usize);
+    let img_len = p.x_len() / p.n as usize;
+    // Starts as the bias, which the products are added to (collected: no zero-fill first).
+    let mut y: Vec<f32> = (0..p.y_len()).into_par_iter().with_min_len(1 << 15).map(|i| b[i / ohw % cout]).collect();
+    y.par_chunks_mut(cout * ohw).enumerate().for_each_init(
+        || vec![0.0f32; k * ohw],
+        |cols, (i, y_img)| {
+            im2col_cpu(&x[i * img_len..][..img_len], p, cols);
+            gemm_acc(cout, ohw, k, w, cols, y_img);
+            if relu {
+                y_img.iter_mut().for_each(|v| *v = relu_value(*v));
             }
-        }
-        out
-    });
-    parts.concat()
+        },
+    );
+    y
 }
 
 /// CPU reference input grad: gx (N, Cin, H, W) from w (Cout, Cin, KH, KW) and gy (N, Cout, OH, OW):
-/// per chunk of images, gcols (K, g*OHW) = W^T (K, Cout) . gY (Cout, g*OHW), then col2im.
+/// per image, gcols (K, OH*OW) = W^T (K, Cout) . gY_img (Cout, OH*OW), then col2im.
 pub fn conv2d_bwd_input_cpu(w: &[f32], gy: &[f32], p: &Conv2dParams) -> Vec<f32> {
-    let (k, ohw, cout, n) = (p.k(), p.ohw(), p.c_out as usize, p.n as usize);
-    let img_len = p.x_len() / n;
+    let (k, ohw, cout) = (p.k(), p.ohw(), p.c_out as usize);
+    let img_len = p.x_len() / p.n as usize;
     let wt = transpose(w, cout, k);
-    let chunk = images_per_chunk(p);
-    let parts = map_ranges(n, |images| {
-        let mut out = vec![0.0f32; images.len() * img_len];
-        for first in images.clone().step_by(chunk) {
-            let g = chunk.min(images.end - first);
-            let np = g * ohw;
-            let gym = gy_matrix(gy, p, first, g);
-            let mut gcols = vec![0.0f32; k * np];
-            gemm_acc(k, np, cout, &wt, &gym, &mut gcols);
-            for i in 0..g {
-                let at = (first + i - images.start) * img_len;
-                col2im_add_cpu(&gcols, p, np, i * ohw, &mut out[at..][..img_len]);
-            }
-        }
-        out
-    });
-    parts.concat()
+    let mut gx = vec![0.0f32; p.x_len()];
+    gx.par_chunks_mut(img_len).enumerate().for_each_init(
+        || vec![0.0f32; k * ohw],
+        |gcols, (i, gx_img)| {
+            gcols.fill(0.0);
+            gemm_acc(k, ohw, cout, &wt, &gy[i * cout * ohw..][..cout * ohw], gcols);
+            col2im_add_cpu(gcols, p, gx_img);
+        },
+    );
+    gx
 }
 
-/// CPU reference weight grad: gw (Cout, Cin, KH, KW) = sum over chunks of images of
-/// gY (Cout, g*OHW) . im2col^T (g*OHW, K). Each core sums its own run of images; the partial
-/// sums are then added in image order.
+/// CPU reference weight grad: gw (Cout, Cin, KH, KW) = sum over images of
+/// gY_img (Cout, OH*OW) . im2col^T (OH*OW, K), as dot products of rows of gY_img and of
+/// im2col (both laid out along OH*OW). Each core sums its own run of images; the partial sums
+/// are then added in image order.
 pub fn conv2d_bwd_weight_cpu(x: &[f32], gy: &[f32], p: &Conv2dParams) -> Vec<f32> {
-    let (k, ohw, cout, n) = (p.k(), p.ohw(), p.c_out as usize, p.n as usize);
-    let chunk = images_per_chunk(p);
-    let partials = map_ranges(n, |images| {
-        let mut gw = vec![0.0f32; p.w_len()];
-        for first in images.clone().step_by(chunk) {
-            let g = chunk.min(images.end - first);
-            let np = g * ohw;
-            let cols_t = transpose(&im2col_images(x, p, first, g), k, np);
-            gemm_acc(cout, k, np, &gy_matrix(gy, p, first, g), &cols_t, &mut gw);
+    let (k, ohw, cout) = (p.k(), p.ohw(), p.c_out as usize);
+    let img_len = p.x_len() / p.n as usize;
+    let partials = map_ranges(p.n as usize, |images| {
+        let (mut gw, mut cols) = (vec![0.0f32; p.w_len()], vec![0.0f32; k * ohw]);
+        for i in images {
+            im2col_cpu(&x[i * img_len..][..img_len], p, &mut cols);
+            gemm_abt_acc(cout, k, ohw, &gy[i * cout * ohw..][..cout * ohw], &cols, &mut gw);
         }
         gw
     });
