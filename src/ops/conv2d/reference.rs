@@ -100,11 +100,12 @@ pub fn col2im_add_cpu(cols: &[f32], p: &Conv2dParams, x_img: &mut [f32]) {
 pub fn conv2d_fwd_cpu(x: &[f32], w: &[f32], b: &[f32], p: &Conv2dParams, relu: bool) -> Vec<f32> {
     let (k, ohw, cout) = (p.k(), p.ohw(), p.c_out as usize);
     let img_len = p.x_len() / p.n as usize;
-    // Starts as the bias, which the products are added to (collected: no zero-fill first).
-    let mut y: Vec<f32> = (0..p.y_len()).into_par_iter().with_min_len(1 << 15).map(|i| b[i / ohw % cout]).collect();
+    let mut y = vec![0.0f32; p.y_len()];
     y.par_chunks_mut(cout * ohw).enumerate().for_each_init(
         || vec![0.0f32; k * ohw],
         |cols, (i, y_img)| {
+            // Starts as the bias, which the product is added to.
+            y_img.chunks_exact_mut(ohw).zip(b).for_each(|(plane, &bias)| plane.fill(bias));
             im2col_cpu(&x[i * img_len..][..img_len], p, cols);
             gemm_acc(cout, ohw, k, w, cols, y_img);
             if relu {
