@@ -136,14 +136,3 @@ PTX_KERNEL void softmax_xent_bwd_f32(const float* __restrict__ probs, const unsi
         gx[i] = (probs[i] - (j == labels[r] ? 1.0f : 0.0f)) * g;
     }
 }
-
-// out[r] = argmax_j x[r, j] (ties: the first). One warp per row.
-PTX_KERNEL void argmax_rows_f32(const float* __restrict__ x, unsigned* __restrict__ out, unsigned n, unsigned c) {
-    const unsigned lane = threadIdx.x & 31u;
-    const unsigned warps = blockDim.x >> 5;
-    for (unsigned long long r = (unsigned long long)blockIdx.x * warps + (threadIdx.x >> 5); r < n;
-         r += (unsigned long long)gridDim.x * warps) {
-        const unsigned arg = warp_row_argmax(x + r * c, c, lane);
-        if (lane == 0) out[r] = arg;
-    }
-}

@@ -4,7 +4,7 @@
 mod common;
 use common::*;
 use ptxgrad::ops::softmax_xent::{
-    accumulate_stats, argmax_rows, softmax_xent, softmax_xent_bwd, softmax_xent_bwd_cpu, softmax_xent_fwd,
+    accumulate_stats, argmax_rows_cpu, softmax_xent, softmax_xent_bwd, softmax_xent_bwd_cpu, softmax_xent_fwd,
     softmax_xent_fwd_cpu,
 };
 use ptxgrad::{Device, Tape, Tensor};
@@ -85,7 +85,7 @@ test_device!(softmax_xent_matches_naive_oracle, |dev| {
 
         // Argmax is exact; ties (the all-equal case) go to the first column.
         let argmax = naive::argmax_rows(&x_host, c);
-        assert_eq!(argmax_rows(&x).unwrap().to_vec().unwrap(), argmax, "argmax, {case}");
+        assert_eq!(argmax_rows_cpu(&x_host, c), argmax, "argmax, {case}");
         // Statistics added twice onto [1.5, 2]: [loss sum, correct count] each time.
         let mut stats = Tensor::from_vec(&[2], vec![1.5, 2.0], &dev).unwrap();
         accumulate_stats(&x, &labels, &mut stats).unwrap();
@@ -98,7 +98,21 @@ test_device!(softmax_xent_matches_naive_oracle, |dev| {
     }
 });
 
-test_device!(argmax_rows_takes_the_first_of_ties_and_nan_as_largest, |dev| {
+test_device!(argmax_takes_the_first_of_ties_and_nan_as_largest, |dev| {
+    // The kernels' argmax is the one the correct count uses: a row counts as correct exactly when
+    // its label is the argmax, so labels set to the expected argmax count every row, and labels
+    // one off count none.
+    let check = |x: Vec<f32>, c: usize, want: Vec<u32>| {
+        assert_eq!(argmax_rows_cpu(&x, c), want, "argmax_rows_cpu");
+        let n = want.len();
+        let x = Tensor::from_vec(&[n, c], x, &dev).unwrap();
+        for (off, correct) in [(0, n as f32), (1, 0.0)] {
+            let labels: Vec<u32> = want.iter().map(|&a| (a + off) % c as u32).collect();
+            let mut stats = Tensor::zeros(&[2], &dev).unwrap();
+            accumulate_stats(&x, &Tensor::from_vec(&[n], labels, &dev).unwrap(), &mut stats).unwrap();
+            assert_eq!(stats.to_vec().unwrap()[1], correct, "correct count with labels {off} off {want:?}");
+        }
+    };
     #[rustfmt::skip]
     let x = vec![
         1.0, 3.0, 3.0, 2.0,
@@ -106,13 +120,11 @@ test_device!(argmax_rows_takes_the_first_of_ties_and_nan_as_largest, |dev| {
         0.0, f32::NAN, 5.0, f32::NAN,
         -1.0, -1.0, -1.0, 0.5,
     ];
-    let x = Tensor::from_vec(&[4, 4], x, &dev).unwrap();
-    assert_eq!(argmax_rows(&x).unwrap().to_vec().unwrap(), vec![1, 0, 1, 3]);
+    check(x, 4, vec![1, 0, 1, 3]);
     // 40 columns: ties across different lanes of the warp (columns 3 and 35 share lane 3, 8 is lane 8).
     let mut row = vec![0.0f32; 40];
     (row[8], row[35], row[3]) = (2.0, 2.0, 2.0);
-    let x = Tensor::from_vec(&[1, 40], row, &dev).unwrap();
-    assert_eq!(argmax_rows(&x).unwrap().to_vec().unwrap(), vec![3]);
+    check(row, 40, vec![3]);
 });
 
 test_device!(softmax_xent_records_its_backward, |dev| {
@@ -235,5 +247,4 @@ fn softmax_xent_rejects_bad_shapes() {
     assert_mentions(&err_msg(softmax_xent_bwd(&probs, &labels, &x(&[2]))), &["gloss of shape [1]", "found [2]"]);
     let mut stats = Tensor::zeros(&[3], &dev).unwrap();
     assert_mentions(&err_msg(accumulate_stats(&probs, &labels, &mut stats)), &["stats of shape [2]", "found [3]"]);
-    assert_mentions(&err_msg(argmax_rows(&x(&[2, 3, 4]))), &["argmax_rows", "[2, 3, 4]"]);
 }

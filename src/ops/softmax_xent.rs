@@ -1,7 +1,7 @@
 //! Softmax cross-entropy over the rows of (N, C) logits with u32 class labels (N):
 //! loss = mean_r -log `softmax(x_r)[label_r]`, computed by log-sum-exp (see kernels/softmax_xent.cu).
-//! Also the training statistics (summed loss, correct predictions) and a row argmax, both kept on
-//! the device so that training does not copy to the host every step.
+//! Also the training statistics (summed loss, correct predictions), kept on the device so that
+//! training does not copy to the host every step, and the CPU's row argmax (evaluation's classes).
 
 use cudarc::driver::LaunchConfig;
 
@@ -206,26 +206,4 @@ fn stats_cuda(
         &c32
     )?;
     crate::launch!(gpu, m, "softmax_xent_stats_add_f32", single_block(), &row_loss, &row_correct, st, &n32)
-}
-
-/// The index of the largest logit per row (ties: the first), shape (N).
-pub fn argmax_rows(logits: &Tensor) -> Result<Tensor<u32>> {
-    let [n, c] = logits.dims2("argmax_rows")?;
-    if n == 0 || c == 0 || u32::try_from(n * c).is_err() {
-        return Err(Error::shape(
-            "argmax_rows",
-            "(N, C) with N, C >= 1 and N * C < 2^32",
-            format!("{:?}", logits.shape()),
-        ));
-    }
-    let storage = match logits.storage() {
-        Storage::Cpu(x) => Storage::Cpu(argmax_rows_cpu(x, c)),
-        Storage::Cuda { gpu, buf } => {
-            let (n32, c32) = (n as u32, c as u32);
-            let mut out = gpu.uninit::<u32>(n)?;
-            crate::launch!(gpu, Module::SoftmaxXent, "argmax_rows_f32", warp_per_row(n), buf, &mut out, &n32, &c32)?;
-            Storage::Cuda { gpu: gpu.clone(), buf: out }
-        }
-    };
-    Ok(Tensor::from_storage(vec![n], storage))
 }
