@@ -1,5 +1,8 @@
-//! The CPU reference of the implicit-GEMM convolution: im2col + a matrix product per image
-//! (`im2col_cpu`, `gemm::cpu`), images spread over the cores. The oracle the kernels are tested
+//! The CPU reference of the implicit-GEMM convolution: im2col + a matrix product per group of
+//! images (`im2col_cpu`, `gemm::cpu`), groups spread over the cores. A group is one image when
+//! its output has `COLUMNS` pixels or more, else enough images side by side to make that many
+//! columns: a small output (NiN's 3x3 and 1x1 layers) would leave most of a 16-column tile
+//! idle. The oracle the kernels are tested
 //! against, and the CPU path. x: (N, Cin, H, W), w: (Cout, Cin, KH, KW), y: (N, Cout, OH, OW).
 
 use std::ops::Range;
@@ -19,10 +22,10 @@ fn in_bounds(w: isize, ow: usize, s: isize, pad: isize, kw: isize) -> Range<usiz
     lo..hi.clamp(lo, ow)
 }
 
-/// Writes the im2col matrix of one image, x_img: (Cin, H, W), into `cols`: (K, OH*OW) with
-/// K = Cin*KH*KW; row (ci, kh, kw), column (oh, ow) holds `x[ci][oh*s-pad+kh][ow*s-pad+kw]`, 0
-/// in the padding.
-pub fn im2col_cpu(x_img: &[f32], p: &Conv2dParams, cols: &mut [f32]) {
+/// Writes the im2col columns of one image, x_img: (Cin, H, W), into `cols`, a matrix of K =
+/// Cin*KH*KW rows of `ld` floats, at columns `col0..col0 + OH*OW`: row (ci, kh, kw), column
+/// (oh, ow) holds `x[ci][oh*s-pad+kh][ow*s-pad+kw]`, 0 in the padding.
+pub fn im2col_cpu(x_img: &[f32], p: &Conv2dParams, cols: &mut [f32], ld: usize, col0: usize) {
     let (h, w, oh, ow, s, pad) =
         (p.h as isize, p.w as isize, p.oh as usize, p.ow as usize, p.stride as isize, p.pad as isize);
     let ohw = oh * ow;
@@ -31,7 +34,7 @@ pub fn im2col_cpu(x_img: &[f32], p: &Conv2dParams, cols: &mut [f32]) {
         let plane = &x_img[ci * (h * w) as usize..][..(h * w) as usize];
         for kh in 0..p.kh as isize {
             for kw in 0..p.kw as isize {
-                let dst = &mut cols[row * ohw..][..ohw];
+                let dst = &mut cols[row * ld + col0..][..ohw];
                 for y in 0..oh {
                     let ih = y as isize * s - pad + kh;
                     let out = &mut dst[y * ow..][..ow];
@@ -59,9 +62,9 @@ pub fn im2col_cpu(x_img: &[f32], p: &Conv2dParams, cols: &mut [f32]) {
     }
 }
 
-/// The adjoint of `im2col_cpu`: adds each entry of `cols` (K, OH*OW) back onto the pixel of
-/// x_img (Cin, H, W) it came from.
-pub fn col2im_add_cpu(cols: &[f32], p: &Conv2dParams, x_img: &mut [f32]) {
+/// The adjoint of `im2col_cpu`: adds each entry of the image's columns of `cols` back onto the
+/// pixel of x_img (Cin, H, W) it came from.
+pub fn col2im_add_cpu(cols: &[f32], p: &Conv2dParams, ld: usize, col0: usize, x_img: &mut [f32]) {
     let (h, w, oh, ow, s, pad) =
         (p.h as isize, p.w as isize, p.oh as usize, p.ow as usize, p.stride as isize, p.pad as isize);
     let ohw = oh * ow;
@@ -70,7 +73,7 @@ pub fn col2im_add_cpu(cols: &[f32], p: &Conv2dParams, x_img: &mut [f32]) {
         let plane = &mut x_img[ci * (h * w) as usize..][..(h * w) as usize];
         for kh in 0..p.kh as isize {
             for kw in 0..p.kw as isize {
-                let src = &cols[row * ohw..][..ohw];
+                let src = &cols[row * ld + col0..][..ohw];
                 for y in 0..oh {
                     let ih = y as isize * s - pad + kh;
                     if ih < 0 || ih >= h {
@@ -94,22 +97,57 @@ pub fn col2im_add_cpu(cols: &[f32], p: &Conv2dParams, x_img: &mut [f32]) {
     }
 }
 
+/// Output pixels per matrix product at least (see the module's header).
+const COLUMNS: usize = 256;
+
+/// Images per group: enough for `COLUMNS` output pixels, at least one.
+fn group_size(p: &Conv2dParams) -> usize {
+    COLUMNS.div_ceil(p.ohw()).clamp(1, p.n as usize)
+}
+
+/// The im2col matrix (K, g*OHW) of the g images of `x_grp` (g, Cin, H, W), into `cols`.
+fn im2col_group(x_grp: &[f32], p: &Conv2dParams, cols: &mut Vec<f32>) {
+    let img_len = p.x_len() / p.n as usize;
+    let np = x_grp.len() / img_len * p.ohw();
+    cols.resize(p.k() * np, 0.0);
+    for (i, x_img) in x_grp.chunks_exact(img_len).enumerate() {
+        im2col_cpu(x_img, p, cols, np, i * p.ohw());
+    }
+}
+
+/// gy of a group, (g, Cout, OHW), regrouped as the matrix (Cout, g*OHW) in `m`.
+fn gy_matrix(gy_grp: &[f32], p: &Conv2dParams, m: &mut Vec<f32>) {
+    let (ohw, cout) = (p.ohw(), p.c_out as usize);
+    let np = gy_grp.len() / cout;
+    m.resize(gy_grp.len(), 0.0);
+    for (i, img) in gy_grp.chunks_exact(cout * ohw).enumerate() {
+        for (co, plane) in img.chunks_exact(ohw).enumerate() {
+            m[co * np + i * ohw..][..ohw].copy_from_slice(plane);
+        }
+    }
+}
+
 /// CPU reference forward: y = conv(x, w) + b, then the ReLU (`relu_value`: NaN stays NaN) if `relu`.
 /// x: (N, Cin, H, W), w: (Cout, Cin*KH*KW), b: (Cout) -> (N, Cout, OH, OW).
-/// Per image: Y_img (Cout, OH*OW) = W (Cout, K) . im2col (K, OH*OW), written in place.
+/// Per group of g images: Y (Cout, g*OHW) = b + W (Cout, K) . im2col (K, g*OHW), then each
+/// image's (Cout, OHW) block into its place in y.
 pub fn conv2d_fwd_cpu(x: &[f32], w: &[f32], b: &[f32], p: &Conv2dParams, relu: bool) -> Vec<f32> {
-    let (k, ohw, cout) = (p.k(), p.ohw(), p.c_out as usize);
+    let (k, ohw, cout, g) = (p.k(), p.ohw(), p.c_out as usize, group_size(p));
     let img_len = p.x_len() / p.n as usize;
     let mut y = vec![0.0f32; p.y_len()];
-    y.par_chunks_mut(cout * ohw).enumerate().for_each_init(
-        || vec![0.0f32; k * ohw],
-        |cols, (i, y_img)| {
-            // Starts as the bias, which the product is added to.
-            y_img.chunks_exact_mut(ohw).zip(b).for_each(|(plane, &bias)| plane.fill(bias));
-            im2col_cpu(&x[i * img_len..][..img_len], p, cols);
-            gemm_acc(cout, ohw, k, w, cols, y_img);
-            if relu {
-                y_img.iter_mut().for_each(|v| *v = relu_value(*v));
+    y.par_chunks_mut(g * cout * ohw).enumerate().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(cols, ym), (gi, y_grp)| {
+            let np = y_grp.len() / cout;
+            im2col_group(&x[gi * g * img_len..][..np / ohw * img_len], p, cols);
+            ym.clear();
+            b.iter().for_each(|&bias| ym.extend(std::iter::repeat_n(bias, np)));
+            gemm_acc(cout, np, k, w, cols, ym);
+            for (i, y_img) in y_grp.chunks_exact_mut(cout * ohw).enumerate() {
+                for (co, plane) in y_img.chunks_exact_mut(ohw).enumerate() {
+                    let row = &ym[co * np + i * ohw..][..ohw];
+                    plane.iter_mut().zip(row).for_each(|(o, &v)| *o = if relu { relu_value(v) } else { v });
+                }
             }
         },
     );
@@ -117,35 +155,42 @@ pub fn conv2d_fwd_cpu(x: &[f32], w: &[f32], b: &[f32], p: &Conv2dParams, relu: b
 }
 
 /// CPU reference input grad: gx (N, Cin, H, W) from w (Cout, Cin, KH, KW) and gy (N, Cout, OH, OW):
-/// per image, gcols (K, OH*OW) = W^T (K, Cout) . gY_img (Cout, OH*OW), then col2im.
+/// per group of images, gcols (K, g*OHW) = W^T (K, Cout) . gY (Cout, g*OHW), then col2im.
 pub fn conv2d_bwd_input_cpu(w: &[f32], gy: &[f32], p: &Conv2dParams) -> Vec<f32> {
-    let (k, ohw, cout) = (p.k(), p.ohw(), p.c_out as usize);
+    let (k, ohw, cout, g) = (p.k(), p.ohw(), p.c_out as usize, group_size(p));
     let img_len = p.x_len() / p.n as usize;
     let wt = transpose(w, cout, k);
     let mut gx = vec![0.0f32; p.x_len()];
-    gx.par_chunks_mut(img_len).enumerate().for_each_init(
-        || vec![0.0f32; k * ohw],
-        |gcols, (i, gx_img)| {
-            gcols.fill(0.0);
-            gemm_acc(k, ohw, cout, &wt, &gy[i * cout * ohw..][..cout * ohw], gcols);
-            col2im_add_cpu(gcols, p, gx_img);
+    gx.par_chunks_mut(g * img_len).enumerate().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(gym, gcols), (gi, gx_grp)| {
+            let np = gx_grp.len() / img_len * ohw;
+            gy_matrix(&gy[gi * g * cout * ohw..][..cout * np], p, gym);
+            gcols.clear();
+            gcols.resize(k * np, 0.0);
+            gemm_acc(k, np, cout, &wt, gym, gcols);
+            for (i, gx_img) in gx_grp.chunks_exact_mut(img_len).enumerate() {
+                col2im_add_cpu(gcols, p, np, i * ohw, gx_img);
+            }
         },
     );
     gx
 }
 
-/// CPU reference weight grad: gw (Cout, Cin, KH, KW) = sum over images of
-/// gY_img (Cout, OH*OW) . im2col^T (OH*OW, K), as dot products of rows of gY_img and of
-/// im2col (both laid out along OH*OW). Each core sums its own run of images; the partial sums
-/// are then added in image order.
+/// CPU reference weight grad: gw (Cout, Cin, KH, KW) = sum over groups of images of
+/// gY (Cout, g*OHW) . im2col^T (g*OHW, K), as dot products of rows of gY and of im2col (both
+/// laid out along g*OHW). Each core sums its own run of groups; the partial sums are then added
+/// in image order.
 pub fn conv2d_bwd_weight_cpu(x: &[f32], gy: &[f32], p: &Conv2dParams) -> Vec<f32> {
-    let (k, ohw, cout) = (p.k(), p.ohw(), p.c_out as usize);
+    let (k, ohw, cout, g) = (p.k(), p.ohw(), p.c_out as usize, group_size(p));
     let img_len = p.x_len() / p.n as usize;
-    let partials = map_ranges(p.n as usize, |images| {
-        let (mut gw, mut cols) = (vec![0.0f32; p.w_len()], vec![0.0f32; k * ohw]);
-        for i in images {
-            im2col_cpu(&x[i * img_len..][..img_len], p, &mut cols);
-            gemm_abt_acc(cout, k, ohw, &gy[i * cout * ohw..][..cout * ohw], &cols, &mut gw);
+    let partials = map_ranges((p.n as usize).div_ceil(g), |groups| {
+        let (mut gw, mut cols, mut gym) = (vec![0.0f32; p.w_len()], Vec::new(), Vec::new());
+        for gi in groups {
+            let images = g.min(p.n as usize - gi * g);
+            im2col_group(&x[gi * g * img_len..][..images * img_len], p, &mut cols);
+            gy_matrix(&gy[gi * g * cout * ohw..][..images * cout * ohw], p, &mut gym);
+            gemm_abt_acc(cout, k, images * ohw, &gym, &cols, &mut gw);
         }
         gw
     });

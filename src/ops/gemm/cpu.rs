@@ -245,7 +245,11 @@ mod avx2 {
         let ar: [&[f32]; RA] = std::array::from_fn(|r| &a[r * ld..][..kb]);
         let br: [&[f32]; RB] = std::array::from_fn(|s| &b[s * ld..][..kb]);
         for k0 in (0..full).step_by(KV) {
-            let bv: [__m256; RB] = std::array::from_fn(|s| _mm256_loadu_ps(br[s][k0..k0 + KV].as_ptr()));
+            // A loop, not array::from_fn: a closure is not compiled for this function's features.
+            let mut bv = [_mm256_setzero_ps(); RB];
+            for (v, b_s) in bv.iter_mut().zip(br) {
+                *v = _mm256_loadu_ps(b_s[k0..k0 + KV].as_ptr());
+            }
             for (acc_r, a_r) in acc.iter_mut().zip(ar) {
                 let av = _mm256_loadu_ps(a_r[k0..k0 + KV].as_ptr());
                 for (x, &bs) in acc_r.iter_mut().zip(&bv) {
@@ -257,7 +261,10 @@ mod avx2 {
             for (s, &v) in acc_r.iter().enumerate() {
                 let mut lanes = [0.0f32; KV];
                 _mm256_storeu_ps(lanes.as_mut_ptr(), v);
-                let tail = (full..kb).fold(0.0, |t, kk| ar[r][kk].mul_add(br[s][kk], t));
+                let mut tail = 0.0f32;
+                for kk in full..kb {
+                    tail = ar[r][kk].mul_add(br[s][kk], tail);
+                }
                 c[r * ldc + s] += lanes.iter().sum::<f32>() + tail;
             }
         }
