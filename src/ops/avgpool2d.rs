@@ -75,6 +75,10 @@ impl Avgpool2dParams {
                 "{OP}: expected a kernel and a stride of at least 1, found kernel = {k}, stride = {stride}"
             )));
         }
+        // PyTorch's int parameters: a larger stride would not fit the kernels' 32-bit index math.
+        if stride >= 1 << 31 {
+            return Err(Error::TooLarge(format!("{OP}: expected a stride below 2^31, found stride = {stride}")));
+        }
         if pad > k / 2 {
             return Err(Error::Invalid(format!(
                 "{OP}: expected a padding of at most half the kernel ({k} / 2 = {}), found pad = {pad}",
@@ -107,7 +111,7 @@ impl Avgpool2dParams {
         if n.checked_mul(c).is_none_or(|planes| planes >= 1 << 32) {
             return Err(too_big());
         }
-        let stride32 = small(stride)?;
+        let stride32 = stride as u32; // checked above
         let (oh, ow) = ((ph - k) / stride + 1, (pw - k) / stride + 1);
         Ok(Avgpool2dParams {
             n: n as u32,
