@@ -278,24 +278,3 @@ fn avgpool2d_rejects_bad_arguments() {
     let msg = err_msg(avgpool2d_bwd(&x(&[1, 1, 1, 1]), &[1, 1, 1, 1], &AvgPool2d::new(2, 2, 0)));
     assert_mentions(&msg, &["at least 2x2 with padding 0", "found 1x1"]);
 }
-
-#[test]
-fn avgpool2d_gradients_on_two_devices_are_an_error() {
-    // The op takes one tensor; two devices meet where the gradients of x from two recorded
-    // pools are summed: one pool's gradient handed on the CPU, x and the other on the emulator.
-    let emu = Device::parse("emu").unwrap();
-    let x = rand_tensor(&[1, 2, 5, 5], 1, &emu);
-    let pool = AvgPool2d::new(3, 2, 1);
-    let mut tape = Tape::train();
-    tape.watch(&x);
-    let y1 = avgpool2d(&mut tape, &x, &pool).unwrap();
-    let y2 = avgpool2d(&mut tape, &x, &pool).unwrap();
-    let loss = Tensor::from_vec(&[1], vec![0.0], &emu).unwrap();
-    let (gy1, gy2) = (rand_tensor(y1.shape(), 2, &emu), rand_tensor(y2.shape(), 3, &Device::Cpu));
-    let (id1, id2) = (y1.id(), y2.id());
-    tape.record(&loss, &[&y1, &y2], move |_, grads| {
-        grads.accumulate(id1, gy1)?;
-        grads.accumulate(id2, gy2)
-    });
-    assert_mentions(&err_msg(tape.backward(&loss).map(|_| ())), &["all operands must be on one device", "emu", "cpu"]);
-}

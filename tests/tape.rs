@@ -139,3 +139,23 @@ test_device!(accumulated_gradients_keep_a_relu_mark_only_when_every_term_has_it,
     assert_eq!(g.relu_fact(), ReluFact::None, "masked + unmasked is not");
     assert_eq!(g.to_vec().unwrap(), vec![1.0, 4.0, 1.0, 5.0]);
 });
+
+#[test]
+fn gradients_of_one_tensor_on_two_devices_are_an_error() {
+    // x feeds two ops; the tape sums their gradients of x, one handed on the CPU, x and the other
+    // on the emulator.
+    let emu = Device::parse("emu").unwrap();
+    let x = rand_tensor(&[2, 3, 4, 4], 1, &emu);
+    let mut tape = Tape::train();
+    tape.watch(&x);
+    let y1 = relu(&mut tape, &x).unwrap();
+    let y2 = relu(&mut tape, &x).unwrap();
+    let loss = Tensor::from_vec(&[1], vec![0.0], &emu).unwrap();
+    let (gy1, gy2) = (rand_tensor(y1.shape(), 2, &emu), rand_tensor(y2.shape(), 3, &Device::Cpu));
+    let (id1, id2) = (y1.id(), y2.id());
+    tape.record(&loss, &[&y1, &y2], move |_, grads| {
+        grads.accumulate(id1, gy1)?;
+        grads.accumulate(id2, gy2)
+    });
+    assert_mentions(&err_msg(tape.backward(&loss).map(|_| ())), &["all operands must be on one device", "emu", "cpu"]);
+}
