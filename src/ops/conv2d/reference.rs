@@ -2,8 +2,8 @@
 //! images (`im2col_cpu`, `gemm::cpu`), groups spread over the cores. A group is one image when
 //! its output has `COLUMNS` pixels or more, else enough images side by side to make that many
 //! columns: a small output (NiN's 3x3 and 1x1 layers) would leave most of a 16-column tile
-//! idle. The oracle the kernels are tested
-//! against, and the CPU path. x: (N, Cin, H, W), w: (Cout, Cin, KH, KW), y: (N, Cout, OH, OW).
+//! idle. The oracle the kernels are tested against, and the CPU path.
+//! x: (N, Cin, H, W), w: (Cout, Cin, KH, KW), y: (N, Cout, OH, OW).
 
 use std::ops::Range;
 
