@@ -2,8 +2,7 @@
 //! overflow for large |x|, 0 and 1 at -inf and +inf), NaN propagated. The backward, from the
 //! saved output, is gx = gy * (1 - y) * y (see kernels/sigmoid.cu).
 
-use cudarc::driver::LaunchConfig;
-
+use crate::device::grid_1d;
 use crate::error::Result;
 use crate::ops::parallel::map_elementwise;
 use crate::ptx::Module;
@@ -36,14 +35,6 @@ pub fn sigmoid_bwd_cpu(y: &[f32], gy: &[f32]) -> Vec<f32> {
     map_elementwise(y.len().min(gy.len()), |i| sigmoid_grad_value(y[i], gy[i]))
 }
 
-/// The elementwise kernels' launch over `n` elements: blocks of 256 threads, one element per
-/// thread up to 2^16 blocks (16.7M threads, far more than a GPU holds at once); beyond that the
-/// grid-stride loop takes the rest.
-fn launch(n: usize) -> LaunchConfig {
-    let blocks = n.div_ceil(256).clamp(1, 1 << 16) as u32;
-    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
-}
-
 /// y = sigmoid(x), any shape.
 pub fn sigmoid_fwd(x: &Tensor) -> Result<Tensor> {
     let n = x.len() as u64;
@@ -51,7 +42,7 @@ pub fn sigmoid_fwd(x: &Tensor) -> Result<Tensor> {
         Storage::Cpu(v) => Storage::Cpu(sigmoid_fwd_cpu(v)),
         Storage::Cuda { gpu, buf } => {
             let mut y = gpu.uninit::<f32>(x.len())?;
-            crate::launch!(gpu, Module::Sigmoid, "sigmoid_fwd_f32", launch(x.len()), buf, &mut y, &n)?;
+            crate::launch!(gpu, Module::Sigmoid, "sigmoid_fwd_f32", grid_1d(x.len(), 256), buf, &mut y, &n)?;
             Storage::Cuda { gpu: gpu.clone(), buf: y }
         }
     };
@@ -67,7 +58,7 @@ pub fn sigmoid_bwd(y: &Tensor, gy: &Tensor) -> Result<Tensor> {
         (Storage::Cpu(y), Storage::Cpu(g)) => Storage::Cpu(sigmoid_bwd_cpu(y, g)),
         (Storage::Cuda { gpu, buf: yb }, Storage::Cuda { buf: gb, .. }) => {
             let mut gx = gpu.uninit::<f32>(y.len())?;
-            crate::launch!(gpu, Module::Sigmoid, "sigmoid_bwd_f32", launch(y.len()), yb, gb, &mut gx, &n)?;
+            crate::launch!(gpu, Module::Sigmoid, "sigmoid_bwd_f32", grid_1d(y.len(), 256), yb, gb, &mut gx, &n)?;
             Storage::Cuda { gpu: gpu.clone(), buf: gx }
         }
         _ => unreachable!("checked by common_device"),
