@@ -127,6 +127,11 @@ impl Gradients {
             Entry::Occupied(mut o) => {
                 let sum = o.get_mut();
                 let fact = if sum.relu_fact() == g.relu_fact() { g.relu_fact() } else { ReluFact::None };
+                // A gradient an op passed on as it came (the residual sum hands gy to both its
+                // inputs) shares its data with another entry: the sum goes to a copy of its own.
+                if sum.is_shared() {
+                    *sum = sum.to_device(&sum.device())?;
+                }
                 sum.add_assign(&g)?;
                 sum.set_relu_fact(fact);
                 Ok(())

@@ -166,6 +166,12 @@ impl<T: Elem> Tensor<T> {
         })
     }
 
+    /// Whether another tensor (a clone or a view) shares this one's data, so that it cannot be
+    /// updated in place.
+    pub fn is_shared(&self) -> bool {
+        Arc::strong_count(&self.data) > 1
+    }
+
     /// The host data, when the tensor is on the CPU.
     pub fn cpu(&self) -> Option<&[T]> {
         match &*self.data {

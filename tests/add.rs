@@ -1,9 +1,13 @@
-//! add_assign (dst += src in place), the tape's gradient accumulator: every device against a
-//! naive elementwise sum, IEEE special values as PyTorch's add_ gives them, and the errors
-//! (shapes, devices, a shared destination).
+//! The residual sum (y = a + b, recorded) and add_assign (dst += src in place, the tape's
+//! gradient accumulator): every device against a naive elementwise sum, IEEE special values as
+//! PyTorch's add gives them, the gradient of a tensor that feeds the sum and another op (as a
+//! residual block's input), checked by finite differences, and the errors (shapes, devices, a
+//! shared destination).
 mod common;
 use common::*;
-use ptxgrad::{Device, Tensor};
+use ptxgrad::ops::add::{add, add_fwd};
+use ptxgrad::ops::relu::relu;
+use ptxgrad::{Device, Tape, Tensor};
 
 const SHAPES: &[&[usize]] = &[
     &[96, 1, 11, 11], // conv1 weight gradient
@@ -97,3 +101,90 @@ test_device!(add_assign_refuses_a_shared_destination, |dev| {
     dst.add_assign(&src).unwrap();
     assert_close("after the clone is dropped", &naive_add(&dst_host, &src_host), &dst.to_vec().unwrap(), 0.0, 0.0);
 });
+
+test_device!(add_matches_naive_sum, |dev| {
+    for (k, shape, _) in cases_on(&dev, SHAPES, EMULATED_MAX) {
+        let (a_host, a) = rand_host_and_tensor(shape, k as u64, &dev);
+        let (b_host, b) = rand_host_and_tensor(shape, 70 + k as u64, &dev);
+        let y = add_fwd(&a, &b).unwrap();
+        let what = format!("add {shape:?}");
+        assert_eq!(y.shape(), shape, "{what}: shape");
+        assert_close(&what, &naive_add(&a_host, &b_host), &y.to_vec().unwrap(), 0.0, 0.0);
+        assert_ne!(y.id(), a.id(), "{what}: a new tensor");
+        assert_eq!(a.to_vec().unwrap(), a_host, "{what}: a untouched");
+    }
+});
+
+test_device!(add_propagates_nan_and_infinity, |dev| {
+    let (nan, inf) = (f32::NAN, f32::INFINITY);
+    let a_host = vec![nan, 1.0, inf, inf, f32::MAX, -0.0, -0.0];
+    let b_host = vec![1.0, nan, -inf, 1.0, f32::MAX, -0.0, 0.0];
+    let want = vec![nan, nan, nan, inf, inf, -0.0, 0.0];
+    let a = Tensor::from_vec(&[7], a_host.clone(), &dev).unwrap();
+    let b = Tensor::from_vec(&[7], b_host.clone(), &dev).unwrap();
+    let y = add_fwd(&a, &b).unwrap().to_vec().unwrap();
+    assert_same_bits("add", &want, &y, |i| format!("{} + {}", a_host[i], b_host[i]));
+});
+
+/// The residual pattern: x feeds relu and the sum, y = relu(x) + x, loss = sum(w * y). The
+/// tape must add the two gradients of x: w * (1[x > 0] + 1).
+test_device!(add_accumulates_the_gradient_of_a_tensor_feeding_two_ops, |dev| {
+    for (k, shape) in [&[2, 3, 4, 5][..], &[1, 1, 1, 1], &[3, 7], &[2, 64, 3, 3]].iter().enumerate() {
+        let n: usize = shape.iter().product();
+        // Away from 0, where the ReLU has no derivative.
+        let x_host: Vec<f32> =
+            uniform(n, -1.0, 1.0, 10 + k as u64).iter().map(|v| if v.abs() < 0.05 { v + 0.1 } else { *v }).collect();
+        let w_host = uniform(n, -1.0, 1.0, 20 + k as u64);
+        let x = Tensor::from_vec(shape, x_host.clone(), &dev).unwrap();
+        let w = Tensor::from_vec(shape, w_host.clone(), &dev).unwrap();
+        let mut tape = Tape::train();
+        tape.watch(&x);
+        let r = relu(&mut tape, &x).unwrap();
+        let y = add(&mut tape, &r, &x).unwrap();
+        let grads = backward_from(tape, &y, &w);
+        let got = grads.get(&x).expect("x's gradient").to_vec().unwrap();
+        let loss = |x: &[f64]| -> f64 { x.iter().zip(&w_host).map(|(&v, &w)| w as f64 * (v.max(0.0) + v)).sum() };
+        let numeric = numeric_grad_at(&x_host, 1e-3, loss);
+        assert_close(&format!("d(relu(x) + x)/dx {shape:?}"), &numeric, &got, 1e-4, 1e-4);
+    }
+});
+
+test_device!(add_of_a_tensor_with_itself_doubles_its_gradient, |dev| {
+    let (_, x) = rand_host_and_tensor(&[2, 3, 5], 3, &dev);
+    let (gy_host, gy) = rand_host_and_tensor(&[2, 3, 5], 4, &dev);
+    let mut tape = Tape::train();
+    tape.watch(&x);
+    let y = add(&mut tape, &x, &x).unwrap();
+    let grads = backward_from(tape, &y, &gy);
+    let want: Vec<f32> = gy_host.iter().map(|g| g + g).collect();
+    assert_close("d(x + x)/dx", &want, &grads.get(&x).unwrap().to_vec().unwrap(), 0.0, 0.0);
+    // gy itself is left as it was (the sum went to a copy).
+    assert_eq!(gy.to_vec().unwrap(), gy_host);
+});
+
+test_device!(add_gives_a_gradient_only_where_one_is_needed, |dev| {
+    let (a, b) = (rand_tensor(&[4, 2], 0, &dev), rand_tensor(&[4, 2], 1, &dev));
+    let mut tape = Tape::train();
+    tape.watch(&a);
+    let y = add(&mut tape, &a, &b).unwrap();
+    let gy = rand_tensor(&[4, 2], 2, &dev);
+    let grads = backward_from(tape, &y, &gy);
+    assert_eq!(grads.get(&a).unwrap().to_vec().unwrap(), gy.to_vec().unwrap());
+    assert!(grads.get(&b).is_none(), "b was not watched");
+    // An eval tape records nothing.
+    let mut tape = Tape::eval();
+    add(&mut tape, &a, &b).unwrap();
+    assert!(tape.is_empty());
+});
+
+#[test]
+fn add_rejects_mismatched_shapes_and_devices() {
+    let a = rand_tensor(&[2, 3], 0, &Device::Cpu);
+    for b_shape in [&[3, 2][..], &[6], &[2, 3, 1]] {
+        let msg = err_msg(add_fwd(&a, &rand_tensor(b_shape, 1, &Device::Cpu)));
+        assert_mentions(&msg, &["add", "b of a's shape [2, 3]", &format!("found {b_shape:?}")]);
+    }
+    let emu = Device::parse("emu").unwrap();
+    let msg = err_msg(add_fwd(&a, &rand_tensor(&[2, 3], 1, &emu)));
+    assert_mentions(&msg, &["add", "all operands must be on one device"]);
+}

@@ -4,6 +4,7 @@
 //! backward closure it records on the tape.
 
 pub mod adaptive_avgpool2d;
+pub mod add;
 pub mod avgpool2d;
 pub mod conv2d;
 pub mod dense;
