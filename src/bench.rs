@@ -300,11 +300,11 @@ pub fn layer_cases(
                 )
             }
             Layer::MaxPool2d { kernel, stride } => {
-                let (_, argmax) = maxpool2d::maxpool2d_fwd(&x, kernel, stride, after_relu)?;
+                let (_, argmax) = maxpool2d::maxpool2d_fwd(&x, kernel, stride, 0, after_relu)?;
                 let shape = input.clone();
                 (
-                    Box::new(move || maxpool2d::maxpool2d_fwd(&x, kernel, stride, after_relu).map(drop)),
-                    Some(Box::new(move || maxpool2d::maxpool2d_bwd(&argmax, &gy, &shape, kernel, stride).map(drop))),
+                    Box::new(move || maxpool2d::maxpool2d_fwd(&x, kernel, stride, 0, after_relu).map(drop)),
+                    Some(Box::new(move || maxpool2d::maxpool2d_bwd(&argmax, &gy, &shape, kernel, stride, 0).map(drop))),
                 )
             }
             Layer::Dropout { p } => (

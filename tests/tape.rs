@@ -21,7 +21,7 @@ fn net_loss(tape: &mut Tape, x: &Tensor, y: &Labels, params: &[Tensor]) -> Tenso
     }
     // x: (2, 2, 9, 9) -> conv 3x3 s2 p1 + ReLU -> (2, 4, 5, 5) -> maxpool 3 s2 -> (2, 4, 2, 2)
     let h = conv2d(tape, x, &params[0], &params[1], &Conv2d::new(2, 1).relu(true)).unwrap();
-    let h = maxpool2d(tape, &h, 3, 2).unwrap();
+    let h = maxpool2d(tape, &h, 3, 2, 0).unwrap();
     let h = reshape(tape, &h, &[2, 16]).unwrap();
     let h = dense(tape, &h, &params[2], &params[3], false, GemmOpts::default()).unwrap();
     let h = relu(tape, &h).unwrap();

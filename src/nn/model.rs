@@ -185,7 +185,7 @@ impl Model {
                 Layer::Sigmoid => sigmoid(tape, &h)?,
                 Layer::AvgPool2d { kernel, stride } => avgpool2d(tape, &h, &AvgPool2d::new(kernel, stride, 0))?,
                 Layer::GlobalAvgPool2d => global_avgpool2d(tape, &h)?,
-                Layer::MaxPool2d { kernel, stride } => maxpool2d(tape, &h, kernel, stride)?,
+                Layer::MaxPool2d { kernel, stride } => maxpool2d(tape, &h, kernel, stride, 0)?,
                 Layer::Flatten => {
                     let n = h.shape()[0];
                     let f = h.len() / n.max(1);
