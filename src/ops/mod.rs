@@ -6,6 +6,8 @@
 pub mod adaptive_avgpool2d;
 pub mod add;
 pub mod avgpool2d;
+pub mod batchnorm2d;
+pub mod concat;
 pub mod conv2d;
 pub mod dense;
 pub mod dropout;
