@@ -248,6 +248,13 @@ pub fn layer_cases(
     gemm: GemmOpts,
     algo_of: &dyn Fn(usize) -> ConvAlgo,
 ) -> Result<Vec<LayerCase>> {
+    if !net.is_sequential() {
+        return Err(Error::Invalid(format!(
+            "--layers times the layers of a network whose layers run one after another; {}'s blocks have \
+             branches (time its whole step without --layers)",
+            net.title
+        )));
+    }
     let input0 = net.input_shape(b, r).to_vec();
     let shapes = net.leaf_shapes(&input0)?;
     let leaves = net.leaves();
@@ -299,12 +306,14 @@ pub fn layer_cases(
                     })),
                 )
             }
-            Layer::MaxPool2d { kernel, stride } => {
-                let (_, argmax) = maxpool2d::maxpool2d_fwd(&x, kernel, stride, 0, after_relu)?;
+            Layer::MaxPool2d { kernel, stride, pad } => {
+                let (_, argmax) = maxpool2d::maxpool2d_fwd(&x, kernel, stride, pad, after_relu)?;
                 let shape = input.clone();
                 (
-                    Box::new(move || maxpool2d::maxpool2d_fwd(&x, kernel, stride, 0, after_relu).map(drop)),
-                    Some(Box::new(move || maxpool2d::maxpool2d_bwd(&argmax, &gy, &shape, kernel, stride, 0).map(drop))),
+                    Box::new(move || maxpool2d::maxpool2d_fwd(&x, kernel, stride, pad, after_relu).map(drop)),
+                    Some(Box::new(move || {
+                        maxpool2d::maxpool2d_bwd(&argmax, &gy, &shape, kernel, stride, pad).map(drop)
+                    })),
                 )
             }
             Layer::Dropout { p } => (
@@ -342,7 +351,11 @@ pub fn layer_cases(
                     Some(Box::new(move || adaptive_avgpool2d::adaptive_avgpool2d_bwd(&gy, &shape).map(drop))),
                 )
             }
-            Layer::Seq(_) => unreachable!("leaves() flattens blocks"),
+            Layer::BatchNorm2d => {
+                return Err(Error::Invalid(format!("--layers: {} has batch norm, which it does not time", net.title)))
+            }
+            Layer::Seq(_) | Layer::Inception { .. } | Layer::Residual { .. } => unreachable!("leaves() expands blocks"),
+            Layer::Concat | Layer::Add => unreachable!("checked above: the network is sequential"),
         };
         let name = format!("{i:>2} {}{}", leaves[i].layer.name(), if fused { "+ReLU" } else { "" });
         let algo = matches!(leaves[i].layer, Layer::Conv2d { .. }).then(|| algo_of(i));

@@ -1,4 +1,5 @@
-//! Checkpoints as safetensors files: f32 tensors (little-endian, row-major) plus string metadata
+//! Checkpoints as safetensors files: f32 tensors (little-endian, row-major; batch norm's
+//! `num_batches_tracked` as int64, PyTorch's dtype for it) plus string metadata
 //! (epoch, seed, step, format version...) in the header's `__metadata__`. PyTorch reads them with
 //! `safetensors.torch.load_file(path)`.
 //!
@@ -26,12 +27,56 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::error::{Error, Result};
 
-/// One named f32 tensor (a parameter or an optimiser buffer).
+/// A tensor's values, row-major, in the dtype the file holds them in.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Values {
+    /// Parameters and running statistics.
+    F32(Vec<f32>),
+    /// Counts (batch norm's `num_batches_tracked`).
+    I64(Vec<i64>),
+}
+
+impl Values {
+    pub fn len(&self) -> usize {
+        match self {
+            Values::F32(v) => v.len(),
+            Values::I64(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The dtype as safetensors names it.
+    fn dtype(&self) -> Dtype {
+        match self {
+            Values::F32(_) => Dtype::F32,
+            Values::I64(_) => Dtype::I64,
+        }
+    }
+
+    fn to_le_bytes(&self) -> Vec<u8> {
+        match self {
+            Values::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Values::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+}
+
+/// One named tensor (a parameter, a running statistic or a count).
 #[derive(Clone, Debug, PartialEq)]
 pub struct NamedTensor {
     pub name: String,
     pub shape: Vec<usize>,
-    pub data: Vec<f32>,
+    pub data: Values,
+}
+
+impl NamedTensor {
+    /// An f32 tensor.
+    pub fn f32(name: impl Into<String>, shape: &[usize], data: Vec<f32>) -> Self {
+        NamedTensor { name: name.into(), shape: shape.to_vec(), data: Values::F32(data) }
+    }
 }
 
 /// Writes `tensors` and `metadata` to `path` atomically (see the module docs), creating the
@@ -54,13 +99,13 @@ pub fn save(path: &Path, tensors: &[NamedTensor], metadata: &BTreeMap<String, St
                 t.data.len()
             )));
         }
-        bytes.push(t.data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+        bytes.push(t.data.to_le_bytes());
     }
     let views = tensors
         .iter()
         .zip(&bytes)
         .map(|(t, b)| {
-            let view = TensorView::new(Dtype::F32, t.shape.clone(), b)
+            let view = TensorView::new(t.data.dtype(), t.shape.clone(), b)
                 .map_err(|e| Error::Checkpoint(format!("{name}: tensor `{}`: {e}", t.name)))?;
             Ok((t.name.as_str(), view))
         })
@@ -72,8 +117,8 @@ pub fn save(path: &Path, tensors: &[NamedTensor], metadata: &BTreeMap<String, St
     write_atomic(path, &file)
 }
 
-/// Reads a checkpoint written by [`save`] (or any safetensors file of f32 tensors). Tensors come
-/// back in file order (for an all-f32 file: sorted by name).
+/// Reads a checkpoint written by [`save`] (or any safetensors file of f32 and int64 tensors).
+/// Tensors come back in file order.
 pub fn load(path: &Path) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>)> {
     let name = path.display().to_string();
     let bytes = fs::read(path).map_err(io_error(path))?;
@@ -85,13 +130,20 @@ pub fn load(path: &Path) -> Result<(Vec<NamedTensor>, BTreeMap<String, String>)>
     let mut tensors = Vec::with_capacity(file.len());
     for key in header.offset_keys() {
         let view = file.tensor(&key).map_err(invalid)?;
-        if view.dtype() != Dtype::F32 {
-            return Err(Error::Checkpoint(format!(
-                "{name}: tensor `{key}` has dtype {:?}: expected F32",
-                view.dtype()
-            )));
-        }
-        let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let bytes = view.data();
+        let data = match view.dtype() {
+            Dtype::F32 => {
+                Values::F32(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+            }
+            Dtype::I64 => Values::I64(
+                bytes.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8-byte chunks"))).collect(),
+            ),
+            other => {
+                return Err(Error::Checkpoint(format!(
+                    "{name}: tensor `{key}` has dtype {other:?}: expected F32 (or I64 for a count)"
+                )))
+            }
+        };
         tensors.push(NamedTensor { name: key, shape: view.shape().to_vec(), data });
     }
     let metadata = header.metadata().iter().flatten().map(|(k, v)| (k.clone(), v.clone())).collect();

@@ -351,7 +351,7 @@ fn evaluate_until(model: &Model, split: &Split, resolution: usize, stop: Option<
         }
         let (pixels, labels) = split.gather(&idx);
         let (x, y) = prepare_batch(pixels, labels, hw, resolution, &device)?;
-        let logits = model.forward(&mut Tape::eval(), &x, 0)?;
+        let logits = model.infer(&x)?;
         accumulate_stats(&logits, &y, &mut stats)?;
     }
     let s = stats.to_vec()?;
@@ -367,7 +367,7 @@ pub fn logits(model: &Model, split: &Split, limit: usize) -> Result<Vec<f32>> {
     for idx in sequential_batches(split.len().min(limit), EVAL_BATCH) {
         let (pixels, labels) = split.gather(&idx);
         let (x, _) = prepare_batch(pixels, labels, hw, model.resolution, &device)?;
-        out.extend(model.forward(&mut Tape::eval(), &x, 0)?.to_vec()?);
+        out.extend(model.infer(&x)?.to_vec()?);
     }
     Ok(out)
 }

@@ -126,8 +126,8 @@ test_device!(add_propagates_nan_and_infinity, |dev| {
     assert_same_bits("add", &want, &y, |i| format!("{} + {}", a_host[i], b_host[i]));
 });
 
-/// The residual pattern: x feeds relu and the sum, y = relu(x) + x, loss = sum(w * y). The
-/// tape must add the two gradients of x: w * (1[x > 0] + 1).
+// The residual pattern: x feeds relu and the sum, y = relu(x) + x, loss = sum(w * y). The
+// tape must add the two gradients of x: w * (1[x > 0] + 1).
 test_device!(add_accumulates_the_gradient_of_a_tensor_feeding_two_ops, |dev| {
     for (k, shape) in [&[2, 3, 4, 5][..], &[1, 1, 1, 1], &[3, 7], &[2, 64, 3, 3]].iter().enumerate() {
         let n: usize = shape.iter().product();

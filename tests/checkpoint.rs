@@ -6,7 +6,7 @@ use common::{assert_mentions, err_msg, TempDir};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use ptxgrad::checkpoint::{load, metadata, save, tmp_path, Claim, NamedTensor, Writer};
+use ptxgrad::checkpoint::{load, metadata, save, tmp_path, Claim, NamedTensor, Values, Writer};
 use safetensors::tensor::{Dtype, TensorView};
 
 fn temp_dir(test: &str) -> TempDir {
@@ -15,7 +15,7 @@ fn temp_dir(test: &str) -> TempDir {
 
 fn tensor(name: &str, shape: &[usize], offset: f32) -> NamedTensor {
     let n: usize = shape.iter().product();
-    NamedTensor { name: name.into(), shape: shape.into(), data: (0..n).map(|i| offset + i as f32 * 0.25).collect() }
+    NamedTensor::f32(name, shape, (0..n).map(|i| offset + i as f32 * 0.25).collect())
 }
 
 fn meta(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -43,10 +43,11 @@ fn round_trip_keeps_names_shapes_values_and_metadata() {
         tensor("empty", &[0, 3], 0.0),
     ];
     // Values that must survive bit for bit.
-    tensors[1].data[0] = f32::MIN_POSITIVE / 2.0; // subnormal
-    tensors[1].data[1] = -0.0;
-    tensors[1].data[2] = f32::MAX;
-    tensors[1].data[3] = f32::NAN;
+    let Values::F32(data) = &mut tensors[1].data else { unreachable!("made as f32") };
+    data[0] = f32::MIN_POSITIVE / 2.0; // subnormal
+    data[1] = -0.0;
+    data[2] = f32::MAX;
+    data[3] = f32::NAN;
     let metadata = meta(&[("epoch", "3"), ("seed", "42"), ("step", "1407"), ("format", "ptxgrad-1")]);
     save(&path, &tensors, &metadata).unwrap();
 
@@ -58,7 +59,10 @@ fn round_trip_keeps_names_shapes_values_and_metadata() {
     assert_eq!(loaded.len(), expected.len());
     for (got, want) in loaded.iter().zip(&expected) {
         assert_eq!((&got.name, &got.shape), (&want.name, &want.shape));
-        let bits = |d: &[f32]| d.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let bits = |d: &Values| match d {
+            Values::F32(v) => v.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            Values::I64(_) => unreachable!("made as f32"),
+        };
         assert_eq!(bits(&got.data), bits(&want.data), "tensor {}", want.name);
     }
 }
@@ -78,7 +82,7 @@ fn file_layout_is_standard_safetensors() {
     // dtype "F32", shape and data_offsets per tensor and string-to-string __metadata__, then LE data.
     let dir = temp_dir("layout");
     let path = dir.join("c.safetensors");
-    let t = NamedTensor { name: "w".into(), shape: vec![2], data: vec![1.0, -2.0] };
+    let t = NamedTensor::f32("w", &[2], vec![1.0, -2.0]);
     save(&path, &[t], &meta(&[("epoch", "1")])).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
@@ -114,7 +118,7 @@ fn failed_save_keeps_the_previous_checkpoint() {
     let path = dir.join("ckpt.safetensors");
     save(&path, &[tensor("a", &[3], 1.0)], &meta(&[("epoch", "1")])).unwrap();
     // Bad input is rejected before anything is written.
-    let bad = NamedTensor { name: "a".into(), shape: vec![2, 3], data: vec![0.0; 5] };
+    let bad = NamedTensor::f32("a", &[2, 3], vec![0.0; 5]);
     assert_mentions(&err_msg(save(&path, &[bad], &BTreeMap::new())), &["`a`", "[2, 3]", "needs 6 values, found 5"]);
     let dup = [tensor("a", &[1], 0.0), tensor("a", &[1], 0.0)];
     assert_mentions(&err_msg(save(&path, &dup, &BTreeMap::new())), &["`a`", "twice"]);
@@ -152,17 +156,32 @@ fn corrupt_files_give_clear_errors() {
 }
 
 #[test]
-fn non_f32_tensor_is_rejected_by_name_and_dtype() {
+fn tensors_other_than_f32_and_i64_are_rejected_by_name_and_dtype() {
     let dir = temp_dir("dtype");
     let path = dir.join("mixed.safetensors");
     let f32_bytes: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
-    let i64_bytes: Vec<u8> = [7i64].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let f16_bytes = [0u8; 4];
     let views = vec![
         ("weight", TensorView::new(Dtype::F32, vec![2], &f32_bytes).unwrap()),
-        ("step", TensorView::new(Dtype::I64, vec![1], &i64_bytes).unwrap()),
+        ("step", TensorView::new(Dtype::F16, vec![2], &f16_bytes).unwrap()),
     ];
     safetensors::tensor::serialize_to_file(views, None::<HashMap<String, String>>, &path).unwrap();
-    assert_mentions(&err_msg(load(&path)), &["mixed.safetensors", "`step`", "I64", "expected F32"]);
+    assert_mentions(
+        &err_msg(load(&path)),
+        &["mixed.safetensors", "`step`", "F16", "expected F32 (or I64 for a count)"],
+    );
+}
+
+#[test]
+fn int64_counts_round_trip() {
+    // Batch norm's `num_batches_tracked`: an int64 scalar (shape []), as PyTorch keeps it.
+    let dir = temp_dir("i64");
+    let path = dir.join("counts.safetensors");
+    let count = NamedTensor { name: "0.1.num_batches_tracked".into(), shape: vec![], data: Values::I64(vec![4690]) };
+    let tensors = vec![tensor("0.1.weight", &[3], 1.0), count.clone()];
+    save(&path, &tensors, &BTreeMap::new()).unwrap();
+    let (got, _) = load(&path).unwrap();
+    assert_eq!(got.iter().find(|t| t.name == count.name), Some(&count));
 }
 
 #[test]

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use ptxgrad::nn::models::{self, ALL};
-use ptxgrad::nn::network::Network;
+use ptxgrad::nn::network::{Network, StateKind};
 use serde_json::Value;
 
 fn peer(model: &str, what: &str) -> Vec<Value> {
@@ -21,11 +21,22 @@ fn dims(v: &Value) -> Vec<usize> {
 #[test]
 fn parameter_names_and_shapes_are_pytorchs() {
     for net in ALL {
-        let want: Vec<(String, Vec<usize>)> = peer(net.name, "names")
+        let want: Vec<(String, Vec<usize>, String)> = peer(net.name, "names")
             .iter()
-            .map(|t| (t["name"].as_str().expect("a name").to_string(), dims(&t["shape"])))
+            .map(|t| {
+                let dtype = t["dtype"].as_str().expect("a dtype").to_string();
+                (t["name"].as_str().expect("a name").to_string(), dims(&t["shape"]), dtype)
+            })
             .collect();
-        let got = net.param_shapes(net.recipe.resolution).unwrap();
+        let got: Vec<(String, Vec<usize>, String)> = net
+            .state_shapes(net.recipe.resolution)
+            .unwrap()
+            .into_iter()
+            .map(|e| {
+                let dtype = if e.kind == StateKind::Count { "int64" } else { "float32" };
+                (e.name, e.shape, dtype.to_string())
+            })
+            .collect();
         assert_eq!(got, want, "{}", net.name);
     }
 }
@@ -61,13 +72,15 @@ fn the_issue_counts() {
     assert_eq!(count(&models::VGG11), 43_093_322);
     assert_eq!(count(&models::NIN), 1_992_166);
     assert_eq!(count(&models::ALEXNET), 46_764_746);
+    assert_eq!(count(&models::GOOGLENET), 5_977_530);
+    assert_eq!(count(&models::RESNET18), 11_178_378);
 }
 
 #[test]
 fn model_names_are_refused_with_the_ones_there_are() {
     assert_eq!(models::by_name("nin").unwrap().title, "NiN");
     let err = models::by_name("resnet").unwrap_err().to_string();
-    for name in ["lenet", "alexnet", "vgg11", "nin", "`resnet`"] {
+    for name in ["lenet", "alexnet", "vgg11", "nin", "googlenet", "resnet18", "`resnet`"] {
         assert!(err.contains(name), "{err}");
     }
 }

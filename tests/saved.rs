@@ -87,7 +87,7 @@ fn what_a_state_dict_cannot_say_is_asked_for_by_flag_name() {
 fn tensors_of_no_network_are_refused_listing_the_networks() {
     let dir = TempDir::new("saved-foreign");
     let path = dir.join("foreign.safetensors");
-    let t = NamedTensor { name: "encoder.weight".into(), shape: vec![2, 2], data: vec![0.0; 4] };
+    let t = NamedTensor::f32("encoder.weight", &[2, 2], vec![0.0; 4]);
     checkpoint::save(&path, &[t], &BTreeMap::new()).unwrap();
     let msg = err_msg(saved::load(&path, &Device::Cpu, Expect::default()).map(|_| ()));
     assert_mentions(&msg, &["no ptxgrad metadata", "encoder.weight", "lenet, alexnet, vgg11, nin"]);

@@ -1,12 +1,18 @@
 //! A network as data: a table of layers (`Layer`, with `Layer::Seq` for PyTorch's nested
-//! `nn.Sequential` blocks) and the recipe it trains with. Everything else derives from the table:
-//! the output shape of every layer, the parameters' names (PyTorch's `state_dict` names, so a
-//! checkpoint loads into the peer's model as is: `0.weight`, or `2.0.weight` inside block 2) and
-//! shapes, the book's `summary`, the memory a run needs, and the conv layers the tuner measures.
-//! The forward pass (`nn::model`) walks the same table.
+//! `nn.Sequential` blocks, and the book's two blocks whose branches join, `Inception` and
+//! `Residual`) and the recipe it trains with. Everything else derives from the table: the output
+//! shape of every layer, the `state_dict` names (PyTorch's, so a checkpoint loads into the peer's
+//! model as is: `0.weight`, `2.0.weight` inside block 2, `1.0.bn1.running_mean` in a residual
+//! block) and shapes, the book's `summary`, the memory a run needs, and the conv layers the tuner
+//! measures. The forward pass (`nn::model`) walks the same table.
+//!
+//! `leaves()` expands the table into a graph in execution order: each leaf names the leaves (or
+//! the network's input) it reads, so that a block's branches read the block's input and a join
+//! (`Concat`, `Add`) reads the branches' ends.
 //!
 //! Shapes: an image layer maps (N, C, H, W) to (N, C', H', W'); `Flatten` maps (N, C, H, W) to
-//! (N, C*H*W); `Linear` maps (N, F) to (N, F').
+//! (N, C*H*W); `Linear` maps (N, F) to (N, F'); `Concat` maps inputs (N, C_i, H, W) to
+//! (N, sum C_i, H, W).
 
 use std::collections::HashMap;
 
@@ -30,10 +36,11 @@ pub enum Layer {
     },
     Relu,
     Sigmoid,
-    /// `nn.MaxPool2d(kernel, stride)`, no padding.
+    /// `nn.MaxPool2d(kernel, stride, pad)`: padding never wins a window.
     MaxPool2d {
         kernel: usize,
         stride: usize,
+        pad: usize,
     },
     /// `nn.AvgPool2d(kernel, stride)`: no padding (so `count_include_pad` does not matter).
     AvgPool2d {
@@ -47,8 +54,36 @@ pub enum Layer {
     Dropout {
         p: f32,
     },
+    /// `nn.BatchNorm2d(C)`, C from the input: per channel, normalised by the batch's statistics
+    /// in training and by the running ones in evaluation (ops::batchnorm2d); a weight (gamma),
+    /// a bias (beta), and the buffers `running_mean`, `running_var`, `num_batches_tracked`.
+    BatchNorm2d,
     /// `nn.Sequential(...)`: a block whose layers are named `<block>.<i>`.
     Seq(&'static [Layer]),
+    /// The book's Inception block (§8.4): four branches on the block's input, joined along the
+    /// channels: `p1_1` 1x1 conv to `c1`; `p2_1` 1x1 to `c2.0`, `p2_2` 3x3 to `c2.1`; `p3_1` 1x1 to
+    /// `c3.0`, `p3_2` 5x5 to `c3.1`; `p4_1` 3x3 max-pool (stride 1, pad 1), `p4_2` 1x1 to `c4`;
+    /// every conv followed by a ReLU.
+    Inception {
+        c1: usize,
+        c2: (usize, usize),
+        c3: (usize, usize),
+        c4: usize,
+    },
+    /// The book's residual block (§8.6): relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)),
+    /// `conv1` 3x3 with `stride`, `conv2` 3x3, both to `out` channels with padding 1; the shortcut
+    /// x itself, or with `conv1x1` the 1x1 conv `conv3` (to `out`, with `stride`).
+    Residual {
+        out: usize,
+        conv1x1: bool,
+        stride: usize,
+    },
+    /// The join of a block's branches along the channels (`torch.cat(.., dim=1)`); made by the
+    /// expansion of `Inception` in `leaves()`, not written in a table.
+    Concat,
+    /// The sum of a residual block's two paths; made by the expansion of `Residual`, not written
+    /// in a table.
+    Add,
 }
 
 impl Layer {
@@ -64,14 +99,45 @@ impl Layer {
             Layer::GlobalAvgPool2d => "AdaptiveAvgPool2d",
             Layer::Flatten => "Flatten",
             Layer::Dropout { .. } => "Dropout",
+            Layer::BatchNorm2d => "BatchNorm2d",
             Layer::Seq(_) => "Sequential",
+            Layer::Inception { .. } => "Inception",
+            Layer::Residual { .. } => "Residual",
+            Layer::Concat => "Concat",
+            Layer::Add => "Add",
         }
     }
 
     /// Whether the layer has a weight and a bias.
     pub fn has_params(&self) -> bool {
-        matches!(self, Layer::Conv2d { .. } | Layer::Linear { .. })
+        matches!(self, Layer::Conv2d { .. } | Layer::Linear { .. } | Layer::BatchNorm2d)
     }
+}
+
+/// What a leaf reads: the network's input, or the output of an earlier leaf (its index in
+/// `Network::leaves()`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Input,
+    Leaf(usize),
+}
+
+/// What a `state_dict` entry is: a trainable parameter (f32), a buffer the forward pass updates
+/// (batch norm's running statistics, f32), or batch norm's `num_batches_tracked` (an int64
+/// scalar).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateKind {
+    Param,
+    Buffer,
+    Count,
+}
+
+/// One `state_dict` entry: its name, shape and kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateEntry {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub kind: StateKind,
 }
 
 /// How the book trains a network: its defaults for `train`.
@@ -124,14 +190,114 @@ pub fn describe_sizes(sizes: &[usize]) -> String {
     runs.join(", ")
 }
 
-/// A layer of the flattened table: what the forward pass runs, in order.
+/// A layer of the expanded table: what the forward pass runs, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Leaf {
-    /// The `state_dict` prefix: `3`, or `2.0` for layer 0 of block 2.
+    /// The `state_dict` prefix: `3`, `2.0` for layer 0 of block 2, `1.0.conv1` in a residual
+    /// block (a layer without parameters has its block's, or the conv's it follows).
     pub path: String,
+    /// Never a block (`Seq`, `Inception`, `Residual`): those are expanded.
     pub layer: Layer,
     /// The index of the top-level entry (block or layer) it belongs to.
     pub top: usize,
+    /// What it reads: one source, or a join's several.
+    pub inputs: Vec<Source>,
+    /// Sorts the leaves into `state_dict` order: the module registration index at each level of
+    /// the path (a residual block registers conv1, conv2, conv3, bn1, bn2, not the order they
+    /// run in).
+    order: Vec<usize>,
+}
+
+/// Appends a leaf and returns it as a source.
+fn push(out: &mut Vec<Leaf>, path: String, layer: Layer, top: usize, inputs: Vec<Source>, order: Vec<usize>) -> Source {
+    out.push(Leaf { path, layer, top, inputs, order });
+    Source::Leaf(out.len() - 1)
+}
+
+/// `order` with `i` appended.
+fn sub(order: &[usize], i: usize) -> Vec<usize> {
+    order.iter().copied().chain([i]).collect()
+}
+
+/// Expands the layers of `layers` (under `prefix`, registration indices `order`, reading `input`)
+/// into `out`; returns the source of their output.
+fn walk(
+    layers: &[Layer],
+    prefix: &str,
+    order: &[usize],
+    top: Option<usize>,
+    input: Source,
+    out: &mut Vec<Leaf>,
+) -> Source {
+    let mut x = input;
+    for (i, layer) in layers.iter().enumerate() {
+        let path = if prefix.is_empty() { i.to_string() } else { format!("{prefix}.{i}") };
+        let (top, order) = (top.unwrap_or(i), sub(order, i));
+        x = match *layer {
+            Layer::Seq(inner) => walk(inner, &path, &order, Some(top), x, out),
+            Layer::Inception { c1, c2, c3, c4 } => {
+                inception(&path, &order, top, x, [c1, c2.0, c2.1, c3.0, c3.1, c4], out)
+            }
+            Layer::Residual { out: c, conv1x1, stride } => residual(&path, &order, top, x, c, conv1x1, stride, out),
+            leaf => push(out, path, leaf, top, vec![x], order),
+        };
+    }
+    x
+}
+
+/// `conv` then its ReLU, both reading from `x`'s chain, under `path`; returns the ReLU.
+fn conv_relu(out: &mut Vec<Leaf>, path: String, conv: Layer, top: usize, x: Source, order: Vec<usize>) -> Source {
+    let c = push(out, path.clone(), conv, top, vec![x], order.clone());
+    push(out, path, Layer::Relu, top, vec![c], order)
+}
+
+/// A k x k stride-1 convolution to `out` channels that keeps the size.
+fn same_conv(out: usize, kernel: usize) -> Layer {
+    Layer::Conv2d { out, kernel, stride: 1, pad: kernel / 2 }
+}
+
+/// Inception (see `Layer::Inception`): c = [c1, c2.0, c2.1, c3.0, c3.1, c4]. Registration order
+/// is execution order (p1_1, p2_1, p2_2, p3_1, p3_2, p4_1, p4_2).
+fn inception(path: &str, order: &[usize], top: usize, x: Source, c: [usize; 6], out: &mut Vec<Leaf>) -> Source {
+    let at = |name: &str| format!("{path}.{name}");
+    let b1 = conv_relu(out, at("p1_1"), same_conv(c[0], 1), top, x, sub(order, 0));
+    let b2 = conv_relu(out, at("p2_1"), same_conv(c[1], 1), top, x, sub(order, 1));
+    let b2 = conv_relu(out, at("p2_2"), same_conv(c[2], 3), top, b2, sub(order, 2));
+    let b3 = conv_relu(out, at("p3_1"), same_conv(c[3], 1), top, x, sub(order, 3));
+    let b3 = conv_relu(out, at("p3_2"), same_conv(c[4], 5), top, b3, sub(order, 4));
+    let pool = Layer::MaxPool2d { kernel: 3, stride: 1, pad: 1 };
+    let b4 = push(out, at("p4_1"), pool, top, vec![x], sub(order, 5));
+    let b4 = conv_relu(out, at("p4_2"), same_conv(c[5], 1), top, b4, sub(order, 6));
+    push(out, path.to_string(), Layer::Concat, top, vec![b1, b2, b3, b4], sub(order, 7))
+}
+
+/// Residual (see `Layer::Residual`), registered as conv1, conv2, conv3, bn1, bn2.
+#[allow(clippy::too_many_arguments)]
+fn residual(
+    path: &str,
+    order: &[usize],
+    top: usize,
+    x: Source,
+    c: usize,
+    conv1x1: bool,
+    stride: usize,
+    out: &mut Vec<Leaf>,
+) -> Source {
+    let at = |name: &str| format!("{path}.{name}");
+    let conv1 = Layer::Conv2d { out: c, kernel: 3, stride, pad: 1 };
+    let y = push(out, at("conv1"), conv1, top, vec![x], sub(order, 0));
+    let y = push(out, at("bn1"), Layer::BatchNorm2d, top, vec![y], sub(order, 3));
+    let y = push(out, at("bn1"), Layer::Relu, top, vec![y], sub(order, 3));
+    let y = push(out, at("conv2"), same_conv(c, 3), top, vec![y], sub(order, 1));
+    let y = push(out, at("bn2"), Layer::BatchNorm2d, top, vec![y], sub(order, 4));
+    let shortcut = if conv1x1 {
+        let conv3 = Layer::Conv2d { out: c, kernel: 1, stride, pad: 0 };
+        push(out, at("conv3"), conv3, top, vec![x], sub(order, 2))
+    } else {
+        x
+    };
+    let sum = push(out, path.to_string(), Layer::Add, top, vec![y, shortcut], sub(order, 5));
+    push(out, path.to_string(), Layer::Relu, top, vec![sum], sub(order, 5))
 }
 
 /// The product of `dims`, or an error when it does not fit a usize (a huge --resize).
@@ -163,9 +329,10 @@ fn windowed(op: &'static str, input: &[usize], k: usize, s: usize, p: usize) -> 
     })
 }
 
-/// The output shape of the leaf `layer` of network `op` for `input`; Ok(None) where a window
-/// does not fit.
-fn leaf_output(op: &'static str, layer: &Layer, input: &[usize]) -> Result<Option<Vec<usize>>> {
+/// The output shape of the leaf `layer` of network `op` for `inputs` (one shape, or a join's
+/// several); Ok(None) where a window does not fit.
+fn leaf_output(op: &'static str, layer: &Layer, inputs: &[&[usize]]) -> Result<Option<Vec<usize>>> {
+    let input = inputs[0];
     let flat = |what: &str| -> Result<[usize; 2]> {
         <[usize; 2]>::try_from(input)
             .map_err(|_| Error::shape(op, format!("a 2-D (N, F) input to {what}"), format!("{input:?}")))
@@ -174,33 +341,53 @@ fn leaf_output(op: &'static str, layer: &Layer, input: &[usize]) -> Result<Optio
         Layer::Conv2d { out, kernel, stride, pad } => {
             windowed(op, input, kernel, stride, pad)?.map(|[n, _, h, w]| vec![n, out, h, w])
         }
-        Layer::MaxPool2d { kernel, stride } | Layer::AvgPool2d { kernel, stride } => {
-            windowed(op, input, kernel, stride, 0)?.map(|s| s.to_vec())
-        }
+        Layer::MaxPool2d { kernel, stride, pad } => windowed(op, input, kernel, stride, pad)?.map(|s| s.to_vec()),
+        Layer::AvgPool2d { kernel, stride } => windowed(op, input, kernel, stride, 0)?.map(|s| s.to_vec()),
         Layer::GlobalAvgPool2d => windowed(op, input, 1, 1, 0)?.map(|[n, c, _, _]| vec![n, c, 1, 1]),
         Layer::Flatten => Some(vec![input[0], elements_of(op, &input[1..])?]),
         Layer::Linear { out } => Some(vec![flat("Linear")?[0], out]),
         Layer::Relu | Layer::Sigmoid | Layer::Dropout { .. } => Some(input.to_vec()),
-        Layer::Seq(_) => unreachable!("leaves() flattens blocks"),
+        // windowed(1, 1, 0): the 4-D check, the shape as it is.
+        Layer::BatchNorm2d => windowed(op, input, 1, 1, 0)?.map(|s| s.to_vec()),
+        Layer::Concat => {
+            let Some(mut y) = windowed(op, input, 1, 1, 0)?.map(|s| s.to_vec()) else { return Ok(None) };
+            for x in &inputs[1..] {
+                if x.len() != 4 || x[0] != y[0] || x[2..] != y[2..] {
+                    return Err(Error::shape(
+                        op,
+                        format!("branches of (N, C, {}, {}) to join", y[2], y[3]),
+                        format!("{x:?}"),
+                    ));
+                }
+                y[1] = y[1].checked_add(x[1]).ok_or_else(|| too_large(op, x))?;
+            }
+            Some(y)
+        }
+        Layer::Add => {
+            if inputs.len() != 2 || inputs[0] != inputs[1] {
+                return Err(Error::shape(op, format!("two paths of shape {input:?} to add"), format!("{inputs:?}")));
+            }
+            Some(input.to_vec())
+        }
+        Layer::Seq(_) | Layer::Inception { .. } | Layer::Residual { .. } => unreachable!("leaves() expands blocks"),
     })
 }
 
 impl Network {
-    /// The layers the forward pass runs, in order, blocks flattened.
+    /// The layers the forward pass runs, in order, blocks expanded (see the module comment).
     pub fn leaves(&self) -> Vec<Leaf> {
-        fn walk(layers: &[Layer], prefix: &str, top: Option<usize>, out: &mut Vec<Leaf>) {
-            for (i, layer) in layers.iter().enumerate() {
-                let path = if prefix.is_empty() { i.to_string() } else { format!("{prefix}.{i}") };
-                let top = top.unwrap_or(i);
-                match layer {
-                    Layer::Seq(inner) => walk(inner, &path, Some(top), out),
-                    _ => out.push(Leaf { path, layer: *layer, top }),
-                }
-            }
-        }
         let mut out = Vec::new();
-        walk(self.layers, "", None, &mut out);
+        walk(self.layers, "", &[], None, Source::Input, &mut out);
         out
+    }
+
+    /// Whether every leaf reads the one before it (no block whose branches join): the networks
+    /// of chapter 7 and AlexNet, VGG, NiN.
+    pub fn is_sequential(&self) -> bool {
+        self.leaves()
+            .iter()
+            .enumerate()
+            .all(|(i, l)| l.inputs == [if i == 0 { Source::Input } else { Source::Leaf(i - 1) }])
     }
 
     /// The input shape for `batch` images of `resolution`^2.
@@ -210,14 +397,13 @@ impl Network {
 
     /// Each leaf's output shape for `input` (N, C, H, W), or None where a window does not fit.
     fn try_shapes(&self, input: &[usize]) -> Result<Option<Vec<Vec<usize>>>> {
-        let mut shapes = Vec::new();
-        let mut cur = input.to_vec();
+        let mut shapes: Vec<Vec<usize>> = Vec::new();
         for leaf in self.leaves() {
-            match leaf_output(self.title, &leaf.layer, &cur)? {
-                Some(next) => cur = next,
+            let inputs: Vec<&[usize]> = leaf.inputs.iter().map(|&s| source_shape(s, input, &shapes)).collect();
+            match leaf_output(self.title, &leaf.layer, &inputs)? {
+                Some(next) => shapes.push(next),
                 None => return Ok(None),
             }
-            shapes.push(cur.clone());
         }
         Ok(Some(shapes))
     }
@@ -249,24 +435,44 @@ impl Network {
         (1..4096).find(|&r| matches!(self.try_shapes(&self.input_shape(1, r)), Ok(Some(_)))).unwrap_or(4096)
     }
 
-    /// Parameter (`state_dict` name, shape) pairs for inputs of `resolution`^2, in state_dict
-    /// order: per conv / linear layer `<path>.weight` (out, in, k, k) or (out, in), `<path>.bias`.
-    pub fn param_shapes(&self, resolution: usize) -> Result<Vec<(String, Vec<usize>)>> {
+    /// The `state_dict` for inputs of `resolution`^2, in PyTorch's order: per conv / linear
+    /// layer `<path>.weight` (out, in, k, k) or (out, in), `<path>.bias`; per batch norm
+    /// `<path>.weight`, `.bias` (C), the buffers `.running_mean`, `.running_var` (C) and the
+    /// count `.num_batches_tracked` ([]).
+    pub fn state_shapes(&self, resolution: usize) -> Result<Vec<StateEntry>> {
         let input = self.input_shape(1, resolution);
         let shapes = self.leaf_shapes(&input)?;
+        let mut leaves: Vec<(usize, Leaf)> = self.leaves().into_iter().enumerate().collect();
+        leaves.sort_by(|a, b| a.1.order.cmp(&b.1.order)); // stable: a leaf's ReLU stays after it
         let mut out = Vec::new();
-        for (i, leaf) in self.leaves().iter().enumerate() {
-            let x = if i == 0 { input.to_vec() } else { shapes[i - 1].clone() };
-            let weight = match leaf.layer {
-                Layer::Conv2d { out, kernel, .. } => vec![out, x[1], kernel, kernel],
-                Layer::Linear { out } => vec![out, x[1]],
+        let mut entry = |path: &str, name: &str, shape: Vec<usize>, kind: StateKind| {
+            out.push(StateEntry { name: format!("{path}.{name}"), shape, kind })
+        };
+        for (i, leaf) in &leaves {
+            let x = source_shape(leaf.inputs[0], &input, &shapes);
+            let (weight, c) = match leaf.layer {
+                Layer::Conv2d { out, kernel, .. } => (vec![out, x[1], kernel, kernel], out),
+                Layer::Linear { out } => (vec![out, x[1]], out),
+                Layer::BatchNorm2d => (vec![x[1]], x[1]),
                 _ => continue,
             };
-            let bias = vec![weight[0]];
-            out.push((format!("{}.weight", leaf.path), weight));
-            out.push((format!("{}.bias", leaf.path), bias));
+            debug_assert_eq!(shapes[*i][1], c);
+            entry(&leaf.path, "weight", weight, StateKind::Param);
+            entry(&leaf.path, "bias", vec![c], StateKind::Param);
+            if leaf.layer == Layer::BatchNorm2d {
+                entry(&leaf.path, "running_mean", vec![c], StateKind::Buffer);
+                entry(&leaf.path, "running_var", vec![c], StateKind::Buffer);
+                entry(&leaf.path, "num_batches_tracked", vec![], StateKind::Count);
+            }
         }
         Ok(out)
+    }
+
+    /// The trainable parameters' (`state_dict` name, shape) pairs, in `state_dict` order (the
+    /// `StateKind::Param` entries of `state_shapes`).
+    pub fn param_shapes(&self, resolution: usize) -> Result<Vec<(String, Vec<usize>)>> {
+        let entries = self.state_shapes(resolution)?;
+        Ok(entries.into_iter().filter(|e| e.kind == StateKind::Param).map(|e| (e.name, e.shape)).collect())
     }
 
     /// The input sizes (ascending, from `min_resolution()` up to [`MAX_FITTED_RESOLUTION`]) at
@@ -279,15 +485,15 @@ impl Network {
         }
         (self.min_resolution()..=MAX_FITTED_RESOLUTION)
             .filter(|&r| {
-                self.param_shapes(r).is_ok_and(|want| want.iter().all(|(name, shape)| params.get(name) == Some(shape)))
+                self.state_shapes(r).is_ok_and(|want| want.iter().all(|e| params.get(&e.name) == Some(&e.shape)))
             })
             .collect()
     }
 
-    /// Whether `params` holds exactly this network's parameter names (whatever their shapes).
+    /// Whether `params` holds exactly this network's `state_dict` names (whatever their shapes).
     pub fn has_param_names(&self, params: &HashMap<String, Vec<usize>>) -> bool {
-        match self.param_shapes(self.min_resolution()) {
-            Ok(want) => want.len() == params.len() && want.iter().all(|(name, _)| params.contains_key(name)),
+        match self.state_shapes(self.min_resolution()) {
+            Ok(want) => want.len() == params.len() && want.iter().all(|e| params.contains_key(&e.name)),
             Err(_) => false,
         }
     }
@@ -296,11 +502,11 @@ impl Network {
     /// misshapen tensor (None when it fits).
     pub fn misfit(&self, params: &HashMap<String, Vec<usize>>, resolution: usize) -> Option<String> {
         let at = format!("{} at {resolution}x{resolution}", self.title);
-        let want = match self.param_shapes(resolution) {
+        let want = match self.state_shapes(resolution) {
             Ok(want) => want,
             Err(e) => return Some(e.to_string()),
         };
-        for (name, shape) in &want {
+        for StateEntry { name, shape, .. } in &want {
             match params.get(name) {
                 None => return Some(format!("no tensor `{name}` (expected {at})")),
                 Some(found) if found != shape => {
@@ -309,7 +515,7 @@ impl Network {
                 Some(_) => {}
             }
         }
-        let mut extra: Vec<&String> = params.keys().filter(|k| !want.iter().any(|(n, _)| n == *k)).collect();
+        let mut extra: Vec<&String> = params.keys().filter(|k| !want.iter().any(|e| &e.name == *k)).collect();
         extra.sort();
         extra.first().map(|e| format!("an unexpected tensor `{e}` (not part of {})", self.title))
     }
@@ -337,10 +543,13 @@ impl Network {
         Ok(s)
     }
 
-    /// Whether leaf `i` is a conv or linear layer followed by a ReLU, which then runs inside its
-    /// kernel (the ReLU's output is the same tensor).
+    /// Whether leaf `i` is a conv or linear layer followed by a ReLU that alone reads it, which
+    /// then runs inside its kernel (the ReLU's output is the same tensor).
     pub fn fuses_relu(&self, leaves: &[Leaf], i: usize) -> bool {
-        leaves[i].layer.has_params() && leaves.get(i + 1).map(|l| l.layer) == Some(Layer::Relu)
+        let readers = leaves.iter().filter(|l| l.inputs.contains(&Source::Leaf(i))).count();
+        matches!(leaves[i].layer, Layer::Conv2d { .. } | Layer::Linear { .. })
+            && leaves.get(i + 1).is_some_and(|l| l.layer == Layer::Relu && l.inputs == [Source::Leaf(i)])
+            && readers == 1
     }
 
     /// The conv layers at `batch` inputs of `resolution`^2, as the tuner sees them (indexed by
@@ -352,9 +561,10 @@ impl Network {
         let mut out = Vec::new();
         for (i, leaf) in leaves.iter().enumerate() {
             let Layer::Conv2d { out: c_out, kernel, stride, pad } = leaf.layer else { continue };
-            let x = if i == 0 { input.to_vec() } else { shapes[i - 1].clone() };
+            let x = source_shape(leaf.inputs[0], &input, &shapes);
             let params = Conv2dParams::new(x[0], x[1], x[2], x[3], c_out, kernel, kernel, stride, pad)?;
-            out.push(ConvLayer { layer: i, params, relu: self.fuses_relu(&leaves, i), input_grad: i > 0 });
+            let input_grad = leaf.inputs[0] != Source::Input;
+            out.push(ConvLayer { layer: i, params, relu: self.fuses_relu(&leaves, i), input_grad });
         }
         Ok(out)
     }
@@ -376,12 +586,14 @@ impl Network {
         let (params, kept) = if training {
             // Every distinct output stays on the tape, max-pool's argmax too (4 bytes an
             // element): not a fused ReLU's (the same tensor as its layer's), nor Flatten's (a
-            // view). The backward holds a gradient and its successor of the widest layer at once.
+            // view), nor the outputs of batch norm and of a residual sum, which only a ReLU or
+            // a sum reads (and those keep their own output, not their input). The backward holds
+            // a gradient and its successor of the widest layer at once.
             let mut kept = input;
             for (i, (leaf, &e)) in leaves.iter().zip(&per_example).enumerate() {
                 let fused_relu = i > 0 && leaf.layer == Layer::Relu && self.fuses_relu(&leaves, i - 1);
                 let e = match leaf.layer {
-                    Layer::Flatten => 0,
+                    Layer::Flatten | Layer::BatchNorm2d | Layer::Add => 0,
                     _ if fused_relu => 0,
                     Layer::MaxPool2d { .. } => mul(e, 2)?,
                     _ => e,
@@ -416,4 +628,12 @@ pub struct Footprint {
     pub params: u64,
     /// Of `device`: one batch's activations.
     pub activations: u64,
+}
+
+/// The shape `source` gives: the network's `input`, or an earlier leaf's (`shapes`).
+fn source_shape<'a>(source: Source, input: &'a [usize], shapes: &'a [Vec<usize>]) -> &'a [usize] {
+    match source {
+        Source::Input => input,
+        Source::Leaf(j) => &shapes[j],
+    }
 }

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use crate::checkpoint::{self, NamedTensor};
+use crate::checkpoint::{self, NamedTensor, Values};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::nn::model::Model;
@@ -138,8 +138,9 @@ pub fn load(path: &Path, device: &Device, expect: Expect) -> Result<Loaded> {
     let bad: Vec<String> = tensors
         .iter()
         .filter_map(|t| {
-            let k = count_nonfinite_cpu(&t.data);
-            (k > 0).then(|| format!("`{}`: {k} of {} values", t.name, t.data.len()))
+            let Values::F32(data) = &t.data else { return None };
+            let k = count_nonfinite_cpu(data);
+            (k > 0).then(|| format!("`{}`: {k} of {} values", t.name, data.len()))
         })
         .collect();
     if !bad.is_empty() {
