@@ -6,7 +6,7 @@
 //! and beta. Evaluation normalises with the running statistics and records nothing. The running
 //! update is PyTorch's: momentum 0.1, the variance unbiased (times count / (count - 1)).
 //!
-//! The variance is two passes (the mean, then the centred squares), never E[x^2] - E[x]^2, and
+//! The variance is two passes (the mean, then the centred squares), never `E[x^2] - E[x]^2`, and
 //! each channel's sums follow a fixed order: BN_THREADS strided partial sums, then a tree (see
 //! kernels/batchnorm2d.cu). The CPU reference sums in the same order, so it agrees with the
 //! kernels to the rounding of single operations.

@@ -1,4 +1,4 @@
-//! Concatenation along channels, `torch.cat(xs, dim=1)`: xs[i] (N, C_i, H, W) -> y (N, sum C_i,
+//! Concatenation along channels, `torch.cat(xs, dim=1)`: `xs[i]` (N, C_i, H, W) -> y (N, sum C_i,
 //! H, W), GoogLeNet's inception join. The backward splits gy back into the inputs' channel
 //! slices. Both are copies (kernels/concat.cu): results are bit-identical on every device.
 //!
@@ -143,7 +143,7 @@ pub fn split_channels_cpu(gy: &[f32], p: &ConcatParams) -> Vec<f32> {
     gx
 }
 
-/// The forward alone: y = torch.cat(xs, dim=1), xs[i] (N, C_i, H, W) -> y (N, sum C_i, H, W).
+/// The forward alone: y = torch.cat(xs, dim=1), `xs[i]` (N, C_i, H, W) -> y (N, sum C_i, H, W).
 /// y is marked a ReLU's output when every input is one (see the module comment).
 pub fn concat_channels_fwd(xs: &[&Tensor]) -> Result<Tensor> {
     let (n, channels, h, w) = check_inputs(xs)?;
@@ -170,7 +170,7 @@ pub fn concat_channels_fwd(xs: &[&Tensor]) -> Result<Tensor> {
     Ok(Tensor::from_storage(out_shape, storage).with_relu_fact(ReluFact::output_if(all_relu)))
 }
 
-/// The backward: gy (N, sum C_i, H, W) split into its (N, C_i, H, W) pieces, `channels` = [C_i]
+/// The backward: gy (N, sum C_i, H, W) split into its (N, C_i, H, W) pieces, `channels` = `[C_i]`
 /// (each at least 1, summing to gy's C).
 pub fn split_channels(gy: &Tensor, channels: &[usize]) -> Result<Vec<Tensor>> {
     let need = vec![true; channels.len()];
@@ -213,7 +213,7 @@ fn split_some(gy: &Tensor, channels: &[usize], need: &[bool]) -> Result<Vec<Opti
     Ok(pieces)
 }
 
-/// y = torch.cat(xs, dim=1): xs[i] (N, C_i, H, W) -> y (N, sum C_i, H, W). Records the backward:
+/// y = torch.cat(xs, dim=1): `xs[i]` (N, C_i, H, W) -> y (N, sum C_i, H, W). Records the backward:
 /// each input that requires a gradient gets its channel slice of gy (one passed twice gets the
 /// sum of both slices); the others get nothing, and their slices are never copied.
 pub fn concat_channels(tape: &mut Tape, xs: &[&Tensor]) -> Result<Tensor> {
