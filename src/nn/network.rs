@@ -107,11 +107,6 @@ impl Layer {
             Layer::Add => "Add",
         }
     }
-
-    /// Whether the layer has a weight and a bias.
-    pub fn has_params(&self) -> bool {
-        matches!(self, Layer::Conv2d { .. } | Layer::Linear { .. } | Layer::BatchNorm2d)
-    }
 }
 
 /// What a leaf reads: the network's input, or the output of an earlier leaf (its index in

@@ -213,6 +213,11 @@ fn check_channels(x: &Tensor, c: u32, tensors: &[(&str, &Tensor)]) -> Result<()>
     Ok(())
 }
 
+/// The host data of a per-channel tensor that `common_device` found on the CPU with x.
+fn host(t: &Tensor) -> &[f32] {
+    t.cpu().unwrap_or_default()
+}
+
 fn cuda_buf(t: &Tensor) -> Result<&crate::device::DeviceBuf<f32>> {
     t.cuda().map(|(_, b)| b).ok_or_else(|| Error::Internal("batchnorm2d: a host tensor among device ones".into()))
 }
@@ -249,10 +254,7 @@ pub fn batchnorm2d_apply(x: &Tensor, mean: &Tensor, var: &Tensor, gamma: &Tensor
     let p = Batchnorm2dParams::new(x.shape())?;
     check_channels(x, p.c, &[("mean", mean), ("var", var), ("gamma", gamma), ("beta", beta)])?;
     let storage = match x.storage() {
-        Storage::Cpu(xv) => {
-            let host = |t: &Tensor| t.cpu().map(<[f32]>::to_vec).unwrap_or_default();
-            Storage::Cpu(batchnorm2d_apply_cpu(xv, &host(mean), &host(var), &host(gamma), &host(beta), &p))
-        }
+        Storage::Cpu(xv) => Storage::Cpu(batchnorm2d_apply_cpu(xv, host(mean), host(var), host(gamma), host(beta), &p)),
         Storage::Cuda { gpu, buf } => {
             let mut y = gpu.uninit::<f32>(x.len())?;
             let (m, v, g, b) = (cuda_buf(mean)?, cuda_buf(var)?, cuda_buf(gamma)?, cuda_buf(beta)?);
@@ -290,8 +292,7 @@ pub fn batchnorm2d_bwd(
     let c = p.c as usize;
     let (gx, gg, gb) = match (x.storage(), gy.storage()) {
         (Storage::Cpu(xv), Storage::Cpu(g)) => {
-            let host = |t: &Tensor| t.cpu().map(<[f32]>::to_vec).unwrap_or_default();
-            let (gx, gg, gb) = batchnorm2d_bwd_cpu(xv, g, &host(mean), &host(var), &host(gamma), &p);
+            let (gx, gg, gb) = batchnorm2d_bwd_cpu(xv, g, host(mean), host(var), host(gamma), &p);
             (Storage::Cpu(gx), Storage::Cpu(gg), Storage::Cpu(gb))
         }
         (Storage::Cuda { gpu, buf: xb }, Storage::Cuda { buf: g, .. }) => {
